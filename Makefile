@@ -1,0 +1,56 @@
+# encdec-attn. `make test` and `make report` set the environment up first when needed.
+# On a machine without network (the GPU machine): make test PY=python3 SETUP=0
+PY ?= .venv/bin/python
+SETUP ?= 1
+TIER ?= smoke
+OUT ?= reports/out
+DEVICE ?= $(shell $(PY) -c "import torch;print('h100' if torch.cuda.is_available() else 'cpu')" 2>/dev/null)
+RESULTS ?= $(OUT)/results.csv
+BASELINE ?= conformance/baselines/$(TIER)-$(DEVICE).csv
+PYTEST_ARGS ?=
+
+ifeq ($(SETUP),1)
+SETUP_DEP := .venv/.stamp
+else
+SETUP_DEP :=
+endif
+
+.PHONY: setup test test-fast report bench gate baseline lint format clean
+
+setup: $(SETUP_DEP)
+
+# Re-runs only when pyproject.toml changes.
+.venv/.stamp: pyproject.toml tools/install_deps.py
+	test -x .venv/bin/python || python3 -m venv .venv
+	.venv/bin/python tools/install_deps.py
+	touch $@
+
+# Unit tests of every folder, then the conformance matrix of $(TIER) (smoke on the CPU).
+test: $(SETUP_DEP)
+	$(PY) -m pytest -q -n 2 --dist loadgroup reference optimized reports bench $(PYTEST_ARGS)
+	$(PY) -m conformance run --tier $(TIER) --out $(OUT)
+
+report: $(SETUP_DEP)
+	-$(PY) -m conformance run --tier $(TIER) --out $(OUT)
+	$(PY) -m reports render $(OUT)/results.csv --bench $(wildcard $(OUT)/bench.csv) --out $(OUT)/index.html
+
+bench: $(SETUP_DEP)
+	$(PY) -m bench --out $(OUT)/bench.csv
+
+gate: $(SETUP_DEP)
+	$(PY) -m reports.gate --results $(RESULTS) --baseline $(BASELINE) --summary $(OUT)/gate.md
+
+baseline: $(SETUP_DEP)
+	$(PY) -m reports.gate --results $(RESULTS) --baseline $(BASELINE) --write-baseline
+
+lint: $(SETUP_DEP)
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
+format: $(SETUP_DEP)
+	$(PY) -m ruff format .
+	$(PY) -m ruff check --fix .
+
+clean:
+	rm -rf .venv $(OUT) .pytest_cache .hypothesis .benchmarks
+	find . -name __pycache__ -prune -exec rm -rf {} +

@@ -1,0 +1,60 @@
+"""The paged KV cache, spelled out: writing tokens to slots, gathering a sequence block by block.
+
+    key_cache, value_cache: [num_blocks, block_size, num_kv_heads, head_size]
+
+A sequence's tokens live in blocks listed by its block table. Position p of sequence i lives in
+
+    block  = block_tables[i][p // block_size]
+    offset = p % block_size
+    slot   = block * block_size + offset       (what slot_mapping holds for a new token)
+
+Worked example, block_size = 4, block_tables[i] = [7, 2, 9, 0, 0]: a sequence of 10 tokens needs
+ceil(10 / 4) = 3 blocks. Position 0 is slot 7*4+0 = 28, position 5 is block 2 offset 1 = slot 9,
+position 9 is block 9 offset 1 = slot 37. Entries 3 and 4 of the table (0, 0) are padding and are
+never read. A slot of -1 in slot_mapping marks a padding token that is never written.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def write_to_cache(
+    key: torch.Tensor,
+    value: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+) -> None:
+    """Store token t's K/V at slot `slot_mapping[t]`, in place; slots of -1 are skipped.
+
+    key, value:             [num_kv_tokens, num_kv_heads, head_size]
+    key_cache, value_cache: [num_blocks, block_size, num_kv_heads, head_size]
+    slot_mapping:           [num_kv_tokens]
+    """
+    block_size = key_cache.shape[1]
+    for token, slot in enumerate(slot_mapping.tolist()):
+        if slot == -1:
+            continue
+        block, offset = divmod(slot, block_size)
+        key_cache[block, offset] = key[token]
+        value_cache[block, offset] = value[token]
+
+
+def gather_sequence(
+    cache: torch.Tensor, block_table: torch.Tensor, seq_len: int
+) -> torch.Tensor:
+    """The first `seq_len` tokens of one sequence, contiguous: [seq_len, num_kv_heads, head_size].
+
+    cache:       [num_blocks, block_size, num_kv_heads, head_size]
+    block_table: [max_blocks_per_seq]; only the first ceil(seq_len / block_size) entries are read
+    """
+    block_size = cache.shape[1]
+    pieces = []
+    for logical_block in range(-(-seq_len // block_size)):
+        physical_block = int(block_table[logical_block])
+        tokens_in_block = min(block_size, seq_len - logical_block * block_size)
+        pieces.append(cache[physical_block, :tokens_in_block])
+    if not pieces:
+        return cache.new_zeros((0, *cache.shape[2:]))
+    return torch.cat(pieces, dim=0)

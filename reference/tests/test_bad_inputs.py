@@ -1,0 +1,107 @@
+"""Every bad-input rule gives a ValueError naming the argument and what was expected."""
+
+from dataclasses import replace
+
+import pytest
+import torch
+
+from reference import attention
+from reference.workload import build_step
+
+
+def _decoder():
+    return build_step("decoder", (3, 1), (0, 5), block_size=4, num_heads=4, num_kv_heads=2)
+
+
+def _cross_decode():
+    return build_step("encoder_decoder", (1,), (4,), (6,), block_size=4)
+
+
+def _call(step, **changes):
+    args = dict(zip(["query", "key", "value", "kv_cache", "metadata", "attn_kind"], step.args()))
+    md_changes = {k: v for k, v in changes.items() if k not in args}
+    args.update({k: v for k, v in changes.items() if k in args})
+    args["metadata"] = replace(args["metadata"], **md_changes)
+    return attention(**args)
+
+
+CASES = [
+    ("lengths that do not sum", lambda s: _call(s, query_lens=(4, 1)),
+     r"query: has 4 tokens but query_lens sum to 5"),
+    ("negative context", lambda s: _call(s, context_lens=(0, -1)), r"context_lens: entry 1"),
+    ("lengths disagree", lambda s: _call(s, context_lens=(0,)), r"context_lens: has 1 entries"),
+    ("table entry outside", lambda s: _call(s, block_tables=s.metadata.block_tables + 100),
+     r"block_tables: entry \[0, 0\] = 10\d is outside the cache"),
+    ("slot past the cache", lambda s: _call(s, slot_mapping=torch.tensor([0, 1, 2, 10_000])),
+     r"slot_mapping: entry 3 = 10000 is past the cache"),
+    ("slot in another sequence's block",
+     lambda s: _call(s, slot_mapping=s.metadata.slot_mapping.flip(0)),
+     r"slot_mapping: entry 0 = \d+ is not where sequence 0 keeps position 0"),
+    ("real token padded", lambda s: _call(s, slot_mapping=torch.tensor([0, 1, -1, 9])),
+     r"slot_mapping: entry 2 is -1 \(padding\) but is token 2 of sequence 0"),
+    ("too long for table", lambda s: _call(s, block_tables=s.metadata.block_tables[:, :1]),
+     r"block_tables: sequence 1 holds 6 tokens = 2 blocks of 4, but its table has only 1"),
+    ("heads do not divide", lambda s: _call(s, query=torch.randn(4, 3, 64)),
+     r"num_kv_heads: 2 does not divide num_heads=3"),
+    ("wrong dtype", lambda s: _call(s, query=s.query.half()), r"key: expected dtype torch.float16"),
+    ("integer query", lambda s: _call(s, query=s.query.int()), r"query: expected dtype in"),
+    ("wrong head size", lambda s: _call(s, key=s.key[..., :32]), r"key: expected shape \[\*, \*, 64\]"),
+    ("wrong cache shape", lambda s: _call(s, kv_cache=(s.kv_cache[0][:, :2], s.kv_cache[1])),
+     r"key_cache: expected shape \[\*, 4, 2, 64\]"),
+    ("missing key", lambda s: _call(s, key=None), r"key/value: are required for decoder"),
+    ("bad window", lambda s: _call(s, sliding_window=0), r"sliding_window: expected None or an int"),
+    ("bad scale", lambda s: _call(s, scale=-1.0), r"scale: expected None or a finite float > 0"),
+    ("bad block size", lambda s: _call(s, block_size=0), r"block_size: expected an int >= 1"),
+    ("missing table", lambda s: _call(s, block_tables=None), r"block_tables: is required"),
+    ("float table", lambda s: _call(s, block_tables=s.metadata.block_tables.float()),
+     r"expected int32 or int64"),
+    ("slots length", lambda s: _call(s, slot_mapping=s.metadata.slot_mapping[:3]),
+     r"slot_mapping: expected shape \[4\]"),
+    ("slot written twice",
+     lambda s: _call(s, context_lens=(0, 0), query_lens=(3, 1),
+                     slot_mapping=torch.tensor([0, 1, 2, 0]),
+                     block_tables=torch.tensor([[0, 0], [0, 0]], dtype=torch.int32)),
+     r"slot 0 is written twice"),
+]
+
+
+@pytest.mark.parametrize("name,call,message", CASES, ids=[c[0] for c in CASES])
+def test_decoder_bad_input(name, call, message):
+    with pytest.raises(ValueError, match=message):
+        call(_decoder())
+
+
+def test_key_given_at_cross_decode():
+    s = _cross_decode()
+    with pytest.raises(ValueError, match=r"key/value: must be None at cross-attention decode"):
+        _call(s, key=torch.randn(6, 4, 64), value=torch.randn(6, 4, 64))
+
+
+def test_key_missing_at_cross_prefill():
+    s = build_step("encoder_decoder", (2,), (0,), (6,), block_size=4)
+    with pytest.raises(ValueError, match=r"key/value: are required for encoder_decoder"):
+        _call(s, key=None, value=None)
+
+
+def test_missing_encoder_lens():
+    s = _cross_decode()
+    with pytest.raises(ValueError, match=r"encoder_seq_lens: is required"):
+        _call(s, encoder_seq_lens=None)
+
+
+def test_cross_table_outside_cache():
+    s = _cross_decode()
+    with pytest.raises(ValueError, match=r"cross_block_tables: entry \[0, 0\] = -3 is outside"):
+        _call(s, cross_block_tables=torch.full_like(s.metadata.cross_block_tables, -3))
+
+
+def test_encoder_with_cache():
+    s = build_step("encoder", (), None, (3,))
+    with pytest.raises(ValueError, match=r"kv_cache: must be None for encoder attention"):
+        _call(s, kv_cache=(torch.zeros(1), torch.zeros(1)))
+
+
+def test_wrong_device_metadata():
+    s = _decoder()
+    with pytest.raises(ValueError, match=r"block_tables: expected device cpu, got meta"):
+        _call(s, block_tables=s.metadata.block_tables.to("meta"))

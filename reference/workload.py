@@ -1,0 +1,220 @@
+"""Deterministic steps: metadata, tensors and pre-filled paged caches built from a seed.
+
+`build_step(...)` is what tests, the conformance matrix and benchmarks use to get a valid step for
+given lengths and a block-table layout. The caches hold NaN everywhere nothing was written, so any
+read of a slot a sequence does not own shows up as NaN in the output. Each step also keeps every
+sequence's whole K/V history contiguously (`key_history`), for the dense cross-check.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from enum import Enum
+
+import torch
+
+from reference.metadata import AttnKind, StepMetadata
+
+
+class Layout(str, Enum):
+    """Where a step's blocks sit in the pool (block tables). Unused blocks hold NaN."""
+
+    CONTIGUOUS = "contiguous"  # sequence 0's blocks first, in order
+    SHUFFLED = "shuffled"  # a random permutation of the pool
+    INTERLEAVED = "interleaved"  # every other block belongs to another layer (finite data)
+    SHARED_PREFIX = "shared"  # decoder sequences share their common-prefix blocks, read-only
+    HIGHEST = "highest"  # allocated from the top: block num_blocks-1 is in use
+    NULL_BLOCK = "nullblock"  # block 0 is reserved (NaN) and table padding points at it
+    FRAGMENTED = "fragmented"  # a pool three times larger than needed, blocks scattered
+
+
+@dataclass(frozen=True, eq=False)
+class Step:
+    """Everything one backend call consumes, plus the histories for checking.
+
+    query:         [num_tokens, num_heads, head_size]
+    key, value:    [num_kv_tokens, num_kv_heads, head_size] or None (cross decode)
+    kv_cache:      (key_cache, value_cache) [num_blocks, block_size, num_kv_heads, head_size]
+                   or None (encoder)
+    key_history:   per sequence, its whole visible K/V [kv_len, num_kv_heads, head_size]
+    """
+
+    attn_kind: AttnKind
+    metadata: StepMetadata
+    query: torch.Tensor
+    key: torch.Tensor | None
+    value: torch.Tensor | None
+    kv_cache: tuple[torch.Tensor, torch.Tensor] | None
+    key_history: tuple[torch.Tensor, ...]
+    value_history: tuple[torch.Tensor, ...]
+
+    def args(self):
+        """(query, key, value, kv_cache, metadata, attn_kind): the backend call's arguments."""
+        return self.query, self.key, self.value, self.kv_cache, self.metadata, self.attn_kind
+
+    def with_fresh_cache(self) -> Step:
+        """The same step with its own copy of the caches (each backend writes its own)."""
+        if self.kv_cache is None:
+            return self
+        return replace(self, kv_cache=tuple(c.clone() for c in self.kv_cache))
+
+    def to(self, device: torch.device | str) -> Step:
+        mv = lambda t: None if t is None else t.to(device)
+        md = self.metadata
+        md = replace(
+            md,
+            block_tables=mv(md.block_tables),
+            slot_mapping=mv(md.slot_mapping),
+            cross_block_tables=mv(md.cross_block_tables),
+            cross_slot_mapping=mv(md.cross_slot_mapping),
+        )
+        cache = None if self.kv_cache is None else tuple(mv(c) for c in self.kv_cache)
+        return replace(
+            self, metadata=md, query=mv(self.query), key=mv(self.key), value=mv(self.value),
+            kv_cache=cache,
+        )
+
+
+def allocate_blocks(
+    blocks_per_seq: list[int], layout: Layout, gen: torch.Generator, shared_blocks: int = 0
+) -> tuple[list[list[int]], int, list[int]]:
+    """Pick physical blocks for each sequence's logical blocks.
+
+    Returns (tables, num_blocks, foreign_blocks): tables[i][b] is sequence i's b-th block;
+    foreign blocks belong to "another layer" and hold finite data that no read may pick up.
+    With `shared_blocks` > 0 every sequence's first `shared_blocks` blocks are the same.
+    """
+    layout = Layout(layout)
+    own = [n - shared_blocks for n in blocks_per_seq] if shared_blocks else blocks_per_seq
+    needed = sum(own) + shared_blocks
+    reserve = 1 if layout == Layout.NULL_BLOCK else 0
+    if layout == Layout.FRAGMENTED:
+        num_blocks = 3 * needed + 1
+    elif layout == Layout.INTERLEAVED:
+        num_blocks = 2 * needed
+    else:
+        num_blocks = needed + reserve
+    num_blocks = max(num_blocks, 1)
+    if layout in (Layout.SHUFFLED, Layout.SHARED_PREFIX):
+        pool = torch.randperm(num_blocks, generator=gen).tolist()
+    elif layout == Layout.FRAGMENTED:
+        pool = torch.randperm(num_blocks, generator=gen)[:needed].tolist()
+    elif layout == Layout.INTERLEAVED:
+        pool = list(range(0, num_blocks, 2))
+    elif layout == Layout.HIGHEST:
+        pool = list(range(num_blocks - 1, -1, -1))
+    else:
+        pool = list(range(reserve, num_blocks))
+    foreign = list(range(1, num_blocks, 2)) if layout == Layout.INTERLEAVED else []
+    shared, pool = pool[:shared_blocks], pool[shared_blocks:]
+    tables, at = [], 0
+    for n in own:
+        tables.append(shared + pool[at : at + n])
+        at += n
+    return tables, num_blocks, foreign
+
+
+def _table_tensor(tables: list[list[int]], pad_to: int) -> torch.Tensor:
+    """[num_seqs, max_blocks] int32; padding entries are 0 (the null block under NULL_BLOCK)."""
+    width = max([len(t) for t in tables] + [pad_to, 1])
+    return torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32)
+
+
+def build_step(
+    attn_kind: AttnKind | str,
+    query_lens: tuple[int, ...],
+    context_lens: tuple[int, ...] | None = None,
+    encoder_seq_lens: tuple[int, ...] | None = None,
+    *,
+    block_size: int = 16,
+    num_heads: int = 4,
+    num_kv_heads: int | None = None,
+    head_size: int = 64,
+    dtype: torch.dtype = torch.float32,
+    layout: Layout | str = Layout.CONTIGUOUS,
+    sliding_window: int | None = None,
+    scale: float | None = None,
+    num_padding_tokens: int = 0,
+    extra_table_entries: int = 1,
+    seed: int = 0,
+    device: torch.device | str = "cpu",
+) -> Step:
+    """A valid, deterministic step of `attn_kind` for the given lengths.
+
+    query_lens: decoder tokens per sequence (for ENCODER: ignored, the tokens are encoder tokens)
+    context_lens: decoder tokens already cached (default 0: a first step)
+    encoder_seq_lens: encoder tokens per sequence (ENCODER and ENCODER_DECODER)
+    num_padding_tokens: trailing padding rows (slot -1) appended to the new tokens
+    extra_table_entries: padding entries appended to every block table (never read)
+    """
+    kind = AttnKind(attn_kind)
+    layout = Layout(layout)
+    num_kv_heads = num_kv_heads or num_heads
+    gen = torch.Generator().manual_seed(seed)
+    randn = lambda *shape: torch.randn(*shape, generator=gen, dtype=torch.float32).to(dtype)
+    if kind == AttnKind.ENCODER:
+        query_lens = (0,) * len(encoder_seq_lens)
+    num_seqs = len(query_lens)
+    context_lens = tuple(context_lens) if context_lens is not None else (0,) * num_seqs
+    md = StepMetadata(
+        query_lens=tuple(query_lens),
+        context_lens=context_lens,
+        encoder_seq_lens=tuple(encoder_seq_lens) if encoder_seq_lens is not None else None,
+        block_size=block_size,
+        sliding_window=sliding_window if kind == AttnKind.DECODER else None,
+        scale=scale,
+    )
+    kv_lens = md.kv_lens_for(kind)
+    # Shared prefix: decoder sequences with context share their whole common context blocks.
+    shared_blocks = 0
+    if layout == Layout.SHARED_PREFIX and kind == AttnKind.DECODER and num_seqs > 1:
+        shared_blocks = min(context_lens) // block_size
+    key_history = [randn(n, num_kv_heads, head_size) for n in kv_lens]
+    value_history = [randn(n, num_kv_heads, head_size) for n in kv_lens]
+    for i in range(1, num_seqs):
+        n = shared_blocks * block_size
+        key_history[i][:n] = key_history[0][:n]
+        value_history[i][:n] = value_history[0][:n]
+
+    num_q = sum(md.query_lens_for(kind)) + num_padding_tokens
+    query = randn(num_q, num_heads, head_size)
+    new_lens = md.new_kv_lens_for(kind)
+    first_new = context_lens if kind == AttnKind.DECODER else (0,) * num_seqs
+    new_k = [key_history[i][first_new[i] : first_new[i] + new_lens[i]] for i in range(num_seqs)]
+    new_v = [value_history[i][first_new[i] : first_new[i] + new_lens[i]] for i in range(num_seqs)]
+    num_kv_pad = num_padding_tokens if kind != AttnKind.ENCODER_DECODER or sum(new_lens) else 0
+    pad = randn(num_kv_pad, num_kv_heads, head_size)
+    key = torch.cat([*new_k, pad]) if kind != AttnKind.ENCODER_DECODER or sum(new_lens) else None
+    value = torch.cat([*new_v, randn(num_kv_pad, num_kv_heads, head_size)]) if key is not None else None
+    if kind == AttnKind.ENCODER:
+        step = Step(kind, md, query, key, value, None, tuple(key_history), tuple(value_history))
+        return step.to(device)
+
+    blocks_per_seq = [-(-n // block_size) for n in kv_lens]
+    tables, num_blocks, foreign = allocate_blocks(blocks_per_seq, layout, gen, shared_blocks)
+    shape = (num_blocks, block_size, num_kv_heads, head_size)
+    key_cache = torch.full(shape, float("nan"), dtype=dtype)
+    value_cache = torch.full(shape, float("nan"), dtype=dtype)
+    for b in foreign:  # another layer's blocks: plausible numbers, wrong ones to read
+        key_cache[b] = randn(block_size, num_kv_heads, head_size)
+        value_cache[b] = randn(block_size, num_kv_heads, head_size)
+    slots = []
+    for i in range(num_seqs):
+        for p in range(kv_lens[i]):
+            slot = tables[i][p // block_size] * block_size + p % block_size
+            is_new = first_new[i] <= p < first_new[i] + new_lens[i]
+            if is_new:
+                slots.append(slot)
+            else:  # cached before this step
+                key_cache.view(-1, num_kv_heads, head_size)[slot] = key_history[i][p]
+                value_cache.view(-1, num_kv_heads, head_size)[slot] = value_history[i][p]
+    slots += [-1] * num_kv_pad
+    table_tensor = _table_tensor(tables, max(blocks_per_seq, default=0) + extra_table_entries)
+    slot_tensor = torch.tensor(slots, dtype=torch.int64)
+    if kind == AttnKind.DECODER:
+        md = replace(md, block_tables=table_tensor, slot_mapping=slot_tensor)
+    else:
+        md = replace(md, cross_block_tables=table_tensor, cross_slot_mapping=slot_tensor)
+    step = Step(kind, md, query, key, value, (key_cache, value_cache),
+                tuple(key_history), tuple(value_history))
+    return step.to(device)
