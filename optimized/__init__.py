@@ -1,0 +1,1 @@
+"""Optimized backends: xFormers prefill + Triton paged kernels, our Triton path, a torch path."""

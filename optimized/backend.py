@@ -1,0 +1,136 @@
+"""The backend protocol, the registry, and loading backends written outside this repository.
+
+A backend computes exactly what `reference.attention` specifies, from the same arguments:
+
+    forward(query, key, value, kv_cache, metadata, attn_kind) -> output [num_tokens, num_heads,
+    head_size], writing the new K/V into kv_cache in place
+
+It says what it cannot do, as reasons (never by failing): `unavailable_reason()` for the whole
+backend on this machine (no CUDA, xFormers' extension not loaded, ...), and
+`not_supported_reasons(step)` for one step (dtype, head size, block size, kind, phase, ...).
+The runner records a step with reasons as `skip` with those reasons.
+"""
+
+from __future__ import annotations
+
+import importlib
+from importlib.metadata import entry_points
+from typing import Protocol, runtime_checkable
+
+import torch
+
+from reference.metadata import AttnKind
+from reference.workload import Step
+
+ENTRY_POINT_GROUP = "encdec_attn.backends"
+
+
+@runtime_checkable
+class Backend(Protocol):
+    name: str
+
+    def unavailable_reason(self) -> str | None:
+        """Why this backend cannot run on this machine at all, or None."""
+
+    def device(self) -> torch.device:
+        """Where its inputs must live."""
+
+    def not_supported_reasons(self, step: Step) -> list[str]:
+        """Why this backend cannot run `step` (empty: it can)."""
+
+    def forward(self, query, key, value, kv_cache, metadata, attn_kind) -> torch.Tensor: ...
+
+
+class BaseBackend:
+    """Declarative support limits shared by the built-in backends; subclasses narrow them."""
+
+    name = "base"
+    dtypes: tuple[torch.dtype, ...] = (torch.float32, torch.float16, torch.bfloat16)
+    attn_kinds: tuple[AttnKind, ...] = tuple(AttnKind)
+    head_sizes: tuple[int, int] = (16, 256)  # inclusive range
+    max_block_size: int = 256
+
+    def unavailable_reason(self) -> str | None:
+        return None
+
+    def device(self) -> torch.device:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+    def not_supported_reasons(self, step: Step) -> list[str]:
+        reasons = []
+        why = self.unavailable_reason()
+        if why:
+            reasons.append(why)
+        q = step.query
+        if q.dtype not in self.dtypes:
+            reasons.append(f"dtype {q.dtype} not supported (supports {_names(self.dtypes)})")
+        lo, hi = self.head_sizes
+        if not lo <= q.shape[-1] <= hi:
+            reasons.append(f"head_size {q.shape[-1]} not in [{lo}, {hi}]")
+        if step.attn_kind not in self.attn_kinds:
+            reasons.append(f"attention kind {step.attn_kind.value} not supported")
+        if step.metadata.block_size > self.max_block_size:
+            reasons.append(f"block_size {step.metadata.block_size} > {self.max_block_size}")
+        return reasons
+
+    def forward(self, query, key, value, kv_cache, metadata, attn_kind) -> torch.Tensor:
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"<backend {self.name}>"
+
+
+def _names(dtypes) -> str:
+    return ", ".join(str(d).removeprefix("torch.") for d in dtypes)
+
+
+# name -> "module:Class"; imported lazily so one broken backend never hides the others.
+BUILTIN = {
+    "reference": "optimized.reference_backend:ReferenceBackend",
+    "torch": "optimized.torch_backend:TorchBackend",
+    "triton": "optimized.triton_backend:TritonBackend",
+    "triton-splitk": "optimized.triton_backend:TritonSplitKBackend",
+    "xformers": "optimized.xformers_backend:XFormersBackend",
+    "xformers-paged": "optimized.xformers_backend:XFormersPagedBackend",
+}
+
+
+class UnavailableBackend(BaseBackend):
+    """Stands in for a backend whose module could not be imported; every step is skipped."""
+
+    def __init__(self, name: str, reason: str):
+        self.name, self._reason = name, reason
+
+    def unavailable_reason(self) -> str | None:
+        return self._reason
+
+
+def load_backend(spec: str) -> Backend:
+    """`module.path:ClassName` → an instance implementing the protocol (clear error otherwise)."""
+    if ":" not in spec:
+        raise ValueError(f"--backend-module: expected 'package.module:ClassName', got {spec!r}")
+    module_name, class_name = spec.split(":", 1)
+    cls = getattr(importlib.import_module(module_name), class_name, None)
+    if cls is None:
+        raise ValueError(f"--backend-module: {module_name} has no attribute {class_name!r}")
+    backend = cls()
+    missing = [m for m in ("name", "forward", "not_supported_reasons", "unavailable_reason",
+                           "device") if not hasattr(backend, m)]
+    if missing:
+        raise ValueError(f"--backend-module: {spec} lacks {missing} of the Backend protocol")
+    return backend
+
+
+def get_backend(name: str) -> Backend:
+    """A built-in or entry-point backend by name; an import failure becomes a skip reason."""
+    specs = {**BUILTIN, **{ep.name: ep.value for ep in entry_points(group=ENTRY_POINT_GROUP)}}
+    if name not in specs:
+        raise ValueError(f"--backend: unknown backend {name!r}; known: {sorted(specs)}")
+    try:
+        return load_backend(specs[name])
+    except ImportError as e:
+        return UnavailableBackend(name, f"{name} could not be imported: {e}")
+
+
+def backend_names() -> list[str]:
+    return [*BUILTIN, *(ep.name for ep in entry_points(group=ENTRY_POINT_GROUP))]

@@ -1,0 +1,396 @@
+"""Paged attention for any query length per sequence, with an optional split-K (flash-decoding).
+
+One kernel family covers every attention step of the testbed:
+- decode (1 query token), chunked prefill (a chunk on top of cached context) and full prefill;
+- causal self-attention with optional sliding window, non-causal cross-attention, and
+  non-paged (contiguous packed K/V, the encoder) by a constexpr;
+- GQA/MQA: the query heads of one kv head are packed into the rows of one tile, so each K/V
+  tile is loaded once per kv head;
+- any block size (1..256) and head sizes that are not powers of two (80, 96), by masking.
+
+Shapes:
+    query:                   [num_tokens, num_heads, head_size]
+    key_cache, value_cache:  [num_blocks, block_size, num_kv_heads, head_size]   (PAGED)
+                             or packed [num_kv_tokens, num_kv_heads, head_size]  (not PAGED)
+    block_tables:            [num_seqs, max_blocks_per_seq]
+    out:                     [num_tokens, num_heads, head_size]
+
+A program handles BLOCK_Q query tokens × all GROUP query heads of one kv head of one sequence
+(rows = token * GROUP_PAD + head-in-group). It walks that sequence's visible K/V in tiles of
+TILE_N tokens, translating each position through the block table, so it never reads a slot its
+sequence does not own. Online softmax in fp32 (exp2), fp32 accumulation.
+With NUM_SPLITS > 1 each program handles a contiguous range of kv tiles and writes (m, l, acc)
+partials; `_split_k_reduce_kernel` merges them.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from optimized.kernels import interpreting
+
+LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _paged_attention_kernel(
+    out_ptr,
+    q_ptr,
+    key_cache_ptr,
+    value_cache_ptr,
+    block_tables_ptr,
+    tile_seq_ptr,
+    tile_q_first_ptr,
+    query_start_loc_ptr,
+    query_lens_ptr,
+    kv_lens_ptr,
+    context_lens_ptr,
+    kv_start_loc_ptr,
+    part_m_ptr,
+    part_l_ptr,
+    part_acc_ptr,
+    scale_log2,
+    sliding_window,
+    kv_tiles_per_split,
+    stride_q_tok,
+    stride_q_head,
+    stride_o_tok,
+    stride_o_head,
+    stride_kc_block,
+    stride_kc_tok,
+    stride_kc_head,
+    stride_vc_block,
+    stride_vc_tok,
+    stride_vc_head,
+    stride_bt_seq,
+    GROUP: tl.constexpr,
+    GROUP_PAD: tl.constexpr,
+    BLOCK_Q: tl.constexpr,
+    HEAD_SIZE: tl.constexpr,
+    HEAD_PAD: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+    TILE_N: tl.constexpr,
+    PAGED: tl.constexpr,
+    IS_CAUSAL: tl.constexpr,
+    USE_WINDOW: tl.constexpr,
+    NUM_SPLITS: tl.constexpr,
+    UPCAST_DOT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    BLOCK_M: tl.constexpr = BLOCK_Q * GROUP_PAD
+    tile = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    split = tl.program_id(2)
+    seq = tl.load(tile_seq_ptr + tile)
+    q_first = tl.load(tile_q_first_ptr + tile)
+    q_len = tl.load(query_lens_ptr + seq)
+    kv_len = tl.load(kv_lens_ptr + seq)
+    q_start = tl.load(query_start_loc_ptr + seq).to(tl.int64)
+    context = tl.load(context_lens_ptr + seq)
+
+    rows = tl.arange(0, BLOCK_M)
+    q_idx = q_first + rows // GROUP_PAD
+    g = rows % GROUP_PAD
+    row_valid = (q_idx < q_len) & (g < GROUP)
+    head = kv_head * GROUP + g
+    d = tl.arange(0, HEAD_PAD)
+    d_valid = d < HEAD_SIZE
+    q_offs = (q_start + q_idx)[:, None] * stride_q_tok + head[:, None] * stride_q_head + d[None, :]
+    q = tl.load(q_ptr + q_offs, mask=row_valid[:, None] & d_valid[None, :], other=0.0)
+    if UPCAST_DOT:
+        q = q.to(tl.float32)
+    pos = context + q_idx  # absolute position of each row's query token (causal only)
+
+    # The K/V range this tile can see: causal stops at its last query, a window starts late.
+    kv_end = kv_len
+    kv_begin = 0
+    if IS_CAUSAL:
+        kv_end = tl.minimum(context + tl.minimum(q_first + BLOCK_Q, q_len), kv_len)
+        if USE_WINDOW:
+            kv_begin = tl.maximum(context + q_first - sliding_window + 1, 0)
+    t_begin = kv_begin // TILE_N
+    t_end = tl.cdiv(kv_end, TILE_N)
+    if NUM_SPLITS > 1:
+        t_begin = t_begin + split * kv_tiles_per_split
+        t_end = tl.minimum(t_begin + kv_tiles_per_split, t_end)
+
+    if PAGED:
+        kv_start = 0
+    else:
+        kv_start = tl.load(kv_start_loc_ptr + seq).to(tl.int64)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_PAD], tl.float32)
+    for t in range(t_begin, t_end):
+        n = t * TILE_N + tl.arange(0, TILE_N)
+        n_valid = n < kv_end
+        if PAGED:
+            block = tl.load(block_tables_ptr + seq * stride_bt_seq + n // BLOCK_SIZE, mask=n_valid,
+                            other=0).to(tl.int64)
+            k_row = block * stride_kc_block + (n % BLOCK_SIZE) * stride_kc_tok
+            v_row = block * stride_vc_block + (n % BLOCK_SIZE) * stride_vc_tok
+        else:
+            k_row = (kv_start + n) * stride_kc_tok
+            v_row = (kv_start + n) * stride_vc_tok
+        kv_mask = n_valid[:, None] & d_valid[None, :]
+        k = tl.load(key_cache_ptr + k_row[:, None] + kv_head * stride_kc_head + d[None, :],
+                    mask=kv_mask, other=0.0)
+        v = tl.load(value_cache_ptr + v_row[:, None] + kv_head * stride_vc_head + d[None, :],
+                    mask=kv_mask, other=0.0)
+        if UPCAST_DOT:
+            k = k.to(tl.float32)
+            v = v.to(tl.float32)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2
+        visible = n_valid[None, :]
+        if IS_CAUSAL:
+            visible = visible & (n[None, :] <= pos[:, None])
+            if USE_WINDOW:
+                visible = visible & (n[None, :] > pos[:, None] - sliding_window)
+        s = tl.where(visible, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows that saw nothing yet
+        alpha = tl.exp2(m_i - m_safe)
+        p = tl.exp2(s - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        m_i = m_new
+
+    if NUM_SPLITS == 1:
+        out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+        o_offs = (q_start + q_idx)[:, None] * stride_o_tok + head[:, None] * stride_o_head + d[None, :]
+        tl.store(out_ptr + o_offs, out.to(out_ptr.dtype.element_ty),
+                 mask=row_valid[:, None] & d_valid[None, :])
+    else:
+        part = ((tile * tl.num_programs(1) + kv_head) * NUM_SPLITS + split).to(tl.int64) * BLOCK_M
+        tl.store(part_m_ptr + part + rows, m_i)
+        tl.store(part_l_ptr + part + rows, l_i)
+        tl.store(part_acc_ptr + (part + rows)[:, None] * HEAD_PAD + d[None, :], acc)
+
+
+@triton.jit
+def _split_k_reduce_kernel(
+    out_ptr,
+    tile_seq_ptr,
+    tile_q_first_ptr,
+    query_start_loc_ptr,
+    query_lens_ptr,
+    part_m_ptr,
+    part_l_ptr,
+    part_acc_ptr,
+    stride_o_tok,
+    stride_o_head,
+    GROUP: tl.constexpr,
+    GROUP_PAD: tl.constexpr,
+    BLOCK_Q: tl.constexpr,
+    HEAD_SIZE: tl.constexpr,
+    HEAD_PAD: tl.constexpr,
+    NUM_SPLITS: tl.constexpr,
+):
+    """Merge the split partials: out = Σ_s 2^(m_s - m) acc_s / Σ_s 2^(m_s - m) l_s."""
+    BLOCK_M: tl.constexpr = BLOCK_Q * GROUP_PAD
+    tile = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    seq = tl.load(tile_seq_ptr + tile)
+    q_first = tl.load(tile_q_first_ptr + tile)
+    q_len = tl.load(query_lens_ptr + seq)
+    q_start = tl.load(query_start_loc_ptr + seq).to(tl.int64)
+    rows = tl.arange(0, BLOCK_M)
+    q_idx = q_first + rows // GROUP_PAD
+    g = rows % GROUP_PAD
+    row_valid = (q_idx < q_len) & (g < GROUP)
+    d = tl.arange(0, HEAD_PAD)
+    base = ((tile * tl.num_programs(1) + kv_head) * NUM_SPLITS).to(tl.int64) * BLOCK_M
+    m = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    for s in range(NUM_SPLITS):
+        m = tl.maximum(m, tl.load(part_m_ptr + base + s * BLOCK_M + rows))
+    m_safe = tl.where(m == float("-inf"), 0.0, m)
+    l_sum = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_PAD], tl.float32)
+    for s in range(NUM_SPLITS):
+        off = base + s * BLOCK_M + rows
+        w = tl.exp2(tl.load(part_m_ptr + off) - m_safe)
+        l_sum += w * tl.load(part_l_ptr + off)
+        acc += w[:, None] * tl.load(part_acc_ptr + off[:, None] * HEAD_PAD + d[None, :])
+    out = acc / tl.where(l_sum == 0.0, 1.0, l_sum)[:, None]
+    head = kv_head * GROUP + g
+    o_offs = (q_start + q_idx)[:, None] * stride_o_tok + head[:, None] * stride_o_head + d[None, :]
+    tl.store(out_ptr + o_offs, out.to(out_ptr.dtype.element_ty),
+             mask=row_valid[:, None] & (d < HEAD_SIZE)[None, :])
+
+
+@dataclass(frozen=True, eq=False)
+class Schedule:
+    """Device tensors describing one step's tiles; build once per step, reuse across layers.
+
+    tile_seq, tile_q_first: [num_tiles] sequence and first query index of each program
+    query_start_loc:        [num_seqs + 1] offsets of each sequence's queries
+    query_lens, kv_lens, context_lens: [num_seqs]
+    kv_start_loc:           [num_seqs + 1] offsets of packed K/V (non-paged only)
+    """
+
+    tile_seq: torch.Tensor
+    tile_q_first: torch.Tensor
+    query_start_loc: torch.Tensor
+    query_lens: torch.Tensor
+    kv_lens: torch.Tensor
+    context_lens: torch.Tensor
+    kv_start_loc: torch.Tensor
+    block_q: int
+    max_kv_len: int
+
+
+def block_q_for(max_query_len: int, group: int) -> int:
+    """Query tokens per program: tiles of 16 rows at decode, 64 at prefill (rows = tokens × heads
+    of a group, at least 16 for tl.dot)."""
+    rows = 16 if max_query_len == 1 else 64
+    return max(1, rows // triton.next_power_of_2(group))
+
+
+def make_schedule(
+    query_lens: tuple[int, ...],
+    kv_lens: tuple[int, ...],
+    context_lens: tuple[int, ...],
+    group: int,
+    device: torch.device | str,
+) -> Schedule:
+    """Tile every sequence's queries into programs of `block_q` tokens (host-side, once)."""
+    block_q = block_q_for(max(query_lens, default=1), group)
+    tiles = [(i, q0) for i, n in enumerate(query_lens) for q0 in range(0, n, block_q)]
+    as_t = lambda xs: torch.tensor(list(xs), dtype=torch.int32, device=device)
+    starts, kv_starts = [0], [0]
+    for n, m in zip(query_lens, kv_lens):
+        starts.append(starts[-1] + n)
+        kv_starts.append(kv_starts[-1] + m)
+    return Schedule(
+        tile_seq=as_t(t[0] for t in tiles),
+        tile_q_first=as_t(t[1] for t in tiles),
+        query_start_loc=as_t(starts),
+        query_lens=as_t(query_lens),
+        kv_lens=as_t(kv_lens),
+        context_lens=as_t(context_lens),
+        kv_start_loc=as_t(kv_starts),
+        block_q=block_q,
+        max_kv_len=max(kv_lens, default=0),
+    )
+
+
+def _num_sms(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 4
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def choose_num_splits(num_programs: int, num_kv_tiles: int, device: torch.device) -> int:
+    """Split the K/V walk only when the tiles alone cannot fill the GPU (flash-decoding)."""
+    sms = _num_sms(device)
+    if num_programs >= 2 * sms or num_kv_tiles < 8:
+        return 1
+    splits = triton.next_power_of_2(math.ceil(2 * sms / num_programs))
+    return max(1, min(splits, 32, num_kv_tiles // 4))
+
+
+def paged_attention(
+    query: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    block_tables: torch.Tensor | None,
+    schedule: Schedule,
+    *,
+    causal: bool,
+    scale: float,
+    sliding_window: int | None = None,
+    paged: bool = True,
+    out: torch.Tensor | None = None,
+    num_splits: int | None = None,
+    tile_n: int | None = None,
+) -> torch.Tensor:
+    """Attention of packed `query` over paged (or packed, `paged=False`) K/V; returns `out`.
+
+    query: [num_tokens, num_heads, head_size]; K/V caches as in the module docstring.
+    Rows of `out` that belong to no sequence (padding) are left as they were (zeros by default).
+    num_splits: None picks by occupancy; 1 disables split-K.
+    """
+    if query.dim() != 3 or query.stride(-1) != 1:
+        raise ValueError(f"query: expected a [num_tokens, num_heads, head_size] tensor with a "
+                         f"contiguous last dim, got shape {list(query.shape)}")
+    want_dims = 4 if paged else 3
+    for name, t in (("key_cache", key_cache), ("value_cache", value_cache)):
+        if t.dim() != want_dims or t.stride(-1) != 1:
+            raise ValueError(f"{name}: expected {want_dims} dims with a contiguous last dim, "
+                             f"got shape {list(t.shape)}")
+        if t.device != query.device or t.dtype != query.dtype:
+            raise ValueError(f"{name}: expected {query.dtype} on {query.device}, "
+                             f"got {t.dtype} on {t.device}")
+        if t.shape[-1] != query.shape[-1]:
+            raise ValueError(f"{name}: head_size {t.shape[-1]} != query head_size {query.shape[-1]}")
+    if paged and (block_tables is None or block_tables.device != query.device):
+        raise ValueError("block_tables: expected a [num_seqs, max_blocks] tensor on the query's device")
+    num_tokens, num_heads, head_size = query.shape
+    num_kv_heads = key_cache.shape[-2]
+    if num_heads % num_kv_heads:
+        raise ValueError(f"num_kv_heads: {num_kv_heads} does not divide num_heads={num_heads}")
+    group = num_heads // num_kv_heads
+    out = torch.zeros_like(query) if out is None else out
+    num_tiles = schedule.tile_seq.shape[0]
+    if num_tiles == 0:
+        return out
+    if tile_n is None:
+        tile_n = 16 if interpreting() else 64
+    num_kv_tiles = triton.cdiv(max(schedule.max_kv_len, 1), tile_n)
+    if num_splits is None:
+        num_splits = choose_num_splits(num_tiles * num_kv_heads, num_kv_tiles, query.device)
+    num_splits = max(1, min(num_splits, num_kv_tiles))
+    tiles_per_split = triton.cdiv(num_kv_tiles, num_splits)
+    group_pad = triton.next_power_of_2(group)
+    block_m = schedule.block_q * group_pad
+    head_pad = max(16, triton.next_power_of_2(head_size))
+    if block_m < 16:
+        raise ValueError(f"internal: tile of {block_m} rows is below tl.dot's minimum of 16")
+    if num_splits > 1:
+        part_rows = num_tiles * num_kv_heads * num_splits * block_m
+        part_m = torch.empty(part_rows, dtype=torch.float32, device=query.device)
+        part_l = torch.empty_like(part_m)
+        part_acc = torch.empty(part_rows, head_pad, dtype=torch.float32, device=query.device)
+    else:
+        part_m = part_l = part_acc = out  # unused
+    fp32 = query.dtype == torch.float32
+    bt = block_tables if paged else schedule.kv_lens  # any int tensor when unused
+    kc_block = key_cache.stride(0) if paged else 0
+    vc_block = value_cache.stride(0) if paged else 0
+    kc_tok, vc_tok = key_cache.stride(-3), value_cache.stride(-3)
+    kc_head, vc_head = key_cache.stride(-2), value_cache.stride(-2)
+    grid = (num_tiles, num_kv_heads, num_splits)
+    _paged_attention_kernel[grid](
+        out, query, key_cache, value_cache, bt,
+        schedule.tile_seq, schedule.tile_q_first, schedule.query_start_loc, schedule.query_lens,
+        schedule.kv_lens, schedule.context_lens, schedule.kv_start_loc,
+        part_m, part_l, part_acc,
+        scale * LOG2E, sliding_window or 0, tiles_per_split,
+        query.stride(0), query.stride(1), out.stride(0), out.stride(1),
+        kc_block, kc_tok, kc_head, vc_block, vc_tok, vc_head,
+        bt.stride(0),
+        GROUP=group, GROUP_PAD=group_pad, BLOCK_Q=schedule.block_q,
+        HEAD_SIZE=head_size, HEAD_PAD=head_pad,
+        BLOCK_SIZE=key_cache.shape[1] if paged else 1, TILE_N=tile_n,
+        PAGED=paged, IS_CAUSAL=causal, USE_WINDOW=causal and sliding_window is not None,
+        NUM_SPLITS=num_splits,
+        # The interpreter computes bf16 tl.dot on raw bits (triton issue 11584): upcast there.
+        UPCAST_DOT=interpreting() and query.dtype == torch.bfloat16,
+        # fp32 inputs get true fp32 products (no TF32): the fp32 tolerance assumes it.
+        DOT_PRECISION="ieee" if fp32 else "tf32",
+        num_warps=4,
+    )
+    if num_splits > 1:
+        _split_k_reduce_kernel[(num_tiles, num_kv_heads)](
+            out, schedule.tile_seq, schedule.tile_q_first, schedule.query_start_loc,
+            schedule.query_lens, part_m, part_l, part_acc, out.stride(0), out.stride(1),
+            GROUP=group, GROUP_PAD=group_pad, BLOCK_Q=schedule.block_q,
+            HEAD_SIZE=head_size, HEAD_PAD=head_pad, NUM_SPLITS=num_splits,
+        )
+    return out

@@ -1,0 +1,102 @@
+"""Paged cache write: store each new token's K/V at its slot; slot -1 (padding) is skipped.
+
+key, value:             [num_tokens, num_kv_heads, head_size]
+key_cache, value_cache: [num_blocks, block_size, num_kv_heads, head_size]
+slot_mapping:           [num_tokens] int32/int64, slot = block * block_size + offset, or -1
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _reshape_and_cache_kernel(
+    key_ptr,
+    value_ptr,
+    key_cache_ptr,
+    value_cache_ptr,
+    slot_mapping_ptr,
+    stride_k_tok,
+    stride_k_head,
+    stride_v_tok,
+    stride_v_head,
+    stride_kc_block,
+    stride_kc_tok,
+    stride_kc_head,
+    stride_vc_block,
+    stride_vc_tok,
+    stride_vc_head,
+    NUM_KV_HEADS: tl.constexpr,
+    HEAD_SIZE: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+    HEADS_PAD: tl.constexpr,
+    HEAD_PAD: tl.constexpr,
+):
+    token = tl.program_id(0).to(tl.int64)
+    slot = tl.load(slot_mapping_ptr + token).to(tl.int64)
+    if slot < 0:  # padding token: never written
+        return
+    block = slot // BLOCK_SIZE
+    offset = slot % BLOCK_SIZE
+    h = tl.arange(0, HEADS_PAD)[:, None]
+    d = tl.arange(0, HEAD_PAD)[None, :]
+    mask = (h < NUM_KV_HEADS) & (d < HEAD_SIZE)
+    k = tl.load(key_ptr + token * stride_k_tok + h * stride_k_head + d, mask=mask)
+    v = tl.load(value_ptr + token * stride_v_tok + h * stride_v_head + d, mask=mask)
+    kc = key_cache_ptr + block * stride_kc_block + offset * stride_kc_tok + h * stride_kc_head + d
+    vc = value_cache_ptr + block * stride_vc_block + offset * stride_vc_tok + h * stride_vc_head + d
+    tl.store(kc, k, mask=mask)
+    tl.store(vc, v, mask=mask)
+
+
+def _check(name: str, t: torch.Tensor, dims: int, like: torch.Tensor) -> None:
+    if t.dim() != dims:
+        raise ValueError(f"{name}: expected {dims} dims, got shape {list(t.shape)}")
+    if t.device != like.device:
+        raise ValueError(f"{name}: expected device {like.device}, got {t.device}")
+    if t.stride(-1) != 1:
+        raise ValueError(f"{name}: the last dim must be contiguous (stride 1)")
+
+
+def reshape_and_cache(
+    key: torch.Tensor,
+    value: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+) -> None:
+    """Write key/value into the paged caches in place (see the module docstring for shapes)."""
+    for name, t, dims in (("key", key, 3), ("value", value, 3), ("key_cache", key_cache, 4),
+                          ("value_cache", value_cache, 4), ("slot_mapping", slot_mapping, 1)):
+        _check(name, t, dims, key)
+    if value.shape != key.shape:
+        raise ValueError(f"value: expected shape {list(key.shape)}, got {list(value.shape)}")
+    if key_cache.shape != value_cache.shape or key_cache.shape[2:] != key.shape[1:]:
+        raise ValueError(
+            f"key_cache/value_cache: expected [num_blocks, block_size, {key.shape[1]}, "
+            f"{key.shape[2]}], got {list(key_cache.shape)} / {list(value_cache.shape)}"
+        )
+    if key_cache.dtype != key.dtype or value_cache.dtype != key.dtype or value.dtype != key.dtype:
+        raise ValueError(f"key_cache: expected dtype {key.dtype} like key, got {key_cache.dtype}")
+    if slot_mapping.shape[0] != key.shape[0] or slot_mapping.dtype not in (torch.int32, torch.int64):
+        raise ValueError(
+            f"slot_mapping: expected int32/int64 [{key.shape[0]}], got "
+            f"{slot_mapping.dtype} {list(slot_mapping.shape)}"
+        )
+    num_tokens, num_kv_heads, head_size = key.shape
+    if num_tokens == 0:
+        return
+    _reshape_and_cache_kernel[(num_tokens,)](
+        key, value, key_cache, value_cache, slot_mapping,
+        key.stride(0), key.stride(1), value.stride(0), value.stride(1),
+        key_cache.stride(0), key_cache.stride(1), key_cache.stride(2),
+        value_cache.stride(0), value_cache.stride(1), value_cache.stride(2),
+        NUM_KV_HEADS=num_kv_heads,
+        HEAD_SIZE=head_size,
+        BLOCK_SIZE=key_cache.shape[1],
+        HEADS_PAD=triton.next_power_of_2(num_kv_heads),
+        HEAD_PAD=triton.next_power_of_2(head_size),
+    )

@@ -1,0 +1,79 @@
+"""A vectorized PyTorch path: gather pages into padded per-sequence K/V, then
+`scaled_dot_product_attention` with an explicit boolean mask. Runs on any device; a second
+opinion and a speed peer, not the spec."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from optimized.backend import BaseBackend
+from reference.metadata import AttnKind, StepMetadata, check_inputs
+
+
+def _padded_index(lens: tuple[int, ...], device) -> tuple[torch.Tensor, torch.Tensor]:
+    """For packed tokens of sequences with `lens`: [num_seqs, max_len] packed index, valid."""
+    lens_t = torch.tensor(lens, device=device)
+    starts = torch.cumsum(lens_t, 0) - lens_t
+    pos = torch.arange(max(lens, default=0), device=device)
+    valid = pos[None, :] < lens_t[:, None]
+    return torch.where(valid, starts[:, None] + pos[None, :], 0), valid
+
+
+def _gather_pages(cache, tables, kv_lens, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """[num_seqs, max_kv_len, num_kv_heads, head_size] from the pages, padding zeroed."""
+    bs = cache.shape[1]
+    pos = torch.arange(max(kv_lens), device=device)
+    valid = pos[None, :] < torch.tensor(kv_lens, device=device)[:, None]
+    logical = (pos // bs).clamp(max=tables.shape[1] - 1)
+    blocks = torch.where(valid, tables[:, logical].long(), 0)
+    slots = blocks * bs + pos % bs
+    kv = cache.reshape(-1, *cache.shape[2:])[slots]
+    return torch.where(valid[..., None, None], kv, 0), valid
+
+
+class TorchBackend(BaseBackend):
+    name = "torch"
+    head_sizes = (1, 1024)
+    max_block_size = 1 << 20
+
+    def device(self):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+    def forward(self, query, key, value, kv_cache, metadata: StepMetadata, attn_kind):
+        kind = AttnKind(attn_kind)
+        check_inputs(query, key, value, kv_cache, metadata, kind)
+        md, dev = metadata, query.device
+        q_lens, kv_lens = md.query_lens_for(kind), md.kv_lens_for(kind)
+        if kind == AttnKind.ENCODER:
+            kv_idx, kv_valid = _padded_index(kv_lens, dev)
+            k, v = key[kv_idx], value[kv_idx]
+        else:
+            key_cache, value_cache = kv_cache
+            tables, slots = md.tables_for(kind)
+            if key is not None:  # cache write: every real slot, padding (-1) skipped
+                keep = slots >= 0
+                flat_k = key_cache.view(-1, *key_cache.shape[2:])
+                flat_v = value_cache.view(-1, *value_cache.shape[2:])
+                flat_k[slots[keep]] = key[: slots.shape[0]][keep]
+                flat_v[slots[keep]] = value[: slots.shape[0]][keep]
+            k, kv_valid = _gather_pages(key_cache, tables, kv_lens, dev)
+            v, _ = _gather_pages(value_cache, tables, kv_lens, dev)
+        q_idx, q_valid = _padded_index(q_lens, dev)
+        q = query[q_idx]  # [num_seqs, max_q, num_heads, head_size]
+        mask = q_valid[:, :, None] & kv_valid[:, None, :]
+        if kind == AttnKind.DECODER:
+            ctx = torch.tensor(md.context_lens, device=dev)
+            qpos = ctx[:, None] + torch.arange(q.shape[1], device=dev)[None, :]
+            kpos = torch.arange(k.shape[1], device=dev)
+            mask &= kpos[None, None, :] <= qpos[:, :, None]
+            if md.sliding_window is not None:
+                mask &= kpos[None, None, :] > qpos[:, :, None] - md.sliding_window
+        mask |= ~q_valid[:, :, None]  # padding query rows see everything (no NaN), then dropped
+        out = F.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask[:, None],
+            scale=md.scale_for(query.shape[-1]), enable_gqa=True,
+        ).transpose(1, 2)
+        result = torch.zeros_like(query)
+        result[q_idx[q_valid]] = out[q_valid]
+        return result

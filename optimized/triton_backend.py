@@ -1,0 +1,73 @@
+"""Every step in our own Triton kernels: `reshape_and_cache` + `paged_attention` (+ split-K).
+
+On a machine without CUDA the same kernels run through the Triton interpreter
+(TRITON_INTERPRET=1, set by the test and matrix entry points before Triton is imported).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from optimized.backend import BaseBackend
+from optimized.kernels import interpreting
+from reference.metadata import AttnKind, StepMetadata, check_inputs
+
+
+def triton_forward(query, key, value, kv_cache, md: StepMetadata, kind: AttnKind,
+                   num_splits: int | None = None) -> torch.Tensor:
+    """Cache write, then attention, both in Triton. Used by the triton and xformers backends."""
+    from optimized.kernels.paged_attention import make_schedule, paged_attention
+    from optimized.kernels.reshape_and_cache import reshape_and_cache
+
+    num_heads, head_size = query.shape[1:]
+    out = torch.zeros_like(query)
+    scale = md.scale_for(head_size)
+    zeros = (0,) * md.num_seqs
+    if kind == AttnKind.ENCODER:
+        group = num_heads // key.shape[1]
+        lens = md.encoder_seq_lens
+        schedule = make_schedule(lens, lens, zeros, group, query.device)
+        return paged_attention(query, key, value, None, schedule, causal=False, scale=scale,
+                               paged=False, out=out, num_splits=num_splits)
+    key_cache, value_cache = kv_cache
+    tables, slots = md.tables_for(kind)
+    if key is not None:
+        reshape_and_cache(key, value, key_cache, value_cache, slots)
+    causal = kind == AttnKind.DECODER
+    schedule = make_schedule(md.query_lens, md.kv_lens_for(kind),
+                             md.context_lens if causal else zeros,
+                             num_heads // key_cache.shape[2], query.device)
+    return paged_attention(query, key_cache, value_cache, tables, schedule, causal=causal,
+                           scale=scale, sliding_window=md.sliding_window if causal else None,
+                           out=out, num_splits=num_splits)
+
+
+def triton_unavailable_reason() -> str | None:
+    try:
+        import triton  # noqa: F401
+    except ImportError as e:
+        return f"Triton is not installed ({e})"
+    if not torch.cuda.is_available() and not interpreting():
+        return "no CUDA device and TRITON_INTERPRET is not 1 (the interpreter runs on the CPU)"
+    return None
+
+
+class TritonBackend(BaseBackend):
+    name = "triton"
+    num_splits: int | None = None  # None: split-K chosen by occupancy
+
+    def unavailable_reason(self) -> str | None:
+        return triton_unavailable_reason()
+
+    def forward(self, query, key, value, kv_cache, metadata, attn_kind):
+        kind = AttnKind(attn_kind)
+        check_inputs(query, key, value, kv_cache, metadata, kind)
+        return triton_forward(query, key, value, kv_cache, metadata, kind, self.num_splits)
+
+
+class TritonSplitKBackend(TritonBackend):
+    """The split-K (flash-decoding) variant forced on every step, so the matrix checks it even
+    where occupancy would not pick it."""
+
+    name = "triton-splitk"
+    num_splits = 4
