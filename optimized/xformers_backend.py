@@ -103,7 +103,7 @@ class XFormersPagedBackend(BaseBackend):
         from xformers.ops.fmha import triton_splitk
         from xformers.ops.fmha.common import Inputs
 
-        q, k, v, bias = self._inputs(*step.args())
+        q, k, v, bias = self._inputs(*step.to(self.device()).args())
         own = triton_splitk.FwOp.not_supported_reasons(Inputs(q, k, v, bias))
         return [f"xFormers triton_splitk: {r}" for r in own]
 
