@@ -34,13 +34,13 @@ def compare_output(step, out: torch.Tensor, ref: torch.Tensor, baseline_err: flo
     got = out.detach().cpu().double()
     if baseline_err is None:
         baseline_err = (baseline_attention(step.to("cpu")) - ref).abs().max().item()
-    tol = tolerance(step.query.dtype, baseline_err)
     finite_ref = torch.isfinite(ref)
+    ref_scale = ref[finite_ref].abs().max().item() if finite_ref.any() else 0.0
+    tol = tolerance(step.query.dtype, baseline_err, ref_scale)
     bad = finite_ref & ~torch.isfinite(got)
     nan_count = int(bad.sum())
     err = (got - ref).abs().where(~bad, torch.zeros((), dtype=torch.float64))
     max_abs = err.max().item() if err.numel() else 0.0
-    ref_scale = ref.abs().max().item() if ref.numel() else 0.0
     mismatch = ((err > tol) | bad).double().mean().item() if err.numel() else 0.0
     comp = dict(
         max_abs_err=max_abs,

@@ -6,7 +6,7 @@ head compute
 
     out = softmax(q · kᵀ · scale + mask) · v
 
-in float64, where mask is 0 for visible keys and -inf otherwise (`StepMetadata.visible`).
+in float64, where mask is 0 for visible keys and -inf otherwise (`StepMetadata.sequence_mask`).
 GQA/MQA: query head h reads kv head h // (num_heads // num_kv_heads).
 """
 
@@ -76,9 +76,6 @@ def attention(
         else:
             keys = gather_sequence(kv_cache[0], tables[i], kv_lens[i])
             values = gather_sequence(kv_cache[1], tables[i], kv_lens[i])
-        mask = torch.tensor(
-            [[md.visible(attn_kind, i, j, p) for p in range(kv_lens[i])] for j in range(q_lens[i])],
-            dtype=torch.bool,
-        ).reshape(q_lens[i], kv_lens[i])
+        mask = md.sequence_mask(attn_kind, i).to(query.device)
         out[q_start[i] : q_start[i] + q_lens[i]] = textbook_attention(q, keys, values, mask, scale)
     return out

@@ -124,31 +124,37 @@ class StepMetadata:
         """True when no sequence has cached decoder context (a first step for every sequence)."""
         return all(c == 0 for c in self.context_lens)
 
-    # ---- the dense mask --------------------------------------------------------------------
+    # ---- the masks ------------------------------------------------------------------------
+    def sequence_mask(self, kind: AttnKind, seq: int) -> torch.Tensor:
+        """[query_len, kv_len] bool for sequence `seq`, True = query token j sees key position p.
+
+        ENCODER / ENCODER_DECODER: every key of the sequence (no mask).
+        DECODER: query token j sits at absolute position pos = context_len + j; it sees
+        p <= pos (causal) and, with a sliding window w, only p > pos - w.
+        """
+        q_len, kv_len = self.query_lens_for(kind)[seq], self.kv_lens_for(kind)[seq]
+        if kind != AttnKind.DECODER:
+            return torch.ones(q_len, kv_len, dtype=torch.bool)
+        pos = self.context_lens[seq] + torch.arange(q_len)[:, None]  # each query's position
+        key_pos = torch.arange(kv_len)[None, :]
+        mask = key_pos <= pos
+        if self.sliding_window is not None:
+            mask &= key_pos > pos - self.sliding_window
+        return mask
+
     def materialize(self, kind: AttnKind) -> torch.Tensor:
         """Dense boolean mask `[num_real_query_tokens, sum(kv_lens)]`, True = visible.
 
         Rows are the packed query tokens; columns are every sequence's whole K/V history packed
-        the same way (sequence 0's positions 0..kv_len-1, then sequence 1's, ...).
+        the same way (sequence 0's positions 0..kv_len-1, then sequence 1's, ...): block
+        diagonal, each block `sequence_mask(kind, i)`.
         """
         q_lens, kv_lens = self.query_lens_for(kind), self.kv_lens_for(kind)
         mask = torch.zeros(sum(q_lens), sum(kv_lens), dtype=torch.bool)
         q0s, k0s = _offsets(q_lens), _offsets(kv_lens)
         for i in range(self.num_seqs):
-            for j in range(q_lens[i]):
-                for p in range(kv_lens[i]):
-                    mask[q0s[i] + j, k0s[i] + p] = self.visible(kind, i, j, p)
+            mask[q0s[i] : q0s[i + 1], k0s[i] : k0s[i + 1]] = self.sequence_mask(kind, i)
         return mask
-
-    def visible(self, kind: AttnKind, seq: int, query_idx: int, key_pos: int) -> bool:
-        """Does query token `query_idx` of sequence `seq` see key position `key_pos`?"""
-        if kind != AttnKind.DECODER:
-            return True  # encoder and cross attention: every key of the sequence
-        pos = self.context_lens[seq] + query_idx  # absolute position of the query token
-        if key_pos > pos:
-            return False  # causal
-        w = self.sliding_window
-        return w is None or key_pos > pos - w
 
     def tables_for(self, kind: AttnKind) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """(block_tables, slot_mapping) that `kind` reads and writes (None for ENCODER)."""

@@ -1,16 +1,37 @@
-"""An independent dense computation of a step: no cache, whole histories, a materialized mask."""
+"""An independent dense computation of a step: no cache, whole histories, and a mask written
+element by element from the rules in the issue (not from StepMetadata's own mask code)."""
 
 import torch
 
+from reference.metadata import AttnKind
 from reference.workload import Step
 
 
-def dense_attention(step: Step) -> torch.Tensor:
-    """The step's output from the contiguous K/V histories and `metadata.materialize()`.
-
-    Vectorized over all packed tokens at once (unlike the reference's per-sequence loops)."""
+def mask_by_rule(step: Step) -> torch.Tensor:
+    """[num_real_query_tokens, sum(kv_lens)] bool, one element at a time."""
     md, kind = step.metadata, step.attn_kind
-    mask = md.materialize(kind)  # [real_q, sum(kv_lens)]
+    q_lens, kv_lens = md.query_lens_for(kind), md.kv_lens_for(kind)
+    mask = torch.zeros(sum(q_lens), sum(kv_lens), dtype=torch.bool)
+    row = 0
+    for i in range(md.num_seqs):
+        col0 = sum(kv_lens[:i])
+        for j in range(q_lens[i]):
+            for p in range(kv_lens[i]):
+                if kind == AttnKind.DECODER:
+                    pos = md.context_lens[i] + j
+                    w = md.sliding_window
+                    seen = p <= pos and (w is None or p > pos - w)
+                else:
+                    seen = True
+                mask[row, col0 + p] = seen
+            row += 1
+    return mask
+
+
+def dense_attention(step: Step) -> torch.Tensor:
+    """The step's output from the contiguous K/V histories, vectorized over all packed tokens."""
+    md = step.metadata
+    mask = mask_by_rule(step)
     num_real = mask.shape[0]
     q = step.query[:num_real].double()
     k = torch.cat(step.key_history).double()

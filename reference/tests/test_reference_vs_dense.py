@@ -68,3 +68,11 @@ def test_dense_check_notices_a_wrong_mask():
     step = build_step("decoder", (5,), (3,), block_size=4, sliding_window=3, seed=1)
     shifted = build_step("decoder", (5,), (3,), block_size=4, sliding_window=4, seed=1)
     assert not torch.allclose(attention(*step.args()), dense_attention(shifted))
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(steps())
+def test_materialize_matches_the_rule(step):
+    from reference.tests.dense import mask_by_rule
+
+    assert torch.equal(step.metadata.materialize(step.attn_kind), mask_by_rule(step))

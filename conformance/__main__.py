@@ -1,0 +1,167 @@
+"""The conformance command line (stable: people and CI scripts rely on it).
+
+    python -m conformance list --tier T [--format csv]
+    python -m conformance run --tier T [--backend NAME ...] [-k EXPR] [--shard i/n] [--out DIR]
+                              [--cases FILE] [--case ID] [--backend-module mod:Class] [-n N]
+    python -m conformance dump CASE_ID --out DIR
+
+`run` exits 0 when nothing failed or errored, 1 otherwise, 2 for bad usage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+def cmd_list(args) -> int:
+    from conformance.generate import coverage, generate, shard
+
+    cases = shard(generate(args.tier), args.shard)
+    if args.format == "csv":
+        w = csv.DictWriter(sys.stdout, fieldnames=["case_id", *asdict(cases[0])])
+        w.writeheader()
+        for c in cases:
+            w.writerow({"case_id": c.id, **asdict(c)})
+    else:
+        for c in cases:
+            axes = " ".join(f"{k}={v}" for k, v in asdict(c).items())
+            print(f"{c.id}  {axes}")
+    got, want = coverage(args.tier, generate(args.tier))
+    print(f"# {len(cases)} cases; coverage: {got} of {want} valid axis-value pairs "
+          f"({100 * got / want:.1f}%)", file=sys.stdout if args.format != "csv" else sys.stderr)
+    return 0
+
+
+def cmd_run(args) -> int:
+    import pytest
+
+    here = Path(__file__).parent
+    argv = [str(here / "test_matrix.py"), "-q", "-p", "no:cacheprovider", "--tier", args.tier,
+            "--out", args.out, "--rootdir", str(here.parent), "-o", "addopts=",
+            "--case-timeout", str(args.case_timeout)]
+    for b in args.backend or []:
+        argv += ["--backend", b]
+    for m in args.backend_module or []:
+        argv += ["--backend-module", m]
+    for c in args.case or []:
+        argv += ["--case", c]
+    if args.k:
+        argv += ["-k", args.k]
+    if args.shard:
+        argv += ["--shard", args.shard]
+    if args.cases:
+        argv += ["--cases", args.cases]
+    if args.workers and args.workers != "0":
+        argv += ["-n", args.workers, "--dist", "load"]
+    code = pytest.main(argv)
+    if code in (0, 5):  # 5: nothing selected (e.g. an empty shard): nothing failed
+        return 0
+    if code == 1:
+        return 1
+    return 2
+
+
+def cmd_dump(args) -> int:
+    import numpy as np
+
+    from conformance.cases import Case, build_inputs
+    from reference.attention import attention
+    from reference.episode import Episode
+
+    case = Case.from_id(args.case_id)
+    inputs = build_inputs(case)
+    steps = inputs.steps if isinstance(inputs, Episode) else (inputs,)
+    ref = inputs.with_fresh_cache()
+    ref_steps = ref.steps if isinstance(ref, Episode) else (ref,)
+    arrays = {}
+    for i, (step, rstep) in enumerate(zip(steps, ref_steps)):
+        p = f"step{i}_"
+        md = step.metadata
+        if rstep.kv_cache is not None:
+            arrays[p + "key_cache_before"] = _np(rstep.kv_cache[0])
+            arrays[p + "value_cache_before"] = _np(rstep.kv_cache[1])
+        out = attention(*rstep.args())
+        for name in ("query", "key", "value"):
+            t = getattr(step, name)
+            if t is not None:
+                arrays[p + name] = _np(t)
+        for name in ("block_tables", "slot_mapping", "cross_block_tables", "cross_slot_mapping"):
+            t = getattr(md, name)
+            if t is not None:
+                arrays[p + name] = t.numpy()
+        for name in ("query_lens", "context_lens", "encoder_seq_lens"):
+            if getattr(md, name) is not None:
+                arrays[p + name] = np.array(getattr(md, name), dtype=np.int64)
+        arrays[p + "reference_output"] = out.numpy()
+        if rstep.kv_cache is not None:
+            arrays[p + "key_cache_after"] = _np(rstep.kv_cache[0])
+            arrays[p + "value_cache_after"] = _np(rstep.kv_cache[1])
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    np.savez_compressed(out_dir / "case.npz", **arrays)
+    meta = {"case_id": case.id, **asdict(case),
+            "steps": [dict(attn_kind=s.attn_kind.value, block_size=s.metadata.block_size,
+                           sliding_window=s.metadata.sliding_window,
+                           scale=s.metadata.scale_for(s.query.shape[-1])) for s in steps],
+            "note": "bfloat16 tensors are stored as float32 (numpy has no bfloat16)"}
+    (out_dir / "case.json").write_text(json.dumps(meta, indent=2))
+    print(f"wrote {out_dir / 'case.npz'} ({len(arrays)} arrays) and {out_dir / 'case.json'}")
+    return 0
+
+
+def _np(t: torch.Tensor):
+    return (t.float() if t.dtype == torch.bfloat16 else t).numpy()
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m conformance", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    pl = sub.add_parser("list", help="print the cases of a tier and its pair coverage")
+    pl.add_argument("--tier", default="smoke")
+    pl.add_argument("--format", choices=["text", "csv"], default="text")
+    pl.add_argument("--shard", default=None)
+    pr = sub.add_parser("run", help="run the matrix (pytest underneath)")
+    pr.add_argument("--tier", default="smoke")
+    pr.add_argument("--backend", action="append")
+    pr.add_argument("--backend-module", action="append")
+    pr.add_argument("-k", default=None, help="pytest -k expression over 'CASE_ID::BACKEND'")
+    pr.add_argument("--shard", default=None)
+    pr.add_argument("--out", default="reports/out")
+    pr.add_argument("--cases", default=None, help="JSON lines of case axis values")
+    pr.add_argument("--case", action="append", help="one case id (repeatable)")
+    pr.add_argument("-n", dest="workers", default=os.environ.get("CONFORMANCE_WORKERS", "0"),
+                    help="pytest-xdist workers ('auto', N, or 0 for none)")
+    pr.add_argument("--case-timeout", type=float, default=300.0)
+    pd = sub.add_parser("dump", help="write one case's inputs, caches and reference output")
+    pd.add_argument("case_id")
+    pd.add_argument("--out", required=True)
+    args = p.parse_args(argv)
+    try:
+        if args.cmd == "list":
+            from conformance.generate import TIERS
+
+            if args.tier not in TIERS:
+                p.error(f"--tier: expected one of {TIERS}, got {args.tier!r}")
+            return cmd_list(args)
+        if args.cmd == "run":
+            return cmd_run(args)
+        return cmd_dump(args)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

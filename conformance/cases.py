@@ -1,0 +1,228 @@
+"""The case model: one frozen dataclass of axis values, a stable readable id, validity rules,
+and `build_inputs(case)`: the deterministic step(s) a case runs.
+
+An id names every axis, e.g. `cross-decode-ragged-bs16-h8kv2-d80-bf16-shuffled-s3`
+(kind-phase-batch-block-heads-headsize-dtype-layout[-wN][-scale][-large]-sSEED).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, fields
+
+import torch
+
+from reference.episode import Episode, build_episode
+from reference.workload import Layout, Step, build_step
+
+# Each axis and its values, in id order. Every value is a real need (see the matrix issue).
+AXES: dict[str, tuple] = {
+    "kind": ("encoder", "decoder", "cross", "episode"),
+    "phase": ("prefill", "decode", "mixed", "chunked", "episode"),
+    "batch": ("single", "uniform", "ragged", "many_short", "few_long", "enc_shorter",
+              "enc_longer"),
+    "block_size": (1, 8, 16, 32, 64, 128, 256),
+    "heads": ("h4kv4", "h8kv2", "h32kv8", "h8kv1"),
+    "head_size": (64, 80, 96, 128, 256),
+    "dtype": ("float32", "float16", "bfloat16"),
+    "layout": tuple(layout.value for layout in Layout),
+    "window": ("off", "on"),
+    "scale": ("default", "custom"),
+    "size": ("small", "large"),
+}
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+SHORT_DTYPE = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
+KIND_TO_ATTN = {"encoder": "encoder", "decoder": "decoder", "cross": "encoder_decoder"}
+_BATCH_BY_ID = {b.replace("_", ""): b for b in AXES["batch"]}
+_DTYPE_BY_SHORT = {v: k for k, v in SHORT_DTYPE.items()}
+CUSTOM_SCALE = 0.37
+EPISODE_DECODE_STEPS = {"small": 3, "large": 8}
+
+
+@dataclass(frozen=True, order=True)
+class Case:
+    kind: str
+    phase: str
+    batch: str
+    block_size: int
+    heads: str
+    head_size: int
+    dtype: str
+    layout: str
+    window: str = "off"
+    scale: str = "default"
+    size: str = "small"
+    seed: int = 0
+
+    @property
+    def id(self) -> str:
+        parts = [self.kind, self.phase, self.batch.replace("_", ""), f"bs{self.block_size}",
+                 self.heads, f"d{self.head_size}", SHORT_DTYPE[self.dtype], self.layout]
+        if self.window == "on":
+            parts.append(f"w{self.window_size}")
+        if self.scale == "custom":
+            parts.append("sc")
+        if self.size == "large":
+            parts.append("large")
+        parts.append(f"s{self.seed}")
+        return "-".join(parts)
+
+    @property
+    def num_heads(self) -> int:
+        return int(self.heads[1:].split("kv")[0])
+
+    @property
+    def num_kv_heads(self) -> int:
+        return int(self.heads.split("kv")[1])
+
+    @property
+    def window_size(self) -> int | None:
+        return None if self.window == "off" else (7 if self.size == "small" else 129)
+
+    @classmethod
+    def from_id(cls, case_id: str) -> Case:
+        """Parse an id back into its case (ids name every axis), e.g. to re-run it alone."""
+        parts = case_id.split("-")
+        try:
+            kind, phase, batch, bs, heads, d, dtype, layout = parts[:8]
+            rest = parts[8:]
+            obj = dict(kind=kind, phase=phase, batch=_BATCH_BY_ID[batch], block_size=int(bs[2:]),
+                       heads=heads, head_size=int(d[1:]), dtype=_DTYPE_BY_SHORT[dtype],
+                       layout=layout, seed=int(rest.pop()[1:]))
+            for p in rest:
+                if p.startswith("w"):
+                    obj["window"] = "on"
+                elif p == "sc":
+                    obj["scale"] = "custom"
+                elif p == "large":
+                    obj["size"] = "large"
+                else:
+                    raise ValueError(p)
+        except (ValueError, KeyError, IndexError):
+            raise ValueError(f"not a case id: {case_id!r} (expected e.g. "
+                             "cross-decode-ragged-bs16-h8kv2-d80-bf16-shuffled-s3)") from None
+        case = cls.from_dict(obj)
+        if case.id != case_id:
+            raise ValueError(f"not a case id: {case_id!r} (did you mean {case.id}?)")
+        return case
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def from_dict(cls, obj: dict) -> Case:
+        """A case from axis values (e.g. a JSON line or a report row); unknown names or invalid
+        combinations are a ValueError."""
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(obj) - names)
+        if unknown:
+            raise ValueError(f"unknown case axes {unknown}; known: {sorted(names)}")
+        missing = sorted(n for n in ("kind", "phase", "batch", "block_size", "heads",
+                                     "head_size", "dtype", "layout") if n not in obj)
+        if missing:
+            raise ValueError(f"case is missing axes {missing}")
+        case = cls(**{k: int(v) if k in ("block_size", "head_size", "seed") else v
+                      for k, v in obj.items()})
+        problems = invalid_reasons(case)
+        if problems:
+            raise ValueError(f"invalid case {obj}: {'; '.join(problems)}")
+        return case
+
+
+def invalid_reasons(case: Case | dict) -> list[str]:
+    """Why a combination of axis values is not a valid case (empty: valid). Works on partial
+    dicts too (what a pairwise generator asks about while it builds rows)."""
+    v = asdict(case) if isinstance(case, Case) else case
+    bad = []
+    for axis, value in v.items():
+        if axis in AXES and value not in AXES[axis]:
+            bad.append(f"{axis}={value!r} not in {AXES[axis]}")
+    kind, phase, batch = v.get("kind"), v.get("phase"), v.get("batch")
+    if kind == "encoder":
+        if phase not in (None, "prefill"):
+            bad.append("the encoder has no decode or cached context: phase must be prefill")
+        if v.get("block_size", 16) != 16 or v.get("layout", "contiguous") != "contiguous":
+            bad.append("the encoder uses no cache: block_size 16 and layout contiguous only")
+    if (kind == "episode") != (phase == "episode") and None not in (kind, phase):
+        bad.append("phase 'episode' goes with kind 'episode' only")
+    if v.get("window") == "on" and kind in ("encoder", "cross"):
+        bad.append("sliding window applies to decoder self-attention only")
+    if batch in ("enc_shorter", "enc_longer") and kind in ("encoder", "decoder"):
+        bad.append("encoder-vs-decoder lengths need cross-attention (cross or episode)")
+    if batch == "single" and phase == "mixed":
+        bad.append("a mixed batch needs several sequences")
+    if v.get("layout") == "shared" and kind in ("encoder", "cross"):
+        bad.append("shared prefix blocks are decoder self-attention context")
+    if v.get("layout") == "shared" and phase == "prefill":
+        bad.append("shared prefix blocks need cached context")
+    if v.get("layout") == "shared" and batch == "single":
+        bad.append("shared prefix blocks need several sequences")
+    return bad
+
+
+def decoder_lengths(case: Case) -> list[int]:
+    """Total decoder tokens per sequence (context + new) for the batch shape."""
+    bs, small = case.block_size, case.size == "small"
+    if case.batch == "single":
+        return [bs + 3 if small and bs < 40 else (37 if small else 1000)]
+    if case.batch == "uniform":
+        return [21] * 3 if small else [300] * 16
+    if case.batch == "ragged":
+        lens = [1, bs - 1, bs, bs + 1, 54, 97] if not small else [1, bs - 1, bs, bs + 1, 54]
+        lens = [n for n in lens if n >= 1]
+        return [min(n, 130) for n in lens] if small else lens
+    if case.batch == "many_short":
+        return [1 + (i * 7) % 9 for i in range(12)] if small else [
+            1 + (i * 37) % 61 for i in range(96)]
+    if case.batch == "few_long":
+        return [61, 45] if small else [2048 + 17, 3001]
+    if case.batch == "enc_shorter":
+        return [17, 9, 30] if small else [400, 448, 300]
+    return [3, 5, 2] if small else [12, 40, 7]  # enc_longer: few decoder tokens
+
+
+def encoder_lengths(case: Case, dec: list[int]) -> list[int]:
+    """Encoder tokens per sequence, independent of the decoder's."""
+    if case.batch == "enc_shorter":
+        return [max(1, n // 3) for n in dec]
+    if case.batch == "enc_longer":
+        return [41, 26, 60] if case.size == "small" else [1500, 1024, 512]
+    return [n + 5 * (i % 3) + 2 for i, n in enumerate(dec)]
+
+
+def split_phase(case: Case, totals: list[int]) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """(query_lens, context_lens) for the phase: prompt, one token on a context, a chunk, or
+    a mix of prefills, chunks and decodes (prefills first, as engines pack them)."""
+    if case.phase in ("prefill", "episode"):
+        return tuple(totals), (0,) * len(totals)
+    if case.phase == "decode":
+        return (1,) * len(totals), tuple(max(n - 1, 1) for n in totals)
+    if case.phase == "chunked":
+        q = [max(1, n // 3) for n in totals]
+        return tuple(q), tuple(max(n - c, 1) for n, c in zip(totals, q))
+    q, c = [], []  # mixed: a full prefill, a chunk on a context, then decodes
+    for i, n in enumerate(totals):
+        if i == 0:
+            q.append(n), c.append(0)
+        elif i == 1:
+            q.append(max(1, n // 2)), c.append(max(n - n // 2, 1))
+        else:
+            q.append(1), c.append(max(n - 1, 1))
+    return tuple(q), tuple(c)
+
+
+def build_inputs(case: Case, device: torch.device | str = "cpu") -> Step | Episode:
+    """The deterministic step (or episode) of a case; caches hold NaN wherever unwritten."""
+    dec = decoder_lengths(case)
+    enc = encoder_lengths(case, dec)
+    common = dict(block_size=case.block_size, num_heads=case.num_heads,
+                  num_kv_heads=case.num_kv_heads, head_size=case.head_size,
+                  dtype=DTYPES[case.dtype], layout=case.layout,
+                  scale=CUSTOM_SCALE if case.scale == "custom" else None,
+                  sliding_window=case.window_size, seed=case.seed, device=device)
+    if case.kind == "episode":
+        return build_episode(tuple(enc), tuple(dec), EPISODE_DECODE_STEPS[case.size], **common)
+    q, c = split_phase(case, dec)
+    pad = 2 if case.layout in ("nullblock", "fragmented") else 0  # CUDA-graph style padding
+    return build_step(KIND_TO_ATTN[case.kind], q, c, tuple(enc), num_padding_tokens=pad,
+                      **common)

@@ -1,0 +1,160 @@
+"""The matrix, generated: all-pairs covering of the axes (allpairspy, invalid combinations
+filtered by rule) plus explicit edge cases, per tier; and the pair-coverage measure.
+
+Tiers:
+- smoke:      small shapes, every valid pair of axis values covered; CPU/CI (interpreter).
+- full:       small and large shapes (≥ 2k-token sequences), all pairs covered under several
+              seeds (each seed a different covering), for the GPU.
+- exhaustive: the full cross product of a chosen sub-space (kind × phase × block size × dtype ×
+              layout), for nightly runs.
+"""
+
+from __future__ import annotations
+
+import itertools
+import zlib
+from collections import OrderedDict
+
+from allpairspy import AllPairs
+
+from conformance.cases import AXES, Case, invalid_reasons
+
+TIERS = ("smoke", "full", "exhaustive")
+FULL_SEEDS = 24
+
+
+# Most values first: allpairspy builds rows greedily in axis order and covers more that way.
+PAIRWISE_ORDER = ("block_size", "layout", "batch", "head_size", "phase", "kind", "heads",
+                  "dtype", "window", "scale", "size")
+
+
+FILL_ORDER = ("kind", "phase", "batch", "layout", "window", "block_size", "heads", "head_size",
+              "dtype", "scale", "size")
+
+
+def _pairwise(axes: dict[str, tuple], fixed: dict, seed: int) -> list[Case]:
+    """allpairspy's covering, then a greedy completion for the few valid pairs its filtered
+    search leaves out, so every valid pair is covered."""
+    names = [n for n in PAIRWISE_ORDER if n in axes]
+    # A different value order per seed gives a different covering of the same pairs.
+    rotated = OrderedDict((n, _rotate(axes[n], seed + i)) for i, n in enumerate(names))
+
+    def ok(row) -> bool:
+        return not invalid_reasons({**fixed, **dict(zip(names, row))})
+
+    cases = [Case(**fixed, **dict(zip(names, row)), seed=seed)
+             for row in AllPairs(list(rotated.values()), filter_func=ok)]
+    covered = covered_pairs(cases, axes)
+    for pair in sorted(valid_pairs(axes, fixed) - covered, key=str):
+        if pair in covered:
+            continue
+        a, x, b, y = pair
+        row = {a: x, b: y}
+        # Fill the other axes, the most constrained first: stay valid, cover most new pairs.
+        for n in sorted(names, key=FILL_ORDER.index):
+            if n in row:
+                continue
+            options = [val for val in rotated[n] if not invalid_reasons({**fixed, **row, n: val})]
+            row[n] = max(options, key=lambda val: sum(
+                (m, row[m], n, val) not in covered and (n, val, m, row[m]) not in covered
+                for m in row))
+        case = Case(**fixed, **row, seed=seed)
+        cases.append(case)
+        covered |= covered_pairs([case], axes)
+    return cases
+
+
+def _rotate(values: tuple, k: int) -> list:
+    k %= len(values)
+    return list(values[k:] + values[:k])
+
+
+EDGE_CASES = [
+    # the block arithmetic at its limits
+    dict(kind="decoder", phase="decode", batch="ragged", block_size=1, heads="h8kv1",
+         head_size=64, dtype="float16", layout="shuffled"),
+    dict(kind="decoder", phase="chunked", batch="ragged", block_size=256, heads="h8kv2",
+         head_size=96, dtype="bfloat16", layout="highest", window="on"),
+    dict(kind="cross", phase="decode", batch="single", block_size=256, heads="h4kv4",
+         head_size=128, dtype="float32", layout="nullblock"),
+    dict(kind="decoder", phase="mixed", batch="ragged", block_size=8, heads="h32kv8",
+         head_size=80, dtype="float16", layout="fragmented", window="on"),
+    dict(kind="cross", phase="mixed", batch="enc_longer", block_size=16, heads="h8kv2",
+         head_size=64, dtype="bfloat16", layout="interleaved"),
+    dict(kind="episode", phase="episode", batch="enc_shorter", block_size=16, heads="h8kv2",
+         head_size=64, dtype="float16", layout="interleaved"),
+    dict(kind="decoder", phase="decode", batch="many_short", block_size=16, heads="h4kv4",
+         head_size=256, dtype="float32", layout="shared"),
+    dict(kind="encoder", phase="prefill", batch="ragged", block_size=16, heads="h8kv1",
+         head_size=80, dtype="bfloat16", layout="contiguous"),
+]
+
+
+def generate(tier: str) -> list[Case]:
+    """The cases of a tier, sorted by id, deterministic."""
+    if tier not in TIERS:
+        raise ValueError(f"--tier: expected one of {TIERS}, got {tier!r}")
+    cases: dict[str, Case] = {}
+    if tier == "smoke":
+        small = {k: v for k, v in AXES.items() if k != "size"}
+        found = _pairwise(small, {"size": "small"}, seed=0)
+        found += [Case(**e) for e in EDGE_CASES]
+    elif tier == "full":
+        found = [c for s in range(FULL_SEEDS) for c in _pairwise(AXES, {}, seed=s)]
+        found += [Case(**e, size=size) for e in EDGE_CASES for size in AXES["size"]]
+    else:
+        sub = ("kind", "phase", "block_size", "dtype", "layout")
+        found = []
+        for values in itertools.product(*(AXES[a] for a in sub)):
+            row = dict(zip(sub, values), batch="ragged", heads="h8kv2", head_size=64)
+            if row["kind"] == "episode":
+                row["batch"] = "enc_longer"
+            if not invalid_reasons(row):
+                found.append(Case(**row))
+    for c in found:
+        cases.setdefault(c.id, c)
+    return sorted(cases.values(), key=lambda c: c.id)
+
+
+def shard(cases: list[Case], spec: str | None) -> list[Case]:
+    """`i/n` (1-based): a deterministic slice by a stable hash of the id."""
+    if not spec:
+        return cases
+    try:
+        i, n = (int(x) for x in spec.split("/"))
+        assert 1 <= i <= n
+    except (ValueError, AssertionError):
+        raise ValueError(f"--shard: expected i/n with 1 <= i <= n, got {spec!r}") from None
+    return [c for c in cases if zlib.crc32(c.id.encode()) % n == i - 1]
+
+
+def valid_pairs(axes: dict[str, tuple] = AXES, fixed: dict | None = None) -> set[tuple]:
+    """Every (axis, value, axis, value) pair that some valid case can hold."""
+    fixed = fixed or {}
+    names = [n for n in axes if n not in fixed]
+    pairs = set()
+    for a, b in itertools.combinations(names, 2):
+        for x in axes[a]:
+            for y in axes[b]:
+                if not invalid_reasons({**fixed, a: x, b: y}):
+                    pairs.add((a, x, b, y))
+    return pairs
+
+
+def covered_pairs(cases: list[Case], axes: dict[str, tuple] = AXES) -> set[tuple]:
+    pairs = set()
+    names = list(axes)
+    for c in cases:
+        for a, b in itertools.combinations(names, 2):
+            pairs.add((a, getattr(c, a), b, getattr(c, b)))
+    return pairs
+
+
+def coverage(tier: str, cases: list[Case]) -> tuple[int, int]:
+    """(valid axis-value pairs covered by `cases`, valid pairs of the tier's space)."""
+    if tier == "smoke":
+        axes, fixed = {k: v for k, v in AXES.items() if k != "size"}, {"size": "small"}
+    else:
+        axes, fixed = AXES, {}
+    want = valid_pairs(axes, fixed)
+    return len(want & covered_pairs(cases, axes)), len(want)
