@@ -43,8 +43,39 @@ def cmd_list(args) -> int:
     return 0
 
 
+def _check_run_args(args) -> None:
+    """Bad usage is caught here, before pytest starts (exit 2 with a clear message)."""
+    from conformance.generate import TIERS, shard
+    from optimized.backend import backend_names
+
+    if args.tier not in TIERS:
+        raise ValueError(f"--tier: expected one of {TIERS}, got {args.tier!r}")
+    shard([], args.shard)
+    known = backend_names()
+    for b in args.backend or []:
+        if b not in known:
+            raise ValueError(f"--backend: unknown backend {b!r}; known: {known}")
+    if args.cases and not Path(args.cases).is_file():
+        raise ValueError(f"--cases: no such file {args.cases!r}")
+    if args.cases:
+        from conformance.cases import Case
+
+        for n, line in enumerate(Path(args.cases).read_text().splitlines(), 1):
+            if line.strip():
+                try:
+                    Case.from_dict(json.loads(line))
+                except (ValueError, TypeError) as e:
+                    raise ValueError(f"--cases line {n}: {e}") from None
+    for c in args.case or []:
+        from conformance.cases import Case
+
+        Case.from_id(c)
+
+
 def cmd_run(args) -> int:
     import pytest
+
+    _check_run_args(args)
 
     here = Path(__file__).parent
     argv = [str(here / "test_matrix.py"), "-q", "-p", "no:cacheprovider", "--tier", args.tier,
@@ -121,7 +152,7 @@ def cmd_dump(args) -> int:
 
 
 def _np(t: torch.Tensor):
-    return (t.float() if t.dtype == torch.bfloat16 else t).numpy()
+    return (t.float() if t.dtype == torch.bfloat16 else t).numpy().copy()
 
 
 def main(argv=None) -> int:

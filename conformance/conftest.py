@@ -110,9 +110,17 @@ def _is_controller(config) -> bool:
     return not hasattr(config, "workerinput")
 
 
+def _matrix_session(config) -> bool:
+    """The engine (fresh JSONL, progress, CSV) runs only when the matrix itself was asked for:
+    `pytest conformance` or `pytest conformance/test_matrix.py`, not its unit tests."""
+    here = Path(__file__).parent.resolve()
+    targets = {here, here / "test_matrix.py"}
+    return any(Path(a.split("::")[0]).resolve() in targets for a in config.args)
+
+
 def pytest_sessionstart(session):
     config = session.config
-    if _is_controller(config):
+    if _is_controller(config) and _matrix_session(config):
         out = Path(config.getoption("out"))
         out.mkdir(parents=True, exist_ok=True)
         (out / "results.jsonl").write_text("")  # a new run starts a new result set
@@ -152,13 +160,13 @@ def pytest_configure(config):
                     tr.write_line(f"[conformance] {p['done']}/{total} done, {p['bad']} failed "
                                   f"or errored, ~{left:.0f} s left")
 
-    if _is_controller(config):
+    if _is_controller(config) and _matrix_session(config):
         config.pluginmanager.register(Progress(), "conformance-progress")
 
 
 def pytest_sessionfinish(session, exitstatus):
     config = session.config
-    if not _is_controller(config):
+    if not (_is_controller(config) and _matrix_session(config)):
         return
     from reports.schema import environment, read_jsonl, to_result_row, write_csv
 

@@ -1,0 +1,159 @@
+"""The command line and the engine: exit codes, external backends (good, wrong, crashing),
+an interrupted run keeping its rows, --cases replay, dump."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+CASE = "decoder-decode-ragged-bs16-h8kv2-d64-fp32-shuffled-s0"
+
+EXTERNAL = textwrap.dedent('''
+    import time
+    import torch
+    from optimized.torch_backend import TorchBackend
+
+    class Good(TorchBackend):
+        name = "ext-good"
+
+    class Wrong(TorchBackend):
+        """Scales its output by 1.001: the smoke tier must fail it."""
+        name = "ext-wrong"
+        def forward(self, *args):
+            return super().forward(*args) * 1.001
+
+    class Crashy(TorchBackend):
+        """Raises inside forward on block size 8 (a 'kernel crash')."""
+        name = "ext-crashy"
+        def forward(self, query, key, value, kv_cache, metadata, attn_kind):
+            if metadata.block_size == 8:
+                raise RuntimeError("simulated kernel crash")
+            return super().forward(query, key, value, kv_cache, metadata, attn_kind)
+
+    class Slow(TorchBackend):
+        name = "ext-slow"
+        def forward(self, *args):
+            time.sleep(0.2)
+            return super().forward(*args)
+''')
+
+
+def _cli(*args, tmp_path, timeout=600, **popen):
+    env = dict(os.environ, PYTHONPATH=f"{ROOT}{os.pathsep}{tmp_path}")
+    return subprocess.run([sys.executable, "-m", "conformance", *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture
+def ext(tmp_path):
+    (tmp_path / "ext_backends.py").write_text(EXTERNAL)
+    return tmp_path
+
+
+def _rows(out: Path):
+    return [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+
+
+def test_external_good_backend_passes_the_smoke_tier(ext):
+    out = ext / "good"
+    r = _cli("run", "--tier", "smoke", "--backend-module", "ext_backends:Good", "--out",
+             str(out), tmp_path=ext)
+    assert r.returncode == 0, r.stdout[-2000:]
+    rows = _rows(out)
+    assert rows and {row["backend"] for row in rows} == {"ext-good"}
+    assert all(row["status"] == "pass" for row in rows)
+    assert (out / "results.csv").read_text().startswith("case_id,backend,step,")
+
+
+def test_deliberately_wrong_backend_fails_the_smoke_tier(ext):
+    out = ext / "wrong"
+    r = _cli("run", "--tier", "smoke", "--backend-module", "ext_backends:Wrong", "--out",
+             str(out), tmp_path=ext)
+    assert r.returncode == 1
+    rows = _rows(out)
+    assert sum(row["status"] == "fail" for row in rows) > len(rows) // 2
+    assert "numerical mismatch" in r.stdout
+    assert "re-run alone: python -m conformance run --case " in r.stdout
+
+
+def test_a_crash_in_one_case_is_recorded_and_the_run_goes_on(ext):
+    out = ext / "crashy"
+    r = _cli("run", "--tier", "smoke", "--backend-module", "ext_backends:Crashy", "--out",
+             str(out), tmp_path=ext)
+    assert r.returncode == 1
+    rows = _rows(out)
+    errors = [row for row in rows if row["status"] == "error"]
+    assert errors and all(row["block_size"] == 8 for row in errors)
+    assert all("runtime error: RuntimeError: simulated kernel crash" in e["reason"]
+               for e in errors)
+    assert any(row["status"] == "pass" for row in rows)  # every other case still ran
+
+
+def test_an_interrupted_run_keeps_what_finished(ext):
+    out = ext / "slow"
+    env = dict(os.environ, PYTHONPATH=f"{ROOT}{os.pathsep}{ext}")
+    proc = subprocess.Popen([sys.executable, "-m", "conformance", "run", "--tier", "smoke",
+                             "--backend-module", "ext_backends:Slow", "--out", str(out)],
+                            cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    path = out / "results.jsonl"
+    while time.time() < deadline:
+        if path.exists() and len(path.read_text().splitlines()) >= 3:
+            break
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    rows = _rows(out)
+    assert len(rows) >= 3 and all(row["status"] == "pass" for row in rows)
+
+
+def test_cases_file_replays_rows_and_rejects_unknown_axes(tmp_path):
+    good = dict(kind="cross", phase="decode", batch="single", block_size=8, heads="h8kv1",
+                head_size=64, dtype="float32", layout="shuffled", seed=5)
+    f = tmp_path / "cases.jsonl"
+    f.write_text(json.dumps(good) + "\n")
+    r = _cli("run", "--cases", str(f), "--backend", "torch", "--out", str(tmp_path / "o"),
+             tmp_path=tmp_path)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert _rows(tmp_path / "o")[0]["case_id"] == "cross-decode-single-bs8-h8kv1-d64-fp32-shuffled-s5"
+    f.write_text(json.dumps({**good, "colour": "red"}) + "\n")
+    r = _cli("run", "--cases", str(f), "--backend", "torch", tmp_path=tmp_path)
+    assert r.returncode == 2 and "unknown case axes ['colour']" in r.stderr
+
+
+def test_bad_usage_exits_2(tmp_path):
+    for args in (["run", "--tier", "nope"], ["run", "--backend", "nope"],
+                 ["run", "--shard", "0/2"], ["run", "--case", "not-a-case"]):
+        r = _cli(*args, tmp_path=tmp_path)
+        assert r.returncode == 2, (args, r.stderr)
+        assert r.stderr.startswith("error: ")
+
+
+def test_list_prints_cases_and_coverage(tmp_path):
+    r = _cli("list", "--tier", "smoke", tmp_path=tmp_path)
+    lines = r.stdout.strip().splitlines()
+    assert r.returncode == 0 and "kind=" in lines[0]
+    assert lines[-1].startswith("# ") and "coverage: 903 of 903" in lines[-1]
+    r = _cli("list", "--tier", "smoke", "--format", "csv", tmp_path=tmp_path)
+    assert r.stdout.splitlines()[0].startswith("case_id,kind,phase,batch")
+
+
+def test_dump_writes_inputs_caches_and_reference(tmp_path):
+    r = _cli("dump", CASE, "--out", str(tmp_path / "d"), tmp_path=tmp_path)
+    assert r.returncode == 0, r.stderr
+    npz = np.load(tmp_path / "d" / "case.npz")
+    for key in ("step0_query", "step0_block_tables", "step0_slot_mapping",
+                "step0_key_cache_before", "step0_key_cache_after", "step0_reference_output"):
+        assert key in npz.files
+    before, after = npz["step0_key_cache_before"], npz["step0_key_cache_after"]
+    assert np.isnan(before).sum() > np.isnan(after).sum()  # the step wrote its slots
+    assert json.loads((tmp_path / "d" / "case.json").read_text())["case_id"] == CASE
