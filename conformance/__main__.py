@@ -38,8 +38,11 @@ def cmd_list(args) -> int:
             axes = " ".join(f"{k}={v}" for k, v in asdict(c).items())
             print(f"{c.id}  {axes}")
     got, want = coverage(args.tier, generate(args.tier))
-    print(f"# {len(cases)} cases; coverage: {got} of {want} valid axis-value pairs "
-          f"({100 * got / want:.1f}%)", file=sys.stdout if args.format != "csv" else sys.stderr)
+    print(
+        f"# {len(cases)} cases; coverage: {got} of {want} valid axis-value pairs "
+        f"({100 * got / want:.1f}%)",
+        file=sys.stdout if args.format != "csv" else sys.stderr,
+    )
     return 0
 
 
@@ -78,9 +81,22 @@ def cmd_run(args) -> int:
     _check_run_args(args)
 
     here = Path(__file__).parent
-    argv = [str(here / "test_matrix.py"), "-q", "-p", "no:cacheprovider", "--tier", args.tier,
-            "--out", args.out, "--rootdir", str(here.parent), "-o", "addopts=",
-            "--case-timeout", str(args.case_timeout)]
+    argv = [
+        str(here / "test_matrix.py"),
+        "-q",
+        "-p",
+        "no:cacheprovider",
+        "--tier",
+        args.tier,
+        "--out",
+        args.out,
+        "--rootdir",
+        str(here.parent),
+        "-o",
+        "addopts=",
+        "--case-timeout",
+        str(args.case_timeout),
+    ]
     for b in args.backend or []:
         argv += ["--backend", b]
     for m in args.backend_module or []:
@@ -141,11 +157,20 @@ def cmd_dump(args) -> int:
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     np.savez_compressed(out_dir / "case.npz", **arrays)
-    meta = {"case_id": case.id, **asdict(case),
-            "steps": [dict(attn_kind=s.attn_kind.value, block_size=s.metadata.block_size,
-                           sliding_window=s.metadata.sliding_window,
-                           scale=s.metadata.scale_for(s.query.shape[-1])) for s in steps],
-            "note": "bfloat16 tensors are stored as float32 (numpy has no bfloat16)"}
+    meta = {
+        "case_id": case.id,
+        **asdict(case),
+        "steps": [
+            dict(
+                attn_kind=s.attn_kind.value,
+                block_size=s.metadata.block_size,
+                sliding_window=s.metadata.sliding_window,
+                scale=s.metadata.scale_for(s.query.shape[-1]),
+            )
+            for s in steps
+        ],
+        "note": "bfloat16 tensors are stored as float32 (numpy has no bfloat16)",
+    }
     (out_dir / "case.json").write_text(json.dumps(meta, indent=2))
     print(f"wrote {out_dir / 'case.npz'} ({len(arrays)} arrays) and {out_dir / 'case.json'}")
     return 0
@@ -156,8 +181,11 @@ def _np(t: torch.Tensor):
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m conformance", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m conformance",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     sub = p.add_subparsers(dest="cmd", required=True)
     pl = sub.add_parser("list", help="print the cases of a tier and its pair coverage")
     pl.add_argument("--tier", default="smoke")
@@ -172,8 +200,12 @@ def main(argv=None) -> int:
     pr.add_argument("--out", default="reports/out")
     pr.add_argument("--cases", default=None, help="JSON lines of case axis values")
     pr.add_argument("--case", action="append", help="one case id (repeatable)")
-    pr.add_argument("-n", dest="workers", default=os.environ.get("CONFORMANCE_WORKERS", "0"),
-                    help="pytest-xdist workers ('auto', N, or 0 for none)")
+    pr.add_argument(
+        "-n",
+        dest="workers",
+        default=os.environ.get("CONFORMANCE_WORKERS", "0"),
+        help="pytest-xdist workers ('auto', N, or 0 for none)",
+    )
     pr.add_argument("--case-timeout", type=float, default=300.0)
     pd = sub.add_parser("dump", help="write one case's inputs, caches and reference output")
     pd.add_argument("case_id")

@@ -19,8 +19,7 @@ from reference.workload import Layout, Step, build_step
 AXES: dict[str, tuple] = {
     "kind": ("encoder", "decoder", "cross", "episode"),
     "phase": ("prefill", "decode", "mixed", "chunked", "episode"),
-    "batch": ("single", "uniform", "ragged", "many_short", "few_long", "enc_shorter",
-              "enc_longer"),
+    "batch": ("single", "uniform", "ragged", "many_short", "few_long", "enc_shorter", "enc_longer"),
     "block_size": (1, 8, 16, 32, 64, 128, 256),
     "heads": ("h4kv4", "h8kv2", "h32kv8", "h8kv1"),
     "head_size": (64, 80, 96, 128, 256),
@@ -56,8 +55,16 @@ class Case:
 
     @property
     def id(self) -> str:
-        parts = [self.kind, self.phase, self.batch.replace("_", ""), f"bs{self.block_size}",
-                 self.heads, f"d{self.head_size}", SHORT_DTYPE[self.dtype], self.layout]
+        parts = [
+            self.kind,
+            self.phase,
+            self.batch.replace("_", ""),
+            f"bs{self.block_size}",
+            self.heads,
+            f"d{self.head_size}",
+            SHORT_DTYPE[self.dtype],
+            self.layout,
+        ]
         if self.window == "on":
             parts.append(f"w{self.window_size}")
         if self.scale == "custom":
@@ -86,9 +93,17 @@ class Case:
         try:
             kind, phase, batch, bs, heads, d, dtype, layout = parts[:8]
             rest = parts[8:]
-            obj = dict(kind=kind, phase=phase, batch=_BATCH_BY_ID[batch], block_size=int(bs[2:]),
-                       heads=heads, head_size=int(d[1:]), dtype=_DTYPE_BY_SHORT[dtype],
-                       layout=layout, seed=int(rest.pop()[1:]))
+            obj = dict(
+                kind=kind,
+                phase=phase,
+                batch=_BATCH_BY_ID[batch],
+                block_size=int(bs[2:]),
+                heads=heads,
+                head_size=int(d[1:]),
+                dtype=_DTYPE_BY_SHORT[dtype],
+                layout=layout,
+                seed=int(rest.pop()[1:]),
+            )
             for p in rest:
                 if p.startswith("w"):
                     obj["window"] = "on"
@@ -99,8 +114,10 @@ class Case:
                 else:
                     raise ValueError(p)
         except (ValueError, KeyError, IndexError):
-            raise ValueError(f"not a case id: {case_id!r} (expected e.g. "
-                             "cross-decode-ragged-bs16-h8kv2-d80-bf16-shuffled-s3)") from None
+            raise ValueError(
+                f"not a case id: {case_id!r} (expected e.g. "
+                "cross-decode-ragged-bs16-h8kv2-d80-bf16-shuffled-s3)"
+            ) from None
         case = cls.from_dict(obj)
         if case.id != case_id:
             raise ValueError(f"not a case id: {case_id!r} (did you mean {case.id}?)")
@@ -117,12 +134,25 @@ class Case:
         unknown = sorted(set(obj) - names)
         if unknown:
             raise ValueError(f"unknown case axes {unknown}; known: {sorted(names)}")
-        missing = sorted(n for n in ("kind", "phase", "batch", "block_size", "heads",
-                                     "head_size", "dtype", "layout") if n not in obj)
+        missing = sorted(
+            n
+            for n in (
+                "kind",
+                "phase",
+                "batch",
+                "block_size",
+                "heads",
+                "head_size",
+                "dtype",
+                "layout",
+            )
+            if n not in obj
+        )
         if missing:
             raise ValueError(f"case is missing axes {missing}")
-        case = cls(**{k: int(v) if k in ("block_size", "head_size", "seed") else v
-                      for k, v in obj.items()})
+        case = cls(
+            **{k: int(v) if k in ("block_size", "head_size", "seed") else v for k, v in obj.items()}
+        )
         problems = invalid_reasons(case)
         if problems:
             raise ValueError(f"invalid case {obj}: {'; '.join(problems)}")
@@ -172,8 +202,11 @@ def decoder_lengths(case: Case) -> list[int]:
         lens = [n for n in lens if n >= 1]
         return [min(n, 130) for n in lens] if small else lens
     if case.batch == "many_short":
-        return [1 + (i * 7) % 9 for i in range(12)] if small else [
-            1 + (i * 37) % 61 for i in range(96)]
+        return (
+            [1 + (i * 7) % 9 for i in range(12)]
+            if small
+            else [1 + (i * 37) % 61 for i in range(96)]
+        )
     if case.batch == "few_long":
         return [61, 45] if small else [2048 + 17, 3001]
     if case.batch == "enc_shorter":
@@ -215,14 +248,20 @@ def build_inputs(case: Case, device: torch.device | str = "cpu") -> Step | Episo
     """The deterministic step (or episode) of a case; caches hold NaN wherever unwritten."""
     dec = decoder_lengths(case)
     enc = encoder_lengths(case, dec)
-    common = dict(block_size=case.block_size, num_heads=case.num_heads,
-                  num_kv_heads=case.num_kv_heads, head_size=case.head_size,
-                  dtype=DTYPES[case.dtype], layout=case.layout,
-                  scale=CUSTOM_SCALE if case.scale == "custom" else None,
-                  sliding_window=case.window_size, seed=case.seed, device=device)
+    common = dict(
+        block_size=case.block_size,
+        num_heads=case.num_heads,
+        num_kv_heads=case.num_kv_heads,
+        head_size=case.head_size,
+        dtype=DTYPES[case.dtype],
+        layout=case.layout,
+        scale=CUSTOM_SCALE if case.scale == "custom" else None,
+        sliding_window=case.window_size,
+        seed=case.seed,
+        device=device,
+    )
     if case.kind == "episode":
         return build_episode(tuple(enc), tuple(dec), EPISODE_DECODE_STEPS[case.size], **common)
     q, c = split_phase(case, dec)
     pad = 2 if case.layout in ("nullblock", "fragmented") else 0  # CUDA-graph style padding
-    return build_step(KIND_TO_ATTN[case.kind], q, c, tuple(enc), num_padding_tokens=pad,
-                      **common)
+    return build_step(KIND_TO_ATTN[case.kind], q, c, tuple(enc), num_padding_tokens=pad, **common)

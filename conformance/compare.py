@@ -24,12 +24,21 @@ class Comparison:
     tolerance: float
 
 
-def compare_output(step, out: torch.Tensor, ref: torch.Tensor, baseline_err: float | None = None
-                   ) -> Comparison:
+def compare_output(
+    step, out: torch.Tensor, ref: torch.Tensor, baseline_err: float | None = None
+) -> Comparison:
     """`out` (any dtype) against `ref` (float64) for `step`, under the tolerance policy."""
     if tuple(out.shape) != tuple(ref.shape):
-        return Comparison(False, f"shape mismatch: output {list(out.shape)}, expected "
-                                 f"{list(ref.shape)}", math.inf, math.inf, math.inf, 1.0, 0, 0.0)
+        return Comparison(
+            False,
+            f"shape mismatch: output {list(out.shape)}, expected {list(ref.shape)}",
+            math.inf,
+            math.inf,
+            math.inf,
+            1.0,
+            0,
+            0.0,
+        )
     ref = ref.cpu()
     got = out.detach().cpu().double()
     if baseline_err is None:
@@ -53,16 +62,23 @@ def compare_output(step, out: torch.Tensor, ref: torch.Tensor, baseline_err: flo
     if nan_count:
         return Comparison(False, f"NaN/Inf: {nan_count} non-finite outputs", **comp)
     if out.dtype not in (step.query.dtype, torch.float64):
-        return Comparison(False, f"dtype mismatch: output {out.dtype}, query {step.query.dtype}",
-                          **comp)
+        return Comparison(
+            False, f"dtype mismatch: output {out.dtype}, query {step.query.dtype}", **comp
+        )
     if max_abs > tol:
-        return Comparison(False, f"numerical mismatch: max_abs_err {max_abs:.3g} > tolerance "
-                                 f"{tol:.3g} ({mismatch:.1%} of elements)", **comp)
+        return Comparison(
+            False,
+            f"numerical mismatch: max_abs_err {max_abs:.3g} > tolerance "
+            f"{tol:.3g} ({mismatch:.1%} of elements)",
+            **comp,
+        )
     return Comparison(True, "", **comp)
 
 
-def compare_caches(got: tuple[torch.Tensor, torch.Tensor] | None,
-                   expected: tuple[torch.Tensor, torch.Tensor] | None) -> str:
+def compare_caches(
+    got: tuple[torch.Tensor, torch.Tensor] | None,
+    expected: tuple[torch.Tensor, torch.Tensor] | None,
+) -> str:
     """'' when the caches are bitwise equal (NaN == NaN: unwritten slots must stay NaN),
     else a description of the first difference."""
     if got is None or expected is None:
@@ -77,11 +93,17 @@ def compare_caches(got: tuple[torch.Tensor, torch.Tensor] | None,
         diff = (gi != ei).flatten(1).any(1)
         if diff.any():
             slots = diff.nonzero().flatten()
-            return (f"cache corruption: {name} differs in {len(slots)} slot(s), first slot "
-                    f"{int(slots[0])} (block {int(slots[0]) // g.shape[1]})")
+            return (
+                f"cache corruption: {name} differs in {len(slots)} slot(s), first slot "
+                f"{int(slots[0])} (block {int(slots[0]) // g.shape[1]})"
+            )
     return ""
 
 
 def _int_type(dtype: torch.dtype) -> torch.dtype:
-    return {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16,
-            torch.float64: torch.int64}[dtype]
+    return {
+        torch.float32: torch.int32,
+        torch.float16: torch.int16,
+        torch.bfloat16: torch.int16,
+        torch.float64: torch.int64,
+    }[dtype]

@@ -20,17 +20,25 @@ import torch
 if not torch.cuda.is_available():  # before Triton is imported: kernels run in the interpreter
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from conformance.cases import Case  # noqa: E402
-from conformance.generate import generate, shard  # noqa: E402
+from conformance.cases import Case
+from conformance.generate import generate, shard
 
 
 def pytest_addoption(parser):
     g = parser.getgroup("conformance")
     g.addoption("--tier", default="smoke", help="smoke | full | exhaustive")
-    g.addoption("--backend", action="append", default=None,
-                help="backend name (repeatable); default: every registered backend")
-    g.addoption("--backend-module", action="append", default=[],
-                help="package.module:ClassName of an external backend (repeatable)")
+    g.addoption(
+        "--backend",
+        action="append",
+        default=None,
+        help="backend name (repeatable); default: every registered backend",
+    )
+    g.addoption(
+        "--backend-module",
+        action="append",
+        default=[],
+        help="package.module:ClassName of an external backend (repeatable)",
+    )
     g.addoption("--shard", default=None, help="i/n: run the i-th of n deterministic shards")
     g.addoption("--cases", default=None, help="JSON lines of case axis values instead of a tier")
     g.addoption("--case", action="append", default=None, help="a case id (repeatable)")
@@ -79,8 +87,7 @@ def pytest_generate_tests(metafunc):
         raise pytest.UsageError(str(e)) from None
     config._matrix_backends = {b.name: b for b in backends}
     params = [(c, b.name) for c in cases for b in backends]
-    metafunc.parametrize("case,backend_name", params,
-                         ids=[f"{c.id}::{b}" for c, b in params])
+    metafunc.parametrize("case,backend_name", params, ids=[f"{c.id}::{b}" for c, b in params])
 
 
 class Matrix:
@@ -144,8 +151,9 @@ def pytest_configure(config):
         @pytest.hookimpl
         def pytest_runtest_logreport(self, report):
             p = getattr(config, "_progress", None)
-            if p is None or report.when != "call" and not (report.when == "setup" and
-                                                           report.skipped):
+            if p is None or (
+                report.when != "call" and not (report.when == "setup" and report.skipped)
+            ):
                 return
             p["done"] += 1
             p["bad"] += report.failed
@@ -157,8 +165,10 @@ def pytest_configure(config):
                 left = elapsed / p["done"] * (total - p["done"])
                 tr = config.pluginmanager.get_plugin("terminalreporter")
                 if tr:
-                    tr.write_line(f"[conformance] {p['done']}/{total} done, {p['bad']} failed "
-                                  f"or errored, ~{left:.0f} s left")
+                    tr.write_line(
+                        f"[conformance] {p['done']}/{total} done, {p['bad']} failed "
+                        f"or errored, ~{left:.0f} s left"
+                    )
 
     if _is_controller(config) and _matrix_session(config):
         config.pluginmanager.register(Progress(), "conformance-progress")
@@ -178,6 +188,12 @@ def pytest_sessionfinish(session, exitstatus):
     rows = [to_result_row(r, env, config.getoption("tier")) for r in read_jsonl(path)]
     rows.sort(key=lambda r: (r["case_id"], r["backend"], r["step"]))
     write_csv(rows, out / "results.csv")
+    info = dict(
+        tier=config.getoption("tier"),
+        wall_s=time.time() - config._progress["start"],
+        rows=len(rows),
+    )
+    (out / "run.json").write_text(json.dumps(info))
     tr = config.pluginmanager.get_plugin("terminalreporter")
     if tr:
         counts = {s: sum(r["status"] == s for r in rows) for s in ("pass", "fail", "error", "skip")}

@@ -24,12 +24,34 @@ FULL_SEEDS = 24
 
 
 # Most values first: allpairspy builds rows greedily in axis order and covers more that way.
-PAIRWISE_ORDER = ("block_size", "layout", "batch", "head_size", "phase", "kind", "heads",
-                  "dtype", "window", "scale", "size")
+PAIRWISE_ORDER = (
+    "block_size",
+    "layout",
+    "batch",
+    "head_size",
+    "phase",
+    "kind",
+    "heads",
+    "dtype",
+    "window",
+    "scale",
+    "size",
+)
 
 
-FILL_ORDER = ("kind", "phase", "batch", "layout", "window", "block_size", "heads", "head_size",
-              "dtype", "scale", "size")
+FILL_ORDER = (
+    "kind",
+    "phase",
+    "batch",
+    "layout",
+    "window",
+    "block_size",
+    "heads",
+    "head_size",
+    "dtype",
+    "scale",
+    "size",
+)
 
 
 def _pairwise(axes: dict[str, tuple], fixed: dict, seed: int) -> list[Case]:
@@ -42,8 +64,10 @@ def _pairwise(axes: dict[str, tuple], fixed: dict, seed: int) -> list[Case]:
     def ok(row) -> bool:
         return not invalid_reasons({**fixed, **dict(zip(names, row))})
 
-    cases = [Case(**fixed, **dict(zip(names, row)), seed=seed)
-             for row in AllPairs(list(rotated.values()), filter_func=ok)]
+    cases = [
+        Case(**fixed, **dict(zip(names, row)), seed=seed)
+        for row in AllPairs(list(rotated.values()), filter_func=ok)
+    ]
     covered = covered_pairs(cases, axes)
     for pair in sorted(valid_pairs(axes, fixed) - covered, key=str):
         if pair in covered:
@@ -55,9 +79,13 @@ def _pairwise(axes: dict[str, tuple], fixed: dict, seed: int) -> list[Case]:
             if n in row:
                 continue
             options = [val for val in rotated[n] if not invalid_reasons({**fixed, **row, n: val})]
-            row[n] = max(options, key=lambda val: sum(
-                (m, row[m], n, val) not in covered and (n, val, m, row[m]) not in covered
-                for m in row))
+            row[n] = max(
+                options,
+                key=lambda val: sum(
+                    (m, row[m], n, val) not in covered and (n, val, m, row[m]) not in covered
+                    for m in row
+                ),
+            )
         case = Case(**fixed, **row, seed=seed)
         cases.append(case)
         covered |= covered_pairs([case], axes)
@@ -71,22 +99,88 @@ def _rotate(values: tuple, k: int) -> list:
 
 EDGE_CASES = [
     # the block arithmetic at its limits
-    dict(kind="decoder", phase="decode", batch="ragged", block_size=1, heads="h8kv1",
-         head_size=64, dtype="float16", layout="shuffled"),
-    dict(kind="decoder", phase="chunked", batch="ragged", block_size=256, heads="h8kv2",
-         head_size=96, dtype="bfloat16", layout="highest", window="on"),
-    dict(kind="cross", phase="decode", batch="single", block_size=256, heads="h4kv4",
-         head_size=128, dtype="float32", layout="nullblock"),
-    dict(kind="decoder", phase="mixed", batch="ragged", block_size=8, heads="h32kv8",
-         head_size=80, dtype="float16", layout="fragmented", window="on"),
-    dict(kind="cross", phase="mixed", batch="enc_longer", block_size=16, heads="h8kv2",
-         head_size=64, dtype="bfloat16", layout="interleaved"),
-    dict(kind="episode", phase="episode", batch="enc_shorter", block_size=16, heads="h8kv2",
-         head_size=64, dtype="float16", layout="interleaved"),
-    dict(kind="decoder", phase="decode", batch="many_short", block_size=16, heads="h4kv4",
-         head_size=256, dtype="float32", layout="shared"),
-    dict(kind="encoder", phase="prefill", batch="ragged", block_size=16, heads="h8kv1",
-         head_size=80, dtype="bfloat16", layout="contiguous"),
+    dict(
+        kind="decoder",
+        phase="decode",
+        batch="ragged",
+        block_size=1,
+        heads="h8kv1",
+        head_size=64,
+        dtype="float16",
+        layout="shuffled",
+    ),
+    dict(
+        kind="decoder",
+        phase="chunked",
+        batch="ragged",
+        block_size=256,
+        heads="h8kv2",
+        head_size=96,
+        dtype="bfloat16",
+        layout="highest",
+        window="on",
+    ),
+    dict(
+        kind="cross",
+        phase="decode",
+        batch="single",
+        block_size=256,
+        heads="h4kv4",
+        head_size=128,
+        dtype="float32",
+        layout="nullblock",
+    ),
+    dict(
+        kind="decoder",
+        phase="mixed",
+        batch="ragged",
+        block_size=8,
+        heads="h32kv8",
+        head_size=80,
+        dtype="float16",
+        layout="fragmented",
+        window="on",
+    ),
+    dict(
+        kind="cross",
+        phase="mixed",
+        batch="enc_longer",
+        block_size=16,
+        heads="h8kv2",
+        head_size=64,
+        dtype="bfloat16",
+        layout="interleaved",
+    ),
+    dict(
+        kind="episode",
+        phase="episode",
+        batch="enc_shorter",
+        block_size=16,
+        heads="h8kv2",
+        head_size=64,
+        dtype="float16",
+        layout="interleaved",
+    ),
+    dict(
+        kind="decoder",
+        phase="decode",
+        batch="many_short",
+        block_size=16,
+        heads="h4kv4",
+        head_size=256,
+        dtype="float32",
+        layout="shared",
+    ),
+    dict(
+        kind="encoder",
+        phase="prefill",
+        batch="ragged",
+        block_size=16,
+        heads="h8kv1",
+        head_size=80,
+        dtype="bfloat16",
+        layout="contiguous",
+    ),
 ]
 
 

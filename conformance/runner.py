@@ -114,10 +114,14 @@ def permute_blocks(step: Step, seed: int) -> Step:
     tables, slots = md.tables_for(step.attn_kind)
     p = perm.to(tables.device)
     new_tables = p[tables.long()].to(tables.dtype)
-    new_slots = torch.where(slots >= 0, p[(slots // bs).clamp(min=0).long()] * bs + slots % bs,
-                            slots).to(slots.dtype)
-    names = ("block_tables", "slot_mapping") if step.attn_kind.value == "decoder" else (
-        "cross_block_tables", "cross_slot_mapping")
+    new_slots = torch.where(
+        slots >= 0, p[(slots // bs).clamp(min=0).long()] * bs + slots % bs, slots
+    ).to(slots.dtype)
+    names = (
+        ("block_tables", "slot_mapping")
+        if step.attn_kind.value == "decoder"
+        else ("cross_block_tables", "cross_slot_mapping")
+    )
     md = replace(md, **dict(zip(names, (new_tables, new_slots))))
     return replace(step, metadata=md, kv_cache=(new_k, new_v))
 
@@ -133,10 +137,24 @@ def _error_reason(e: BaseException) -> str:
     return f"runtime error: {type(e).__name__}: {msg}"
 
 
-def _row(case: Case, backend_name: str, step_name: str, status: str, reason: str = "",
-         comp=None, ref_ms=math.nan, backend_ms=math.nan) -> dict:
-    row = {"case_id": case.id, **asdict(case), "backend": backend_name, "step": step_name,
-           "status": status, "reason": reason}
+def _row(
+    case: Case,
+    backend_name: str,
+    step_name: str,
+    status: str,
+    reason: str = "",
+    comp=None,
+    ref_ms=math.nan,
+    backend_ms=math.nan,
+) -> dict:
+    row = {
+        "case_id": case.id,
+        **asdict(case),
+        "backend": backend_name,
+        "step": step_name,
+        "status": status,
+        "reason": reason,
+    }
     metrics = ("max_abs_err", "max_rel_err", "err_ratio", "mismatch_frac", "nan_count")
     for m in metrics:
         row[m] = getattr(comp, m) if comp is not None else math.nan
@@ -144,8 +162,14 @@ def _row(case: Case, backend_name: str, step_name: str, status: str, reason: str
     return row
 
 
-def run_case(case: Case, backend, *, timeout_s: float | None = DEFAULT_TIMEOUT_S,
-             metamorphic: bool = True, rerun: bool | None = None) -> list[dict]:
+def run_case(
+    case: Case,
+    backend,
+    *,
+    timeout_s: float | None = DEFAULT_TIMEOUT_S,
+    metamorphic: bool = True,
+    rerun: bool | None = None,
+) -> list[dict]:
     """All rows of `case` × `backend`: one per step, plus `permuted` (block permutation must not
     change the output) and, on CUDA, `rerun` (a second run must be bitwise identical)."""
     name = getattr(backend, "name", type(backend).__name__)
@@ -156,8 +180,10 @@ def run_case(case: Case, backend, *, timeout_s: float | None = DEFAULT_TIMEOUT_S
     why = backend.unavailable_reason()
     steps = _steps(inputs)
     if why:
-        return [_row(case, name, _step_name(i, s), "skip", f"not supported: {why}")
-                for i, s in enumerate(steps)]
+        return [
+            _row(case, name, _step_name(i, s), "skip", f"not supported: {why}")
+            for i, s in enumerate(steps)
+        ]
     device = backend.device()
     rerun = device.type == "cuda" if rerun is None else rerun
     mine = inputs.with_fresh_cache().to(device)
@@ -199,12 +225,31 @@ def run_case(case: Case, backend, *, timeout_s: float | None = DEFAULT_TIMEOUT_S
     if isinstance(inputs, Step) and last is not None:
         step0 = inputs.with_fresh_cache().to(device)
         if metamorphic and step0.kv_cache is not None:
-            rows.append(_check_same(case, name, "permuted", backend,
-                                    permute_blocks(step0, case.seed), last[1], timeout_s,
-                                    "block permutation changed the output"))
+            rows.append(
+                _check_same(
+                    case,
+                    name,
+                    "permuted",
+                    backend,
+                    permute_blocks(step0, case.seed),
+                    last[1],
+                    timeout_s,
+                    "block permutation changed the output",
+                )
+            )
         if rerun:
-            rows.append(_check_same(case, name, "rerun", backend, inputs.with_fresh_cache().to(
-                device), last[1], timeout_s, "nondeterministic: a second run differs"))
+            rows.append(
+                _check_same(
+                    case,
+                    name,
+                    "rerun",
+                    backend,
+                    inputs.with_fresh_cache().to(device),
+                    last[1],
+                    timeout_s,
+                    "nondeterministic: a second run differs",
+                )
+            )
     return rows
 
 
@@ -215,8 +260,10 @@ def _check_same(case, name, sname, backend, step, first_out, timeout_s, what) ->
     except Exception as e:
         _recover(step.query.device)
         return _row(case, name, sname, "error", _error_reason(e))
-    if torch.equal(out, first_out) or (torch.isnan(out) == torch.isnan(first_out)).all() and \
-            torch.equal(out.nan_to_num(), first_out.nan_to_num()):
+    if torch.equal(out, first_out) or (
+        (torch.isnan(out) == torch.isnan(first_out)).all()
+        and torch.equal(out.nan_to_num(), first_out.nan_to_num())
+    ):
         return _row(case, name, sname, "pass")
     diff = (out.double() - first_out.double()).abs().max().item()
     return _row(case, name, sname, "fail", f"metamorphic: {what} (max diff {diff:.3g})")

@@ -12,8 +12,14 @@ def test_case(case, backend_name, matrix, request):
     matrix.record(rows)
     bad = [r for r in rows if r["status"] in ("fail", "error")]
     if bad:
-        module = next((m for m in request.config.getoption("backend_module")
-                       if m.endswith(":" + type(backend).__name__)), None)
+        module = next(
+            (
+                m
+                for m in request.config.getoption("backend_module")
+                if m.endswith(":" + type(backend).__name__)
+            ),
+            None,
+        )
         lines = [f"{r['step']}: {r['status']}: {r['reason']}" for r in bad]
         lines.append("re-run alone: " + rerun_command(request.config, case, backend_name, module))
         pytest.fail("\n".join(lines), pytrace=False)

@@ -114,8 +114,11 @@ def load_backend(spec: str) -> Backend:
     if cls is None:
         raise ValueError(f"--backend-module: {module_name} has no attribute {class_name!r}")
     backend = cls()
-    missing = [m for m in ("name", "forward", "not_supported_reasons", "unavailable_reason",
-                           "device") if not hasattr(backend, m)]
+    missing = [
+        m
+        for m in ("name", "forward", "not_supported_reasons", "unavailable_reason", "device")
+        if not hasattr(backend, m)
+    ]
     if missing:
         raise ValueError(f"--backend-module: {spec} lacks {missing} of the Backend protocol")
     return backend

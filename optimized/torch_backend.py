@@ -71,8 +71,12 @@ class TorchBackend(BaseBackend):
                 mask &= kpos[None, None, :] > qpos[:, :, None] - md.sliding_window
         mask |= ~q_valid[:, :, None]  # padding query rows see everything (no NaN), then dropped
         out = F.scaled_dot_product_attention(
-            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask[:, None],
-            scale=md.scale_for(query.shape[-1]), enable_gqa=True,
+            q.transpose(1, 2),
+            k.transpose(1, 2),
+            v.transpose(1, 2),
+            attn_mask=mask[:, None],
+            scale=md.scale_for(query.shape[-1]),
+            enable_gqa=True,
         ).transpose(1, 2)
         result = torch.zeros_like(query)
         result[q_idx[q_valid]] = out[q_valid]

@@ -13,8 +13,9 @@ from optimized.kernels import interpreting
 from reference.metadata import AttnKind, StepMetadata, check_inputs
 
 
-def triton_forward(query, key, value, kv_cache, md: StepMetadata, kind: AttnKind,
-                   num_splits: int | None = None) -> torch.Tensor:
+def triton_forward(
+    query, key, value, kv_cache, md: StepMetadata, kind: AttnKind, num_splits: int | None = None
+) -> torch.Tensor:
     """Cache write, then attention, both in Triton. Used by the triton and xformers backends."""
     from optimized.kernels.paged_attention import make_schedule, paged_attention
     from optimized.kernels.reshape_and_cache import reshape_and_cache
@@ -27,19 +28,42 @@ def triton_forward(query, key, value, kv_cache, md: StepMetadata, kind: AttnKind
         group = num_heads // key.shape[1]
         lens = md.encoder_seq_lens
         schedule = make_schedule(lens, lens, zeros, group, query.device)
-        return paged_attention(query, key, value, None, schedule, causal=False, scale=scale,
-                               paged=False, out=out, num_splits=num_splits)
+        return paged_attention(
+            query,
+            key,
+            value,
+            None,
+            schedule,
+            causal=False,
+            scale=scale,
+            paged=False,
+            out=out,
+            num_splits=num_splits,
+        )
     key_cache, value_cache = kv_cache
     tables, slots = md.tables_for(kind)
     if key is not None:
         reshape_and_cache(key, value, key_cache, value_cache, slots)
     causal = kind == AttnKind.DECODER
-    schedule = make_schedule(md.query_lens, md.kv_lens_for(kind),
-                             md.context_lens if causal else zeros,
-                             num_heads // key_cache.shape[2], query.device)
-    return paged_attention(query, key_cache, value_cache, tables, schedule, causal=causal,
-                           scale=scale, sliding_window=md.sliding_window if causal else None,
-                           out=out, num_splits=num_splits)
+    schedule = make_schedule(
+        md.query_lens,
+        md.kv_lens_for(kind),
+        md.context_lens if causal else zeros,
+        num_heads // key_cache.shape[2],
+        query.device,
+    )
+    return paged_attention(
+        query,
+        key_cache,
+        value_cache,
+        tables,
+        schedule,
+        causal=causal,
+        scale=scale,
+        sliding_window=md.sliding_window if causal else None,
+        out=out,
+        num_splits=num_splits,
+    )
 
 
 def triton_unavailable_reason() -> str | None:

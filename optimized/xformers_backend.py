@@ -58,14 +58,15 @@ class XFormersBackend(BaseBackend):
         if kind != AttnKind.ENCODER:  # write the caches, then attend over the new tokens
             from optimized.kernels.reshape_and_cache import reshape_and_cache
 
-            tables, slots = md.tables_for(kind)
+            _, slots = md.tables_for(kind)
             reshape_and_cache(key, value, kv_cache[0], kv_cache[1], slots)
         q_lens, kv_lens = list(md.query_lens_for(kind)), list(md.new_kv_lens_for(kind))
         if kind == AttnKind.DECODER:
             bias = fmha.attn_bias.BlockDiagonalCausalMask.from_seqlens(q_lens)
             if md.sliding_window is not None:
                 bias = fmha.attn_bias.BlockDiagonalMask.from_seqlens(q_lens).make_local_attention(
-                    md.sliding_window)
+                    md.sliding_window
+                )
         else:
             bias = fmha.attn_bias.BlockDiagonalMask.from_seqlens(q_lens, kv_lens)
         nq, nk = sum(q_lens), sum(kv_lens)
@@ -93,8 +94,11 @@ class XFormersPagedBackend(BaseBackend):
     def not_supported_reasons(self, step) -> list[str]:
         reasons = super().not_supported_reasons(step)
         md = step.metadata
-        if any(n != 1 for n in md.query_lens) or md.is_prefill_only() or (
-            step.attn_kind == AttnKind.ENCODER_DECODER and step.key is not None):
+        if (
+            any(n != 1 for n in md.query_lens)
+            or md.is_prefill_only()
+            or (step.attn_kind == AttnKind.ENCODER_DECODER and step.key is not None)
+        ):
             reasons.append("decode only (one query token per sequence on a cached context)")
         if md.sliding_window is not None and step.attn_kind == AttnKind.DECODER:
             reasons.append("sliding window not supported by the paged bias")
@@ -116,13 +120,21 @@ class XFormersPagedBackend(BaseBackend):
         group = query.shape[1] // num_kv_heads
         nq = md.num_seqs
         bias = fmha.attn_bias.PagedBlockDiagonalPaddedKeysMask.from_seqlens(
-            q_seqlen=[1] * nq, kv_seqlen=list(md.kv_lens_for(kind)),
-            block_tables=tables.to(torch.int32), page_size=bs, device=query.device,
+            q_seqlen=[1] * nq,
+            kv_seqlen=list(md.kv_lens_for(kind)),
+            block_tables=tables.to(torch.int32),
+            page_size=bs,
+            device=query.device,
         )
-        flat = lambda c: _gqa_view(c.view(num_blocks * bs, num_kv_heads, head_size),
-                                   num_kv_heads, group, expand=True)
-        return (_gqa_view(query[:nq], num_kv_heads, group, expand=False), flat(key_cache),
-                flat(value_cache), bias)
+        flat = lambda c: _gqa_view(
+            c.view(num_blocks * bs, num_kv_heads, head_size), num_kv_heads, group, expand=True
+        )
+        return (
+            _gqa_view(query[:nq], num_kv_heads, group, expand=False),
+            flat(key_cache),
+            flat(value_cache),
+            bias,
+        )
 
     def forward(self, query, key, value, kv_cache, metadata: StepMetadata, attn_kind):
         kind = AttnKind(attn_kind)
@@ -136,7 +148,11 @@ class XFormersPagedBackend(BaseBackend):
             reshape_and_cache(key, value, kv_cache[0], kv_cache[1], slots)
         q, k, v, bias = self._inputs(query, key, value, kv_cache, metadata, kind)
         out = fmha.memory_efficient_attention_forward(
-            q, k, v, attn_bias=bias, scale=metadata.scale_for(query.shape[-1]),
+            q,
+            k,
+            v,
+            attn_bias=bias,
+            scale=metadata.scale_for(query.shape[-1]),
             op=fmha.triton_splitk.FwOp,
         )
         result = torch.zeros_like(query)

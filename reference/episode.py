@@ -30,8 +30,9 @@ class Episode:
 
     def to(self, device) -> Episode:
         pool = tuple(c.to(device) for c in self.kv_cache)
-        steps = tuple(replace(s.to(device), kv_cache=None if s.kv_cache is None else pool)
-                      for s in self.steps)
+        steps = tuple(
+            replace(s.to(device), kv_cache=None if s.kv_cache is None else pool) for s in self.steps
+        )
         return Episode(steps, pool)
 
 
@@ -67,49 +68,88 @@ def build_episode(
     self_tables = _table_tensor(tables[:num_seqs], max(self_blocks) + 1)
     cross_tables = _table_tensor(tables[num_seqs:], max(cross_blocks) + 1)
     shape = (num_blocks, block_size, num_kv_heads, head_size)
-    pool = (torch.full(shape, float("nan"), dtype=dtype),
-            torch.full(shape, float("nan"), dtype=dtype))
+    pool = (
+        torch.full(shape, float("nan"), dtype=dtype),
+        torch.full(shape, float("nan"), dtype=dtype),
+    )
 
     def slots(table_list, first, count):
         return torch.tensor(
-            [table_list[i][p // block_size] * block_size + p % block_size
-             for i in range(num_seqs) for p in range(first[i], first[i] + count[i])],
+            [
+                table_list[i][p // block_size] * block_size + p % block_size
+                for i in range(num_seqs)
+                for p in range(first[i], first[i] + count[i])
+            ],
             dtype=torch.int64,
         )
 
-    enc_md = StepMetadata(query_lens=(0,) * num_seqs, context_lens=(0,) * num_seqs,
-                          encoder_seq_lens=tuple(encoder_seq_lens), block_size=block_size,
-                          scale=scale)
+    enc_md = StepMetadata(
+        query_lens=(0,) * num_seqs,
+        context_lens=(0,) * num_seqs,
+        encoder_seq_lens=tuple(encoder_seq_lens),
+        block_size=block_size,
+        scale=scale,
+    )
     enc_tokens = sum(encoder_seq_lens)
     enc_hist_k = [kv(n) for n in encoder_seq_lens]
     enc_hist_v = [kv(n) for n in encoder_seq_lens]
-    steps = [Step(AttnKind.ENCODER, enc_md, randn(enc_tokens, num_heads, head_size),
-                  torch.cat(enc_hist_k), torch.cat(enc_hist_v), None,
-                  tuple(enc_hist_k), tuple(enc_hist_v))]
+    steps = [
+        Step(
+            AttnKind.ENCODER,
+            enc_md,
+            randn(enc_tokens, num_heads, head_size),
+            torch.cat(enc_hist_k),
+            torch.cat(enc_hist_v),
+            None,
+            tuple(enc_hist_k),
+            tuple(enc_hist_v),
+        )
+    ]
     context = (0,) * num_seqs
     query_lens = tuple(prompt_lens)
     for t in range(num_decode_steps + 1):
         md = StepMetadata(
-            query_lens=query_lens, context_lens=context, block_size=block_size,
+            query_lens=query_lens,
+            context_lens=context,
+            block_size=block_size,
             encoder_seq_lens=tuple(encoder_seq_lens),
             block_tables=self_tables,
             slot_mapping=slots(tables[:num_seqs], context, query_lens),
             cross_block_tables=cross_tables,
-            cross_slot_mapping=slots(tables[num_seqs:], (0,) * num_seqs,
-                                     encoder_seq_lens if t == 0 else (0,) * num_seqs),
-            sliding_window=sliding_window, scale=scale,
+            cross_slot_mapping=slots(
+                tables[num_seqs:], (0,) * num_seqs, encoder_seq_lens if t == 0 else (0,) * num_seqs
+            ),
+            sliding_window=sliding_window,
+            scale=scale,
         )
         seq_lens = md.seq_lens
         new_k = torch.cat([self_k[i][context[i] : seq_lens[i]] for i in range(num_seqs)])
         new_v = torch.cat([self_v[i][context[i] : seq_lens[i]] for i in range(num_seqs)])
         num_q = sum(query_lens)
-        steps.append(Step(AttnKind.DECODER, md, randn(num_q, num_heads, head_size), new_k, new_v,
-                          pool, tuple(k[:n] for k, n in zip(self_k, seq_lens)),
-                          tuple(v[:n] for v, n in zip(self_v, seq_lens))))
+        steps.append(
+            Step(
+                AttnKind.DECODER,
+                md,
+                randn(num_q, num_heads, head_size),
+                new_k,
+                new_v,
+                pool,
+                tuple(k[:n] for k, n in zip(self_k, seq_lens)),
+                tuple(v[:n] for v, n in zip(self_v, seq_lens)),
+            )
+        )
         first = t == 0
-        steps.append(Step(AttnKind.ENCODER_DECODER, md, randn(num_q, num_heads, head_size),
-                          torch.cat(cross_k) if first else None,
-                          torch.cat(cross_v) if first else None, pool,
-                          tuple(cross_k), tuple(cross_v)))
+        steps.append(
+            Step(
+                AttnKind.ENCODER_DECODER,
+                md,
+                randn(num_q, num_heads, head_size),
+                torch.cat(cross_k) if first else None,
+                torch.cat(cross_v) if first else None,
+                pool,
+                tuple(cross_k),
+                tuple(cross_v),
+            )
+        )
         context, query_lens = seq_lens, (1,) * num_seqs
     return Episode(tuple(steps), pool).to(device)

@@ -14,10 +14,11 @@ each kind reads the fields it needs:
   its first decoder step (`context_lens[i] == 0`), to `cross_slot_mapping`; afterwards they are
   only read, through `cross_block_tables[i]`.
 
-Packing: tokens of sequence 0 come first, then sequence 1, ... Engines put prefill sequences (a prompt,
-or a chunk of one) before decode sequences (one token on top of a cached context); the semantics
-do not depend on that order, so it is not enforced (a 1-token chunk looks like a decode). Rows after the last real token are padding (a CUDA-graph-sized batch): their slots are
--1, they are never written, and their output is zero.
+Packing: tokens of sequence 0 come first, then sequence 1, ... Engines put prefill sequences
+(a prompt, or a chunk of one) before decode sequences (one token on top of a cached context);
+the semantics do not depend on that order, so it is not enforced (a 1-token chunk looks like a
+decode). Rows after the last real token are padding (a CUDA-graph-sized batch): their slots
+are -1, they are never written, and their output is zero.
 
 The paged cache: `key_cache`/`value_cache: [num_blocks, block_size, num_kv_heads, head_size]`,
 slot `s = block_id * block_size + offset`. See `reference/paged_cache.py` for a worked example.
@@ -27,7 +28,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from enum import Enum
+from enum import StrEnum
 from itertools import accumulate
 
 import torch
@@ -36,7 +37,7 @@ import torch
 SUPPORTED_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
 
 
-class AttnKind(str, Enum):
+class AttnKind(StrEnum):
     ENCODER = "encoder"
     DECODER = "decoder"
     ENCODER_DECODER = "encoder_decoder"
@@ -176,9 +177,7 @@ class StepMetadata:
         """(sequence, absolute position) of every real new K/V token, in packed order."""
         first = self.context_lens if kind == AttnKind.DECODER else (0,) * self.num_seqs
         return [
-            (i, first[i] + j)
-            for i, n in enumerate(self.new_kv_lens_for(kind))
-            for j in range(n)
+            (i, first[i] + j) for i, n in enumerate(self.new_kv_lens_for(kind)) for j in range(n)
         ]
 
 
@@ -221,47 +220,71 @@ def _check_paging(md, kind, num_blocks, num_new_tokens, device) -> None:
     if slots is None:
         raise _err(sname, f"is required for {kind.value} attention")
     if tables.dim() != 2 or tables.shape[0] != md.num_seqs:
-        raise _err(tname, f"expected shape [num_seqs={md.num_seqs}, max_blocks_per_seq], "
-                          f"got {list(tables.shape)}")
-    if tables.dtype not in (torch.int32, torch.int64) or slots.dtype not in (torch.int32, torch.int64):
+        raise _err(
+            tname,
+            f"expected shape [num_seqs={md.num_seqs}, max_blocks_per_seq], "
+            f"got {list(tables.shape)}",
+        )
+    if tables.dtype not in (torch.int32, torch.int64) or slots.dtype not in (
+        torch.int32,
+        torch.int64,
+    ):
         raise _err(f"{tname}/{sname}", f"expected int32 or int64, got {tables.dtype}/{slots.dtype}")
     for name, t in ((tname, tables), (sname, slots)):
         if t.device != device:
             raise _err(name, f"expected device {device}, got {t.device}")
     if slots.dim() != 1 or slots.shape[0] != num_new_tokens:
-        raise _err(sname, f"expected shape [{num_new_tokens}] (one slot per new K/V token), "
-                          f"got {list(slots.shape)}")
+        raise _err(
+            sname,
+            f"expected shape [{num_new_tokens}] (one slot per new K/V token), "
+            f"got {list(slots.shape)}",
+        )
     bs, kv_lens = md.block_size, md.kv_lens_for(kind)
     tab, slot_list = tables.cpu().tolist(), slots.cpu().tolist()
     for i, n in enumerate(kv_lens):
         need = -(-n // bs)
         if need > tables.shape[1]:
-            raise _err(tname, f"sequence {i} holds {n} tokens = {need} blocks of {bs}, "
-                              f"but its table has only {tables.shape[1]} entries")
+            raise _err(
+                tname,
+                f"sequence {i} holds {n} tokens = {need} blocks of {bs}, "
+                f"but its table has only {tables.shape[1]} entries",
+            )
         for b in range(need):
             if not 0 <= tab[i][b] < num_blocks:
-                raise _err(tname, f"entry [{i}, {b}] = {tab[i][b]} is outside the cache "
-                                  f"(expected 0 <= block < num_blocks={num_blocks})")
+                raise _err(
+                    tname,
+                    f"entry [{i}, {b}] = {tab[i][b]} is outside the cache "
+                    f"(expected 0 <= block < num_blocks={num_blocks})",
+                )
     positions = md.new_kv_positions(kind)
     seen: set[int] = set()
     for t, s in enumerate(slot_list):
         if s == -1:
             if t < len(positions):
                 i, p = positions[t]
-                raise _err(sname, f"entry {t} is -1 (padding) but is token {p} of sequence {i}, "
-                                  "which this step attends to: it must be written")
+                raise _err(
+                    sname,
+                    f"entry {t} is -1 (padding) but is token {p} of sequence {i}, "
+                    "which this step attends to: it must be written",
+                )
             continue
         if not 0 <= s < num_blocks * bs:
-            raise _err(sname, f"entry {t} = {s} is past the cache (expected -1 or "
-                              f"0 <= slot < num_blocks*block_size={num_blocks * bs})")
+            raise _err(
+                sname,
+                f"entry {t} = {s} is past the cache (expected -1 or "
+                f"0 <= slot < num_blocks*block_size={num_blocks * bs})",
+            )
         if t >= len(positions):
             raise _err(sname, f"entry {t} = {s} belongs to a padding token; expected -1")
         i, p = positions[t]
         want = tab[i][p // bs] * bs + p % bs
         if s != want:
-            raise _err(sname, f"entry {t} = {s} is not where sequence {i} keeps position {p}: "
-                              f"its table puts it in slot {want} (block {tab[i][p // bs]}, "
-                              f"offset {p % bs}); a slot inside another sequence's block?")
+            raise _err(
+                sname,
+                f"entry {t} = {s} is not where sequence {i} keeps position {p}: "
+                f"its table puts it in slot {want} (block {tab[i][p // bs]}, "
+                f"offset {p % bs}); a slot inside another sequence's block?",
+            )
         if s in seen:
             raise _err(sname, f"slot {s} is written twice")
         seen.add(s)
@@ -286,15 +309,22 @@ def check_inputs(query, key, value, kv_cache, md: StepMetadata, kind: AttnKind) 
     _lens("context_lens", md.context_lens, md.num_seqs, 0)
     if kind != AttnKind.DECODER:
         _lens("encoder_seq_lens", md.encoder_seq_lens, md.num_seqs, 1)
-    if md.sliding_window is not None and (not isinstance(md.sliding_window, int)
-                                          or md.sliding_window < 1):
+    if md.sliding_window is not None and (
+        not isinstance(md.sliding_window, int) or md.sliding_window < 1
+    ):
         raise _err("sliding_window", f"expected None or an int >= 1, got {md.sliding_window!r}")
-    if md.scale is not None and not (isinstance(md.scale, float) and math.isfinite(md.scale)
-                                     and md.scale > 0):
+    if md.scale is not None and not (
+        isinstance(md.scale, float) and math.isfinite(md.scale) and md.scale > 0
+    ):
         raise _err("scale", f"expected None or a finite float > 0, got {md.scale!r}")
 
-    _check_tensor("query", query, (None, None, None), query.device if isinstance(
-        query, torch.Tensor) else None, dtypes=SUPPORTED_DTYPES)
+    _check_tensor(
+        "query",
+        query,
+        (None, None, None),
+        query.device if isinstance(query, torch.Tensor) else None,
+        dtypes=SUPPORTED_DTYPES,
+    )
     num_tokens, num_heads, head_size = query.shape
     real_tokens = sum(md.query_lens_for(kind))
     if num_tokens < real_tokens:
@@ -303,11 +333,16 @@ def check_inputs(query, key, value, kv_cache, md: StepMetadata, kind: AttnKind) 
     new_kv = sum(md.new_kv_lens_for(kind))
     needs_kv = kind != AttnKind.ENCODER_DECODER or new_kv > 0
     if not needs_kv and (key is not None or value is not None):
-        raise _err("key/value", "must be None at cross-attention decode (no sequence has "
-                                "context_len == 0): the cross cache is only read")
+        raise _err(
+            "key/value",
+            "must be None at cross-attention decode (no sequence has "
+            "context_len == 0): the cross cache is only read",
+        )
     if needs_kv and (key is None or value is None):
-        raise _err("key/value", f"are required for {kind.value} attention at this step "
-                                f"({new_kv} new K/V tokens)")
+        raise _err(
+            "key/value",
+            f"are required for {kind.value} attention at this step ({new_kv} new K/V tokens)",
+        )
     num_kv_heads = None
     if needs_kv:
         _check_tensor("key", key, (None, None, head_size), query.device, dtype=query.dtype)
@@ -318,8 +353,11 @@ def check_inputs(query, key, value, kv_cache, md: StepMetadata, kind: AttnKind) 
         if kind == AttnKind.DECODER and num_kv_tokens != num_tokens:
             raise _err("key", f"decoder key has {num_kv_tokens} tokens, query has {num_tokens}")
         if num_kv_tokens < new_kv:
-            raise _err("key", f"has {num_kv_tokens} tokens, expected at least {new_kv} "
-                              "(the new K/V tokens of this step)")
+            raise _err(
+                "key",
+                f"has {num_kv_tokens} tokens, expected at least {new_kv} "
+                "(the new K/V tokens of this step)",
+            )
     if kind == AttnKind.ENCODER:
         if kv_cache is not None:
             raise _err("kv_cache", "must be None for encoder attention (no cache)")
@@ -328,10 +366,16 @@ def check_inputs(query, key, value, kv_cache, md: StepMetadata, kind: AttnKind) 
             raise _err("kv_cache", "expected a (key_cache, value_cache) pair")
         key_cache, value_cache = kv_cache
         kv_h = num_kv_heads
-        _check_tensor("key_cache", key_cache, (None, md.block_size, kv_h, head_size),
-                      query.device, dtype=query.dtype)
-        _check_tensor("value_cache", value_cache, tuple(key_cache.shape), query.device,
-                      dtype=query.dtype)
+        _check_tensor(
+            "key_cache",
+            key_cache,
+            (None, md.block_size, kv_h, head_size),
+            query.device,
+            dtype=query.dtype,
+        )
+        _check_tensor(
+            "value_cache", value_cache, tuple(key_cache.shape), query.device, dtype=query.dtype
+        )
         num_kv_heads = key_cache.shape[2]
         num_kv_tokens = key.shape[0] if key is not None else 0
         _check_paging(md, kind, key_cache.shape[0], num_kv_tokens, query.device)

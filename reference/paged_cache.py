@@ -41,9 +41,7 @@ def write_to_cache(
         value_cache[block, offset] = value[token]
 
 
-def gather_sequence(
-    cache: torch.Tensor, block_table: torch.Tensor, seq_len: int
-) -> torch.Tensor:
+def gather_sequence(cache: torch.Tensor, block_table: torch.Tensor, seq_len: int) -> torch.Tensor:
     """The first `seq_len` tokens of one sequence, contiguous: [seq_len, num_kv_heads, head_size].
 
     cache:       [num_blocks, block_size, num_kv_heads, head_size]

@@ -9,14 +9,14 @@ sequence's whole K/V history contiguously (`key_history`), for the dense cross-c
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from enum import Enum
+from enum import StrEnum
 
 import torch
 
 from reference.metadata import AttnKind, StepMetadata
 
 
-class Layout(str, Enum):
+class Layout(StrEnum):
     """Where a step's blocks sit in the pool (block tables). Unused blocks hold NaN."""
 
     CONTIGUOUS = "contiguous"  # sequence 0's blocks first, in order
@@ -70,7 +70,11 @@ class Step:
         )
         cache = None if self.kv_cache is None else tuple(mv(c) for c in self.kv_cache)
         return replace(
-            self, metadata=md, query=mv(self.query), key=mv(self.key), value=mv(self.value),
+            self,
+            metadata=md,
+            query=mv(self.query),
+            key=mv(self.key),
+            value=mv(self.value),
             kv_cache=cache,
         )
 
@@ -185,7 +189,9 @@ def build_step(
     num_kv_pad = num_padding_tokens if kind != AttnKind.ENCODER_DECODER or sum(new_lens) else 0
     pad = randn(num_kv_pad, num_kv_heads, head_size)
     key = torch.cat([*new_k, pad]) if kind != AttnKind.ENCODER_DECODER or sum(new_lens) else None
-    value = torch.cat([*new_v, randn(num_kv_pad, num_kv_heads, head_size)]) if key is not None else None
+    value = (
+        torch.cat([*new_v, randn(num_kv_pad, num_kv_heads, head_size)]) if key is not None else None
+    )
     if kind == AttnKind.ENCODER:
         step = Step(kind, md, query, key, value, None, tuple(key_history), tuple(value_history))
         return step.to(device)
@@ -215,6 +221,14 @@ def build_step(
         md = replace(md, block_tables=table_tensor, slot_mapping=slot_tensor)
     else:
         md = replace(md, cross_block_tables=table_tensor, cross_slot_mapping=slot_tensor)
-    step = Step(kind, md, query, key, value, (key_cache, value_cache),
-                tuple(key_history), tuple(value_history))
+    step = Step(
+        kind,
+        md,
+        query,
+        key,
+        value,
+        (key_cache, value_cache),
+        tuple(key_history),
+        tuple(value_history),
+    )
     return step.to(device)

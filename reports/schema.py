@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import datetime
 import json
@@ -66,24 +67,42 @@ def environment() -> dict[str, str]:
         except Exception:
             return "absent"
 
-    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else (
-        f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)")
+    device = (
+        torch.cuda.get_device_name(0)
+        if torch.cuda.is_available()
+        else (f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)")
+    )
     try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                                text=True, timeout=5).stdout.strip() or "unknown"
+        commit = (
+            subprocess.run(
+                ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5
+            ).stdout.strip()
+            or "unknown"
+        )
     except Exception:
         commit = "unknown"
-    return dict(device=device, torch=torch.__version__, triton=version("triton"),
-                xformers=version("xformers"), commit=commit,
-                timestamp=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"))
+    return dict(
+        device=device,
+        torch=torch.__version__,
+        triton=version("triton"),
+        xformers=version("xformers"),
+        commit=commit,
+        timestamp=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+    )
 
 
 def to_result_row(raw: dict, env: dict, tier: str) -> dict:
     """A runner row (case axes + metrics) in the CSV's columns and order."""
     heads = raw["heads"]
-    row = dict(raw, attn_kind=raw["kind"], batch_shape=raw["batch"],
-               num_heads=int(heads[1:].split("kv")[0]), num_kv_heads=int(heads.split("kv")[1]),
-               tier=tier, **env)
+    row = dict(
+        raw,
+        attn_kind=raw["kind"],
+        batch_shape=raw["batch"],
+        num_heads=int(heads[1:].split("kv")[0]),
+        num_kv_heads=int(heads.split("kv")[1]),
+        tier=tier,
+        **env,
+    )
     return {c: row.get(c, "") for c in COLUMNS}
 
 
@@ -93,10 +112,8 @@ def read_jsonl(path: str | Path) -> list[dict]:
         for line in f:
             line = line.strip()
             if line:
-                try:
+                with contextlib.suppress(json.JSONDecodeError):  # a line cut by an interruption
                     rows.append(json.loads(line))
-                except json.JSONDecodeError:
-                    pass  # a line cut by an interrupted run
     return rows
 
 
@@ -106,8 +123,9 @@ def write_csv(rows: list[dict], path: str | Path) -> None:
         w = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
         w.writeheader()
         for r in rows:
-            w.writerow({k: ("" if isinstance(v, float) and math.isnan(v) else v)
-                        for k, v in r.items()})
+            w.writerow(
+                {k: ("" if isinstance(v, float) and math.isnan(v) else v) for k, v in r.items()}
+            )
 
 
 def read_csv(path: str | Path):

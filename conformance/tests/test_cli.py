@@ -46,10 +46,23 @@ EXTERNAL = textwrap.dedent('''
 ''')
 
 
-def _cli(*args, tmp_path, timeout=600, **popen):
-    env = dict(os.environ, PYTHONPATH=f"{ROOT}{os.pathsep}{tmp_path}")
-    return subprocess.run([sys.executable, "-m", "conformance", *args], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=timeout)
+def _env(extra: Path) -> dict:
+    """The current environment with the repo and `extra` in front of PYTHONPATH (kept: on the
+    GPU machine it points at the carried wheels)."""
+    path = os.pathsep.join(p for p in (str(ROOT), str(extra), os.environ.get("PYTHONPATH")) if p)
+    return dict(os.environ, PYTHONPATH=path)
+
+
+def _cli(*args, tmp_path, timeout=600):
+    env = _env(tmp_path)
+    return subprocess.run(
+        [sys.executable, "-m", "conformance", *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 @pytest.fixture
@@ -64,8 +77,16 @@ def _rows(out: Path):
 
 def test_external_good_backend_passes_the_smoke_tier(ext):
     out = ext / "good"
-    r = _cli("run", "--tier", "smoke", "--backend-module", "ext_backends:Good", "--out",
-             str(out), tmp_path=ext)
+    r = _cli(
+        "run",
+        "--tier",
+        "smoke",
+        "--backend-module",
+        "ext_backends:Good",
+        "--out",
+        str(out),
+        tmp_path=ext,
+    )
     assert r.returncode == 0, r.stdout[-2000:]
     rows = _rows(out)
     assert rows and {row["backend"] for row in rows} == {"ext-good"}
@@ -75,8 +96,16 @@ def test_external_good_backend_passes_the_smoke_tier(ext):
 
 def test_deliberately_wrong_backend_fails_the_smoke_tier(ext):
     out = ext / "wrong"
-    r = _cli("run", "--tier", "smoke", "--backend-module", "ext_backends:Wrong", "--out",
-             str(out), tmp_path=ext)
+    r = _cli(
+        "run",
+        "--tier",
+        "smoke",
+        "--backend-module",
+        "ext_backends:Wrong",
+        "--out",
+        str(out),
+        tmp_path=ext,
+    )
     assert r.returncode == 1
     rows = _rows(out)
     assert sum(row["status"] == "fail" for row in rows) > len(rows) // 2
@@ -86,24 +115,45 @@ def test_deliberately_wrong_backend_fails_the_smoke_tier(ext):
 
 def test_a_crash_in_one_case_is_recorded_and_the_run_goes_on(ext):
     out = ext / "crashy"
-    r = _cli("run", "--tier", "smoke", "--backend-module", "ext_backends:Crashy", "--out",
-             str(out), tmp_path=ext)
+    r = _cli(
+        "run",
+        "--tier",
+        "smoke",
+        "--backend-module",
+        "ext_backends:Crashy",
+        "--out",
+        str(out),
+        tmp_path=ext,
+    )
     assert r.returncode == 1
     rows = _rows(out)
     errors = [row for row in rows if row["status"] == "error"]
     assert errors and all(row["block_size"] == 8 for row in errors)
-    assert all("runtime error: RuntimeError: simulated kernel crash" in e["reason"]
-               for e in errors)
+    assert all("runtime error: RuntimeError: simulated kernel crash" in e["reason"] for e in errors)
     assert any(row["status"] == "pass" for row in rows)  # every other case still ran
 
 
 def test_an_interrupted_run_keeps_what_finished(ext):
     out = ext / "slow"
-    env = dict(os.environ, PYTHONPATH=f"{ROOT}{os.pathsep}{ext}")
-    proc = subprocess.Popen([sys.executable, "-m", "conformance", "run", "--tier", "smoke",
-                             "--backend-module", "ext_backends:Slow", "--out", str(out)],
-                            cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    env = _env(ext)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "conformance",
+            "run",
+            "--tier",
+            "smoke",
+            "--backend-module",
+            "ext_backends:Slow",
+            "--out",
+            str(out),
+        ],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.time() + 120
     path = out / "results.jsonl"
     while time.time() < deadline:
@@ -117,22 +167,45 @@ def test_an_interrupted_run_keeps_what_finished(ext):
 
 
 def test_cases_file_replays_rows_and_rejects_unknown_axes(tmp_path):
-    good = dict(kind="cross", phase="decode", batch="single", block_size=8, heads="h8kv1",
-                head_size=64, dtype="float32", layout="shuffled", seed=5)
+    good = dict(
+        kind="cross",
+        phase="decode",
+        batch="single",
+        block_size=8,
+        heads="h8kv1",
+        head_size=64,
+        dtype="float32",
+        layout="shuffled",
+        seed=5,
+    )
     f = tmp_path / "cases.jsonl"
     f.write_text(json.dumps(good) + "\n")
-    r = _cli("run", "--cases", str(f), "--backend", "torch", "--out", str(tmp_path / "o"),
-             tmp_path=tmp_path)
+    r = _cli(
+        "run",
+        "--cases",
+        str(f),
+        "--backend",
+        "torch",
+        "--out",
+        str(tmp_path / "o"),
+        tmp_path=tmp_path,
+    )
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
-    assert _rows(tmp_path / "o")[0]["case_id"] == "cross-decode-single-bs8-h8kv1-d64-fp32-shuffled-s5"
+    assert (
+        _rows(tmp_path / "o")[0]["case_id"] == "cross-decode-single-bs8-h8kv1-d64-fp32-shuffled-s5"
+    )
     f.write_text(json.dumps({**good, "colour": "red"}) + "\n")
     r = _cli("run", "--cases", str(f), "--backend", "torch", tmp_path=tmp_path)
     assert r.returncode == 2 and "unknown case axes ['colour']" in r.stderr
 
 
 def test_bad_usage_exits_2(tmp_path):
-    for args in (["run", "--tier", "nope"], ["run", "--backend", "nope"],
-                 ["run", "--shard", "0/2"], ["run", "--case", "not-a-case"]):
+    for args in (
+        ["run", "--tier", "nope"],
+        ["run", "--backend", "nope"],
+        ["run", "--shard", "0/2"],
+        ["run", "--case", "not-a-case"],
+    ):
         r = _cli(*args, tmp_path=tmp_path)
         assert r.returncode == 2, (args, r.stderr)
         assert r.stderr.startswith("error: ")
@@ -151,8 +224,14 @@ def test_dump_writes_inputs_caches_and_reference(tmp_path):
     r = _cli("dump", CASE, "--out", str(tmp_path / "d"), tmp_path=tmp_path)
     assert r.returncode == 0, r.stderr
     npz = np.load(tmp_path / "d" / "case.npz")
-    for key in ("step0_query", "step0_block_tables", "step0_slot_mapping",
-                "step0_key_cache_before", "step0_key_cache_after", "step0_reference_output"):
+    for key in (
+        "step0_query",
+        "step0_block_tables",
+        "step0_slot_mapping",
+        "step0_key_cache_before",
+        "step0_key_cache_after",
+        "step0_reference_output",
+    ):
         assert key in npz.files
     before, after = npz["step0_key_cache_before"], npz["step0_key_cache_after"]
     assert np.isnan(before).sum() > np.isnan(after).sum()  # the step wrote its slots

@@ -11,8 +11,9 @@ from reference.workload import build_step
 
 
 def _step(dtype=torch.float16):
-    return build_step("decoder", (5, 1), (0, 9), block_size=4, dtype=dtype, num_heads=4,
-                      num_kv_heads=2, seed=1)
+    return build_step(
+        "decoder", (5, 1), (0, 9), block_size=4, dtype=dtype, num_heads=4, num_kv_heads=2, seed=1
+    )
 
 
 def test_naive_low_precision_passes_and_a_tf32_sized_error_fails_in_fp32():
@@ -41,8 +42,17 @@ def test_shape_mismatch_is_named():
 
 def test_an_off_by_one_mask_fails():
     step = _step()
-    shifted = build_step("decoder", (5, 1), (0, 9), block_size=4, dtype=torch.float16,
-                         num_heads=4, num_kv_heads=2, seed=1, sliding_window=9)
+    shifted = build_step(
+        "decoder",
+        (5, 1),
+        (0, 9),
+        block_size=4,
+        dtype=torch.float16,
+        num_heads=4,
+        num_kv_heads=2,
+        seed=1,
+        sliding_window=9,
+    )
     ref = attention(*step.with_fresh_cache().args())
     wrong = attention(*shifted.with_fresh_cache().args())
     assert not compare_output(step, wrong.half(), ref).ok

@@ -53,8 +53,16 @@ def test_id_round_trips_and_names_every_axis():
 
 
 def test_from_dict_rejects_unknown_axes_and_invalid_combinations():
-    base = dict(kind="decoder", phase="decode", batch="ragged", block_size=16, heads="h8kv2",
-                head_size=64, dtype="float16", layout="shuffled")
+    base = dict(
+        kind="decoder",
+        phase="decode",
+        batch="ragged",
+        block_size=16,
+        heads="h8kv2",
+        head_size=64,
+        dtype="float16",
+        layout="shuffled",
+    )
     assert Case.from_dict(base).kind == "decoder"
     with pytest.raises(ValueError, match="unknown case axes"):
         Case.from_dict({**base, "colour": "red"})

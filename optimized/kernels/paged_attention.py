@@ -131,18 +131,25 @@ def _paged_attention_kernel(
         n = t * TILE_N + tl.arange(0, TILE_N)
         n_valid = n < kv_end
         if PAGED:
-            block = tl.load(block_tables_ptr + seq * stride_bt_seq + n // BLOCK_SIZE, mask=n_valid,
-                            other=0).to(tl.int64)
+            block = tl.load(
+                block_tables_ptr + seq * stride_bt_seq + n // BLOCK_SIZE, mask=n_valid, other=0
+            ).to(tl.int64)
             k_row = block * stride_kc_block + (n % BLOCK_SIZE) * stride_kc_tok
             v_row = block * stride_vc_block + (n % BLOCK_SIZE) * stride_vc_tok
         else:
             k_row = (kv_start + n) * stride_kc_tok
             v_row = (kv_start + n) * stride_vc_tok
         kv_mask = n_valid[:, None] & d_valid[None, :]
-        k = tl.load(key_cache_ptr + k_row[:, None] + kv_head * stride_kc_head + d[None, :],
-                    mask=kv_mask, other=0.0)
-        v = tl.load(value_cache_ptr + v_row[:, None] + kv_head * stride_vc_head + d[None, :],
-                    mask=kv_mask, other=0.0)
+        k = tl.load(
+            key_cache_ptr + k_row[:, None] + kv_head * stride_kc_head + d[None, :],
+            mask=kv_mask,
+            other=0.0,
+        )
+        v = tl.load(
+            value_cache_ptr + v_row[:, None] + kv_head * stride_vc_head + d[None, :],
+            mask=kv_mask,
+            other=0.0,
+        )
         if UPCAST_DOT:
             k = k.to(tl.float32)
             v = v.to(tl.float32)
@@ -163,9 +170,14 @@ def _paged_attention_kernel(
 
     if NUM_SPLITS == 1:
         out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
-        o_offs = (q_start + q_idx)[:, None] * stride_o_tok + head[:, None] * stride_o_head + d[None, :]
-        tl.store(out_ptr + o_offs, out.to(out_ptr.dtype.element_ty),
-                 mask=row_valid[:, None] & d_valid[None, :])
+        o_offs = (
+            (q_start + q_idx)[:, None] * stride_o_tok + head[:, None] * stride_o_head + d[None, :]
+        )
+        tl.store(
+            out_ptr + o_offs,
+            out.to(out_ptr.dtype.element_ty),
+            mask=row_valid[:, None] & d_valid[None, :],
+        )
     else:
         part = ((tile * tl.num_programs(1) + kv_head) * NUM_SPLITS + split).to(tl.int64) * BLOCK_M
         tl.store(part_m_ptr + part + rows, m_i)
@@ -220,8 +232,11 @@ def _split_k_reduce_kernel(
     out = acc / tl.where(l_sum == 0.0, 1.0, l_sum)[:, None]
     head = kv_head * GROUP + g
     o_offs = (q_start + q_idx)[:, None] * stride_o_tok + head[:, None] * stride_o_head + d[None, :]
-    tl.store(out_ptr + o_offs, out.to(out_ptr.dtype.element_ty),
-             mask=row_valid[:, None] & (d < HEAD_SIZE)[None, :])
+    tl.store(
+        out_ptr + o_offs,
+        out.to(out_ptr.dtype.element_ty),
+        mask=row_valid[:, None] & (d < HEAD_SIZE)[None, :],
+    )
 
 
 @dataclass(frozen=True, eq=False)
@@ -242,6 +257,7 @@ class Schedule:
     context_lens: torch.Tensor
     kv_start_loc: torch.Tensor
     block_q: int
+    max_query_len: int
     max_kv_len: int
 
 
@@ -276,8 +292,21 @@ def make_schedule(
         context_lens=as_t(context_lens),
         kv_start_loc=as_t(kv_starts),
         block_q=block_q,
+        max_query_len=max(query_lens, default=0),
         max_kv_len=max(kv_lens, default=0),
     )
+
+
+def launch_config(head_size: int, prefill: bool) -> dict:
+    """Tile and launch parameters. The interpreter wants few, small tiles; on the GPU these
+    were picked from the sweep in `bench/tune.py` (H100, bf16)."""
+    if interpreting():
+        return dict(tile_n=16, num_warps=4, num_stages=1)
+    if prefill:
+        return dict(tile_n=64, num_warps=4, num_stages=3)
+    if head_size <= 64:
+        return dict(tile_n=32, num_warps=2, num_stages=2)
+    return dict(tile_n=64, num_warps=4, num_stages=3)
 
 
 def _num_sms(device: torch.device) -> int:
@@ -291,8 +320,9 @@ def choose_num_splits(num_programs: int, num_kv_tiles: int, device: torch.device
     sms = _num_sms(device)
     if num_programs >= 2 * sms or num_kv_tiles < 8:
         return 1
-    splits = triton.next_power_of_2(math.ceil(2 * sms / num_programs))
-    return max(1, min(splits, 32, num_kv_tiles // 4))
+    # Aim for about four programs per SM, each still walking at least four K/V tiles.
+    splits = triton.next_power_of_2(math.ceil(4 * sms / num_programs))
+    return max(1, min(splits, 64, num_kv_tiles // 4))
 
 
 def paged_attention(
@@ -309,6 +339,8 @@ def paged_attention(
     out: torch.Tensor | None = None,
     num_splits: int | None = None,
     tile_n: int | None = None,
+    num_warps: int | None = None,
+    num_stages: int | None = None,
 ) -> torch.Tensor:
     """Attention of packed `query` over paged (or packed, `paged=False`) K/V; returns `out`.
 
@@ -317,21 +349,30 @@ def paged_attention(
     num_splits: None picks by occupancy; 1 disables split-K.
     """
     if query.dim() != 3 or query.stride(-1) != 1:
-        raise ValueError(f"query: expected a [num_tokens, num_heads, head_size] tensor with a "
-                         f"contiguous last dim, got shape {list(query.shape)}")
+        raise ValueError(
+            f"query: expected a [num_tokens, num_heads, head_size] tensor with a "
+            f"contiguous last dim, got shape {list(query.shape)}"
+        )
     want_dims = 4 if paged else 3
     for name, t in (("key_cache", key_cache), ("value_cache", value_cache)):
         if t.dim() != want_dims or t.stride(-1) != 1:
-            raise ValueError(f"{name}: expected {want_dims} dims with a contiguous last dim, "
-                             f"got shape {list(t.shape)}")
+            raise ValueError(
+                f"{name}: expected {want_dims} dims with a contiguous last dim, "
+                f"got shape {list(t.shape)}"
+            )
         if t.device != query.device or t.dtype != query.dtype:
-            raise ValueError(f"{name}: expected {query.dtype} on {query.device}, "
-                             f"got {t.dtype} on {t.device}")
+            raise ValueError(
+                f"{name}: expected {query.dtype} on {query.device}, got {t.dtype} on {t.device}"
+            )
         if t.shape[-1] != query.shape[-1]:
-            raise ValueError(f"{name}: head_size {t.shape[-1]} != query head_size {query.shape[-1]}")
+            raise ValueError(
+                f"{name}: head_size {t.shape[-1]} != query head_size {query.shape[-1]}"
+            )
     if paged and (block_tables is None or block_tables.device != query.device):
-        raise ValueError("block_tables: expected a [num_seqs, max_blocks] tensor on the query's device")
-    num_tokens, num_heads, head_size = query.shape
+        raise ValueError(
+            "block_tables: expected a [num_seqs, max_blocks] tensor on the query's device"
+        )
+    _, num_heads, head_size = query.shape
     num_kv_heads = key_cache.shape[-2]
     if num_heads % num_kv_heads:
         raise ValueError(f"num_kv_heads: {num_kv_heads} does not divide num_heads={num_heads}")
@@ -340,8 +381,10 @@ def paged_attention(
     num_tiles = schedule.tile_seq.shape[0]
     if num_tiles == 0:
         return out
-    if tile_n is None:
-        tile_n = 16 if interpreting() else 64
+    cfg = launch_config(head_size, prefill=schedule.max_query_len > 1)
+    tile_n = tile_n or cfg["tile_n"]
+    num_warps = num_warps or cfg["num_warps"]
+    num_stages = num_stages or cfg["num_stages"]
     num_kv_tiles = triton.cdiv(max(schedule.max_kv_len, 1), tile_n)
     if num_splits is None:
         num_splits = choose_num_splits(num_tiles * num_kv_heads, num_kv_tiles, query.device)
@@ -367,30 +410,70 @@ def paged_attention(
     kc_head, vc_head = key_cache.stride(-2), value_cache.stride(-2)
     grid = (num_tiles, num_kv_heads, num_splits)
     _paged_attention_kernel[grid](
-        out, query, key_cache, value_cache, bt,
-        schedule.tile_seq, schedule.tile_q_first, schedule.query_start_loc, schedule.query_lens,
-        schedule.kv_lens, schedule.context_lens, schedule.kv_start_loc,
-        part_m, part_l, part_acc,
-        scale * LOG2E, sliding_window or 0, tiles_per_split,
-        query.stride(0), query.stride(1), out.stride(0), out.stride(1),
-        kc_block, kc_tok, kc_head, vc_block, vc_tok, vc_head,
+        out,
+        query,
+        key_cache,
+        value_cache,
+        bt,
+        schedule.tile_seq,
+        schedule.tile_q_first,
+        schedule.query_start_loc,
+        schedule.query_lens,
+        schedule.kv_lens,
+        schedule.context_lens,
+        schedule.kv_start_loc,
+        part_m,
+        part_l,
+        part_acc,
+        scale * LOG2E,
+        sliding_window or 0,
+        tiles_per_split,
+        query.stride(0),
+        query.stride(1),
+        out.stride(0),
+        out.stride(1),
+        kc_block,
+        kc_tok,
+        kc_head,
+        vc_block,
+        vc_tok,
+        vc_head,
         bt.stride(0),
-        GROUP=group, GROUP_PAD=group_pad, BLOCK_Q=schedule.block_q,
-        HEAD_SIZE=head_size, HEAD_PAD=head_pad,
-        BLOCK_SIZE=key_cache.shape[1] if paged else 1, TILE_N=tile_n,
-        PAGED=paged, IS_CAUSAL=causal, USE_WINDOW=causal and sliding_window is not None,
+        GROUP=group,
+        GROUP_PAD=group_pad,
+        BLOCK_Q=schedule.block_q,
+        HEAD_SIZE=head_size,
+        HEAD_PAD=head_pad,
+        BLOCK_SIZE=key_cache.shape[1] if paged else 1,
+        TILE_N=tile_n,
+        PAGED=paged,
+        IS_CAUSAL=causal,
+        USE_WINDOW=causal and sliding_window is not None,
         NUM_SPLITS=num_splits,
         # The interpreter computes bf16 tl.dot on raw bits (triton issue 11584): upcast there.
         UPCAST_DOT=interpreting() and query.dtype == torch.bfloat16,
         # fp32 inputs get true fp32 products (no TF32): the fp32 tolerance assumes it.
         DOT_PRECISION="ieee" if fp32 else "tf32",
-        num_warps=4,
+        num_warps=num_warps,
+        num_stages=num_stages,
     )
     if num_splits > 1:
         _split_k_reduce_kernel[(num_tiles, num_kv_heads)](
-            out, schedule.tile_seq, schedule.tile_q_first, schedule.query_start_loc,
-            schedule.query_lens, part_m, part_l, part_acc, out.stride(0), out.stride(1),
-            GROUP=group, GROUP_PAD=group_pad, BLOCK_Q=schedule.block_q,
-            HEAD_SIZE=head_size, HEAD_PAD=head_pad, NUM_SPLITS=num_splits,
+            out,
+            schedule.tile_seq,
+            schedule.tile_q_first,
+            schedule.query_start_loc,
+            schedule.query_lens,
+            part_m,
+            part_l,
+            part_acc,
+            out.stride(0),
+            out.stride(1),
+            GROUP=group,
+            GROUP_PAD=group_pad,
+            BLOCK_Q=schedule.block_q,
+            HEAD_SIZE=head_size,
+            HEAD_PAD=head_pad,
+            NUM_SPLITS=num_splits,
         )
     return out

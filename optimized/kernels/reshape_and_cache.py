@@ -11,6 +11,8 @@ import torch
 import triton
 import triton.language as tl
 
+from optimized.kernels import interpreting
+
 
 @triton.jit
 def _reshape_and_cache_kernel(
@@ -19,6 +21,7 @@ def _reshape_and_cache_kernel(
     key_cache_ptr,
     value_cache_ptr,
     slot_mapping_ptr,
+    num_tokens,
     stride_k_tok,
     stride_k_head,
     stride_v_tok,
@@ -34,22 +37,24 @@ def _reshape_and_cache_kernel(
     BLOCK_SIZE: tl.constexpr,
     HEADS_PAD: tl.constexpr,
     HEAD_PAD: tl.constexpr,
+    TOKENS: tl.constexpr,
 ):
-    token = tl.program_id(0).to(tl.int64)
-    slot = tl.load(slot_mapping_ptr + token).to(tl.int64)
-    if slot < 0:  # padding token: never written
-        return
-    block = slot // BLOCK_SIZE
-    offset = slot % BLOCK_SIZE
+    """Each program copies TOKENS consecutive tokens (all kv heads) to their slots."""
     h = tl.arange(0, HEADS_PAD)[:, None]
     d = tl.arange(0, HEAD_PAD)[None, :]
-    mask = (h < NUM_KV_HEADS) & (d < HEAD_SIZE)
-    k = tl.load(key_ptr + token * stride_k_tok + h * stride_k_head + d, mask=mask)
-    v = tl.load(value_ptr + token * stride_v_tok + h * stride_v_head + d, mask=mask)
-    kc = key_cache_ptr + block * stride_kc_block + offset * stride_kc_tok + h * stride_kc_head + d
-    vc = value_cache_ptr + block * stride_vc_block + offset * stride_vc_tok + h * stride_vc_head + d
-    tl.store(kc, k, mask=mask)
-    tl.store(vc, v, mask=mask)
+    in_bounds = (h < NUM_KV_HEADS) & (d < HEAD_SIZE)
+    for i in tl.static_range(TOKENS):
+        token = tl.program_id(0).to(tl.int64) * TOKENS + i
+        slot = tl.load(slot_mapping_ptr + token, mask=token < num_tokens, other=-1).to(tl.int64)
+        mask = in_bounds & (slot >= 0)  # padding tokens (slot -1) are never written
+        block = tl.maximum(slot, 0) // BLOCK_SIZE
+        offset = tl.maximum(slot, 0) % BLOCK_SIZE
+        k = tl.load(key_ptr + token * stride_k_tok + h * stride_k_head + d, mask=mask)
+        v = tl.load(value_ptr + token * stride_v_tok + h * stride_v_head + d, mask=mask)
+        kc = key_cache_ptr + block * stride_kc_block + offset * stride_kc_tok
+        vc = value_cache_ptr + block * stride_vc_block + offset * stride_vc_tok
+        tl.store(kc + h * stride_kc_head + d, k, mask=mask)
+        tl.store(vc + h * stride_vc_head + d, v, mask=mask)
 
 
 def _check(name: str, t: torch.Tensor, dims: int, like: torch.Tensor) -> None:
@@ -69,8 +74,13 @@ def reshape_and_cache(
     slot_mapping: torch.Tensor,
 ) -> None:
     """Write key/value into the paged caches in place (see the module docstring for shapes)."""
-    for name, t, dims in (("key", key, 3), ("value", value, 3), ("key_cache", key_cache, 4),
-                          ("value_cache", value_cache, 4), ("slot_mapping", slot_mapping, 1)):
+    for name, t, dims in (
+        ("key", key, 3),
+        ("value", value, 3),
+        ("key_cache", key_cache, 4),
+        ("value_cache", value_cache, 4),
+        ("slot_mapping", slot_mapping, 1),
+    ):
         _check(name, t, dims, key)
     if value.shape != key.shape:
         raise ValueError(f"value: expected shape {list(key.shape)}, got {list(value.shape)}")
@@ -81,7 +91,10 @@ def reshape_and_cache(
         )
     if key_cache.dtype != key.dtype or value_cache.dtype != key.dtype or value.dtype != key.dtype:
         raise ValueError(f"key_cache: expected dtype {key.dtype} like key, got {key_cache.dtype}")
-    if slot_mapping.shape[0] != key.shape[0] or slot_mapping.dtype not in (torch.int32, torch.int64):
+    if slot_mapping.shape[0] != key.shape[0] or slot_mapping.dtype not in (
+        torch.int32,
+        torch.int64,
+    ):
         raise ValueError(
             f"slot_mapping: expected int32/int64 [{key.shape[0]}], got "
             f"{slot_mapping.dtype} {list(slot_mapping.shape)}"
@@ -89,14 +102,28 @@ def reshape_and_cache(
     num_tokens, num_kv_heads, head_size = key.shape
     if num_tokens == 0:
         return
-    _reshape_and_cache_kernel[(num_tokens,)](
-        key, value, key_cache, value_cache, slot_mapping,
-        key.stride(0), key.stride(1), value.stride(0), value.stride(1),
-        key_cache.stride(0), key_cache.stride(1), key_cache.stride(2),
-        value_cache.stride(0), value_cache.stride(1), value_cache.stride(2),
+    tokens = 1 if interpreting() else 4  # a few tokens per program on the GPU
+    _reshape_and_cache_kernel[(triton.cdiv(num_tokens, tokens),)](
+        key,
+        value,
+        key_cache,
+        value_cache,
+        slot_mapping,
+        num_tokens,
+        key.stride(0),
+        key.stride(1),
+        value.stride(0),
+        value.stride(1),
+        key_cache.stride(0),
+        key_cache.stride(1),
+        key_cache.stride(2),
+        value_cache.stride(0),
+        value_cache.stride(1),
+        value_cache.stride(2),
         NUM_KV_HEADS=num_kv_heads,
         HEAD_SIZE=head_size,
         BLOCK_SIZE=key_cache.shape[1],
         HEADS_PAD=triton.next_power_of_2(num_kv_heads),
         HEAD_PAD=triton.next_power_of_2(head_size),
+        TOKENS=tokens,
     )

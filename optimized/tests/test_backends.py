@@ -16,8 +16,7 @@ from reference.workload import build_step
 
 BACKENDS = ["triton", "triton-splitk", "torch", "xformers", "xformers-paged"]
 CUDA = torch.cuda.is_available()
-DTYPES = [torch.float32, torch.float16, torch.bfloat16] if CUDA else [torch.float32,
-                                                                      torch.bfloat16]
+DTYPES = [torch.float32, torch.float16, torch.bfloat16] if CUDA else [torch.float32, torch.bfloat16]
 
 # (id, kind, query_lens, context_lens, encoder_seq_lens, extra build_step arguments)
 STEPS = [
@@ -26,23 +25,71 @@ STEPS = [
     ("dec-prefill", "decoder", (7, 1, 16), None, None, dict(block_size=16)),
     ("dec-prefill-window", "decoder", (12, 5), None, None, dict(sliding_window=4, block_size=8)),
     ("dec-decode-bs1", "decoder", (1, 1, 1), (5, 16, 1), None, dict(block_size=1)),
-    ("dec-decode-bs256-mqa", "decoder", (1, 1), (3, 40), None,
-     dict(block_size=256, num_heads=4, num_kv_heads=1)),
+    (
+        "dec-decode-bs256-mqa",
+        "decoder",
+        (1, 1),
+        (3, 40),
+        None,
+        dict(block_size=256, num_heads=4, num_kv_heads=1),
+    ),
     ("dec-decode-bs64", "decoder", (1, 1), (63, 130), None, dict(block_size=64)),
-    ("dec-chunked-shuffled", "decoder", (5, 3), (11, 16), None,
-     dict(block_size=8, layout="shuffled")),
-    ("dec-mixed-pad", "decoder", (6, 1, 1), (0, 9, 30), None,
-     dict(block_size=16, num_padding_tokens=3, layout="nullblock")),
-    ("dec-decode-window-frag", "decoder", (1, 1), (20, 37), None,
-     dict(sliding_window=7, block_size=8, layout="fragmented")),
-    ("dec-decode-shared", "decoder", (1, 1, 1), (33, 40, 35), None,
-     dict(block_size=16, layout="shared")),
-    ("cross-prefill-interleaved", "encoder_decoder", (3, 1), (0, 0), (10, 23),
-     dict(block_size=16, layout="interleaved", num_padding_tokens=2)),
-    ("cross-decode-d80-gqa", "encoder_decoder", (1, 1), (4, 2), (70, 15),
-     dict(block_size=64, num_heads=8, num_kv_heads=2, head_size=80)),
-    ("cross-decode-bs256", "encoder_decoder", (1, 1, 1), (1, 2, 3), (5, 31, 90),
-     dict(block_size=256, layout="highest")),
+    (
+        "dec-chunked-shuffled",
+        "decoder",
+        (5, 3),
+        (11, 16),
+        None,
+        dict(block_size=8, layout="shuffled"),
+    ),
+    (
+        "dec-mixed-pad",
+        "decoder",
+        (6, 1, 1),
+        (0, 9, 30),
+        None,
+        dict(block_size=16, num_padding_tokens=3, layout="nullblock"),
+    ),
+    (
+        "dec-decode-window-frag",
+        "decoder",
+        (1, 1),
+        (20, 37),
+        None,
+        dict(sliding_window=7, block_size=8, layout="fragmented"),
+    ),
+    (
+        "dec-decode-shared",
+        "decoder",
+        (1, 1, 1),
+        (33, 40, 35),
+        None,
+        dict(block_size=16, layout="shared"),
+    ),
+    (
+        "cross-prefill-interleaved",
+        "encoder_decoder",
+        (3, 1),
+        (0, 0),
+        (10, 23),
+        dict(block_size=16, layout="interleaved", num_padding_tokens=2),
+    ),
+    (
+        "cross-decode-d80-gqa",
+        "encoder_decoder",
+        (1, 1),
+        (4, 2),
+        (70, 15),
+        dict(block_size=64, num_heads=8, num_kv_heads=2, head_size=80),
+    ),
+    (
+        "cross-decode-bs256",
+        "encoder_decoder",
+        (1, 1, 1),
+        (1, 2, 3),
+        (5, 31, 90),
+        dict(block_size=256, layout="highest"),
+    ),
     ("cross-mixed", "encoder_decoder", (4, 1), (0, 6), (12, 20), dict(block_size=8)),
 ]
 
@@ -76,8 +123,17 @@ def test_backend_matches_reference(backend_name, case, dtype):
 def test_episode_through_backend(backend_name):
     """Encoder → decoder prefill → 3 decodes, caches carried, one pool for self and cross."""
     dtype = torch.float16 if CUDA else torch.float32
-    ep = build_episode((9, 20), (3, 1), 3, block_size=8, num_heads=4, num_kv_heads=2,
-                       head_size=64, dtype=dtype, seed=2)
+    ep = build_episode(
+        (9, 20),
+        (3, 1),
+        3,
+        block_size=8,
+        num_heads=4,
+        num_kv_heads=2,
+        head_size=64,
+        dtype=dtype,
+        seed=2,
+    )
     backend = get_backend(backend_name)
     mine, ref_ep = ep.with_fresh_cache().to(backend.device()), ep.with_fresh_cache()
     ran = 0
@@ -113,8 +169,14 @@ def test_bad_input_gives_the_same_error_everywhere(backend_name):
     from dataclasses import replace
 
     with pytest.raises(ValueError, match=r"block_tables: entry \[0, 0\] = 10\d is outside"):
-        backend.forward(step.query, step.key, step.value, step.kv_cache,
-                        replace(md, block_tables=bad_tables), step.attn_kind)
+        backend.forward(
+            step.query,
+            step.key,
+            step.value,
+            step.kv_cache,
+            replace(md, block_tables=bad_tables),
+            step.attn_kind,
+        )
 
 
 def test_unavailable_backends_say_why():

@@ -64,9 +64,14 @@ def test_two_keys_softmax_weights_by_hand():
     q = torch.tensor([[[1.0, 0.0]]], dtype=torch.float64)
     k = torch.tensor([[[0.0, 0.0]], [[s, 0.0]]], dtype=torch.float64)
     v = torch.tensor([[[4.0, 0.0]], [[8.0, 0.0]]], dtype=torch.float64)
-    md = StepMetadata(query_lens=(1,), context_lens=(0,), encoder_seq_lens=(2,), block_size=2,
-                      cross_block_tables=torch.tensor([[0]]),
-                      cross_slot_mapping=torch.tensor([0, 1]))
+    md = StepMetadata(
+        query_lens=(1,),
+        context_lens=(0,),
+        encoder_seq_lens=(2,),
+        block_size=2,
+        cross_block_tables=torch.tensor([[0]]),
+        cross_slot_mapping=torch.tensor([0, 1]),
+    )
     cache = (torch.full((1, 2, 1, 2), math.nan, dtype=torch.float64),) * 2
     cache = (cache[0].clone(), cache[1].clone())
     out = attention(q, k, v, cache, md, AttnKind.ENCODER_DECODER)

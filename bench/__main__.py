@@ -1,0 +1,235 @@
+"""`make bench`: on a GPU, the benchmark grid to reports/out/bench.csv; without one, the
+CPU benchmarks of the reference and torch backend (pytest-benchmark), also to bench.csv.
+
+    python -m bench [--out reports/out/bench.csv] [--quick] [--only WORKLOAD ...]
+    python -m bench tune      (sweep tile/warps/stages of the paged kernel on a few shapes)
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import subprocess
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+
+def gpu_grid(quick: bool, only: list[str] | None):
+    from bench import gpu
+
+    limits = gpu.Limits()
+    print(
+        f"# {limits.device}: bf16 matmul {limits.matmul_tflops:.0f} TFLOP/s, "
+        f"copy {limits.copy_gbps(1 << 30):.0f} GB/s",
+        flush=True,
+    )
+    jobs = []
+    # decode grid: batch × context × GQA × head size × block size, bf16 (fp16 on a subset)
+    for batch, ctx in (
+        [(16, 1024), (64, 4096), (4, 32768)]
+        if quick
+        else [(16, 1024), (64, 1024), (16, 4096), (64, 4096), (16, 16384), (4, 32768)]
+    ):
+        for heads, kv in ((32, 32), (32, 8), (32, 4)):
+            for hs in (128, 64) if heads == kv else (128,):
+                for bs in (16, 32, 256):
+                    for dtype in ("bfloat16", "float16") if bs == 16 else ("bfloat16",):
+                        jobs.append(
+                            (
+                                "decode-self",
+                                lambda b=batch, c=ctx, h=heads, k=kv, d=hs, s=bs, t=dtype: (
+                                    gpu.decode_rows(
+                                        limits, "decode-self", b, c, h, k, d, s, t, True
+                                    )
+                                ),
+                            )
+                        )
+    for model, m in gpu.MODELS.items():
+        for batch in (64, 256):
+            for bs in (16, 32, 64, 256):
+                jobs.append(
+                    (
+                        f"cross-decode:{model}",
+                        lambda b=batch, s=bs, m=m, n=model: gpu.decode_rows(
+                            limits,
+                            f"cross-decode:{n}",
+                            b,
+                            m["encoder_len"],
+                            m["num_heads"],
+                            m["num_heads"],
+                            m["head_size"],
+                            s,
+                            "bfloat16",
+                            False,
+                        ),
+                    )
+                )
+                jobs.append(
+                    (
+                        f"self-decode:{model}",
+                        lambda b=batch, s=bs, m=m, n=model: gpu.decode_rows(
+                            limits,
+                            f"self-decode:{n}",
+                            b,
+                            m["decoder_len"],
+                            m["num_heads"],
+                            m["num_heads"],
+                            m["head_size"],
+                            s,
+                            "bfloat16",
+                            True,
+                        ),
+                    )
+                )
+            jobs.append(
+                (
+                    f"cross-prefill:{model}",
+                    lambda b=batch, m=m, n=model: gpu.prefill_rows(
+                        limits,
+                        f"cross-prefill:{n}",
+                        [4] * b,
+                        [m["encoder_len"]] * b,
+                        [0] * b,
+                        m["num_heads"],
+                        m["num_heads"],
+                        m["head_size"],
+                        16,
+                        "bfloat16",
+                        False,
+                    ),
+                )
+            )
+        lens = [m["encoder_len"] - (37 * i) % 200 for i in range(16)]  # ragged encoder batch
+        jobs.append(
+            (
+                f"encoder-prefill:{model}",
+                lambda lens=lens, m=m, n=model: gpu.encoder_rows(
+                    limits, f"encoder-prefill:{n}", lens, m["num_heads"], m["head_size"], "bfloat16"
+                ),
+            )
+        )
+    jobs.append(
+        (
+            "encoder-prefill:whisper-16x1500",
+            lambda: gpu.encoder_rows(
+                limits, "encoder-prefill:whisper-16x1500", [1500] * 16, 20, 64, "bfloat16"
+            ),
+        )
+    )
+    for ctx, chunk, heads, kv in ((4096, 512, 32, 8), (8192, 1024, 32, 8), (2048, 2048, 32, 32)):
+        jobs.append(
+            (
+                "chunked-prefill",
+                lambda c=ctx, q=chunk, h=heads, k=kv: gpu.prefill_rows(
+                    limits,
+                    "chunked-prefill",
+                    [q] * 8,
+                    [c + q] * 8,
+                    [c] * 8,
+                    h,
+                    k,
+                    128,
+                    16,
+                    "bfloat16",
+                    True,
+                ),
+            )
+        )
+    for tokens in (1024, 8192, 32768):
+        for bs in (16, 256):
+            jobs.append(
+                (
+                    "cache-write",
+                    lambda n=tokens, s=bs: gpu.cache_write_rows(limits, n, 8, 128, s, "bfloat16"),
+                )
+            )
+    rows = []
+    for name, job in jobs:
+        if only and not any(name.startswith(o) for o in only):
+            continue
+        try:
+            got = job()
+        except Exception as e:  # one bad configuration never stops the grid
+            print(f"! {name}: {type(e).__name__}: {str(e)[:200]}", flush=True)
+            continue
+        for r in got:
+            print(
+                f"{r.workload:36s} {r.backend:17s} b{r.batch:<4d} c{r.context_len:<6d} "
+                f"h{r.num_heads}/{r.num_kv_heads} d{r.head_size} bs{r.block_size:<4d} "
+                f"{r.dtype:9s} {r.median_ms:8.3f} ms {r.gbps:8.0f} GB/s {r.tflops:7.1f} TF/s "
+                f"{r.frac_of_limit:6.1%}",
+                flush=True,
+            )
+        rows += [asdict(r) for r in got]
+        torch.cuda.empty_cache()
+    return rows
+
+
+def cpu_rows() -> list[dict]:
+    """pytest-benchmark of the reference and torch backend on small cases."""
+    out = Path("reports/out/cpu-bench.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "bench/test_cpu_bench.py",
+            "-p",
+            "no:xdist",
+            f"--benchmark-json={out}",
+            "-o",
+            "addopts=",
+        ],
+        check=True,
+    )
+    rows = []
+    for b in json.loads(out.read_text())["benchmarks"]:
+        info = b["extra_info"]
+        rows.append(
+            dict(
+                info,
+                median_ms=b["stats"]["median"] * 1e3,
+                gbps=math.nan,
+                tflops=info["flops"] / b["stats"]["median"] / 1e12,
+                frac_of_limit=math.nan,
+                limit="",
+                device="cpu",
+            )
+        )
+    return rows
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench")
+    p.add_argument("mode", nargs="?", default="grid", choices=["grid", "tune"])
+    p.add_argument("--out", default="reports/out/bench.csv")
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--only", nargs="*", default=None)
+    args = p.parse_args(argv)
+    t0 = time.time()
+    if args.mode == "tune":
+        from bench.tune import main as tune
+
+        return tune()
+    rows = gpu_grid(args.quick, args.only) if torch.cuda.is_available() else cpu_rows()
+    from bench.gpu import BENCH_COLUMNS
+
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    with open(args.out, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=BENCH_COLUMNS, extrasaction="ignore")
+        w.writeheader()
+        w.writerows(rows)
+    print(f"wrote {args.out} ({len(rows)} rows) in {time.time() - t0:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

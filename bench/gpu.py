@@ -1,0 +1,479 @@
+"""GPU benchmarks: our Triton kernels against peers and the measured hardware limit.
+
+Every row: median time (triton.testing.do_bench), achieved GB/s (bytes of K/V actually read or
+written) or TFLOP/s (prefill), and the fraction of the limit: a device-to-device copy of the
+same bytes for memory-bound work, the bf16 matmul rate for prefill.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.testing
+
+from optimized.kernels.paged_attention import make_schedule, paged_attention
+from optimized.kernels.reshape_and_cache import reshape_and_cache
+
+BENCH_COLUMNS = [
+    "workload",
+    "backend",
+    "batch",
+    "context_len",
+    "query_len",
+    "num_heads",
+    "num_kv_heads",
+    "head_size",
+    "block_size",
+    "dtype",
+    "median_ms",
+    "gbps",
+    "tflops",
+    "frac_of_limit",
+    "limit",
+    "device",
+]
+DT = {"bfloat16": torch.bfloat16, "float16": torch.float16}
+
+# Named encoder/decoder shapes: heads, head size, encoder length, decoder length.
+MODELS = {
+    "whisper-large-v3": dict(num_heads=20, head_size=64, encoder_len=1500, decoder_len=448),
+    "bart-large": dict(num_heads=16, head_size=64, encoder_len=1024, decoder_len=1024),
+    "flan-t5-xl": dict(num_heads=32, head_size=64, encoder_len=512, decoder_len=512),
+}
+
+
+def median_ms(fn) -> float:
+    return triton.testing.do_bench(fn, warmup=10, rep=40, return_mode="median")
+
+
+class Limits:
+    """Measured once per run: copy bandwidth (read + write bytes / s) and bf16 matmul rate."""
+
+    def __init__(self):
+        self._copy: dict[int, float] = {}
+        a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+        ms = median_ms(lambda: a @ a)
+        self.matmul_tflops = 2 * 8192**3 / ms / 1e9
+        self.device = torch.cuda.get_device_name(0)
+
+    def copy_gbps(self, nbytes: int) -> float:
+        """Bandwidth of copying `nbytes` (at least 256 MiB, so that caches do not help)."""
+        n = max(nbytes, 256 << 20)
+        key = 1 << math.ceil(math.log2(n))
+        if key not in self._copy:
+            src = torch.empty(key // 2, dtype=torch.bfloat16, device="cuda")
+            dst = torch.empty_like(src)
+            self._copy[key] = 2 * key / median_ms(lambda: dst.copy_(src)) / 1e6
+        return self._copy[key]
+
+
+@dataclass
+class Row:
+    workload: str
+    backend: str
+    batch: int
+    context_len: int
+    query_len: int
+    num_heads: int
+    num_kv_heads: int
+    head_size: int
+    block_size: int
+    dtype: str
+    median_ms: float
+    gbps: float = math.nan
+    tflops: float = math.nan
+    frac_of_limit: float = math.nan
+    limit: str = ""
+    device: str = ""
+
+
+def _paged_kv(batch, kv_len, num_kv_heads, head_size, block_size, dtype, gen_seed=0):
+    """A shuffled paged cache holding `batch` sequences of `kv_len` tokens, and their tables."""
+    per_seq = triton.cdiv(kv_len, block_size)
+    num_blocks = batch * per_seq
+    shape = (num_blocks, block_size, num_kv_heads, head_size)
+    key_cache = torch.randn(shape, device="cuda", dtype=dtype)
+    value_cache = torch.randn(shape, device="cuda", dtype=dtype)
+    g = torch.Generator(device="cuda").manual_seed(gen_seed)
+    tables = torch.randperm(num_blocks, device="cuda", generator=g).view(batch, per_seq)
+    return key_cache, value_cache, tables.to(torch.int32)
+
+
+def decode_rows(
+    limits: Limits,
+    workload: str,
+    batch: int,
+    kv_len: int,
+    num_heads: int,
+    num_kv_heads: int,
+    head_size: int,
+    block_size: int,
+    dtype: str,
+    causal: bool,
+    peers: bool = True,
+) -> list[Row]:
+    """One decode token per sequence over `kv_len` cached tokens: ours, xFormers split-K,
+    SDPA on contiguous K/V, and the copy limit."""
+    dt = DT[dtype]
+    kc, vc, tables = _paged_kv(batch, kv_len, num_kv_heads, head_size, block_size, dt)
+    q = torch.randn(batch, num_heads, head_size, device="cuda", dtype=dt)
+    group = num_heads // num_kv_heads
+    sched = make_schedule(
+        (1,) * batch,
+        (kv_len,) * batch,
+        (kv_len - 1,) * batch if causal else (0,) * batch,
+        group,
+        "cuda",
+    )
+    scale = head_size**-0.5
+    out = torch.empty_like(q)
+    kv_bytes = 2 * batch * kv_len * num_kv_heads * head_size * q.element_size()
+    limit = limits.copy_gbps(kv_bytes)
+    base = dict(
+        workload=workload,
+        batch=batch,
+        context_len=kv_len,
+        query_len=1,
+        num_heads=num_heads,
+        num_kv_heads=num_kv_heads,
+        head_size=head_size,
+        block_size=block_size,
+        dtype=dtype,
+        device=limits.device,
+    )
+
+    def row(backend, ms):
+        gbps = kv_bytes / ms / 1e6
+        return Row(
+            backend=backend,
+            median_ms=ms,
+            gbps=gbps,
+            frac_of_limit=gbps / limit,
+            limit=f"copy {limit:.0f} GB/s",
+            **base,
+        )
+
+    rows = [
+        row(
+            "triton",
+            median_ms(
+                lambda: paged_attention(
+                    q, kc, vc, tables, sched, causal=causal, scale=scale, out=out
+                )
+            ),
+        )
+    ]
+    if not peers:
+        return rows
+    rows.append(
+        Row(
+            backend="copy",
+            median_ms=2 * kv_bytes / limit / 1e6,
+            gbps=limit,
+            frac_of_limit=1.0,
+            limit="measured",
+            **base,
+        )
+    )
+    # SDPA on the same K/V laid out contiguously (no paging): the dense peer.
+    k_dense = torch.randn(batch, num_kv_heads, kv_len, head_size, device="cuda", dtype=dt)
+    v_dense = torch.randn_like(k_dense)
+    q4 = q.view(batch, num_heads, 1, head_size)
+    rows.append(
+        row(
+            "sdpa-contiguous",
+            median_ms(
+                lambda: torch.nn.functional.scaled_dot_product_attention(
+                    q4, k_dense, v_dense, scale=scale, enable_gqa=True
+                )
+            ),
+        )
+    )
+    xf = _xformers_splitk(q, kc, vc, tables, kv_len, block_size, scale)
+    if xf is not None:
+        rows.append(row("xformers-splitk", median_ms(xf)))
+    return rows
+
+
+def _xformers_splitk(q, kc, vc, tables, kv_len, block_size, scale):
+    """A callable running xFormers' paged split-K decode, or None where its rules refuse."""
+    try:
+        from xformers.ops import fmha
+        from xformers.ops.fmha.common import Inputs
+    except ImportError:
+        return None
+    batch, num_heads, head_size = q.shape
+    num_blocks, bs, num_kv_heads, _ = kc.shape
+    group = num_heads // num_kv_heads
+    bias = fmha.attn_bias.PagedBlockDiagonalPaddedKeysMask.from_seqlens(
+        q_seqlen=[1] * batch,
+        kv_seqlen=[kv_len] * batch,
+        block_tables=tables,
+        page_size=bs,
+        device=q.device,
+    )
+
+    def view(c):
+        return c.view(1, num_blocks * bs, num_kv_heads, 1, head_size).expand(-1, -1, -1, group, -1)
+
+    xq = q.view(1, batch, num_kv_heads, group, head_size)
+    k5, v5 = view(kc), view(vc)
+    if fmha.triton_splitk.FwOp.not_supported_reasons(Inputs(xq, k5, v5, bias)):
+        return None
+    return lambda: fmha.memory_efficient_attention_forward(
+        xq, k5, v5, attn_bias=bias, scale=scale, op=fmha.triton_splitk.FwOp
+    )
+
+
+def prefill_rows(
+    limits: Limits,
+    workload: str,
+    q_lens: list[int],
+    kv_lens: list[int],
+    context_lens: list[int],
+    num_heads: int,
+    num_kv_heads: int,
+    head_size: int,
+    block_size: int,
+    dtype: str,
+    causal: bool,
+) -> list[Row]:
+    """Prefill-like work (many queries per sequence): ours paged, xFormers' fmha ops and SDPA
+    on the same tokens unpaged. TFLOP/s counts the visible score and P·V products only."""
+    dt = DT[dtype]
+    batch = len(q_lens)
+    kc, vc, tables = _paged_kv(batch, max(kv_lens), num_kv_heads, head_size, block_size, dt)
+    nq = sum(q_lens)
+    q = torch.randn(nq, num_heads, head_size, device="cuda", dtype=dt)
+    group = num_heads // num_kv_heads
+    sched = make_schedule(tuple(q_lens), tuple(kv_lens), tuple(context_lens), group, "cuda")
+    scale = head_size**-0.5
+    out = torch.empty_like(q)
+    visible = 0
+    for ql, kl, c in zip(q_lens, kv_lens, context_lens):
+        visible += sum(min(c + j + 1, kl) for j in range(ql)) if causal else ql * kl
+    flops = 4 * visible * num_heads * head_size
+    kv_bytes = 2 * sum(kv_lens) * num_kv_heads * head_size * q.element_size()
+    base = dict(
+        workload=workload,
+        batch=batch,
+        context_len=max(kv_lens),
+        query_len=max(q_lens),
+        num_heads=num_heads,
+        num_kv_heads=num_kv_heads,
+        head_size=head_size,
+        block_size=block_size,
+        dtype=dtype,
+        device=limits.device,
+    )
+    mem_bound = max(q_lens) <= 16  # a few queries against a long K/V: bandwidth is the limit
+
+    def row(backend, ms):
+        tflops = flops / ms / 1e9
+        gbps = kv_bytes / ms / 1e6
+        if mem_bound:
+            lim = limits.copy_gbps(kv_bytes)
+            return Row(
+                backend=backend,
+                median_ms=ms,
+                gbps=gbps,
+                tflops=tflops,
+                frac_of_limit=gbps / lim,
+                limit=f"copy {lim:.0f} GB/s",
+                **base,
+            )
+        return Row(
+            backend=backend,
+            median_ms=ms,
+            gbps=gbps,
+            tflops=tflops,
+            frac_of_limit=tflops / limits.matmul_tflops,
+            limit=f"bf16 matmul {limits.matmul_tflops:.0f} TFLOP/s",
+            **base,
+        )
+
+    rows = [
+        row(
+            "triton",
+            median_ms(
+                lambda: paged_attention(
+                    q, kc, vc, tables, sched, causal=causal, scale=scale, out=out
+                )
+            ),
+        )
+    ]
+    # Peers on the same tokens without paging: contiguous packed K/V.
+    k_packed = torch.randn(sum(kv_lens), num_kv_heads, head_size, device="cuda", dtype=dt)
+    v_packed = torch.randn_like(k_packed)
+    try:
+        from xformers.ops import fmha
+
+        if causal:
+            bias = fmha.attn_bias.BlockDiagonalCausalFromBottomRightMask.from_seqlens(
+                q_lens, kv_lens
+            )
+        else:
+            bias = fmha.attn_bias.BlockDiagonalMask.from_seqlens(q_lens, kv_lens)
+        xq = q.view(1, nq, num_kv_heads, group, head_size)
+        xk = k_packed.view(1, -1, num_kv_heads, 1, head_size).expand(-1, -1, -1, group, -1)
+        xv = v_packed.view(1, -1, num_kv_heads, 1, head_size).expand(-1, -1, -1, group, -1)
+        for name, op in (
+            ("xformers-fa2", fmha.flash.FwOp),
+            ("xformers-cutlass", fmha.cutlass.FwOp),
+        ):
+            try:
+                fmha.memory_efficient_attention_forward(
+                    xq, xk, xv, attn_bias=bias, scale=scale, op=op
+                )
+            except Exception:
+                continue
+            rows.append(
+                row(
+                    name,
+                    median_ms(
+                        lambda op=op: fmha.memory_efficient_attention_forward(
+                            xq, xk, xv, attn_bias=bias, scale=scale, op=op
+                        )
+                    ),
+                )
+            )
+    except ImportError:
+        pass
+    if (
+        len(set(q_lens)) == 1
+        and len(set(kv_lens)) == 1
+        and not (causal and q_lens[0] != kv_lens[0])
+    ):
+        q4 = q.view(batch, q_lens[0], num_heads, head_size).transpose(1, 2)
+        k4 = k_packed.view(batch, kv_lens[0], num_kv_heads, head_size).transpose(1, 2)
+        v4 = v_packed.view(batch, kv_lens[0], num_kv_heads, head_size).transpose(1, 2)
+        rows.append(
+            row(
+                "sdpa-contiguous",
+                median_ms(
+                    lambda: torch.nn.functional.scaled_dot_product_attention(
+                        q4, k4, v4, is_causal=causal, scale=scale, enable_gqa=True
+                    )
+                ),
+            )
+        )
+    return rows
+
+
+def encoder_rows(
+    limits: Limits, workload: str, lens: list[int], num_heads: int, head_size: int, dtype: str
+) -> list[Row]:
+    """Encoder prefill (non-causal, unpaged): ours (packed K/V) against xFormers and SDPA."""
+    dt = DT[dtype]
+    n = sum(lens)
+    q, k, v = (torch.randn(n, num_heads, head_size, device="cuda", dtype=dt) for _ in range(3))
+    sched = make_schedule(tuple(lens), tuple(lens), (0,) * len(lens), 1, "cuda")
+    scale = head_size**-0.5
+    out = torch.empty_like(q)
+    flops = 4 * sum(x * x for x in lens) * num_heads * head_size
+    base = dict(
+        workload=workload,
+        batch=len(lens),
+        context_len=max(lens),
+        query_len=max(lens),
+        num_heads=num_heads,
+        num_kv_heads=num_heads,
+        head_size=head_size,
+        block_size=0,
+        dtype=dtype,
+        device=limits.device,
+    )
+
+    def row(backend, ms):
+        tf = flops / ms / 1e9
+        return Row(
+            backend=backend,
+            median_ms=ms,
+            tflops=tf,
+            frac_of_limit=tf / limits.matmul_tflops,
+            limit=f"bf16 matmul {limits.matmul_tflops:.0f} TFLOP/s",
+            **base,
+        )
+
+    rows = [
+        row(
+            "triton",
+            median_ms(
+                lambda: paged_attention(
+                    q, k, v, None, sched, causal=False, scale=scale, paged=False, out=out
+                )
+            ),
+        )
+    ]
+    try:
+        from xformers.ops import fmha
+
+        bias = fmha.attn_bias.BlockDiagonalMask.from_seqlens(lens)
+        for name, op in (
+            ("xformers-fa2", fmha.flash.FwOp),
+            ("xformers-cutlass", fmha.cutlass.FwOp),
+        ):
+            rows.append(
+                row(
+                    name,
+                    median_ms(
+                        lambda op=op: fmha.memory_efficient_attention_forward(
+                            q[None], k[None], v[None], attn_bias=bias, scale=scale, op=op
+                        )
+                    ),
+                )
+            )
+    except ImportError:
+        pass
+    if len(set(lens)) == 1:
+        shape = (len(lens), lens[0], num_heads, head_size)
+        q4, k4, v4 = (t.view(shape).transpose(1, 2) for t in (q, k, v))
+        rows.append(
+            row(
+                "sdpa-contiguous",
+                median_ms(
+                    lambda: torch.nn.functional.scaled_dot_product_attention(
+                        q4, k4, v4, scale=scale
+                    )
+                ),
+            )
+        )
+    return rows
+
+
+def cache_write_rows(
+    limits: Limits, num_tokens: int, num_kv_heads: int, head_size: int, block_size: int, dtype: str
+) -> list[Row]:
+    dt = DT[dtype]
+    key = torch.randn(num_tokens, num_kv_heads, head_size, device="cuda", dtype=dt)
+    value = torch.randn_like(key)
+    num_blocks = triton.cdiv(num_tokens, block_size) * 2
+    kc = torch.empty(num_blocks, block_size, num_kv_heads, head_size, device="cuda", dtype=dt)
+    vc = torch.empty_like(kc)
+    slots = torch.randperm(num_blocks * block_size, device="cuda")[:num_tokens]
+    moved = 2 * 2 * key.numel() * key.element_size()  # K and V, read once and written once
+    lim = limits.copy_gbps(moved // 2)
+    ms = median_ms(lambda: reshape_and_cache(key, value, kc, vc, slots))
+    gbps = moved / ms / 1e6
+    return [
+        Row(
+            workload="cache-write",
+            backend="triton",
+            batch=1,
+            context_len=num_tokens,
+            query_len=num_tokens,
+            num_heads=num_kv_heads,
+            num_kv_heads=num_kv_heads,
+            head_size=head_size,
+            block_size=block_size,
+            dtype=dtype,
+            median_ms=ms,
+            gbps=gbps,
+            frac_of_limit=gbps / lim,
+            limit=f"copy {lim:.0f} GB/s",
+            device=limits.device,
+        )
+    ]

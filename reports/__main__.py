@@ -1,0 +1,44 @@
+"""Reports command line.
+
+python -m reports render RESULTS.csv [...] [--bench BENCH.csv] [--out reports/out/index.html]
+python -m reports merge A.csv|A.jsonl B.csv ... --out reports/out/results.csv
+python -m reports.gate ...   (the regression gate; see reports/gate.py)
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m reports")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    r = sub.add_parser("render", help="write the self-contained HTML report")
+    r.add_argument("results", nargs="+")
+    r.add_argument("--bench", nargs="?", default=None, const=None)
+    r.add_argument("--out", default="reports/out/index.html")
+    r.add_argument("--title", default=None)
+    m = sub.add_parser("merge", help="merge result files into one CSV")
+    m.add_argument("inputs", nargs="+")
+    m.add_argument("--out", required=True)
+    args = p.parse_args(argv)
+    try:
+        if args.cmd == "render":
+            from reports.html import write_report
+
+            out = write_report(args.results, args.out, args.bench or None, args.title)
+            print(f"wrote {out}")
+        else:
+            from reports.merge import merge
+
+            n = merge(args.inputs, args.out)
+            print(f"wrote {args.out} ({n} rows)")
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

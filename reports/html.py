@@ -1,0 +1,274 @@
+"""The self-contained HTML report: pandas Styler tables and matplotlib images inlined as PNG.
+
+Sections: header (environment, tier, totals, pass rate, wall time), summary backend × kind ×
+phase, heatmaps of worst error ÷ tolerance, failures and errors with their re-run command, skip
+reasons grouped, and performance where benchmark results exist.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+
+STATUS_COLOURS = {"pass": "#c8e6c9", "fail": "#ffcdd2", "error": "#ffab91", "skip": "#eeeeee"}
+CSS = """
+body { font-family: system-ui, sans-serif; margin: 2em; color: #222; }
+h1 { margin-bottom: 0.2em; } h2 { margin-top: 1.6em; border-bottom: 1px solid #ccc; }
+table { border-collapse: collapse; font-size: 13px; margin: 0.5em 0; }
+th, td { border: 1px solid #ddd; padding: 3px 7px; text-align: right; }
+th { background: #f5f5f5; } td.reason, td.cmd { text-align: left; font-family: monospace; }
+.totals span { display: inline-block; margin-right: 1.5em; font-size: 18px; }
+.heatmaps img, .perf img { max-width: 100%; margin: 0.5em 0.5em 0 0; }
+.note { color: #666; font-size: 13px; }
+"""
+
+
+def _png(fig) -> str:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")
+    plt.close(fig)
+    return (
+        f'<img alt="chart" src="data:image/png;base64,{base64.b64encode(buf.getvalue()).decode()}">'
+    )
+
+
+def summary_table(df: pd.DataFrame) -> pd.DataFrame:
+    """Counts of pass/fail/error/skip per backend × attention kind × phase."""
+    counts = (
+        df.groupby(["backend", "attn_kind", "phase", "status"])
+        .size()
+        .unstack("status", fill_value=0)
+    )
+    for s in STATUS_COLOURS:
+        if s not in counts:
+            counts[s] = 0
+    counts = counts[list(STATUS_COLOURS)]
+    counts["compared"] = counts["pass"] + counts["fail"]
+    return counts
+
+
+def _colour_counts(col: pd.Series) -> list[str]:
+    colour = STATUS_COLOURS.get(col.name)
+    return [
+        f"background-color: {colour}" if colour and v > 0 and col.name != "skip" else ""
+        for v in col
+    ]
+
+
+def heatmap(df: pd.DataFrame, backend: str, rows: str, cols: str) -> str | None:
+    """Worst error ÷ tolerance over two axes for one backend (compared rows only)."""
+    sub = df[(df.backend == backend) & df.err_ratio.notna()]
+    if sub.empty:
+        return None
+    grid = sub.pivot_table(index=rows, columns=cols, values="err_ratio", aggfunc="max")
+    fig, ax = plt.subplots(figsize=(1.0 + 0.9 * len(grid.columns), 0.8 + 0.45 * len(grid)))
+    data = grid.to_numpy(dtype=float)
+    im = ax.imshow(
+        np.log10(np.clip(data, 1e-3, 1e3)), cmap="RdYlGn_r", vmin=-3, vmax=1, aspect="auto"
+    )
+    ax.set_xticks(range(len(grid.columns)), [str(c) for c in grid.columns], rotation=45, ha="right")
+    ax.set_yticks(range(len(grid.index)), [str(i) for i in grid.index])
+    for (i, j), v in np.ndenumerate(data):
+        if not np.isnan(v):
+            ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=7)
+    ax.set_title(f"{backend}: worst error ÷ tolerance ({rows} × {cols})", fontsize=9)
+    fig.colorbar(im, ax=ax, label="log10(err ÷ tol); ≥ 0 fails")
+    return _png(fig)
+
+
+def rerun_command(row) -> str:
+    return f"python -m conformance run --case {row.case_id} --backend {row.backend}"
+
+
+def _table(df: pd.DataFrame, caption: str = "", left: tuple[str, ...] = ()) -> str:
+    styler = df.style.set_caption(caption).format(precision=3, na_rep="")
+    for col in left:
+        if col in df.columns:
+            styler = styler.set_properties(
+                subset=[col], **{"text-align": "left", "font-family": "monospace"}
+            )
+    return styler.to_html()
+
+
+def performance_section(bench: pd.DataFrame) -> str:
+    cols = [
+        c
+        for c in (
+            "workload",
+            "backend",
+            "batch",
+            "context_len",
+            "query_len",
+            "num_heads",
+            "num_kv_heads",
+            "head_size",
+            "block_size",
+            "dtype",
+            "median_ms",
+            "gbps",
+            "tflops",
+            "frac_of_limit",
+        )
+        if c in bench.columns
+    ]
+    parts = []
+    for metric, unit in (("gbps", "GB/s"), ("tflops", "TFLOP/s")):
+        sub = bench[bench[metric].notna() & (bench[metric] > 0)]
+        if sub.empty:
+            continue
+        label = sub.apply(lambda r: f"{r.workload} b{r.batch} c{r.context_len}", axis=1)
+        pivot = sub.assign(label=label).pivot_table(
+            index="label", columns="backend", values=metric, aggfunc="max"
+        )
+        pivot = pivot.iloc[:40]
+        fig, ax = plt.subplots(
+            figsize=(10, 0.6 + 0.28 * len(pivot) * max(1, len(pivot.columns) / 3))
+        )
+        pivot.plot.barh(ax=ax, width=0.8)
+        ax.set_xlabel(unit)
+        ax.set_title(f"achieved {unit} by workload and backend", fontsize=10)
+        ax.legend(fontsize=7)
+        ax.tick_params(labelsize=7)
+        parts.append(_png(fig))
+    table = _table(
+        bench[cols].reset_index(drop=True), "benchmark results", left=("workload", "backend")
+    )
+    return '<div class="perf">' + "".join(parts) + "</div>" + table
+
+
+def render(
+    df: pd.DataFrame,
+    bench: pd.DataFrame | None = None,
+    run_info: dict | None = None,
+    title: str = "encdec-attn conformance report",
+) -> str:
+    """The whole page as one string."""
+    run_info = run_info or {}
+    env = df.iloc[0] if len(df) else None
+    n = len(df)
+    counts = df.status.value_counts().to_dict()
+    compared = counts.get("pass", 0) + counts.get("fail", 0)
+    pass_rate = counts.get("pass", 0) / compared if compared else float("nan")
+    tiers = ", ".join(sorted(df.tier.astype(str).unique())) if n else "-"
+    head = [f"<h1>{html.escape(title)}</h1>"]
+    if env is not None:
+        head.append(
+            f'<p class="note">device {html.escape(str(env.device))} · torch {env.torch}'
+            f" · triton {env.triton} · xformers {env.xformers} · commit {env.commit}"
+            f" · {env.timestamp} · tier {html.escape(tiers)}"
+            + (f" · wall time {run_info['wall_s']:.0f} s" if "wall_s" in run_info else "")
+            + "</p>"
+        )
+    head.append(
+        '<div class="totals">'
+        + "".join(f"<span>{s}: <b>{counts.get(s, 0)}</b></span>" for s in STATUS_COLOURS)
+        + f"<span>rows: <b>{n}</b></span><span>pass rate (of compared): <b>{pass_rate:.1%}</b>"
+        "</span></div>"
+    )
+    body = []
+    body.append("<h2 id='summary'>Summary</h2>")
+    body.append(
+        summary_table(df)
+        .style.apply(_colour_counts)
+        .set_caption("rows per backend × attention kind × phase")
+        .to_html()
+    )
+
+    body.append(
+        "<h2 id='heatmaps'>Worst error ÷ tolerance</h2><p class='note'>Per backend; "
+        "1.0 is the tolerance. Blank cells: nothing compared there.</p>"
+        "<div class='heatmaps'>"
+    )
+    for backend in sorted(df.backend.unique()):
+        for rows, cols in (("block_size", "batch_shape"), ("dtype", "heads")):
+            d = df.assign(heads=df.num_heads.astype(str) + ":" + df.num_kv_heads.astype(str))
+            img = heatmap(d, backend, rows, cols)
+            if img:
+                body.append(img)
+    body.append("</div>")
+
+    bad = df[df.status.isin(["fail", "error"])]
+    body.append(f"<h2 id='failures'>Failures and errors ({len(bad)})</h2>")
+    if len(bad):
+        shown = bad.assign(rerun=bad.apply(rerun_command, axis=1))[
+            [
+                "case_id",
+                "backend",
+                "step",
+                "status",
+                "reason",
+                "attn_kind",
+                "phase",
+                "batch_shape",
+                "block_size",
+                "num_heads",
+                "num_kv_heads",
+                "head_size",
+                "dtype",
+                "layout",
+                "max_abs_err",
+                "err_ratio",
+                "mismatch_frac",
+                "nan_count",
+                "rerun",
+            ]
+        ]
+        body.append(_table(shown.reset_index(drop=True), left=("case_id", "reason", "rerun")))
+    else:
+        body.append("<p>None: every compared step is within tolerance.</p>")
+
+    skips = df[df.status == "skip"]
+    body.append(f"<h2 id='skips'>Skip reasons ({len(skips)})</h2>")
+    if len(skips):
+        grouped = (
+            skips.groupby(["backend", "reason"])
+            .size()
+            .rename("rows")
+            .reset_index()
+            .sort_values(["backend", "rows"], ascending=[True, False])
+        )
+        body.append(_table(grouped.reset_index(drop=True), left=("backend", "reason")))
+    else:
+        body.append("<p>No skips.</p>")
+
+    body.append("<h2 id='performance'>Performance</h2>")
+    if bench is not None and len(bench):
+        body.append(performance_section(bench))
+    else:
+        body.append(
+            "<p class='note'>No benchmark results (run <code>make bench</code> on a GPU,"
+            " or render with <code>--bench reports/results/h100/bench.csv</code>).</p>"
+        )
+    return (
+        f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}"
+        f"</title><style>{CSS}</style></head><body>{''.join(head)}{''.join(body)}"
+        "</body></html>"
+    )
+
+
+def write_report(
+    results: list[str | Path],
+    out: str | Path,
+    bench: str | Path | None = None,
+    title: str | None = None,
+) -> Path:
+    from reports.schema import read_csv
+
+    df = pd.concat([read_csv(p) for p in results], ignore_index=True)
+    bench_df = pd.read_csv(bench) if bench and Path(bench).exists() else None
+    info_path = Path(results[0]).parent / "run.json"
+    run_info = json.loads(info_path.read_text()) if info_path.exists() else {}
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(render(df, bench_df, run_info, title or "encdec-attn conformance report"))
+    return out

@@ -1,0 +1,59 @@
+"""A small, known result set in the schema (no run needed)."""
+
+from dataclasses import asdict
+
+from conformance.cases import Case
+from reports.schema import to_result_row
+
+ENV = dict(
+    device="cpu (test)",
+    torch="2.13.0",
+    triton="3.6.0",
+    xformers="0.0.35",
+    commit="abc1234",
+    timestamp="2026-11-25T00:00:00+00:00",
+)
+
+
+def known_rows() -> list[dict]:
+    cases = [
+        Case("decoder", "decode", "ragged", 16, "h8kv2", 64, "float16", "shuffled"),
+        Case("cross", "prefill", "single", 8, "h4kv4", 80, "bfloat16", "interleaved"),
+        Case("encoder", "prefill", "uniform", 16, "h8kv1", 128, "float32", "contiguous"),
+    ]
+    rows = []
+    for i, c in enumerate(cases):
+        base = {"case_id": c.id, **asdict(c)}
+        metrics = dict(
+            max_abs_err=1e-3 * (i + 1),
+            max_rel_err=1e-3,
+            err_ratio=0.1 * (i + 1),
+            mismatch_frac=0.0,
+            nan_count=0,
+            ref_ms=1.0,
+            backend_ms=0.5,
+        )
+        step = "0:" + {"cross": "encoder_decoder"}.get(c.kind, c.kind)
+        rows.append(
+            {**base, "backend": "triton", "step": step, "status": "pass", "reason": "", **metrics}
+        )
+        rows.append(
+            {
+                **base,
+                "backend": "xformers",
+                "step": step,
+                "status": "skip",
+                "reason": "not supported: no CUDA device",
+                **{k: float("nan") for k in metrics},
+            }
+        )
+    rows.append(
+        {
+            **rows[2],
+            "backend": "torch",
+            "status": "fail",
+            "err_ratio": 3.5,
+            "reason": "numerical mismatch: max_abs_err 0.1 > tolerance 0.03",
+        }
+    )
+    return [to_result_row(r, ENV, "smoke") for r in rows]

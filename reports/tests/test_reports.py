@@ -1,0 +1,223 @@
+"""CSV schema, HTML content, merge, and the gate on a planted regression."""
+
+import re
+import shutil
+import subprocess
+
+import pandas as pd
+import pytest
+
+from reports import gate
+from reports.html import render
+from reports.merge import merge
+from reports.schema import COLUMNS, read_csv, write_csv
+from reports.tests.known import known_rows
+
+REQUIRED = [
+    "case_id",
+    "backend",
+    "step",
+    "attn_kind",
+    "phase",
+    "batch_shape",
+    "block_size",
+    "num_heads",
+    "num_kv_heads",
+    "head_size",
+    "dtype",
+    "status",
+    "reason",
+    "max_abs_err",
+    "max_rel_err",
+    "err_ratio",
+    "mismatch_frac",
+    "nan_count",
+    "ref_ms",
+    "backend_ms",
+    "device",
+    "torch",
+    "triton",
+    "xformers",
+    "commit",
+    "timestamp",
+]
+
+
+@pytest.fixture
+def results_csv(tmp_path):
+    path = tmp_path / "results.csv"
+    write_csv(known_rows(), path)
+    return path
+
+
+def test_csv_has_the_contract_columns_in_order(results_csv):
+    header = results_csv.read_text().splitlines()[0].split(",")
+    assert header == COLUMNS
+    assert [c for c in header if c in REQUIRED] == REQUIRED
+    df = read_csv(results_csv)
+    assert set(df.status) == {"pass", "skip", "fail"}
+
+
+def test_read_csv_rejects_other_files(tmp_path):
+    (tmp_path / "x.csv").write_text("a,b\n1,2\n")
+    with pytest.raises(ValueError, match="missing columns"):
+        read_csv(tmp_path / "x.csv")
+
+
+def test_html_holds_the_tables_and_images(results_csv):
+    page = render(
+        read_csv(results_csv),
+        bench=pd.DataFrame(
+            [
+                dict(
+                    workload="decode-self",
+                    backend="triton",
+                    batch=64,
+                    context_len=4096,
+                    query_len=1,
+                    num_heads=32,
+                    num_kv_heads=8,
+                    head_size=128,
+                    block_size=16,
+                    dtype="bfloat16",
+                    median_ms=0.5,
+                    gbps=2500.0,
+                    tflops=float("nan"),
+                    frac_of_limit=0.83,
+                    device="H100",
+                )
+            ]
+        ),
+    )
+    for section in (
+        "id='summary'",
+        "id='heatmaps'",
+        "id='failures'",
+        "id='skips'",
+        "id='performance'",
+    ):
+        assert section in page
+    assert "Failures and errors (1)" in page
+    assert "python -m conformance run --case cross-prefill-single-bs8" in page
+    assert "not supported: no CUDA device" in page
+    assert len(re.findall(r'src="data:image/png;base64,', page)) >= 3  # heatmaps + perf chart
+    assert "http://" not in page and "https://" not in page  # self-contained
+    assert "cpu (test)" in page and "pass rate" in page
+
+
+def test_merge_joins_shards(tmp_path):
+    rows = known_rows()
+    write_csv(rows[:3], tmp_path / "a.csv")
+    write_csv(rows[3:], tmp_path / "b.csv")
+    n = merge([tmp_path / "a.csv", tmp_path / "b.csv"], tmp_path / "m.csv")
+    assert n == len(rows)
+    assert len(read_csv(tmp_path / "m.csv")) == len(rows)
+
+
+def test_gate_passes_on_its_baseline_and_fails_on_a_planted_regression(results_csv, tmp_path):
+    base = tmp_path / "baseline.csv"
+    assert (
+        gate.main(["--results", str(results_csv), "--baseline", str(base), "--write-baseline"]) == 0
+    )
+    assert gate.main(["--results", str(results_csv), "--baseline", str(base)]) == 0
+
+    df = read_csv(results_csv)
+    df.loc[0, "status"], df.loc[0, "reason"] = "fail", "numerical mismatch: planted"
+    df.to_csv(tmp_path / "regressed.csv", index=False)
+    summary = tmp_path / "gate.md"
+    assert (
+        gate.main(
+            [
+                "--results",
+                str(tmp_path / "regressed.csv"),
+                "--baseline",
+                str(base),
+                "--summary",
+                str(summary),
+            ]
+        )
+        == 1
+    )
+    assert "regressions: 1" in summary.read_text() and "FAILED" in summary.read_text()
+
+
+def test_gate_flags_a_disappeared_case_and_error_growth_but_not_new_or_fixed(results_csv, tmp_path):
+    base = tmp_path / "baseline.csv"
+    gate.main(["--results", str(results_csv), "--baseline", str(base), "--write-baseline"])
+    df = read_csv(results_csv)
+    found = gate.compare(df.iloc[1:], pd.read_csv(base))
+    assert len(found["disappeared"]) == 1
+    grown = df.copy()
+    grown.loc[0, "err_ratio"] = 0.9  # 0.1 -> 0.9: more than RATIO_GROWTH times, above floor
+    assert len(gate.compare(grown, pd.read_csv(base))["ratio_growth"]) == 1
+    fixed = df.copy()
+    fixed.loc[fixed.status == "fail", "status"] = "pass"
+    extra = fixed.iloc[[0]].assign(case_id="decoder-new-case")
+    found = gate.compare(pd.concat([fixed, extra]), pd.read_csv(base))
+    assert len(found["fixed"]) == 1 and len(found["new"]) == 1
+    assert not any(len(found[k]) for k in gate.FAILING)
+
+
+def test_gate_flags_a_throughput_drop():
+    key = dict(
+        workload="decode-self",
+        backend="triton",
+        batch=64,
+        context_len=4096,
+        query_len=1,
+        num_heads=32,
+        num_kv_heads=8,
+        head_size=128,
+        block_size=16,
+        dtype="bfloat16",
+    )
+    base = pd.DataFrame([{**key, "gbps": 2500.0, "tflops": float("nan")}])
+    assert gate.compare_bench(base.assign(gbps=2400.0), base).empty
+    assert len(gate.compare_bench(base.assign(gbps=1500.0), base)) == 1
+
+
+def test_gate_bad_usage_exits_2(tmp_path):
+    assert gate.main(["--results", str(tmp_path / "none.csv"), "--baseline", "x"]) == 2
+
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+@pytest.mark.skipif(
+    CHROMIUM is None,
+    reason="headless Chromium is not installed here (.ci/run installs Debian's chromium)",
+)
+def test_report_renders_in_headless_chromium(results_csv, tmp_path):
+    page = tmp_path / "index.html"
+    page.write_text(render(read_csv(results_csv)))
+    flags = [
+        CHROMIUM,
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        f"--user-data-dir={tmp_path / 'profile'}",
+    ]
+    dom = subprocess.run(
+        [*flags, "--dump-dom", page.as_uri()], capture_output=True, text=True, timeout=120
+    ).stdout
+    assert "Summary" in dom and "rows per backend" in dom
+    # The browser laid the page out: every inlined image decoded to a real size.
+    shot = tmp_path / "shot.png"
+    subprocess.run(
+        [*flags, f"--screenshot={shot}", "--window-size=1200,900", page.as_uri()],
+        capture_output=True,
+        timeout=120,
+    )
+    assert shot.exists() and shot.stat().st_size > 10_000
+
+
+def test_chromium_is_present_in_ci():
+    import os
+
+    if os.environ.get("CI") == "true":
+        assert CHROMIUM, ".ci/run must install chromium so the browser test runs in CI"
