@@ -202,11 +202,7 @@ def run_case(
             continue
         try:
             with time_limit(timeout_s):
-                _sync(device)
-                t0 = time.perf_counter()
-                out = backend.forward(*step.args())
-                _sync(device)
-                backend_ms = (time.perf_counter() - t0) * 1e3
+                out, backend_ms = _timed_forward(backend, step, device)
         except Exception as e:
             rows.append(_row(case, name, sname, "error", _error_reason(e), ref_ms=exp.ref_ms))
             _recover(device)
@@ -250,7 +246,25 @@ def run_case(
                     "nondeterministic: a second run differs",
                 )
             )
+    _recover(device)  # free this case's memory before the next one (workers share the GPU)
     return rows
+
+
+def _timed_forward(backend, step: Step, device: torch.device):
+    """forward() with its wall time; on CUDA out-of-memory, free the cache and try once more
+    (several matrix workers share one GPU, and another worker's peak is not this case's)."""
+    for attempt in (0, 1):
+        try:
+            _sync(device)
+            t0 = time.perf_counter()
+            out = backend.forward(*step.args())
+            _sync(device)
+            return out, (time.perf_counter() - t0) * 1e3
+        except (torch.cuda.OutOfMemoryError, RuntimeError) as e:
+            if attempt or "out of memory" not in str(e):
+                raise
+            _recover(device)
+    raise AssertionError("unreachable")
 
 
 def _check_same(case, name, sname, backend, step, first_out, timeout_s, what) -> dict:

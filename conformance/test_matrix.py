@@ -1,5 +1,7 @@
 """The conformance matrix: one test per case × backend (parametrized in conftest.py)."""
 
+import os
+
 import pytest
 
 from conformance.conftest import rerun_command
@@ -10,6 +12,11 @@ def test_case(case, backend_name, matrix, request):
     backend = request.config._matrix_backends[backend_name]
     rows = run_case(case, backend, timeout_s=request.config.getoption("case_timeout"))
     matrix.record(rows)
+    if os.environ.get("PYTEST_XDIST_WORKER") and any(
+        "CUDA error" in r["reason"] or "illegal memory access" in r["reason"] for r in rows
+    ):
+        # A CUDA error poisons this process's context: leave, and xdist starts a fresh worker.
+        os._exit(3)
     bad = [r for r in rows if r["status"] in ("fail", "error")]
     if bad:
         module = next(

@@ -32,22 +32,27 @@ FLOOR = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2, torch
 def baseline_attention(step) -> torch.Tensor:
     """Dense textbook attention computed entirely in the step's dtype, returned as float64.
 
-    Uses the step's contiguous K/V histories (not the cache) and the materialized mask."""
+    Uses the step's contiguous K/V histories (not the cache), one sequence at a time with its
+    `sequence_mask` (memory stays per sequence, so large GPU cases fit). Computed in fp32 with
+    rounding to the dtype after every op, which is what a naive kernel in that dtype does."""
     md, kind, dtype = step.metadata, step.attn_kind, step.query.dtype
-    mask = md.materialize(kind).to(step.query.device)
-    n = mask.shape[0]
-    # CPU half matmuls are slow but exact enough to model "naive low precision"; run in fp32
-    # with rounding to dtype after every op, which is what a naive kernel in dtype does.
+    dev = step.query.device
     r = lambda t: t.to(dtype).float()
-    q = r(step.query[:n])
-    k = r(torch.cat(step.key_history).to(step.query.device))
-    v = r(torch.cat(step.value_history).to(step.query.device))
-    group = q.shape[1] // k.shape[1]
-    k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
-    scores = r(r(torch.einsum("qhd,khd->hqk", q, k)) * md.scale_for(q.shape[-1]))
-    probs = r(torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1))
-    out = torch.zeros(step.query.shape, dtype=torch.float64, device=step.query.device)
-    out[:n] = r(torch.einsum("hqk,khd->qhd", probs, v)).double()
+    scale = md.scale_for(step.query.shape[-1])
+    out = torch.zeros(step.query.shape, dtype=torch.float64, device=dev)
+    q_lens = md.query_lens_for(kind)
+    start = 0
+    for i, n in enumerate(q_lens):
+        q = r(step.query[start : start + n])
+        k = r(step.key_history[i].to(dev))
+        v = r(step.value_history[i].to(dev))
+        group = q.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
+        scores = r(r(torch.einsum("qhd,khd->hqk", q, k)) * scale)
+        mask = md.sequence_mask(kind, i).to(dev)
+        probs = r(torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1))
+        out[start : start + n] = r(torch.einsum("hqk,khd->qhd", probs, v)).double()
+        start += n
     return out
 
 

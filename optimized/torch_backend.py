@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from optimized.backend import BaseBackend
 from reference.metadata import AttnKind, StepMetadata, check_inputs
@@ -70,14 +71,17 @@ class TorchBackend(BaseBackend):
             if md.sliding_window is not None:
                 mask &= kpos[None, None, :] > qpos[:, :, None] - md.sliding_window
         mask |= ~q_valid[:, :, None]  # padding query rows see everything (no NaN), then dropped
-        out = F.scaled_dot_product_attention(
-            q.transpose(1, 2),
-            k.transpose(1, 2),
-            v.transpose(1, 2),
-            attn_mask=mask[:, None],
-            scale=md.scale_for(query.shape[-1]),
-            enable_gqa=True,
-        ).transpose(1, 2)
+        # fp32 math kernel: deterministic (the fused CUDA kernels were seen to differ between
+        # two runs of one bf16 step on the H100) and at least as accurate as the input dtype.
+        with sdpa_kernel(SDPBackend.MATH):
+            out = F.scaled_dot_product_attention(
+                q.transpose(1, 2).float(),
+                k.transpose(1, 2).float(),
+                v.transpose(1, 2).float(),
+                attn_mask=mask[:, None],
+                scale=md.scale_for(query.shape[-1]),
+                enable_gqa=True,
+            ).transpose(1, 2)
         result = torch.zeros_like(query)
-        result[q_idx[q_valid]] = out[q_valid]
+        result[q_idx[q_valid]] = out[q_valid].to(query.dtype)
         return result

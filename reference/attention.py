@@ -30,13 +30,17 @@ def textbook_attention(
     """
     num_heads, num_kv_heads = query.shape[1], keys.shape[1]
     group = num_heads // num_kv_heads
-    q = query.double()
-    k = keys.double().repeat_interleave(group, dim=1)  # kv head h // group serves query head h
-    v = values.double().repeat_interleave(group, dim=1)
-    scores = torch.einsum("qhd,khd->hqk", q, k) * scale
-    scores = scores.masked_fill(~mask, float("-inf"))
-    probs = torch.softmax(scores, dim=-1)
-    return torch.einsum("hqk,khd->qhd", probs, v)
+    out = torch.empty(query.shape, dtype=torch.float64, device=query.device)
+    for kv_head in range(num_kv_heads):  # query heads h with h // group == kv_head share it
+        heads = slice(kv_head * group, (kv_head + 1) * group)
+        q = query[:, heads].double()  # [q_len, group, head_size]
+        k = keys[:, kv_head].double()  # [kv_len, head_size]
+        v = values[:, kv_head].double()
+        scores = torch.einsum("qhd,kd->hqk", q, k) * scale
+        scores = scores.masked_fill(~mask, float("-inf"))
+        probs = torch.softmax(scores, dim=-1)
+        out[:, heads] = torch.einsum("hqk,kd->qhd", probs, v)
+    return out
 
 
 def attention(

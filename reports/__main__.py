@@ -22,6 +22,13 @@ def main(argv=None) -> int:
     m = sub.add_parser("merge", help="merge result files into one CSV")
     m.add_argument("inputs", nargs="+")
     m.add_argument("--out", required=True)
+    m.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="COLUMN=VALUE",
+        help="environment columns for JSONL inputs (device, torch, ..., tier)",
+    )
     args = p.parse_args(argv)
     try:
         if args.cmd == "render":
@@ -32,7 +39,8 @@ def main(argv=None) -> int:
         else:
             from reports.merge import merge
 
-            n = merge(args.inputs, args.out)
+            overrides = dict(kv.split("=", 1) for kv in args.set)
+            n = merge(args.inputs, args.out, overrides)
             print(f"wrote {args.out} ({n} rows)")
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)

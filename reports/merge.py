@@ -7,22 +7,25 @@ from pathlib import Path
 from reports.schema import COLUMNS, read_csv, read_jsonl, to_result_row, write_csv
 
 
-def load_rows(path: str | Path) -> list[dict]:
-    """Rows of a results.csv, or of a results.jsonl (runner rows, converted)."""
+def load_rows(path: str | Path, overrides: dict | None = None) -> list[dict]:
+    """Rows of a results.csv, or of a results.jsonl (runner rows, converted: the environment
+    columns are this machine's unless `overrides` names them, e.g. the GPU a JSONL came from)."""
     path = Path(path)
+    overrides = overrides or {}
     if path.suffix == ".jsonl":
         from reports.schema import environment
 
-        env = environment()
-        return [to_result_row(r, env, r.get("tier", "")) for r in read_jsonl(path)]
+        env = {**environment(), **{k: v for k, v in overrides.items() if k != "tier"}}
+        tier = overrides.get("tier", "")
+        return [to_result_row(r, env, tier) for r in read_jsonl(path)]
     return read_csv(path).to_dict("records")
 
 
-def merge(paths: list[str | Path], out: str | Path) -> int:
+def merge(paths: list[str | Path], out: str | Path, overrides: dict | None = None) -> int:
     """One CSV; a (case_id, backend, step) seen twice keeps the last file's row."""
     merged: dict[tuple, dict] = {}
     for p in paths:
-        for r in load_rows(p):
+        for r in load_rows(p, overrides):
             merged[(r["case_id"], r["backend"], r["step"])] = {c: r.get(c, "") for c in COLUMNS}
     rows = [merged[k] for k in sorted(merged)]
     write_csv(rows, out)
