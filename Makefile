@@ -8,6 +8,7 @@ DEVICE ?= $(shell $(PY) -c "import torch;print('h100' if torch.cuda.is_available
 RESULTS ?= $(OUT)/results.csv
 BASELINE ?= conformance/baselines/$(TIER)-$(DEVICE).csv
 PYTEST_ARGS ?=
+WORKERS ?= 2
 
 ifeq ($(SETUP),1)
 SETUP_DEP := .venv/.stamp
@@ -27,11 +28,11 @@ setup: $(SETUP_DEP)
 
 # Unit tests of every folder, then the conformance matrix of $(TIER) (smoke on the CPU).
 test: $(SETUP_DEP)
-	$(PY) -m pytest -q -n 2 --dist loadgroup reference optimized reports bench $(PYTEST_ARGS)
-	$(PY) -m conformance run --tier $(TIER) --out $(OUT)
+	$(PY) -m pytest -q -n $(WORKERS) reference optimized conformance/tests reports bench $(PYTEST_ARGS)
+	$(PY) -m conformance run --tier $(TIER) --out $(OUT) -n $(WORKERS)
 
 report: $(SETUP_DEP)
-	-$(PY) -m conformance run --tier $(TIER) --out $(OUT)
+	-$(PY) -m conformance run --tier $(TIER) --out $(OUT) -n $(WORKERS)
 	$(PY) -m reports render $(OUT)/results.csv --bench $(wildcard $(OUT)/bench.csv) --out $(OUT)/index.html
 
 bench: $(SETUP_DEP)

@@ -220,7 +220,7 @@ def main(argv=None) -> int:
 
         return tune()
     rows = gpu_grid(args.quick, args.only) if torch.cuda.is_available() else cpu_rows()
-    from bench.gpu import BENCH_COLUMNS
+    from reports.schema import BENCH_COLUMNS
 
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     with open(args.out, "w", newline="") as f:

@@ -17,24 +17,6 @@ import triton.testing
 from optimized.kernels.paged_attention import make_schedule, paged_attention
 from optimized.kernels.reshape_and_cache import reshape_and_cache
 
-BENCH_COLUMNS = [
-    "workload",
-    "backend",
-    "batch",
-    "context_len",
-    "query_len",
-    "num_heads",
-    "num_kv_heads",
-    "head_size",
-    "block_size",
-    "dtype",
-    "median_ms",
-    "gbps",
-    "tflops",
-    "frac_of_limit",
-    "limit",
-    "device",
-]
 DT = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 
 # Named encoder/decoder shapes: heads, head size, encoder length, decoder length.
@@ -88,6 +70,21 @@ class Row:
     frac_of_limit: float = math.nan
     limit: str = ""
     device: str = ""
+
+
+def matmul_bound_row(
+    limits: Limits, backend: str, ms: float, tflops: float, base: dict, gbps: float = math.nan
+) -> Row:
+    """A compute-bound result: TFLOP/s as a fraction of the measured bf16 matmul rate."""
+    return Row(
+        backend=backend,
+        median_ms=ms,
+        gbps=gbps,
+        tflops=tflops,
+        frac_of_limit=tflops / limits.matmul_tflops,
+        limit=f"bf16 matmul {limits.matmul_tflops:.0f} TFLOP/s",
+        **base,
+    )
 
 
 def _paged_kv(batch, kv_len, num_kv_heads, head_size, block_size, dtype, gen_seed=0):
@@ -285,15 +282,7 @@ def prefill_rows(
                 limit=f"copy {lim:.0f} GB/s",
                 **base,
             )
-        return Row(
-            backend=backend,
-            median_ms=ms,
-            gbps=gbps,
-            tflops=tflops,
-            frac_of_limit=tflops / limits.matmul_tflops,
-            limit=f"bf16 matmul {limits.matmul_tflops:.0f} TFLOP/s",
-            **base,
-        )
+        return matmul_bound_row(limits, backend, ms, tflops, base, gbps=gbps)
 
     rows = [
         row(
@@ -388,15 +377,7 @@ def encoder_rows(
     )
 
     def row(backend, ms):
-        tf = flops / ms / 1e9
-        return Row(
-            backend=backend,
-            median_ms=ms,
-            tflops=tf,
-            frac_of_limit=tf / limits.matmul_tflops,
-            limit=f"bf16 matmul {limits.matmul_tflops:.0f} TFLOP/s",
-            **base,
-        )
+        return matmul_bound_row(limits, backend, ms, flops / ms / 1e9, base)
 
     rows = [
         row(

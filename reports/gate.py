@@ -23,23 +23,13 @@ from pathlib import Path
 
 import pandas as pd
 
+from reports.schema import BENCH_KEY
+
 KEY = ["case_id", "backend", "step"]
 BASELINE_COLUMNS = [*KEY, "status", "reason", "err_ratio"]
 RATIO_GROWTH = 2.0
 RATIO_FLOOR = 0.25
 THROUGHPUT_DROP = 0.20
-BENCH_KEY = [
-    "workload",
-    "backend",
-    "batch",
-    "context_len",
-    "query_len",
-    "num_heads",
-    "num_kv_heads",
-    "head_size",
-    "block_size",
-    "dtype",
-]
 
 
 def compare(results: pd.DataFrame, baseline: pd.DataFrame) -> dict[str, pd.DataFrame]:

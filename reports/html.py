@@ -20,6 +20,8 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
+from reports.schema import BENCH_COLUMNS
+
 STATUS_COLOURS = {"pass": "#c8e6c9", "fail": "#ffcdd2", "error": "#ffab91", "skip": "#eeeeee"}
 CSS = """
 body { font-family: system-ui, sans-serif; margin: 2em; color: #222; }
@@ -101,26 +103,7 @@ def _table(df: pd.DataFrame, caption: str = "", left: tuple[str, ...] = ()) -> s
 
 
 def performance_section(bench: pd.DataFrame) -> str:
-    cols = [
-        c
-        for c in (
-            "workload",
-            "backend",
-            "batch",
-            "context_len",
-            "query_len",
-            "num_heads",
-            "num_kv_heads",
-            "head_size",
-            "block_size",
-            "dtype",
-            "median_ms",
-            "gbps",
-            "tflops",
-            "frac_of_limit",
-        )
-        if c in bench.columns
-    ]
+    cols = [c for c in BENCH_COLUMNS if c in bench.columns and c not in ("limit", "device")]
     parts = []
     for metric, unit in (("gbps", "GB/s"), ("tflops", "TFLOP/s")):
         sub = bench[bench[metric].notna() & (bench[metric] > 0)]

@@ -54,6 +54,21 @@ class ResultRow:
 
 COLUMNS = [f.name for f in fields(ResultRow)]
 
+# bench.csv: the configuration (BENCH_KEY, what identifies a row across runs), then metrics.
+BENCH_KEY = [
+    "workload",
+    "backend",
+    "batch",
+    "context_len",
+    "query_len",
+    "num_heads",
+    "num_kv_heads",
+    "head_size",
+    "block_size",
+    "dtype",
+]
+BENCH_COLUMNS = [*BENCH_KEY, "median_ms", "gbps", "tflops", "frac_of_limit", "limit", "device"]
+
 
 def environment() -> dict[str, str]:
     """device, library versions, commit and time, for every row of a run."""
