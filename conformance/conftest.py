@@ -147,6 +147,11 @@ def pytest_xdist_node_collection_finished(node, ids):
 
 
 def pytest_configure(config):
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+    if worker.startswith("gw") and torch.cuda.device_count() > 1:
+        # One GPU per worker where several exist ("cuda" then means this worker's card).
+        torch.cuda.set_device(int(worker[2:]) % torch.cuda.device_count())
+
     class Progress:
         @pytest.hookimpl
         def pytest_runtest_logreport(self, report):

@@ -96,8 +96,9 @@ def _table(df: pd.DataFrame, caption: str = "", left: tuple[str, ...] = ()) -> s
     styler = df.style.set_caption(caption).format(precision=3, na_rep="")
     for col in left:
         if col in df.columns:
+            nowrap = {} if col == "reason" else {"white-space": "nowrap"}  # ids stay one line
             styler = styler.set_properties(
-                subset=[col], **{"text-align": "left", "font-family": "monospace"}
+                subset=[col], **{"text-align": "left", "font-family": "monospace"}, **nowrap
             )
     return styler.to_html()
 
