@@ -57,3 +57,18 @@ def known_rows() -> list[dict]:
         }
     )
     return [to_result_row(r, ENV, "smoke") for r in rows]
+
+
+# One benchmark configuration (the bench.csv key columns).
+BENCH_KEY_VALUES = dict(
+    workload="decode-self",
+    backend="triton",
+    batch=64,
+    context_len=4096,
+    query_len=1,
+    num_heads=32,
+    num_kv_heads=8,
+    head_size=128,
+    block_size=16,
+    dtype="bfloat16",
+)

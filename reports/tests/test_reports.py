@@ -11,7 +11,7 @@ from reports import gate
 from reports.html import render
 from reports.merge import merge
 from reports.schema import COLUMNS, read_csv, write_csv
-from reports.tests.known import known_rows
+from reports.tests.known import BENCH_KEY_VALUES, known_rows
 
 REQUIRED = [
     "case_id",
@@ -70,16 +70,7 @@ def test_html_holds_the_tables_and_images(results_csv):
         bench=pd.DataFrame(
             [
                 dict(
-                    workload="decode-self",
-                    backend="triton",
-                    batch=64,
-                    context_len=4096,
-                    query_len=1,
-                    num_heads=32,
-                    num_kv_heads=8,
-                    head_size=128,
-                    block_size=16,
-                    dtype="bfloat16",
+                    **BENCH_KEY_VALUES,
                     median_ms=0.5,
                     gbps=2500.0,
                     tflops=float("nan"),
@@ -159,18 +150,7 @@ def test_gate_flags_a_disappeared_case_and_error_growth_but_not_new_or_fixed(res
 
 
 def test_gate_flags_a_throughput_drop():
-    key = dict(
-        workload="decode-self",
-        backend="triton",
-        batch=64,
-        context_len=4096,
-        query_len=1,
-        num_heads=32,
-        num_kv_heads=8,
-        head_size=128,
-        block_size=16,
-        dtype="bfloat16",
-    )
+    key = BENCH_KEY_VALUES
     base = pd.DataFrame([{**key, "gbps": 2500.0, "tflops": float("nan")}])
     assert gate.compare_bench(base.assign(gbps=2400.0), base).empty
     assert len(gate.compare_bench(base.assign(gbps=1500.0), base)) == 1
