@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import csv
 import json
 import os
@@ -111,6 +112,17 @@ def cmd_run(args) -> int:
         argv += ["--cases", args.cases]
     if args.workers and args.workers != "0":
         argv += ["-n", args.workers, "--dist", "load"]
+        if importlib.util.find_spec("pytest_timeout"):
+            # Backstop for what SIGALRM cannot stop (a hung kernel blocks in C): pytest-timeout
+            # ends the worker, xdist starts another, the controller records the crash row.
+            argv += [
+                "-p",
+                "timeout",
+                "--timeout",
+                str(3 * args.case_timeout),
+                "--timeout-method",
+                "thread",
+            ]
     code = pytest.main(argv)
     if code in (0, 5):  # 5: nothing selected (e.g. an empty shard): nothing failed
         return 0

@@ -139,6 +139,23 @@ def pytest_collection_finish(session):
         session.config._progress["total"] = len(session.items)
 
 
+def _record_crash(config, report) -> None:
+    """A worker that died (segfault, a hung kernel killed by pytest-timeout, os._exit) wrote no
+    row for its test: the controller records one, so the result set says what happened."""
+    from conformance.runner import _row
+
+    param = report.nodeid.split("[", 1)[-1].rstrip("]")
+    case_id, _, backend = param.partition("::")
+    try:
+        case = Case.from_id(case_id)
+    except ValueError:
+        return
+    text = str(report.longrepr).strip().splitlines()
+    why = text[0][:200] if text else "worker crashed"
+    row = _row(case, backend, "crash", "error", f"crash: the test process died ({why})")
+    Matrix(config).record([row])
+
+
 @pytest.hookimpl(optionalhook=True)
 def pytest_xdist_node_collection_finished(node, ids):
     p = getattr(node.config, "_progress", None)
@@ -156,8 +173,11 @@ def pytest_configure(config):
         @pytest.hookimpl
         def pytest_runtest_logreport(self, report):
             p = getattr(config, "_progress", None)
+            if report.when == "???":  # xdist: the worker died running this test
+                _record_crash(config, report)
             if p is None or (
-                report.when != "call" and not (report.when == "setup" and report.skipped)
+                report.when not in ("call", "???")
+                and not (report.when == "setup" and report.skipped)
             ):
                 return
             p["done"] += 1

@@ -1,6 +1,7 @@
 """The command line and the engine: exit codes, external backends (good, wrong, crashing),
 an interrupted run keeping its rows, --cases replay, dump."""
 
+import csv
 import json
 import os
 import signal
@@ -236,3 +237,43 @@ def test_dump_writes_inputs_caches_and_reference(tmp_path):
     before, after = npz["step0_key_cache_before"], npz["step0_key_cache_after"]
     assert np.isnan(before).sum() > np.isnan(after).sum()  # the step wrote its slots
     assert json.loads((tmp_path / "d" / "case.json").read_text())["case_id"] == CASE
+
+
+def test_a_process_crash_is_recorded_and_the_run_goes_on(ext):
+    """A backend that kills its process (like a segfault) on block size 8: with workers, the
+    run continues in a fresh worker and the crash becomes an error row."""
+    (ext / "ext_dying.py").write_text(
+        textwrap.dedent("""
+        import os
+        from optimized.torch_backend import TorchBackend
+
+        class Dying(TorchBackend):
+            name = "ext-dying"
+            def forward(self, query, key, value, kv_cache, metadata, attn_kind):
+                if metadata.block_size == 8:
+                    os._exit(11)
+                return super().forward(query, key, value, kv_cache, metadata, attn_kind)
+    """)
+    )
+    out = ext / "dying"
+    r = _cli(
+        "run",
+        "--tier",
+        "smoke",
+        "--backend-module",
+        "ext_dying:Dying",
+        "-n",
+        "2",
+        "--out",
+        str(out),
+        tmp_path=ext,
+    )
+    assert r.returncode == 1
+    rows = _rows(out)
+    crashes = [row for row in rows if row["step"] == "crash"]
+    assert crashes and all(row["block_size"] == 8 and row["status"] == "error" for row in crashes)
+    assert all(row["reason"].startswith("crash: the test process died") for row in crashes)
+    assert sum(row["status"] == "pass" for row in rows) > 50
+    with open(out / "results.csv") as f:
+        table = list(csv.DictReader(f))
+    assert any(r["step"] == "crash" and r["status"] == "error" for r in table)
