@@ -11,8 +11,8 @@
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import csv
+import importlib.util
 import json
 import os
 import sys
