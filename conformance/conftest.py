@@ -142,7 +142,7 @@ def pytest_collection_finish(session):
 def _record_crash(config, report) -> None:
     """A worker that died (segfault, a hung kernel killed by pytest-timeout, os._exit) wrote no
     row for its test: the controller records one, so the result set says what happened."""
-    from conformance.runner import _row
+    from conformance.runner import result_row
 
     param = report.nodeid.split("[", 1)[-1].rstrip("]")
     case_id, _, backend = param.partition("::")
@@ -152,7 +152,7 @@ def _record_crash(config, report) -> None:
         return
     text = str(report.longrepr).strip().splitlines()
     why = text[0][:200] if text else "worker crashed"
-    row = _row(case, backend, "crash", "error", f"crash: the test process died ({why})")
+    row = result_row(case, backend, "crash", "error", f"crash: the test process died ({why})")
     Matrix(config).record([row])
 
 

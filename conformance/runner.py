@@ -137,7 +137,7 @@ def _error_reason(e: BaseException) -> str:
     return f"runtime error: {type(e).__name__}: {msg}"
 
 
-def _row(
+def result_row(
     case: Case,
     backend_name: str,
     step_name: str,
@@ -176,12 +176,14 @@ def run_case(
     try:
         inputs, expected = expected_for(case)
     except Exception as e:  # the case itself cannot be built: a bug in the testbed, say so
-        return [_row(case, name, "build", "error", f"case could not be built: {_error_reason(e)}")]
+        return [
+            result_row(case, name, "build", "error", f"case could not be built: {_error_reason(e)}")
+        ]
     why = backend.unavailable_reason()
     steps = _steps(inputs)
     if why:
         return [
-            _row(case, name, _step_name(i, s), "skip", f"not supported: {why}")
+            result_row(case, name, _step_name(i, s), "skip", f"not supported: {why}")
             for i, s in enumerate(steps)
         ]
     device = backend.device()
@@ -195,20 +197,18 @@ def run_case(
         except Exception as e:
             reasons = [f"not_supported_reasons failed: {_error_reason(e)}"]
         if reasons:
-            rows.append(_row(case, name, sname, "skip", "not supported: " + "; ".join(reasons)))
-            if step.kv_cache is not None:  # later steps read what this one should have written
-                for c, ref_c in zip(step.kv_cache, exp.caches):
-                    c.copy_(ref_c.to(c.device))
+            rows.append(
+                result_row(case, name, sname, "skip", "not supported: " + "; ".join(reasons))
+            )
+            _take_expected_cache(step, exp)
             continue
         try:
             with time_limit(timeout_s):
                 out, backend_ms = _timed_forward(backend, step, device)
         except Exception as e:
-            rows.append(_row(case, name, sname, "error", _error_reason(e), ref_ms=exp.ref_ms))
+            rows.append(result_row(case, name, sname, "error", _error_reason(e), ref_ms=exp.ref_ms))
             _recover(device)
-            if step.kv_cache is not None:
-                for c, ref_c in zip(step.kv_cache, exp.caches):
-                    c.copy_(ref_c.to(c.device))
+            _take_expected_cache(step, exp)
             continue
         comp = compare_output(step, out, exp.output, exp.baseline_err)
         status, reason = ("pass", "") if comp.ok else ("fail", comp.reason)
@@ -216,7 +216,7 @@ def run_case(
             cache_problem = compare_caches(step.kv_cache, exp.caches)
             if cache_problem:
                 status, reason = "fail", cache_problem
-        rows.append(_row(case, name, sname, status, reason, comp, exp.ref_ms, backend_ms))
+        rows.append(result_row(case, name, sname, status, reason, comp, exp.ref_ms, backend_ms))
         last = (step, out) if status == "pass" else None
     if isinstance(inputs, Step) and last is not None:
         step0 = inputs.with_fresh_cache().to(device)
@@ -250,6 +250,14 @@ def run_case(
     return rows
 
 
+def _take_expected_cache(step: Step, exp: Expected) -> None:
+    """After a step the backend did not (or could not) run, give its cache the reference's
+    contents: the episode's later steps read what this one should have written."""
+    if step.kv_cache is not None:
+        for c, ref_c in zip(step.kv_cache, exp.caches):
+            c.copy_(ref_c.to(c.device))
+
+
 def _timed_forward(backend, step: Step, device: torch.device):
     """forward() with its wall time; on CUDA out-of-memory, free the cache and try once more
     (several matrix workers share one GPU, and another worker's peak is not this case's)."""
@@ -273,14 +281,14 @@ def _check_same(case, name, sname, backend, step, first_out, timeout_s, what) ->
             out = backend.forward(*step.args())
     except Exception as e:
         _recover(step.query.device)
-        return _row(case, name, sname, "error", _error_reason(e))
+        return result_row(case, name, sname, "error", _error_reason(e))
     if torch.equal(out, first_out) or (
         (torch.isnan(out) == torch.isnan(first_out)).all()
         and torch.equal(out.nan_to_num(), first_out.nan_to_num())
     ):
-        return _row(case, name, sname, "pass")
+        return result_row(case, name, sname, "pass")
     diff = (out.double() - first_out.double()).abs().max().item()
-    return _row(case, name, sname, "fail", f"metamorphic: {what} (max diff {diff:.3g})")
+    return result_row(case, name, sname, "fail", f"metamorphic: {what} (max diff {diff:.3g})")
 
 
 def _step_name(i: int, step: Step) -> str:
