@@ -2,7 +2,8 @@
 CPU benchmarks of the reference and torch backend (pytest-benchmark), also to bench.csv.
 
     python -m bench [--out reports/out/bench.csv] [--quick] [--only WORKLOAD ...]
-    python -m bench tune      (sweep tile/warps/stages of the paged kernel on a few shapes)
+    python -m bench tune [--only decode splits cache chunk]   (launch-parameter sweeps)
+    python -m bench profile   (the weak-spot kernels once each, to run under ncu)
 """
 
 from __future__ import annotations
@@ -209,7 +210,7 @@ def cpu_rows() -> list[dict]:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench")
-    p.add_argument("mode", nargs="?", default="grid", choices=["grid", "tune"])
+    p.add_argument("mode", nargs="?", default="grid", choices=["grid", "tune", "profile"])
     p.add_argument("--out", default="reports/out/bench.csv")
     p.add_argument("--quick", action="store_true")
     p.add_argument("--only", nargs="*", default=None)
@@ -218,7 +219,11 @@ def main(argv=None) -> int:
     if args.mode == "tune":
         from bench.tune import main as tune
 
-        return tune()
+        return tune(args.only)
+    if args.mode == "profile":
+        from bench.tune import profile
+
+        return profile()
     rows = gpu_grid(args.quick, args.only) if torch.cuda.is_available() else cpu_rows()
     from reports.schema import BENCH_COLUMNS
 

@@ -111,7 +111,7 @@ def cmd_run(args) -> int:
     if args.cases:
         argv += ["--cases", args.cases]
     if args.workers and args.workers != "0":
-        argv += ["-n", args.workers, "--dist", "load"]
+        argv += ["-n", args.workers, "--dist", "loadgroup"]
         if importlib.util.find_spec("pytest_timeout"):
             # Backstop for what SIGALRM cannot stop (a hung kernel blocks in C): pytest-timeout
             # ends the worker, xdist starts another, the controller records the crash row.

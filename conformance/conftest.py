@@ -86,8 +86,14 @@ def pytest_generate_tests(metafunc):
     except ValueError as e:
         raise pytest.UsageError(str(e)) from None
     config._matrix_backends = {b.name: b for b in backends}
-    params = [(c, b.name) for c in cases for b in backends]
-    metafunc.parametrize("case,backend_name", params, ids=[f"{c.id}::{b}" for c, b in params])
+    # One xdist group per case: its backends run on one worker, which computes the case's
+    # reference once (runner.expected_for keeps it) and compiles its kernels once.
+    params = [
+        pytest.param(c, b.name, id=f"{c.id}::{b.name}", marks=pytest.mark.xdist_group(c.id))
+        for c in cases
+        for b in backends
+    ]
+    metafunc.parametrize("case,backend_name", params)
 
 
 class Matrix:
@@ -144,7 +150,7 @@ def _record_crash(config, report) -> None:
     row for its test: the controller records one, so the result set says what happened."""
     from conformance.runner import result_row
 
-    param = report.nodeid.split("[", 1)[-1].rstrip("]")
+    param = report.nodeid.split("[", 1)[-1].rsplit("]", 1)[0]  # loadgroup appends "@group"
     case_id, _, backend = param.partition("::")
     try:
         case = Case.from_id(case_id)

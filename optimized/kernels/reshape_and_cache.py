@@ -11,7 +11,9 @@ import torch
 import triton
 import triton.language as tl
 
-from optimized.kernels import interpreting
+# One token per program, about 32 elements per thread: the best of a sweep on the H200 (8k tokens
+# × 8 kv heads × d128: 98% of a copy of the same bytes; 4 tokens and 4 warps were 91%).
+TOKENS_PER_PROGRAM = 1
 
 
 @triton.jit
@@ -22,6 +24,7 @@ def _reshape_and_cache_kernel(
     value_cache_ptr,
     slot_mapping_ptr,
     num_tokens,
+    block_size,
     stride_k_tok,
     stride_k_head,
     stride_v_tok,
@@ -34,7 +37,6 @@ def _reshape_and_cache_kernel(
     stride_vc_head,
     NUM_KV_HEADS: tl.constexpr,
     HEAD_SIZE: tl.constexpr,
-    BLOCK_SIZE: tl.constexpr,
     HEADS_PAD: tl.constexpr,
     HEAD_PAD: tl.constexpr,
     TOKENS: tl.constexpr,
@@ -45,12 +47,15 @@ def _reshape_and_cache_kernel(
     in_bounds = (h < NUM_KV_HEADS) & (d < HEAD_SIZE)
     for i in tl.static_range(TOKENS):
         token = tl.program_id(0).to(tl.int64) * TOKENS + i
+        # K/V loads do not wait for the slot (padding rows are read, never written): the two
+        # memory latencies overlap instead of adding up.
+        src = in_bounds & (token < num_tokens)
+        k = tl.load(key_ptr + token * stride_k_tok + h * stride_k_head + d, mask=src)
+        v = tl.load(value_ptr + token * stride_v_tok + h * stride_v_head + d, mask=src)
         slot = tl.load(slot_mapping_ptr + token, mask=token < num_tokens, other=-1).to(tl.int64)
-        mask = in_bounds & (slot >= 0)  # padding tokens (slot -1) are never written
-        block = tl.maximum(slot, 0) // BLOCK_SIZE
-        offset = tl.maximum(slot, 0) % BLOCK_SIZE
-        k = tl.load(key_ptr + token * stride_k_tok + h * stride_k_head + d, mask=mask)
-        v = tl.load(value_ptr + token * stride_v_tok + h * stride_v_head + d, mask=mask)
+        mask = src & (slot >= 0)  # padding tokens (slot -1) are never written
+        block = tl.maximum(slot, 0) // block_size
+        offset = tl.maximum(slot, 0) % block_size
         kc = key_cache_ptr + block * stride_kc_block + offset * stride_kc_tok
         vc = value_cache_ptr + block * stride_vc_block + offset * stride_vc_tok
         tl.store(kc + h * stride_kc_head + d, k, mask=mask)
@@ -72,6 +77,8 @@ def reshape_and_cache(
     key_cache: torch.Tensor,
     value_cache: torch.Tensor,
     slot_mapping: torch.Tensor,
+    tokens_per_program: int | None = None,
+    num_warps: int | None = None,
 ) -> None:
     """Write key/value into the paged caches in place (see the module docstring for shapes)."""
     for name, t, dims in (
@@ -102,7 +109,10 @@ def reshape_and_cache(
     num_tokens, num_kv_heads, head_size = key.shape
     if num_tokens == 0:
         return
-    tokens = 1 if interpreting() else 4  # a few tokens per program on the GPU
+    tokens = tokens_per_program or TOKENS_PER_PROGRAM
+    heads_pad, head_pad = triton.next_power_of_2(num_kv_heads), triton.next_power_of_2(head_size)
+    if num_warps is None:
+        num_warps = min(8, max(1, heads_pad * head_pad // 1024))
     _reshape_and_cache_kernel[(triton.cdiv(num_tokens, tokens),)](
         key,
         value,
@@ -110,6 +120,7 @@ def reshape_and_cache(
         value_cache,
         slot_mapping,
         num_tokens,
+        key_cache.shape[1],
         key.stride(0),
         key.stride(1),
         value.stride(0),
@@ -122,8 +133,8 @@ def reshape_and_cache(
         value_cache.stride(2),
         NUM_KV_HEADS=num_kv_heads,
         HEAD_SIZE=head_size,
-        BLOCK_SIZE=key_cache.shape[1],
-        HEADS_PAD=triton.next_power_of_2(num_kv_heads),
-        HEAD_PAD=triton.next_power_of_2(head_size),
+        HEADS_PAD=heads_pad,
+        HEAD_PAD=head_pad,
         TOKENS=tokens,
+        num_warps=num_warps,
     )
