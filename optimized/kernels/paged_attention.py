@@ -39,7 +39,18 @@ from optimized.kernels import interpreting
 LOG2E = 1.4426950408889634
 
 
-@triton.jit
+# Per-call integers that only steer loops and addresses are not specialized (Triton would compile
+# a variant for each value that is 1 or a multiple of 16); strides of K/V/Q stay specialized,
+# their alignment is what lets loads vectorize.
+@triton.jit(
+    do_not_specialize=[
+        "sliding_window",
+        "block_size",
+        "num_splits",
+        "kv_tiles_per_split",
+        "stride_bt_seq",
+    ]
+)
 def _paged_attention_kernel(
     out_ptr,
     q_ptr,
@@ -188,7 +199,7 @@ def _paged_attention_kernel(
         tl.store(part_acc_ptr + (part + rows)[:, None] * HEAD_PAD + d[None, :], acc)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_splits"])
 def _split_k_reduce_kernel(
     out_ptr,
     tile_seq_ptr,

@@ -16,7 +16,9 @@ import triton.language as tl
 TOKENS_PER_PROGRAM = 1
 
 
-@triton.jit
+# Sizes that vary per call are runtime arguments, unspecialized: one compile per (padded heads,
+# head size, dtype) instead of one per token count and block size.
+@triton.jit(do_not_specialize=["num_tokens", "block_size", "num_kv_heads"])
 def _reshape_and_cache_kernel(
     key_ptr,
     value_ptr,
@@ -25,6 +27,7 @@ def _reshape_and_cache_kernel(
     slot_mapping_ptr,
     num_tokens,
     block_size,
+    num_kv_heads,
     stride_k_tok,
     stride_k_head,
     stride_v_tok,
@@ -35,7 +38,6 @@ def _reshape_and_cache_kernel(
     stride_vc_block,
     stride_vc_tok,
     stride_vc_head,
-    NUM_KV_HEADS: tl.constexpr,
     HEAD_SIZE: tl.constexpr,
     HEADS_PAD: tl.constexpr,
     HEAD_PAD: tl.constexpr,
@@ -44,7 +46,7 @@ def _reshape_and_cache_kernel(
     """Each program copies TOKENS consecutive tokens (all kv heads) to their slots."""
     h = tl.arange(0, HEADS_PAD)[:, None]
     d = tl.arange(0, HEAD_PAD)[None, :]
-    in_bounds = (h < NUM_KV_HEADS) & (d < HEAD_SIZE)
+    in_bounds = (h < num_kv_heads) & (d < HEAD_SIZE)
     for i in tl.static_range(TOKENS):
         token = tl.program_id(0).to(tl.int64) * TOKENS + i
         # K/V loads do not wait for the slot (padding rows are read, never written): the two
@@ -121,6 +123,7 @@ def reshape_and_cache(
         slot_mapping,
         num_tokens,
         key_cache.shape[1],
+        num_kv_heads,
         key.stride(0),
         key.stride(1),
         value.stride(0),
@@ -131,7 +134,6 @@ def reshape_and_cache(
         value_cache.stride(0),
         value_cache.stride(1),
         value_cache.stride(2),
-        NUM_KV_HEADS=num_kv_heads,
         HEAD_SIZE=head_size,
         HEADS_PAD=heads_pad,
         HEAD_PAD=head_pad,
