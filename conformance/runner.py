@@ -77,12 +77,44 @@ def _sync(device: torch.device) -> None:
 _EXPECTED: OrderedDict[str, tuple[Step | Episode, list[Expected]]] = OrderedDict()
 
 
+# Several matrix workers share one GPU: an out-of-memory error is often another worker's peak,
+# not this case's. Wait and try again (freeing this process's cached blocks) before giving up.
+OOM_RETRY_WAITS_S = (0.5, 2.0, 5.0, 10.0)
+
+
+def _is_oom(e: BaseException) -> bool:
+    return isinstance(e, torch.cuda.OutOfMemoryError) or (
+        isinstance(e, RuntimeError) and "out of memory" in str(e)
+    )
+
+
+def retry_on_oom(fn, device: torch.device):
+    """fn(); on CUDA out-of-memory, free the cache, wait and retry (OOM_RETRY_WAITS_S)."""
+    for wait in (*OOM_RETRY_WAITS_S, None):
+        try:
+            return fn()
+        except (torch.cuda.OutOfMemoryError, RuntimeError) as e:
+            if wait is None or device.type != "cuda" or not _is_oom(e):
+                raise
+            _recover(device)
+            time.sleep(wait)
+    raise AssertionError("unreachable")
+
+
 def expected_for(case: Case) -> tuple[Step | Episode, list[Expected]]:
     """Inputs (on the CPU, caches untouched) and the reference's results per step; the last few
     cases are kept, since a case's backends usually run one after another."""
     if case.id in _EXPECTED:
         _EXPECTED.move_to_end(case.id)
         return _EXPECTED[case.id]
+    result = retry_on_oom(lambda: _compute_expected(case), reference_device())
+    _EXPECTED[case.id] = result
+    while len(_EXPECTED) > 4:
+        _EXPECTED.popitem(last=False)
+    return result
+
+
+def _compute_expected(case: Case) -> tuple[Step | Episode, list[Expected]]:
     inputs = build_inputs(case, "cpu")
     dev = reference_device()
     ref_inputs = inputs.with_fresh_cache().to(dev)
@@ -96,9 +128,8 @@ def expected_for(case: Case) -> tuple[Step | Episode, list[Expected]]:
         base = (baseline_attention(step) - out).abs().max().item() if out.numel() else 0.0
         caches = None if step.kv_cache is None else tuple(c.cpu().clone() for c in step.kv_cache)
         results.append(Expected(out.cpu(), caches, base, ref_ms))
-    _EXPECTED[case.id] = (inputs, results)
-    while len(_EXPECTED) > 4:
-        _EXPECTED.popitem(last=False)
+    del ref_inputs
+    _recover(dev)
     return inputs, results
 
 
@@ -188,7 +219,11 @@ def run_case(
         ]
     device = backend.device()
     rerun = device.type == "cuda" if rerun is None else rerun
-    mine = inputs.with_fresh_cache().to(device)
+    try:
+        mine = retry_on_oom(lambda: inputs.with_fresh_cache().to(device), device)
+    except Exception as e:
+        why = f"inputs could not be moved to {device}: {_error_reason(e)}"
+        return [result_row(case, name, _step_name(i, s), "error", why) for i, s in enumerate(steps)]
     rows, last = [], None
     for i, (step, exp) in enumerate(zip(_steps(mine), expected)):
         sname = _step_name(i, step)
@@ -219,15 +254,15 @@ def run_case(
         rows.append(result_row(case, name, sname, status, reason, comp, exp.ref_ms, backend_ms))
         last = (step, out) if status == "pass" else None
     if isinstance(inputs, Step) and last is not None:
-        step0 = inputs.with_fresh_cache().to(device)
-        if metamorphic and step0.kv_cache is not None:
+        fresh = lambda: inputs.with_fresh_cache().to(device)
+        if metamorphic and inputs.kv_cache is not None:
             rows.append(
                 _check_same(
                     case,
                     name,
                     "permuted",
                     backend,
-                    permute_blocks(step0, case.seed),
+                    lambda: permute_blocks(fresh(), case.seed),
                     last[1],
                     timeout_s,
                     "block permutation changed the output",
@@ -240,7 +275,7 @@ def run_case(
                     name,
                     "rerun",
                     backend,
-                    inputs.with_fresh_cache().to(device),
+                    fresh,
                     last[1],
                     timeout_s,
                     "nondeterministic: a second run differs",
@@ -259,28 +294,27 @@ def _take_expected_cache(step: Step, exp: Expected) -> None:
 
 
 def _timed_forward(backend, step: Step, device: torch.device):
-    """forward() with its wall time; on CUDA out-of-memory, free the cache and try once more
-    (several matrix workers share one GPU, and another worker's peak is not this case's)."""
-    for attempt in (0, 1):
-        try:
-            _sync(device)
-            t0 = time.perf_counter()
-            out = backend.forward(*step.args())
-            _sync(device)
-            return out, (time.perf_counter() - t0) * 1e3
-        except (torch.cuda.OutOfMemoryError, RuntimeError) as e:
-            if attempt or "out of memory" not in str(e):
-                raise
-            _recover(device)
-    raise AssertionError("unreachable")
+    """forward() with its wall time, retried on CUDA out-of-memory (`retry_on_oom`)."""
+
+    def once():
+        _sync(device)
+        t0 = time.perf_counter()
+        out = backend.forward(*step.args())
+        _sync(device)
+        return out, (time.perf_counter() - t0) * 1e3
+
+    return retry_on_oom(once, device)
 
 
-def _check_same(case, name, sname, backend, step, first_out, timeout_s, what) -> dict:
+def _check_same(case, name, sname, backend, make_step, first_out, timeout_s, what) -> dict:
+    """Run the step `make_step()` builds; its output must equal `first_out` bit for bit."""
+    device = first_out.device
     try:
         with time_limit(timeout_s):
-            out = backend.forward(*step.args())
+            step = retry_on_oom(make_step, device)
+            out = retry_on_oom(lambda: backend.forward(*step.args()), device)
     except Exception as e:
-        _recover(step.query.device)
+        _recover(device)
         return result_row(case, name, sname, "error", _error_reason(e))
     if torch.equal(out, first_out) or (
         (torch.isnan(out) == torch.isnan(first_out)).all()

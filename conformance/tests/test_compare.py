@@ -2,6 +2,7 @@
 
 import math
 
+import pytest
 import torch
 
 from conformance.compare import compare_caches, compare_output
@@ -67,3 +68,37 @@ def test_cache_checks_are_bitwise_and_see_nan_slots():
     b[0].view(-1)[b[0].numel() - 1] = 0.0  # an unwritten (NaN) slot overwritten
     assert compare_caches(b, a.kv_cache).startswith("cache corruption: key_cache")
     assert FLOOR[torch.float32] < 1e-4  # a TF32 kernel (~1e-3) could not pass
+
+
+def test_out_of_memory_is_retried_then_reported(monkeypatch):
+    """Workers sharing a GPU: an OOM is retried after freeing memory; a lasting one propagates
+    (run_case turns it into an `error` row); other errors are never retried."""
+    from conformance import runner
+
+    monkeypatch.setattr(runner, "OOM_RETRY_WAITS_S", (0.0, 0.0))
+    monkeypatch.setattr(runner, "_recover", lambda device: None)
+    cuda = torch.device("cuda")
+    calls = []
+
+    def flaky():
+        calls.append(1)
+        if len(calls) < 3:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 MiB")
+        return "ok"
+
+    assert runner.retry_on_oom(flaky, cuda) == "ok" and len(calls) == 3
+
+    def always_oom():
+        raise RuntimeError("Triton Error [CUDA]: out of memory")
+
+    with pytest.raises(RuntimeError, match="out of memory"):
+        runner.retry_on_oom(always_oom, cuda)
+    calls.clear()
+
+    def other():
+        calls.append(1)
+        raise RuntimeError("an illegal memory access was encountered")
+
+    with pytest.raises(RuntimeError, match="illegal"):
+        runner.retry_on_oom(other, cuda)
+    assert len(calls) == 1

@@ -44,6 +44,7 @@ LOG2E = 1.4426950408889634
 # their alignment is what lets loads vectorize.
 @triton.jit(
     do_not_specialize=[
+        "causal",
         "sliding_window",
         "block_size",
         "num_splits",
@@ -68,6 +69,7 @@ def _paged_attention_kernel(
     part_l_ptr,
     part_acc_ptr,
     scale_log2,
+    causal,
     sliding_window,
     block_size,
     num_splits,
@@ -90,9 +92,6 @@ def _paged_attention_kernel(
     HEAD_PAD: tl.constexpr,
     TILE_N: tl.constexpr,
     PAGED: tl.constexpr,
-    IS_CAUSAL: tl.constexpr,
-    USE_WINDOW: tl.constexpr,
-    SPLIT_K: tl.constexpr,
     UPCAST_DOT: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
@@ -118,20 +117,22 @@ def _paged_attention_kernel(
     q = tl.load(q_ptr + q_offs, mask=row_valid[:, None] & d_valid[None, :], other=0.0)
     if UPCAST_DOT:
         q = q.to(tl.float32)
-    pos = context + q_idx  # absolute position of each row's query token (causal only)
+    # Causal and window are runtime flags (not constexprs: fewer compiles, the same code for
+    # self and cross attention). Row r sees key positions lo[r] < n <= hi[r].
+    pos = context + q_idx  # absolute position of each row's query token
+    hi = tl.where(causal != 0, pos, 2147483647)
+    lo = tl.where((causal != 0) & (sliding_window > 0), pos - sliding_window, -1)
 
     # The K/V range this tile can see: causal stops at its last query, a window starts late.
     kv_end = kv_len
     kv_begin = 0
-    if IS_CAUSAL:
+    if causal != 0:
         kv_end = tl.minimum(context + tl.minimum(q_first + BLOCK_Q, q_len), kv_len)
-        if USE_WINDOW:
+        if sliding_window > 0:
             kv_begin = tl.maximum(context + q_first - sliding_window + 1, 0)
-    t_begin = kv_begin // TILE_N
-    t_end = tl.cdiv(kv_end, TILE_N)
-    if SPLIT_K:
-        t_begin = t_begin + split * kv_tiles_per_split
-        t_end = tl.minimum(t_begin + kv_tiles_per_split, t_end)
+    # Split s walks tiles [s * per_split, (s + 1) * per_split) of the range (one split: all).
+    t_begin = kv_begin // TILE_N + split * kv_tiles_per_split
+    t_end = tl.minimum(t_begin + kv_tiles_per_split, tl.cdiv(kv_end, TILE_N))
 
     if PAGED:
         kv_start = 0
@@ -168,11 +169,7 @@ def _paged_attention_kernel(
             k = k.to(tl.float32)
             v = v.to(tl.float32)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2
-        visible = n_valid[None, :]
-        if IS_CAUSAL:
-            visible = visible & (n[None, :] <= pos[:, None])
-            if USE_WINDOW:
-                visible = visible & (n[None, :] > pos[:, None] - sliding_window)
+        visible = n_valid[None, :] & (n[None, :] <= hi[:, None]) & (n[None, :] > lo[:, None])
         s = tl.where(visible, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows that saw nothing yet
@@ -182,7 +179,7 @@ def _paged_attention_kernel(
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m_i = m_new
 
-    if not SPLIT_K:
+    if num_splits == 1:
         out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
         o_offs = (
             (q_start + q_idx)[:, None] * stride_o_tok + head[:, None] * stride_o_head + d[None, :]
@@ -443,7 +440,8 @@ def paged_attention(
         part_l,
         part_acc,
         scale * LOG2E,
-        sliding_window or 0,
+        int(causal),
+        (sliding_window or 0) if causal else 0,
         key_cache.shape[1] if paged else 1,
         num_splits,
         tiles_per_split,
@@ -465,9 +463,6 @@ def paged_attention(
         HEAD_PAD=head_pad,
         TILE_N=tile_n,
         PAGED=paged,
-        IS_CAUSAL=causal,
-        USE_WINDOW=causal and sliding_window is not None,
-        SPLIT_K=num_splits > 1,
         # The interpreter computes bf16 tl.dot on raw bits (triton issue 11584): upcast there.
         UPCAST_DOT=interpreting() and query.dtype == torch.bfloat16,
         # fp32 inputs get true fp32 products (no TF32): the fp32 tolerance assumes it.
