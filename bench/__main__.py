@@ -21,7 +21,8 @@ from pathlib import Path
 import torch
 
 
-def gpu_grid(quick: bool, only: list[str] | None):
+def gpu_grid(quick: bool, only: list[str] | None, out: str | None = None):
+    """The grid; with `out`, the CSV is rewritten after every job (a run cut short keeps it)."""
     from bench import gpu
 
     limits = gpu.Limits()
@@ -169,7 +170,19 @@ def gpu_grid(quick: bool, only: list[str] | None):
             )
         rows += [asdict(r) for r in got]
         torch.cuda.empty_cache()
+        if out:
+            write_rows(out, rows)
     return rows
+
+
+def write_rows(path: str, rows: list[dict]) -> None:
+    from reports.schema import BENCH_COLUMNS
+
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=BENCH_COLUMNS, extrasaction="ignore")
+        w.writeheader()
+        w.writerows(rows)
 
 
 def cpu_rows() -> list[dict]:
@@ -224,14 +237,8 @@ def main(argv=None) -> int:
         from bench.tune import profile
 
         return profile()
-    rows = gpu_grid(args.quick, args.only) if torch.cuda.is_available() else cpu_rows()
-    from reports.schema import BENCH_COLUMNS
-
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    with open(args.out, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=BENCH_COLUMNS, extrasaction="ignore")
-        w.writeheader()
-        w.writerows(rows)
+    rows = gpu_grid(args.quick, args.only, args.out) if torch.cuda.is_available() else cpu_rows()
+    write_rows(args.out, rows)
     print(f"wrote {args.out} ({len(rows)} rows) in {time.time() - t0:.0f} s")
     return 0
 
