@@ -310,18 +310,42 @@ def make_schedule(
     )
 
 
-def launch_config(head_size: int, prefill: bool) -> dict:
+# Shared memory one program may take on the H100/H200 (sm_90: 227 KB per block, opt-in).
+SMEM_LIMIT_BYTES = 232_448
+
+
+def smem_bytes(block_m: int, tile_n: int, head_pad: int, elem_bytes: int, num_stages: int) -> int:
+    """Shared memory Triton 3.6 allocates for this kernel: the Q tile, (stages - 1) buffered
+    K and V tiles, and the fp32 P tile. Fits the one figure Triton reported (fp32, d256, 64 rows,
+    tile 64, 3 stages: 344,320 bytes) exactly."""
+    kv = 2 * tile_n * head_pad * elem_bytes * max(num_stages - 1, 1)
+    return block_m * head_pad * elem_bytes + kv + block_m * tile_n * 4 + 256
+
+
+def launch_config(head_size: int, prefill: bool, block_m: int = 64, elem_bytes: int = 2) -> dict:
     """Tile and launch parameters. The interpreter wants few, small tiles; on the GPU these
-    were picked from the sweep in `bench/tune.py` (H100, bf16)."""
+    were picked from the sweeps in `bench/tune.py` (H100 and H200, bf16), then shrunk (fewer
+    stages, then smaller tiles) until they fit shared memory: fp32 with head size 256 at prefill
+    asked for 344 KB and failed to launch (found by the full conformance tier on the H100)."""
     if interpreting():
         return dict(tile_n=16, num_warps=4, num_stages=1)
     if prefill:
-        return dict(tile_n=64, num_warps=4, num_stages=3)
-    if head_size <= 64:
-        return dict(tile_n=32, num_warps=2, num_stages=2)
-    # Two stages, not three: 64 KB of K/V tiles per program lets a fourth program onto an SM
-    # (ncu, H200: three stages held 3 programs/SM, 1.29 waves at 512 programs; 1.4x slower).
-    return dict(tile_n=64, num_warps=4, num_stages=2)
+        cfg = dict(tile_n=64, num_warps=4, num_stages=3)
+    elif head_size <= 64:
+        cfg = dict(tile_n=32, num_warps=2, num_stages=2)
+    else:
+        # Two stages, not three: 64 KB of K/V tiles per program lets a fourth program onto an
+        # SM (ncu, H200: three stages held 3 programs/SM, 1.29 waves at 512 programs; 1.4x slower).
+        cfg = dict(tile_n=64, num_warps=4, num_stages=2)
+    head_pad = max(16, triton.next_power_of_2(head_size))
+    fits = lambda c: (
+        smem_bytes(block_m, c["tile_n"], head_pad, elem_bytes, c["num_stages"]) <= SMEM_LIMIT_BYTES
+    )
+    while not fits(cfg) and cfg["num_stages"] > 2:
+        cfg["num_stages"] -= 1
+    while not fits(cfg) and cfg["tile_n"] > 16:
+        cfg["tile_n"] //= 2
+    return cfg
 
 
 def _num_sms(device: torch.device) -> int:
@@ -399,7 +423,9 @@ def paged_attention(
         return out
     group_pad = triton.next_power_of_2(group)
     block_m = schedule.block_q * group_pad
-    cfg = launch_config(head_size, prefill=schedule.max_query_len > 1)
+    cfg = launch_config(
+        head_size, schedule.max_query_len > 1, block_m=block_m, elem_bytes=query.element_size()
+    )
     tile_n = tile_n or cfg["tile_n"]
     num_warps = num_warps or cfg["num_warps"]
     num_stages = num_stages or cfg["num_stages"]

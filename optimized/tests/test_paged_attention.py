@@ -4,6 +4,7 @@ agree with the spec, including more splits than a sequence has K/V tiles (empty 
 
 import pytest
 import torch
+import triton
 
 from conformance.compare import compare_output
 from optimized.kernels.paged_attention import make_schedule, paged_attention
@@ -58,3 +59,28 @@ def test_decode_variants_match_reference(
     )
     comp = compare_output(step, out.cpu(), ref)
     assert comp.ok, comp.reason
+
+
+def test_shared_memory_model_and_every_launch_config_fits(monkeypatch):
+    """The shared-memory model against what Triton/ncu reported on the GPU, and every GPU
+    launch configuration (head size × dtype × phase) under the sm_90 limit. fp32 with head size
+    256 at prefill once asked for 344,320 bytes and failed to launch on the H100."""
+    from optimized.kernels import paged_attention as pa
+
+    assert pa.smem_bytes(64, 64, 256, 4, 3) == 344_320  # Triton's OutOfResources message
+    # ncu (H200), decode: GQA 8:1 d128 bf16 tile 64 → 38,912; MHA d64 tile 32 → 11,264
+    assert 0 <= pa.smem_bytes(16, 64, 128, 2, 2) - 38_912 < 4096
+    assert 0 <= pa.smem_bytes(16, 32, 64, 2, 2) - 11_264 < 4096
+    monkeypatch.setattr(pa, "interpreting", lambda: False)  # the GPU's configurations
+    for head_size in (64, 80, 96, 128, 256):
+        for elem_bytes in (2, 4):
+            for prefill, block_m in ((True, 64), (False, 16)):
+                cfg = pa.launch_config(head_size, prefill, block_m, elem_bytes)
+                head_pad = triton.next_power_of_2(head_size)
+                used = pa.smem_bytes(
+                    block_m, cfg["tile_n"], head_pad, elem_bytes, cfg["num_stages"]
+                )
+                assert used <= pa.SMEM_LIMIT_BYTES, (head_size, elem_bytes, prefill, cfg)
+    # the configurations that fit already are the tuned ones, unchanged
+    assert pa.launch_config(128, True, 64, 2) == dict(tile_n=64, num_warps=4, num_stages=3)
+    assert pa.launch_config(256, True, 64, 4)["num_stages"] == 2
