@@ -111,7 +111,9 @@ def cmd_run(args) -> int:
     if args.cases:
         argv += ["--cases", args.cases]
     if args.workers and args.workers != "0":
-        argv += ["-n", args.workers, "--dist", "loadgroup"]
+        # Every crashed worker is replaced (xdist's default stops after 4 per worker, and the
+        # tests still queued would then never run).
+        argv += ["-n", args.workers, "--dist", "load", "--max-worker-restart", "100000"]
         if importlib.util.find_spec("pytest_timeout"):
             # Backstop for what SIGALRM cannot stop (a hung kernel blocks in C): pytest-timeout
             # ends the worker, xdist starts another, the controller records the crash row.

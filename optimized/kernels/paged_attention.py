@@ -215,40 +215,45 @@ def _split_k_reduce_kernel(
     HEAD_SIZE: tl.constexpr,
     HEAD_PAD: tl.constexpr,
     SPLITS_PAD: tl.constexpr,
+    ROWS: tl.constexpr,
 ):
-    """Merge one output row's partials: out = Σ_s 2^(m_s - m) acc_s / Σ_s 2^(m_s - m) l_s.
+    """Merge the partials of ROWS output rows: out = Σ_s 2^(m_s - m) acc_s / Σ_s 2^(m_s - m) l_s.
 
-    One program per (tile, kv head, row), every split loaded at once. (A program per tile that
-    walked the splits one after another took 44 µs of a 140 µs decode step at 32 splits.)"""
+    On the GPU one row per program, every split loaded at once (a program per tile that walked
+    the splits one after another took 44 µs of a 140 µs decode step at 32 splits); the
+    interpreter takes a whole tile per program (it pays per program, not per element)."""
     BLOCK_M: tl.constexpr = BLOCK_Q * GROUP_PAD
     tile = tl.program_id(0)
     kv_head = tl.program_id(1)
-    row = tl.program_id(2)
     seq = tl.load(tile_seq_ptr + tile)
-    q_idx = tl.load(tile_q_first_ptr + tile) + row // GROUP_PAD
-    g = row % GROUP_PAD
-    if (q_idx < tl.load(query_lens_ptr + seq)) & (g < GROUP):  # padding rows have no output
-        q_start = tl.load(query_start_loc_ptr + seq).to(tl.int64)
-        s = tl.arange(0, SPLITS_PAD)
-        s_valid = s < num_splits
-        part = ((tile * tl.num_programs(1) + kv_head) * num_splits + s).to(tl.int64)
-        off = part * BLOCK_M + row
-        m_s = tl.load(part_m_ptr + off, mask=s_valid, other=float("-inf"))
-        l_s = tl.load(part_l_ptr + off, mask=s_valid, other=0.0)
-        d = tl.arange(0, HEAD_PAD)
-        acc_s = tl.load(
-            part_acc_ptr + off[:, None] * HEAD_PAD + d[None, :], mask=s_valid[:, None], other=0.0
-        )
-        m = tl.max(m_s, 0)
-        w = tl.exp2(m_s - tl.where(m == float("-inf"), 0.0, m))  # splits that saw nothing: 0
-        l_sum = tl.sum(w * l_s, 0)
-        out = tl.sum(w[:, None] * acc_s, 0) / tl.where(l_sum == 0.0, 1.0, l_sum)
-        head = kv_head * GROUP + g
-        tl.store(
-            out_ptr + (q_start + q_idx) * stride_o_tok + head * stride_o_head + d,
-            out.to(out_ptr.dtype.element_ty),
-            mask=d < HEAD_SIZE,
-        )
+    q_start = tl.load(query_start_loc_ptr + seq).to(tl.int64)
+    r = tl.program_id(2) * ROWS + tl.arange(0, ROWS)
+    q_idx = tl.load(tile_q_first_ptr + tile) + r // GROUP_PAD
+    g = r % GROUP_PAD
+    row_valid = (q_idx < tl.load(query_lens_ptr + seq)) & (g < GROUP)  # padding rows: no output
+    s = tl.arange(0, SPLITS_PAD)
+    part = ((tile * tl.num_programs(1) + kv_head) * num_splits + s).to(tl.int64)
+    off = part[None, :] * BLOCK_M + r[:, None]  # [ROWS, SPLITS_PAD]
+    mask = row_valid[:, None] & (s < num_splits)[None, :]
+    m_s = tl.load(part_m_ptr + off, mask=mask, other=float("-inf"))
+    l_s = tl.load(part_l_ptr + off, mask=mask, other=0.0)
+    d = tl.arange(0, HEAD_PAD)
+    acc_s = tl.load(
+        part_acc_ptr + off[:, :, None] * HEAD_PAD + d[None, None, :],
+        mask=mask[:, :, None],
+        other=0.0,
+    )
+    m = tl.max(m_s, 1)
+    w = tl.exp2(m_s - tl.where(m == float("-inf"), 0.0, m)[:, None])  # empty splits weigh 0
+    l_sum = tl.sum(w * l_s, 1)
+    out = tl.sum(w[:, :, None] * acc_s, 1) / tl.where(l_sum == 0.0, 1.0, l_sum)[:, None]
+    head = kv_head * GROUP + g
+    o_offs = (q_start + q_idx)[:, None] * stride_o_tok + head[:, None] * stride_o_head + d[None, :]
+    tl.store(
+        out_ptr + o_offs,
+        out.to(out_ptr.dtype.element_ty),
+        mask=row_valid[:, None] & (d < HEAD_SIZE)[None, :],
+    )
 
 
 @dataclass(frozen=True, eq=False)
@@ -381,12 +386,15 @@ def paged_attention(
     tile_n: int | None = None,
     num_warps: int | None = None,
     num_stages: int | None = None,
+    reduce_rows: int | None = None,
 ) -> torch.Tensor:
     """Attention of packed `query` over paged (or packed, `paged=False`) K/V; returns `out`.
 
     query: [num_tokens, num_heads, head_size]; K/V caches as in the module docstring.
     Rows of `out` that belong to no sequence (padding) are left as they were (zeros by default).
     num_splits: None picks by occupancy; 1 disables split-K.
+    reduce_rows: output rows per split-K reduce program (default: 1 on the GPU, a tile in the
+    interpreter).
     """
     if query.dim() != 3 or query.stride(-1) != 1:
         raise ValueError(
@@ -497,7 +505,10 @@ def paged_attention(
         num_stages=num_stages,
     )
     if num_splits > 1:
-        _split_k_reduce_kernel[(num_tiles, num_kv_heads, block_m)](
+        rows = reduce_rows or (block_m if interpreting() else 1)
+        if block_m % rows:
+            raise ValueError(f"reduce_rows: expected a divisor of {block_m}, got {rows}")
+        _split_k_reduce_kernel[(num_tiles, num_kv_heads, block_m // rows)](
             out,
             schedule.tile_seq,
             schedule.tile_q_first,
@@ -515,5 +526,6 @@ def paged_attention(
             HEAD_SIZE=head_size,
             HEAD_PAD=head_pad,
             SPLITS_PAD=triton.next_power_of_2(num_splits),
+            ROWS=rows,
         )
     return out

@@ -14,7 +14,7 @@ from reference.workload import build_step
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
-@pytest.mark.parametrize("num_splits", [1, 2, 7])
+@pytest.mark.parametrize("num_splits,reduce_rows", [(1, None), (2, None), (7, None), (3, 1)])
 @pytest.mark.parametrize("block_size", [1, 8, 32])
 @pytest.mark.parametrize(
     "heads,kv_heads,head_size,window",
@@ -23,7 +23,7 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 )
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_decode_variants_match_reference(
-    heads, kv_heads, head_size, window, block_size, num_splits, dtype
+    heads, kv_heads, head_size, window, block_size, num_splits, reduce_rows, dtype
 ):
     step = build_step(
         "decoder",
@@ -56,6 +56,7 @@ def test_decode_variants_match_reference(
         sliding_window=window,
         num_splits=num_splits,
         tile_n=16,
+        reduce_rows=reduce_rows,  # 1: the GPU's one row per reduce program
     )
     comp = compare_output(step, out.cpu(), ref)
     assert comp.ok, comp.reason
