@@ -229,6 +229,9 @@ def main(argv=None) -> int:
     p.add_argument("--only", nargs="*", default=None)
     args = p.parse_args(argv)
     t0 = time.time()
+    if args.mode in ("tune", "profile") and not torch.cuda.is_available():
+        print(f"python -m bench {args.mode}: needs a CUDA device (none here)", file=sys.stderr)
+        return 2
     if args.mode == "tune":
         from bench.tune import main as tune
 
