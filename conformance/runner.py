@@ -93,7 +93,7 @@ def retry_on_oom(fn, device: torch.device):
     for wait in (*OOM_RETRY_WAITS_S, None):
         try:
             return fn()
-        except (torch.cuda.OutOfMemoryError, RuntimeError) as e:
+        except RuntimeError as e:  # torch.cuda.OutOfMemoryError is one
             if wait is None or device.type != "cuda" or not _is_oom(e):
                 raise
             _recover(device)

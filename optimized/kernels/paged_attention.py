@@ -20,7 +20,7 @@ A program handles BLOCK_Q query tokens × all GROUP query heads of one kv head o
 TILE_N tokens, translating each position through the block table, so it never reads a slot its
 sequence does not own. Online softmax in fp32 (exp2), fp32 accumulation.
 With split-K (num_splits > 1) each program handles a contiguous range of kv tiles and writes
-(m, l, acc) partials; `_split_k_reduce_kernel` merges them, one program per output row.
+(m, l, acc) partials; `_split_k_reduce_kernel` merges them (one output row per program on the GPU).
 Block size and split count are runtime arguments, not constexprs: one compiled kernel serves
 every block size (the conformance matrix would otherwise compile a variant per case).
 """
@@ -327,7 +327,7 @@ def smem_bytes(block_m: int, tile_n: int, head_pad: int, elem_bytes: int, num_st
     return block_m * head_pad * elem_bytes + kv + block_m * tile_n * 4 + 256
 
 
-def launch_config(head_size: int, prefill: bool, block_m: int = 64, elem_bytes: int = 2) -> dict:
+def launch_config(head_pad: int, prefill: bool, block_m: int = 64, elem_bytes: int = 2) -> dict:
     """Tile and launch parameters. The interpreter wants few, small tiles; on the GPU these
     were picked from the sweeps in `bench/tune.py` (H100 and H200, bf16), then shrunk (fewer
     stages, then smaller tiles) until they fit shared memory: fp32 with head size 256 at prefill
@@ -336,13 +336,12 @@ def launch_config(head_size: int, prefill: bool, block_m: int = 64, elem_bytes: 
         return dict(tile_n=16, num_warps=4, num_stages=1)
     if prefill:
         cfg = dict(tile_n=64, num_warps=4, num_stages=3)
-    elif head_size <= 64:
+    elif head_pad <= 64:
         cfg = dict(tile_n=32, num_warps=2, num_stages=2)
     else:
         # Two stages, not three: 64 KB of K/V tiles per program lets a fourth program onto an
         # SM (ncu, H200: three stages held 3 programs/SM, 1.29 waves at 512 programs; 1.4x slower).
         cfg = dict(tile_n=64, num_warps=4, num_stages=2)
-    head_pad = max(16, triton.next_power_of_2(head_size))
     fits = lambda c: (
         smem_bytes(block_m, c["tile_n"], head_pad, elem_bytes, c["num_stages"]) <= SMEM_LIMIT_BYTES
     )
@@ -431,8 +430,9 @@ def paged_attention(
         return out
     group_pad = triton.next_power_of_2(group)
     block_m = schedule.block_q * group_pad
+    head_pad = max(16, triton.next_power_of_2(head_size))
     cfg = launch_config(
-        head_size, schedule.max_query_len > 1, block_m=block_m, elem_bytes=query.element_size()
+        head_pad, schedule.max_query_len > 1, block_m=block_m, elem_bytes=query.element_size()
     )
     tile_n = tile_n or cfg["tile_n"]
     num_warps = num_warps or cfg["num_warps"]
@@ -442,7 +442,6 @@ def paged_attention(
         num_splits = choose_num_splits(num_tiles * num_kv_heads, num_kv_tiles, query.device)
     num_splits = max(1, min(num_splits, num_kv_tiles))
     tiles_per_split = triton.cdiv(num_kv_tiles, num_splits)
-    head_pad = max(16, triton.next_power_of_2(head_size))
     if num_splits > 1:
         part_rows = num_tiles * num_kv_heads * num_splits * block_m
         part_m = torch.empty(part_rows, dtype=torch.float32, device=query.device)

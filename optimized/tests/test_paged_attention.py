@@ -76,8 +76,8 @@ def test_shared_memory_model_and_every_launch_config_fits(monkeypatch):
     for head_size in (64, 80, 96, 128, 256):
         for elem_bytes in (2, 4):
             for prefill, block_m in ((True, 64), (False, 16)):
-                cfg = pa.launch_config(head_size, prefill, block_m, elem_bytes)
                 head_pad = triton.next_power_of_2(head_size)
+                cfg = pa.launch_config(head_pad, prefill, block_m, elem_bytes)
                 used = pa.smem_bytes(
                     block_m, cfg["tile_n"], head_pad, elem_bytes, cfg["num_stages"]
                 )
