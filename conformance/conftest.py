@@ -169,6 +169,11 @@ def pytest_xdist_node_collection_finished(node, ids):
 
 def pytest_configure(config):
     worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if worker.startswith("gw") and workers > 1:
+        # Share the cores: N workers each running torch's default one thread per core
+        # oversubscribe the CPU (the comparisons and the CPU reference run on it).
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
     if worker.startswith("gw") and torch.cuda.device_count() > 1:
         # One GPU per worker where several exist ("cuda" then means this worker's card).
         torch.cuda.set_device(int(worker[2:]) % torch.cuda.device_count())

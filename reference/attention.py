@@ -17,6 +17,8 @@ import torch
 from reference.metadata import AttnKind, StepMetadata, check_inputs
 from reference.paged_cache import gather_sequence, write_to_cache
 
+SCORES_BYTES = 256 << 20
+
 
 def textbook_attention(
     query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, scale: float
@@ -28,19 +30,22 @@ def textbook_attention(
     mask:   [q_len, kv_len] bool, True = visible; every row must see at least one key
     returns [q_len, num_heads, head_size] float64
     """
-    num_heads, num_kv_heads = query.shape[1], keys.shape[1]
+    q_len, num_heads, head_size = query.shape
+    kv_len, num_kv_heads = keys.shape[:2]
     group = num_heads // num_kv_heads
-    out = torch.empty(query.shape, dtype=torch.float64, device=query.device)
-    for kv_head in range(num_kv_heads):  # query heads h with h // group == kv_head share it
-        heads = slice(kv_head * group, (kv_head + 1) * group)
-        q = query[:, heads].double()  # [q_len, group, head_size]
-        k = keys[:, kv_head].double()  # [kv_len, head_size]
-        v = values[:, kv_head].double()
-        scores = torch.einsum("qhd,kd->hqk", q, k) * scale
-        scores = scores.masked_fill(~mask, float("-inf"))
+    # Query head h = kv_head * group + g reads kv head `kv_head`: view the heads as [kv, group].
+    q = query.double().reshape(q_len, num_kv_heads, group, head_size)
+    k, v = keys.double(), values.double()
+    out = torch.empty(q_len, num_kv_heads, group, head_size, dtype=torch.float64, device=q.device)
+    # KV heads go in chunks so the float64 scores stay ~256 MB (long encoder sequences).
+    chunk = max(1, SCORES_BYTES // (8 * group * max(1, q_len) * max(1, kv_len)))
+    for h0 in range(0, num_kv_heads, chunk):
+        hs = slice(h0, h0 + chunk)
+        scores = torch.einsum("qngd,knd->ngqk", q[:, hs], k[:, hs]) * scale
+        scores = scores.masked_fill(~mask, float("-inf"))  # mask [q, k] broadcasts over heads
         probs = torch.softmax(scores, dim=-1)
-        out[:, heads] = torch.einsum("hqk,kd->qhd", probs, v)
-    return out
+        out[:, hs] = torch.einsum("ngqk,knd->qngd", probs, v[:, hs])
+    return out.reshape(q_len, num_heads, head_size)
 
 
 def attention(

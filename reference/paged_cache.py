@@ -32,13 +32,12 @@ def write_to_cache(
     key_cache, value_cache: [num_blocks, block_size, num_kv_heads, head_size]
     slot_mapping:           [num_kv_tokens]
     """
-    block_size = key_cache.shape[1]
-    for token, slot in enumerate(slot_mapping.tolist()):
-        if slot == -1:
-            continue
-        block, offset = divmod(slot, block_size)
-        key_cache[block, offset] = key[token]
-        value_cache[block, offset] = value[token]
+    written = slot_mapping >= 0  # -1: a padding token, never written
+    slots = slot_mapping[written].long()
+    block, offset = slots // key_cache.shape[1], slots % key_cache.shape[1]
+    # One indexed store per cache (slots are unique: `check_inputs` rejects a slot written twice).
+    key_cache[block, offset] = key[written]
+    value_cache[block, offset] = value[written]
 
 
 def gather_sequence(cache: torch.Tensor, block_table: torch.Tensor, seq_len: int) -> torch.Tensor:
@@ -47,12 +46,7 @@ def gather_sequence(cache: torch.Tensor, block_table: torch.Tensor, seq_len: int
     cache:       [num_blocks, block_size, num_kv_heads, head_size]
     block_table: [max_blocks_per_seq]; only the first ceil(seq_len / block_size) entries are read
     """
-    block_size = cache.shape[1]
-    pieces = []
-    for logical_block in range(-(-seq_len // block_size)):
-        physical_block = int(block_table[logical_block])
-        tokens_in_block = min(block_size, seq_len - logical_block * block_size)
-        pieces.append(cache[physical_block, :tokens_in_block])
-    if not pieces:
-        return cache.new_zeros((0, *cache.shape[2:]))
-    return torch.cat(pieces, dim=0)
+    num_blocks = -(-seq_len // cache.shape[1])  # ceil: the last block may be partly filled
+    blocks = block_table[:num_blocks].long()  # entries past these are padding, never read
+    # [num_blocks, block_size, ...] in table order -> [num_blocks * block_size, ...] -> cut
+    return cache[blocks].flatten(0, 1)[:seq_len]
