@@ -18,14 +18,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch  # noqa: E402
+import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from conformance.cases import Case  # noqa: E402
-from conformance.runner import expected_for, run_case  # noqa: E402
-from optimized.backend import get_backend  # noqa: E402
+from conformance.cases import Case
+from conformance.runner import expected_for, run_case
+from optimized.backend import get_backend
 
 
 def profiled(label: str, fn, top: int):
@@ -49,7 +49,7 @@ def main() -> int:
     profiled("reference (inputs, reference, baseline)", lambda: expected_for(case), args.top)
     for name in args.backend or ["torch"]:
         backend = get_backend(name)
-        rows = profiled(f"{name}: run_case", lambda: run_case(case, backend), args.top)
+        rows = profiled(f"{name}: run_case", lambda b=backend: run_case(case, b), args.top)
         print(name, sorted({(r["step"], r["status"]) for r in rows})[:4], "...")
     return 0
 

@@ -15,14 +15,17 @@ Shapes:
     block_tables:            [num_seqs, max_blocks_per_seq]
     out:                     [num_tokens, num_heads, head_size]
 
-A program handles BLOCK_Q query tokens × all GROUP query heads of one kv head of one sequence
-(rows = token * GROUP_PAD + head-in-group). It walks that sequence's visible K/V in tiles of
-TILE_N tokens, translating each position through the block table, so it never reads a slot its
-sequence does not own. Online softmax in fp32 (exp2), fp32 accumulation.
+A program handles `block_q` query tokens × all `group` query heads of one kv head of one
+sequence: BLOCK_M rows, row = token * group_pad + head-in-group. It walks that sequence's visible
+K/V in tiles of TILE_N tokens, translating each position through the block table, so it never
+reads a slot its sequence does not own. Online softmax in fp32 (exp2), fp32 accumulation.
 With split-K (num_splits > 1) each program handles a contiguous range of kv tiles and writes
 (m, l, acc) partials; `_split_k_reduce_kernel` merges them (one output row per program on the GPU).
-Block size and split count are runtime arguments, not constexprs: one compiled kernel serves
-every block size (the conformance matrix would otherwise compile a variant per case).
+
+Compiles: only what shapes the code is a constexpr (dtype, BLOCK_M, padded head size, whether the
+head size is a power of two, TILE_N, paged). Block size, split count, group size, tokens per
+program, causal and window are runtime arguments: the full conformance tier compiled 441 kernel
+variants (~1,000 s of compile per run) when they were constexprs.
 """
 
 from __future__ import annotations
@@ -50,6 +53,10 @@ LOG2E = 1.4426950408889634
         "num_splits",
         "kv_tiles_per_split",
         "stride_bt_seq",
+        "group",
+        "group_pad",
+        "block_q",
+        "head_size",
     ]
 )
 def _paged_attention_kernel(
@@ -85,17 +92,18 @@ def _paged_attention_kernel(
     stride_vc_tok,
     stride_vc_head,
     stride_bt_seq,
-    GROUP: tl.constexpr,
-    GROUP_PAD: tl.constexpr,
-    BLOCK_Q: tl.constexpr,
-    HEAD_SIZE: tl.constexpr,
+    group,
+    group_pad,
+    block_q,
+    head_size,
+    BLOCK_M: tl.constexpr,
     HEAD_PAD: tl.constexpr,
+    EVEN_D: tl.constexpr,
     TILE_N: tl.constexpr,
     PAGED: tl.constexpr,
     UPCAST_DOT: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
-    BLOCK_M: tl.constexpr = BLOCK_Q * GROUP_PAD
     tile = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -107,12 +115,15 @@ def _paged_attention_kernel(
     context = tl.load(context_lens_ptr + seq)
 
     rows = tl.arange(0, BLOCK_M)
-    q_idx = q_first + rows // GROUP_PAD
-    g = rows % GROUP_PAD
-    row_valid = (q_idx < q_len) & (g < GROUP)
-    head = kv_head * GROUP + g
+    q_idx = q_first + rows // group_pad
+    g = rows % group_pad
+    row_valid = (q_idx < q_len) & (g < group)
+    head = kv_head * group + g
     d = tl.arange(0, HEAD_PAD)
-    d_valid = d < HEAD_SIZE
+    if EVEN_D:  # a power-of-two head size: no mask along d, so loads vectorize
+        d_valid = d < HEAD_PAD
+    else:
+        d_valid = d < head_size
     q_offs = (q_start + q_idx)[:, None] * stride_q_tok + head[:, None] * stride_q_head + d[None, :]
     q = tl.load(q_ptr + q_offs, mask=row_valid[:, None] & d_valid[None, :], other=0.0)
     if UPCAST_DOT:
@@ -127,7 +138,7 @@ def _paged_attention_kernel(
     kv_end = kv_len
     kv_begin = 0
     if causal != 0:
-        kv_end = tl.minimum(context + tl.minimum(q_first + BLOCK_Q, q_len), kv_len)
+        kv_end = tl.minimum(context + tl.minimum(q_first + block_q, q_len), kv_len)
         if sliding_window > 0:
             kv_begin = tl.maximum(context + q_first - sliding_window + 1, 0)
     # Split s walks tiles [s * per_split, (s + 1) * per_split) of the range (one split: all).
@@ -196,7 +207,7 @@ def _paged_attention_kernel(
         tl.store(part_acc_ptr + (part + rows)[:, None] * HEAD_PAD + d[None, :], acc)
 
 
-@triton.jit(do_not_specialize=["num_splits"])
+@triton.jit(do_not_specialize=["num_splits", "group", "group_pad", "block_m", "head_size"])
 def _split_k_reduce_kernel(
     out_ptr,
     tile_seq_ptr,
@@ -209,10 +220,10 @@ def _split_k_reduce_kernel(
     num_splits,
     stride_o_tok,
     stride_o_head,
-    GROUP: tl.constexpr,
-    GROUP_PAD: tl.constexpr,
-    BLOCK_Q: tl.constexpr,
-    HEAD_SIZE: tl.constexpr,
+    group,
+    group_pad,
+    block_m,
+    head_size,
     HEAD_PAD: tl.constexpr,
     SPLITS_PAD: tl.constexpr,
     ROWS: tl.constexpr,
@@ -222,18 +233,17 @@ def _split_k_reduce_kernel(
     On the GPU one row per program, every split loaded at once (a program per tile that walked
     the splits one after another took 44 µs of a 140 µs decode step at 32 splits); the
     interpreter takes a whole tile per program (it pays per program, not per element)."""
-    BLOCK_M: tl.constexpr = BLOCK_Q * GROUP_PAD
     tile = tl.program_id(0)
     kv_head = tl.program_id(1)
     seq = tl.load(tile_seq_ptr + tile)
     q_start = tl.load(query_start_loc_ptr + seq).to(tl.int64)
     r = tl.program_id(2) * ROWS + tl.arange(0, ROWS)
-    q_idx = tl.load(tile_q_first_ptr + tile) + r // GROUP_PAD
-    g = r % GROUP_PAD
-    row_valid = (q_idx < tl.load(query_lens_ptr + seq)) & (g < GROUP)  # padding rows: no output
+    q_idx = tl.load(tile_q_first_ptr + tile) + r // group_pad
+    g = r % group_pad
+    row_valid = (q_idx < tl.load(query_lens_ptr + seq)) & (g < group)  # padding rows: no output
     s = tl.arange(0, SPLITS_PAD)
     part = ((tile * tl.num_programs(1) + kv_head) * num_splits + s).to(tl.int64)
-    off = part[None, :] * BLOCK_M + r[:, None]  # [ROWS, SPLITS_PAD]
+    off = part[None, :] * block_m + r[:, None]  # [ROWS, SPLITS_PAD]
     mask = row_valid[:, None] & (s < num_splits)[None, :]
     m_s = tl.load(part_m_ptr + off, mask=mask, other=float("-inf"))
     l_s = tl.load(part_l_ptr + off, mask=mask, other=0.0)
@@ -247,12 +257,12 @@ def _split_k_reduce_kernel(
     w = tl.exp2(m_s - tl.where(m == float("-inf"), 0.0, m)[:, None])  # empty splits weigh 0
     l_sum = tl.sum(w * l_s, 1)
     out = tl.sum(w[:, :, None] * acc_s, 1) / tl.where(l_sum == 0.0, 1.0, l_sum)[:, None]
-    head = kv_head * GROUP + g
+    head = kv_head * group + g
     o_offs = (q_start + q_idx)[:, None] * stride_o_tok + head[:, None] * stride_o_head + d[None, :]
     tl.store(
         out_ptr + o_offs,
         out.to(out_ptr.dtype.element_ty),
-        mask=row_valid[:, None] & (d < HEAD_SIZE)[None, :],
+        mask=row_valid[:, None] & (d < head_size)[None, :],
     )
 
 
@@ -352,6 +362,13 @@ def launch_config(head_pad: int, prefill: bool, block_m: int = 64, elem_bytes: i
     return cfg
 
 
+MAX_AUTO_SPLITS = 32
+
+
+def _unused_fp32(device: torch.device) -> torch.Tensor:
+    return torch.empty(1, dtype=torch.float32, device=device)
+
+
 def _num_sms(device: torch.device) -> int:
     if device.type != "cuda":
         return 4
@@ -366,7 +383,7 @@ def choose_num_splits(num_programs: int, num_kv_tiles: int, device: torch.device
     # About two programs per SM, each still walking at least four K/V tiles. (Four per SM was
     # measured slower on the H100: 1.64 vs 2.10 TB/s at batch 4, 32k context, GQA 8:1.)
     splits = triton.next_power_of_2(math.ceil(2 * sms / num_programs))
-    return max(1, min(splits, 32, num_kv_tiles // 4))
+    return max(1, min(splits, MAX_AUTO_SPLITS, num_kv_tiles // 4))
 
 
 def paged_attention(
@@ -447,8 +464,8 @@ def paged_attention(
         part_m = torch.empty(part_rows, dtype=torch.float32, device=query.device)
         part_l = torch.empty_like(part_m)
         part_acc = torch.empty(part_rows, head_pad, dtype=torch.float32, device=query.device)
-    else:
-        part_m = part_l = part_acc = out  # unused
+    else:  # unused; fp32 like the real partials, so both cases share one compiled kernel
+        part_m = part_l = part_acc = _unused_fp32(query.device)
     fp32 = query.dtype == torch.float32
     bt = block_tables if paged else schedule.kv_lens  # any int tensor when unused
     kc_block = key_cache.stride(0) if paged else 0
@@ -489,11 +506,13 @@ def paged_attention(
         vc_tok,
         vc_head,
         bt.stride(0),
-        GROUP=group,
-        GROUP_PAD=group_pad,
-        BLOCK_Q=schedule.block_q,
-        HEAD_SIZE=head_size,
+        group,
+        group_pad,
+        schedule.block_q,
+        head_size,
+        BLOCK_M=block_m,
         HEAD_PAD=head_pad,
+        EVEN_D=head_size == head_pad,
         TILE_N=tile_n,
         PAGED=paged,
         # The interpreter computes bf16 tl.dot on raw bits (triton issue 11584): upcast there.
@@ -505,6 +524,9 @@ def paged_attention(
     )
     if num_splits > 1:
         rows = reduce_rows or (block_m if interpreting() else 1)
+        splits_pad = triton.next_power_of_2(num_splits)
+        if not interpreting():
+            splits_pad = max(splits_pad, MAX_AUTO_SPLITS)
         if block_m % rows:
             raise ValueError(f"reduce_rows: expected a divisor of {block_m}, got {rows}")
         _split_k_reduce_kernel[(num_tiles, num_kv_heads, block_m // rows)](
@@ -519,12 +541,14 @@ def paged_attention(
             num_splits,
             out.stride(0),
             out.stride(1),
-            GROUP=group,
-            GROUP_PAD=group_pad,
-            BLOCK_Q=schedule.block_q,
-            HEAD_SIZE=head_size,
+            group,
+            group_pad,
+            block_m,
+            head_size,
             HEAD_PAD=head_pad,
-            SPLITS_PAD=triton.next_power_of_2(num_splits),
+            # On the GPU one padded split count for all (masked loads cost no traffic): one
+            # compile per dtype and head size instead of one per split count.
+            SPLITS_PAD=splits_pad,
             ROWS=rows,
         )
     return out
