@@ -15,17 +15,20 @@ Shapes:
     block_tables:            [num_seqs, max_blocks_per_seq]
     out:                     [num_tokens, num_heads, head_size]
 
-A program handles `block_q` query tokens × all `group` query heads of one kv head of one
-sequence: BLOCK_M rows, row = token * group_pad + head-in-group. It walks that sequence's visible
-K/V in tiles of TILE_N tokens, translating each position through the block table, so it never
-reads a slot its sequence does not own. Online softmax in fp32 (exp2), fp32 accumulation.
-With split-K (num_splits > 1) each program handles a contiguous range of kv tiles and writes
-(m, l, acc) partials; `_split_k_reduce_kernel` merges them (one output row per program on the GPU).
+A program handles BLOCK_Q query tokens × all `group` query heads of one kv head of one sequence:
+BLOCK_M = BLOCK_Q * GROUP_PAD rows, row = token * GROUP_PAD + head-in-group. It walks that
+sequence's visible K/V in tiles of TILE_N tokens, translating each position through the block
+table, so it never reads a slot its sequence does not own. Online softmax in fp32 (exp2), fp32
+accumulation. With split-K (num_splits > 1) each program handles a contiguous range of kv tiles
+and writes (m, l, acc) partials; `_split_k_reduce_kernel` merges them (one output row per
+program on the GPU).
 
-Compiles: only what shapes the code is a constexpr (dtype, BLOCK_M, padded head size, whether the
-head size is a power of two, TILE_N, paged). Block size, split count, group size, tokens per
-program, causal and window are runtime arguments: the full conformance tier compiled 441 kernel
-variants (~1,000 s of compile per run) when they were constexprs.
+Compiles vs speed: what shapes the inner loop is a constexpr (dtype, BLOCK_M, GROUP_PAD, padded
+head size, power-of-two head size, TILE_N, paged, power-of-two block size, causal, window).
+Block size, split count, group, head size and window length are runtime arguments, so one
+compiled kernel serves every block size and split count; the reduce takes the group and row
+count at runtime too. (With causal, window and the group's padding also at runtime the full tier
+compiled 45 variants instead of ~100, but prefill lost 20-40% and GQA decode ~16% on the H100.)
 """
 
 from __future__ import annotations
@@ -47,15 +50,13 @@ LOG2E = 1.4426950408889634
 # their alignment is what lets loads vectorize.
 @triton.jit(
     do_not_specialize=[
-        "causal",
         "sliding_window",
         "block_size",
+        "block_shift",
         "num_splits",
         "kv_tiles_per_split",
         "stride_bt_seq",
         "group",
-        "group_pad",
-        "block_q",
         "head_size",
     ]
 )
@@ -76,9 +77,9 @@ def _paged_attention_kernel(
     part_l_ptr,
     part_acc_ptr,
     scale_log2,
-    causal,
     sliding_window,
     block_size,
+    block_shift,
     num_splits,
     kv_tiles_per_split,
     stride_q_tok,
@@ -93,17 +94,20 @@ def _paged_attention_kernel(
     stride_vc_head,
     stride_bt_seq,
     group,
-    group_pad,
-    block_q,
     head_size,
     BLOCK_M: tl.constexpr,
+    GROUP_PAD: tl.constexpr,
     HEAD_PAD: tl.constexpr,
     EVEN_D: tl.constexpr,
     TILE_N: tl.constexpr,
     PAGED: tl.constexpr,
+    POW2_BLOCK: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    WINDOW: tl.constexpr,
     UPCAST_DOT: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
+    BLOCK_Q: tl.constexpr = BLOCK_M // GROUP_PAD
     tile = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -115,8 +119,8 @@ def _paged_attention_kernel(
     context = tl.load(context_lens_ptr + seq)
 
     rows = tl.arange(0, BLOCK_M)
-    q_idx = q_first + rows // group_pad
-    g = rows % group_pad
+    q_idx = q_first + rows // GROUP_PAD
+    g = rows % GROUP_PAD
     row_valid = (q_idx < q_len) & (g < group)
     head = kv_head * group + g
     d = tl.arange(0, HEAD_PAD)
@@ -128,18 +132,14 @@ def _paged_attention_kernel(
     q = tl.load(q_ptr + q_offs, mask=row_valid[:, None] & d_valid[None, :], other=0.0)
     if UPCAST_DOT:
         q = q.to(tl.float32)
-    # Causal and window are runtime flags (not constexprs: fewer compiles, the same code for
-    # self and cross attention). Row r sees key positions lo[r] < n <= hi[r].
-    pos = context + q_idx  # absolute position of each row's query token
-    hi = tl.where(causal != 0, pos, 2147483647)
-    lo = tl.where((causal != 0) & (sliding_window > 0), pos - sliding_window, -1)
+    pos = context + q_idx  # absolute position of each row's query token (causal only)
 
     # The K/V range this tile can see: causal stops at its last query, a window starts late.
     kv_end = kv_len
     kv_begin = 0
-    if causal != 0:
-        kv_end = tl.minimum(context + tl.minimum(q_first + block_q, q_len), kv_len)
-        if sliding_window > 0:
+    if CAUSAL:
+        kv_end = tl.minimum(context + tl.minimum(q_first + BLOCK_Q, q_len), kv_len)
+        if WINDOW:
             kv_begin = tl.maximum(context + q_first - sliding_window + 1, 0)
     # Split s walks tiles [s * per_split, (s + 1) * per_split) of the range (one split: all).
     t_begin = kv_begin // TILE_N + split * kv_tiles_per_split
@@ -157,11 +157,15 @@ def _paged_attention_kernel(
         n = t * TILE_N + tl.arange(0, TILE_N)
         n_valid = n < kv_end
         if PAGED:
+            if POW2_BLOCK:  # shifts, not integer divisions, for every position of the tile
+                logical, offset = n >> block_shift, n & (block_size - 1)
+            else:
+                logical, offset = n // block_size, n % block_size
             block = tl.load(
-                block_tables_ptr + seq * stride_bt_seq + n // block_size, mask=n_valid, other=0
+                block_tables_ptr + seq * stride_bt_seq + logical, mask=n_valid, other=0
             ).to(tl.int64)
-            k_row = block * stride_kc_block + (n % block_size) * stride_kc_tok
-            v_row = block * stride_vc_block + (n % block_size) * stride_vc_tok
+            k_row = block * stride_kc_block + offset * stride_kc_tok
+            v_row = block * stride_vc_block + offset * stride_vc_tok
         else:
             k_row = (kv_start + n) * stride_kc_tok
             v_row = (kv_start + n) * stride_vc_tok
@@ -180,7 +184,13 @@ def _paged_attention_kernel(
             k = k.to(tl.float32)
             v = v.to(tl.float32)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2
-        visible = n_valid[None, :] & (n[None, :] <= hi[:, None]) & (n[None, :] > lo[:, None])
+        # Masks as constexprs: the compares on every score cost prefill ~20-40% when they were
+        # runtime flags (H100 bench: chunked prefill 154 -> 94 TFLOP/s).
+        visible = n_valid[None, :]
+        if CAUSAL:
+            visible = visible & (n[None, :] <= pos[:, None])
+            if WINDOW:
+                visible = visible & (n[None, :] > pos[:, None] - sliding_window)
         s = tl.where(visible, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows that saw nothing yet
@@ -467,6 +477,8 @@ def paged_attention(
     else:  # unused; fp32 like the real partials, so both cases share one compiled kernel
         part_m = part_l = part_acc = _unused_fp32(query.device)
     fp32 = query.dtype == torch.float32
+    window = (sliding_window or 0) if causal else 0
+    block_size = key_cache.shape[1] if paged else 1
     bt = block_tables if paged else schedule.kv_lens  # any int tensor when unused
     kc_block = key_cache.stride(0) if paged else 0
     vc_block = value_cache.stride(0) if paged else 0
@@ -490,9 +502,9 @@ def paged_attention(
         part_l,
         part_acc,
         scale * LOG2E,
-        int(causal),
-        (sliding_window or 0) if causal else 0,
-        key_cache.shape[1] if paged else 1,
+        window,
+        block_size,
+        block_size.bit_length() - 1,
         num_splits,
         tiles_per_split,
         query.stride(0),
@@ -507,14 +519,16 @@ def paged_attention(
         vc_head,
         bt.stride(0),
         group,
-        group_pad,
-        schedule.block_q,
         head_size,
         BLOCK_M=block_m,
+        GROUP_PAD=group_pad,
         HEAD_PAD=head_pad,
         EVEN_D=head_size == head_pad,
         TILE_N=tile_n,
         PAGED=paged,
+        POW2_BLOCK=block_size & (block_size - 1) == 0,
+        CAUSAL=causal,
+        WINDOW=window > 0,
         # The interpreter computes bf16 tl.dot on raw bits (triton issue 11584): upcast there.
         UPCAST_DOT=interpreting() and query.dtype == torch.bfloat16,
         # fp32 inputs get true fp32 products (no TF32): the fp32 tolerance assumes it.
