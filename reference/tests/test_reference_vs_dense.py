@@ -76,3 +76,20 @@ def test_materialize_matches_the_rule(step):
     from reference.tests.dense import mask_by_rule
 
     assert torch.equal(step.metadata.materialize(step.attn_kind), mask_by_rule(step))
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(steps())
+def test_heads_in_chunks_give_the_same_answer(step):
+    """Long sequences process kv heads in chunks (SCORES_BYTES): one head at a time must match."""
+    import importlib
+
+    ref_attention = importlib.import_module("reference.attention")  # the package re-exports
+
+    old = ref_attention.SCORES_BYTES
+    ref_attention.SCORES_BYTES = 1  # every chunk is one kv head
+    try:
+        chunked = attention(*step.with_fresh_cache().args())
+    finally:
+        ref_attention.SCORES_BYTES = old
+    torch.testing.assert_close(chunked, dense_attention(step), rtol=1e-10, atol=1e-10)
