@@ -385,14 +385,22 @@ def _num_sms(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def choose_num_splits(num_programs: int, num_kv_tiles: int, device: torch.device) -> int:
-    """Split the K/V walk only when the tiles alone cannot fill the GPU (flash-decoding)."""
-    sms = _num_sms(device)
-    if num_programs >= 2 * sms or num_kv_tiles < 8:
+def choose_num_splits(
+    num_programs: int, num_kv_tiles: int, device: torch.device, head_pad: int = 128
+) -> int:
+    """Split the K/V walk only when the tiles alone cannot fill the GPU (flash-decoding).
+
+    Target: half the programs an SM can hold. ncu on the H100: the d128 decode kernel holds 4 per
+    SM (111 registers, 4 warps), the d64 one 10 (92 registers, 2 warps). For d128 that is about
+    two per SM (four per SM was measured slower: 1.64 vs 2.10 TB/s at batch 4, 32k context, GQA
+    8:1); d64 at batch 16 and 4k context ran 512 programs in 0.39 waves (12% occupancy) under a
+    two-per-SM rule for every head size."""
+    per_sm = 5 if head_pad <= 64 else 2
+    target = per_sm * _num_sms(device)
+    if num_programs >= target or num_kv_tiles < 8:
         return 1
-    # About two programs per SM, each still walking at least four K/V tiles. (Four per SM was
-    # measured slower on the H100: 1.64 vs 2.10 TB/s at batch 4, 32k context, GQA 8:1.)
-    splits = triton.next_power_of_2(math.ceil(2 * sms / num_programs))
+    # Each split still walks at least four K/V tiles.
+    splits = triton.next_power_of_2(math.ceil(target / num_programs))
     return max(1, min(splits, MAX_AUTO_SPLITS, num_kv_tiles // 4))
 
 
@@ -466,7 +474,9 @@ def paged_attention(
     num_stages = num_stages or cfg["num_stages"]
     num_kv_tiles = triton.cdiv(max(schedule.max_kv_len, 1), tile_n)
     if num_splits is None:
-        num_splits = choose_num_splits(num_tiles * num_kv_heads, num_kv_tiles, query.device)
+        num_splits = choose_num_splits(
+            num_tiles * num_kv_heads, num_kv_tiles, query.device, head_pad
+        )
     num_splits = max(1, min(num_splits, num_kv_tiles))
     tiles_per_split = triton.cdiv(num_kv_tiles, num_splits)
     if num_splits > 1:

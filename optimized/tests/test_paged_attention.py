@@ -85,3 +85,20 @@ def test_shared_memory_model_and_every_launch_config_fits(monkeypatch):
     # the configurations that fit already are the tuned ones, unchanged
     assert pa.launch_config(128, True, 64, 2) == dict(tile_n=64, num_warps=4, num_stages=3)
     assert pa.launch_config(256, True, 64, 4)["num_stages"] == 2
+
+
+def test_split_count_fills_half_the_resident_programs(monkeypatch):
+    """choose_num_splits on an H100-sized GPU (132 SMs): d64 programs are small (10 fit an SM),
+    so few of them are split; d128 ones (4 per SM) only below two per SM."""
+    import optimized.kernels.paged_attention as pa
+
+    monkeypatch.setattr(pa, "_num_sms", lambda device: 132)
+    cuda = torch.device("cuda")
+    assert pa.choose_num_splits(512, 64, cuda, head_pad=64) == 2  # 0.39 waves -> 0.78
+    assert pa.choose_num_splits(512, 64, cuda, head_pad=128) == 1  # 0.97 waves already
+    assert pa.choose_num_splits(128, 512, cuda, head_pad=128) == 4
+    assert pa.choose_num_splits(128, 512, cuda, head_pad=64) == 8
+    assert pa.choose_num_splits(16, 4096, cuda, head_pad=128) == 32  # capped
+    assert pa.choose_num_splits(16, 20, cuda, head_pad=128) == 5  # each split >= 4 tiles
+    assert pa.choose_num_splits(16, 7, cuda, head_pad=128) == 1  # too short to split
+    assert pa.choose_num_splits(1280, 14, cuda, head_pad=64) == 1  # Whisper self decode B64
