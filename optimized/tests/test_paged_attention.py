@@ -102,3 +102,4 @@ def test_split_count_fills_half_the_resident_programs(monkeypatch):
     assert pa.choose_num_splits(16, 20, cuda, head_pad=128) == 5  # each split >= 4 tiles
     assert pa.choose_num_splits(16, 7, cuda, head_pad=128) == 1  # too short to split
     assert pa.choose_num_splits(1280, 14, cuda, head_pad=64) == 1  # Whisper self decode B64
+    assert pa.choose_num_splits(512, 32, cuda, head_pad=64) == 1  # short context: two per SM
