@@ -22,7 +22,7 @@ from conformance.cases import AXES, Case, invalid_reasons
 
 TIERS = ("smoke", "full", "exhaustive")
 # Pairwise seeds of the full tier (each seed covers every valid pair once more): 16 seeds = 1,001
-# cases, 5,005 tests, 4.7 min on one H100 with 6 workers and a cold Triton cache. The
+# cases, 5,005 tests, 6.1 min on one H100 with 6 workers and a cold Triton cache. The
 # environment variable makes a larger run (a nightly) without a code change; every worker reads it.
 FULL_SEEDS = int(os.environ.get("CONFORMANCE_FULL_SEEDS", "16"))
 
