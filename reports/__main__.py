@@ -27,7 +27,7 @@ def main(argv=None) -> int:
         action="append",
         default=[],
         metavar="COLUMN=VALUE",
-        help="environment columns for JSONL inputs (device, torch, ..., tier)",
+        help="set a column in every row (device, torch, commit, ..., tier)",
     )
     args = p.parse_args(argv)
     try:

@@ -9,16 +9,21 @@ from reports.schema import COLUMNS, read_csv, read_jsonl, to_result_row, write_c
 
 def load_rows(path: str | Path, overrides: dict | None = None) -> list[dict]:
     """Rows of a results.csv, or of a results.jsonl (runner rows, converted: the environment
-    columns are this machine's unless `overrides` names them, e.g. the GPU a JSONL came from)."""
+    columns are this machine's unless `overrides` names them, e.g. the GPU a JSONL came from).
+    `overrides` replaces those columns in CSV rows too (e.g. the commit, where the machine that
+    ran the matrix had a stale git checkout)."""
     path = Path(path)
     overrides = overrides or {}
+    unknown = set(overrides) - set(COLUMNS)
+    if unknown:
+        raise ValueError(f"--set: unknown column(s) {sorted(unknown)}; columns: {COLUMNS}")
     if path.suffix == ".jsonl":
         from reports.schema import environment
 
         env = {**environment(), **{k: v for k, v in overrides.items() if k != "tier"}}
         tier = overrides.get("tier", "")
         return [to_result_row(r, env, tier) for r in read_jsonl(path)]
-    return read_csv(path).to_dict("records")
+    return [{**r, **overrides} for r in read_csv(path).to_dict("records")]
 
 
 def merge(paths: list[str | Path], out: str | Path, overrides: dict | None = None) -> int:

@@ -105,6 +105,14 @@ def test_merge_joins_shards(tmp_path):
     assert len(read_csv(tmp_path / "m.csv")) == len(rows)
 
 
+def test_merge_set_overrides_csv_rows_and_rejects_unknown_columns(tmp_path):
+    write_csv(known_rows(), tmp_path / "a.csv")
+    merge([tmp_path / "a.csv"], tmp_path / "m.csv", {"commit": "abc1234"})
+    assert set(read_csv(tmp_path / "m.csv")["commit"].astype(str)) == {"abc1234"}
+    with pytest.raises(ValueError, match="unknown column"):
+        merge([tmp_path / "a.csv"], tmp_path / "m.csv", {"comit": "x"})
+
+
 def test_gate_passes_on_its_baseline_and_fails_on_a_planted_regression(results_csv, tmp_path):
     base = tmp_path / "baseline.csv"
     assert (
