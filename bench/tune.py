@@ -56,6 +56,11 @@ def _report(name: str, results: list, nbytes: int, top: int = 3) -> None:
         print(f"{name:26s} {cfg} {ms:.4f} ms {nbytes / ms / 1e6:.0f} GB/s", flush=True)
 
 
+def _report_default(name: str, run, nbytes: int) -> None:
+    ms = median_ms(run)
+    print(f"{name:26s} default {ms:.4f} ms {nbytes / ms / 1e6:.0f} GB/s", flush=True)
+
+
 def _sweep(run, configs) -> list:
     results = []
     for cfg in configs:
@@ -75,8 +80,7 @@ def tune_decode() -> None:
         ]
         _report(name, _sweep(run, configs), nbytes)
         _report(name, _sweep(run, [dict(num_splits=n) for n in (1, 2, 4)]), nbytes)
-        ms = median_ms(run)
-        print(f"{name:26s} default {ms:.4f} ms {nbytes / ms / 1e6:.0f} GB/s", flush=True)
+        _report_default(name, run, nbytes)
 
 
 def tune_splits() -> None:
@@ -87,8 +91,7 @@ def tune_splits() -> None:
             for n, t, s in itertools.product((8, 16, 32, 64), (32, 64), (2, 3))
         ]
         _report(name, _sweep(run, configs), nbytes, top=5)
-        ms = median_ms(run)
-        print(f"{name:26s} default {ms:.4f} ms {nbytes / ms / 1e6:.0f} GB/s", flush=True)
+        _report_default(name, run, nbytes)
 
 
 def tune_chunk() -> None:
@@ -120,8 +123,7 @@ def tune_cache() -> None:
             for t, w in itertools.product((1, 2, 4, 8, 16), (1, 2, 4, 8))
         ]
         _report(f"cache-write-{n}", _sweep(run, configs), nbytes, top=5)
-        ms = median_ms(run)
-        print(f"cache-write-{n:<15d} default {ms:.4f} ms {nbytes / ms / 1e6:.0f} GB/s")
+        _report_default(f"cache-write-{n}", run, nbytes)
         src = torch.empty(nbytes // 4, dtype=torch.bfloat16, device="cuda")
         dst = torch.empty_like(src)
         ms = median_ms(functools.partial(dst.copy_, src))

@@ -34,6 +34,7 @@ full tier compiled ~4x fewer variants and ran in 4.7 instead of 6.1 min, but pre
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -376,7 +377,10 @@ def launch_config(head_pad: int, prefill: bool, block_m: int = 64, elem_bytes: i
 MAX_AUTO_SPLITS = 32
 
 
+@functools.cache
 def _unused_fp32(device: torch.device) -> torch.Tensor:
+    """A stand-in for the partials when there is no split (never read or written): one per
+    device, not an allocation per call."""
     return torch.empty(1, dtype=torch.float32, device=device)
 
 
