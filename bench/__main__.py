@@ -2,7 +2,7 @@
 CPU benchmarks of the reference and torch backend (pytest-benchmark), also to bench.csv.
 
     python -m bench [--out reports/out/bench.csv] [--quick] [--only WORKLOAD ...]
-    python -m bench tune [--only decode splits cache chunk]   (launch-parameter sweeps)
+    python -m bench tune [--only SECTION ...]   (launch-parameter sweeps, see bench/tune.py)
     python -m bench profile   (the weak-spot kernels once each, to run under ncu)
 """
 

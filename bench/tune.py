@@ -1,14 +1,18 @@
 """Sweeps that picked the launch parameters of our kernels (GPU), and the shapes `ncu` profiles.
 
-    python -m bench tune [--only decode splits cache chunk]
+    python -m bench tune [--only decode splits cache chunk short weak d64 host]
     python -m bench profile          (each default kernel once: run it under ncu)
 
 `decode`: tile size × warps × stages, then split counts, on decode shapes with many programs;
 `splits`: split-K counts on long contexts with few programs; `cache`: tokens per program × warps
-of the cache write; `chunk`: the prefill tile. Their output picked `launch_config` and
+of the cache write; `chunk`: the prefill tile; `short`: the query tile of a few queries (cross
+prefill, short chunks); `weak`: register caps, splits and stages on the decode shapes below the
+H100 targets; `d64`: small-tile launches on the named models' decode shapes; `host`: host time
+per call of the default and an explicit launch. Their output picked `launch_candidates` and
 `choose_num_splits` in optimized/kernels/paged_attention.py and `TOKENS_PER_PROGRAM` in
-reshape_and_cache.py. (An earlier sweep also tried CUDA-core products on one row per program for
-MHA decode instead of 16-row tl.dot tiles: 1.5-2.5x slower on every shape, so it is gone.)
+reshape_and_cache.py. (An earlier sweep also tried CUDA-core products on
+one row per program for MHA decode instead of 16-row tl.dot tiles: 1.5-2.5x slower on every
+shape, so it is gone.)
 """
 
 from __future__ import annotations
@@ -17,9 +21,14 @@ import functools
 import itertools
 
 import torch
+import triton
 
 from bench.gpu import _paged_kv, median_ms
-from optimized.kernels.paged_attention import make_schedule, paged_attention
+from optimized.kernels.paged_attention import (
+    _paged_attention_kernel,
+    make_schedule,
+    paged_attention,
+)
 from optimized.kernels.reshape_and_cache import reshape_and_cache
 
 # name, batch, kv_len, heads, kv_heads, head_size, block_size, query_len, causal
@@ -41,31 +50,54 @@ SPLITS = [
 CHUNK = [("chunk-gqa4-d128", 8, 4608, 32, 8, 128, 16, 512, True)]
 
 
-def _setup(b, kv, h, kvh, d, bs, ql, causal):
+def _setup(b, kv, h, kvh, d, bs, ql, causal, block_q=None):
     kc, vc, tables = _paged_kv(b, kv, kvh, d, bs, torch.bfloat16)
     q = torch.randn(b * ql, h, d, device="cuda", dtype=torch.bfloat16)
     ctx = kv - ql if causal else 0
-    sched = make_schedule((ql,) * b, (kv,) * b, (ctx,) * b, h // kvh, "cuda")
+    sched = make_schedule((ql,) * b, (kv,) * b, (ctx,) * b, h // kvh, "cuda", block_q=block_q)
     run = functools.partial(paged_attention, q, kc, vc, tables, sched, causal=causal, scale=d**-0.5)
     return run, 2 * b * kv * kvh * d * 2
 
 
+def _registers(run) -> str:
+    """Registers (and spills) per thread of the main kernel `run` launches: the in-memory kernel
+    cache is dropped first, so the launch loads exactly one variant (from Triton's disk cache)."""
+    _paged_attention_kernel.device_caches.clear()
+    run()
+    kernels = [k for c in _paged_attention_kernel.device_caches.values() for k in c[0].values()]
+    return ",".join(_describe(k) for k in kernels)
+
+
+def _describe(kernel) -> str:
+    """`<registers>r[+<spills>sp] <tile_n>/<warps>/<stages>` of one compiled variant."""
+    try:
+        tile = kernel.src.constants[(kernel.src.fn.arg_names.index("TILE_N"),)]
+    except Exception:
+        tile = "?"
+    spills = f"+{kernel.n_spills}sp" if kernel.n_spills else ""
+    md = kernel.metadata
+    return f"{kernel.n_regs}r{spills} {tile}/{md.num_warps}/{md.num_stages}"
+
+
 def _report(name: str, results: list, nbytes: int, top: int = 3) -> None:
     results.sort(key=lambda r: r[0])
-    for ms, cfg in results[:top]:
-        print(f"{name:26s} {cfg} {ms:.4f} ms {nbytes / ms / 1e6:.0f} GB/s", flush=True)
+    for ms, cfg, regs in results[:top]:
+        print(f"{name:26s} {cfg} {regs} {ms:.4f} ms {nbytes / ms / 1e6:.0f} GB/s", flush=True)
 
 
 def _report_default(name: str, run, nbytes: int) -> None:
+    regs = _registers(run)
     ms = median_ms(run)
-    print(f"{name:26s} default {ms:.4f} ms {nbytes / ms / 1e6:.0f} GB/s", flush=True)
+    print(f"{name:26s} default {regs} {ms:.4f} ms {nbytes / ms / 1e6:.0f} GB/s", flush=True)
 
 
 def _sweep(run, configs) -> list:
     results = []
     for cfg in configs:
         try:
-            results.append((median_ms(functools.partial(run, **cfg)), cfg))
+            fn = functools.partial(run, **cfg)
+            regs = _registers(fn)
+            results.append((median_ms(fn), cfg, regs))
         except Exception as e:
             print(f"  {cfg}: {type(e).__name__}: {str(e)[:120]}")
     return results
@@ -130,7 +162,124 @@ def tune_cache() -> None:
         print(f"copy of the same bytes        {ms:.4f} ms {nbytes / ms / 1e6:.0f} GB/s")
 
 
-SECTIONS = {"decode": tune_decode, "splits": tune_splits, "cache": tune_cache, "chunk": tune_chunk}
+# Candidate launches for small tiles (16/32 rows): tile_n, warps, stages.
+LAUNCHES = [
+    dict(tile_n=t, num_warps=w, num_stages=st)
+    for t, w, st in (
+        (16, 1, 2),
+        (32, 1, 2),
+        (32, 1, 3),
+        (32, 2, 2),
+        (32, 2, 3),
+        (64, 2, 2),
+        (64, 2, 3),
+        (64, 4, 2),
+    )
+]
+
+# Decode with head size 64 on the named model shapes: one launch for all?
+D64 = [
+    (f"{m}-{kind}-b{b}-bs{bs}", b, kv, h, h, 64, bs, 1, kind == "self")
+    for m, h, enc, dec in (
+        ("whisper", 20, 1500, 448),
+        ("bart", 16, 1024, 1024),
+        ("t5", 32, 512, 512),
+    )
+    for kind, kv in (("cross", enc), ("self", dec))
+    for b in (64, 256)
+    for bs in (16,)
+] + [("mha-d64-b16-c4k-bs16", 16, 4096, 32, 32, 64, 16, 1, True)]
+
+
+def tune_d64() -> None:
+    for name, *shape in D64:
+        run, nbytes = _setup(*shape)
+        _report_default(name, run, nbytes)
+        _report(name, _sweep(run, LAUNCHES), nbytes, top=len(LAUNCHES))
+
+
+# A few decoder tokens against the whole encoder (cross prefill), and short causal chunks.
+SHORT = [
+    ("whisper-crossprefill-b64-q4", 64, 1500, 20, 20, 64, 16, 4, False),
+    ("t5-crossprefill-b64-q4", 64, 512, 32, 32, 64, 16, 4, False),
+    ("whisper-crossprefill-b64-q16", 64, 1500, 20, 20, 64, 16, 16, False),
+    ("gqa4-chunk-b16-q8-c4k", 16, 4096, 32, 8, 128, 16, 8, True),
+    ("mha-chunk-b16-q32-c4k", 16, 4096, 32, 32, 128, 16, 32, True),
+    ("mha-d64-chunk-b16-q32-c4k", 16, 4096, 32, 32, 64, 16, 32, True),
+    ("bart-crossprefill-b64-q4", 64, 1024, 16, 16, 64, 16, 4, False),
+    ("whisper-crossprefill-b256-q4", 256, 1500, 20, 20, 64, 16, 4, False),
+]
+
+
+def tune_short() -> None:
+    """The query tile for short queries: the old 64-row prefill tile (default launch) against
+    the rows the longest query needs (16/32) over decode-like and prefill-like launches."""
+    for name, *shape in SHORT:
+        old_block_q = max(1, 64 // triton.next_power_of_2(shape[2] // shape[3]))
+        run, nbytes = _setup(*shape, block_q=old_block_q)
+        _report_default(f"{name} 64-row", run, nbytes)
+        run, nbytes = _setup(*shape)
+        _report_default(name, run, nbytes)
+        _report(name, _sweep(run, LAUNCHES), nbytes, top=len(LAUNCHES))
+
+
+# Decode shapes below the targets: register caps (more resident programs), splits, stages.
+WEAK_DECODE = [
+    ("whisper-self-b64-bs16", 64, 448, 20, 20, 64, 16, 1, True),
+    ("t5-cross-b64-bs16", 64, 512, 32, 32, 64, 16, 1, False),
+    ("t5-cross-b64-bs256", 64, 512, 32, 32, 64, 256, 1, False),
+    ("mha-d64-b16-c4k-bs16", 16, 4096, 32, 32, 64, 16, 1, True),
+    ("gqa4-b16-c4k-bs16", 16, 4096, 32, 8, 128, 16, 1, True),
+    ("gqa8-b16-c4k-bs16", 16, 4096, 32, 4, 128, 16, 1, True),
+    ("gqa8-b4-c32k-bs256", 4, 32768, 32, 4, 128, 256, 1, True),
+]
+
+
+def tune_weak() -> None:
+    for name, *shape in WEAK_DECODE:
+        run, nbytes = _setup(*shape)
+        _report_default(name, run, nbytes)
+        _report(name, _sweep(run, [dict(maxnreg=r) for r in (56, 64, 72, 80, 96)]), nbytes)
+        _report(name, _sweep(run, [dict(num_splits=n) for n in (1, 2, 4, 8, 16, 32)]), nbytes, 4)
+        configs = [
+            dict(tile_n=t, num_warps=w, num_stages=st)
+            for t, w, st in itertools.product((16, 32, 64), (1, 2, 4), (2, 3, 4))
+        ]
+        _report(name, _sweep(run, configs), nbytes, top=4)
+
+
+def tune_host() -> None:
+    """Host time per call (a grid so small that the GPU waits on the host): the default launch
+    (memoized choice among candidates) against an explicit one."""
+    import time
+
+    for name, *shape in (
+        ("tiny-d64-decode", 1, 64, 4, 4, 64, 16, 1, True),
+        ("tiny-d128-decode", 1, 64, 4, 4, 128, 16, 1, True),
+    ):
+        run, _ = _setup(*shape)
+        for label, kw in (("default", {}), ("explicit", dict(tile_n=32, num_warps=2))):
+            fn = functools.partial(run, **kw)
+            fn()
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+            for _ in range(500):
+                fn()
+            torch.cuda.synchronize()
+            us = (time.perf_counter() - start) / 500 * 1e6
+            print(f"{name:26s} {label:8s} {us:.1f} us per call", flush=True)
+
+
+SECTIONS = {
+    "decode": tune_decode,
+    "splits": tune_splits,
+    "cache": tune_cache,
+    "chunk": tune_chunk,
+    "short": tune_short,
+    "weak": tune_weak,
+    "d64": tune_d64,
+    "host": tune_host,
+}
 
 
 def main(only: list[str] | None = None) -> int:

@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import functools
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import triton
@@ -301,11 +301,14 @@ class Schedule:
 
 
 def block_q_for(max_query_len: int, group: int) -> int:
-    """Query tokens per program: tiles of 16 rows at decode, 64 at prefill (rows = tokens × heads
-    of a group, at least 16 for tl.dot). Measured on the H200: CUDA-core products on one row per
-    program (no padded MMA rows) were 1.5-2.5x slower than these tiles at MHA decode."""
-    rows = 16 if max_query_len == 1 else 64
-    return max(1, rows // triton.next_power_of_2(group))
+    """Query tokens per program. A tile has tokens × padded group rows: as few as hold the longest
+    query, at least 16 (tl.dot) and at most 64. Decode: 16 rows (measured on the H200: CUDA-core
+    products on one row per program were 1.5-2.5x slower at MHA decode); a few cross-prefill
+    tokens: 16 or 32, not a 64-row tile of mostly padding (ncu, H100, Whisper cross prefill of 4
+    tokens: 148 registers, 3 programs per SM, 68.6% of DRAM peak); long queries: 64."""
+    group_pad = triton.next_power_of_2(group)
+    rows = min(64, max(16, triton.next_power_of_2(max(max_query_len, 1)) * group_pad))
+    return max(1, rows // group_pad)
 
 
 def make_schedule(
@@ -314,9 +317,13 @@ def make_schedule(
     context_lens: tuple[int, ...],
     group: int,
     device: torch.device | str,
+    block_q: int | None = None,
 ) -> Schedule:
-    """Tile every sequence's queries into programs of `block_q` tokens (host-side, once)."""
-    block_q = block_q_for(max(query_lens, default=1), group)
+    """Tile every sequence's queries into programs of `block_q` tokens (host-side, once).
+    block_q: None picks `block_q_for`; a power of two overrides it (tuning, tests)."""
+    block_q = block_q or block_q_for(max(query_lens, default=1), group)
+    if block_q & (block_q - 1):
+        raise ValueError(f"block_q: expected a power of two, got {block_q}")
     tiles = [(i, q0) for i, n in enumerate(query_lens) for q0 in range(0, n, block_q)]
     as_t = lambda xs: torch.tensor(list(xs), dtype=torch.int32, device=device)
     starts, kv_starts = [0], [0]
@@ -349,29 +356,101 @@ def smem_bytes(block_m: int, tile_n: int, head_pad: int, elem_bytes: int, num_st
     return block_m * head_pad * elem_bytes + kv + block_m * tile_n * 4 + 256
 
 
-def launch_config(head_pad: int, prefill: bool, block_m: int = 64, elem_bytes: int = 2) -> dict:
-    """Tile and launch parameters. The interpreter wants few, small tiles; on the GPU these
-    were picked from the sweeps in `bench/tune.py` (H100 and H200, bf16), then shrunk (fewer
-    stages, then smaller tiles) until they fit shared memory: fp32 with head size 256 at prefill
-    asked for 344 KB and failed to launch (found by the full conformance tier on the H100)."""
+@dataclass(frozen=True)
+class Launch:
+    """One launch of the main kernel: K/V tile, warps, pipeline stages. `weight`: its throughput
+    per resident program relative to the first candidate, when both fit the grid in one wave."""
+
+    tile_n: int
+    num_warps: int
+    num_stages: int
+    weight: float = 1.0
+
+    def options(self) -> dict:
+        return dict(tile_n=self.tile_n, num_warps=self.num_warps, num_stages=self.num_stages)
+
+
+def _fit_smem(cfg: Launch, block_m: int, head_pad: int, elem_bytes: int) -> Launch:
+    """Fewer stages, then smaller K/V tiles, until the program fits shared memory."""
+    fits = lambda c: (
+        smem_bytes(block_m, c.tile_n, head_pad, elem_bytes, c.num_stages) <= SMEM_LIMIT_BYTES
+    )
+    while not fits(cfg) and cfg.num_stages > 2:
+        cfg = replace(cfg, num_stages=cfg.num_stages - 1)
+    while not fits(cfg) and cfg.tile_n > 16:
+        cfg = replace(cfg, tile_n=cfg.tile_n // 2)
+    return cfg
+
+
+def launch_candidates(
+    head_pad: int, prefill: bool, block_m: int = 64, elem_bytes: int = 2
+) -> list[Launch]:
+    """The launches `pick_launch` chooses from; the first is the default. The interpreter wants
+    few, small tiles; on the GPU these come from the sweeps in `bench/tune.py` (H100, bf16),
+    shrunk to fit shared memory: fp32 with head size 256 at prefill asked for 344 KB and failed
+    to launch (found by the full conformance tier on the H100)."""
     if interpreting():
-        return dict(tile_n=16, num_warps=4, num_stages=1)
+        return [Launch(16, 4, 1)]
     if prefill:
-        cfg = dict(tile_n=64, num_warps=4, num_stages=3)
+        cands = [Launch(64, 4, 3)]
     elif head_pad <= 64:
-        cfg = dict(tile_n=32, num_warps=2, num_stages=2)
+        # H100, Triton 3.6: 32/2/2 holds 10-12 programs per SM (80-92 registers), 64/2/2 eight
+        # (119-121), 16/1/2 twenty-one (93) but streams ~5% slower per program. Which is fastest
+        # depends on how the grid fills the last wave (T5 cross decode B64, 2,048 programs:
+        # 2,164 / 2,357 / 2,381 GB/s; BART self B256: 2,537 / 2,713 / 2,679).
+        cands = [Launch(32, 2, 2), Launch(64, 2, 2), Launch(16, 1, 2, weight=0.95)]
+    elif head_pad <= 128 and block_m >= 32:
+        # 32-row tiles (a few queries × a GQA group): 2 warps (H100: GQA 4:1 chunk of 8 tokens
+        # 1,732 -> 2,037 GB/s; 4 warps held 158 registers).
+        cands = [Launch(32, 2, 2)]
     else:
         # Two stages, not three: 64 KB of K/V tiles per program lets a fourth program onto an
         # SM (ncu, H200: three stages held 3 programs/SM, 1.29 waves at 512 programs; 1.4x slower).
-        cfg = dict(tile_n=64, num_warps=4, num_stages=2)
-    fits = lambda c: (
-        smem_bytes(block_m, c["tile_n"], head_pad, elem_bytes, c["num_stages"]) <= SMEM_LIMIT_BYTES
-    )
-    while not fits(cfg) and cfg["num_stages"] > 2:
-        cfg["num_stages"] -= 1
-    while not fits(cfg) and cfg["tile_n"] > 16:
-        cfg["tile_n"] //= 2
-    return cfg
+        cands = [Launch(64, 4, 2)]
+    out = []
+    for c in cands:
+        c = _fit_smem(c, block_m, head_pad, elem_bytes)
+        if c not in out:
+            out.append(c)
+    return out
+
+
+def launch_config(head_pad: int, prefill: bool, block_m: int = 64, elem_bytes: int = 2) -> dict:
+    """The default launch's tile and launch parameters."""
+    return launch_candidates(head_pad, prefill, block_m, elem_bytes)[0].options()
+
+
+def resident_programs(
+    n_regs: int, num_warps: int, shared: int, props: dict[str, int] | None = None
+) -> int:
+    """Programs of one compiled kernel an SM holds at once (CUDA occupancy: registers are
+    allocated per warp in units of 256, shared memory per block plus 1 KB the runtime reserves).
+    Matches ncu on the H100: 92 registers × 2 warps → 10, 111 × 4 → 4, 80 × 2 → 12."""
+    p = props or {}
+    regs_per_sm = p.get("regs", 65536)
+    smem_per_sm = p.get("smem", 233_472)
+    threads_per_sm = p.get("threads", 2048)
+    regs_per_warp = -(-max(n_regs, 1) * 32 // 256) * 256
+    by_regs = (regs_per_sm // regs_per_warp) // num_warps
+    by_smem = smem_per_sm // (shared + 1024) if shared else 32
+    by_threads = threads_per_sm // (32 * num_warps)
+    return max(0, min(by_regs, by_smem, by_threads, 32))
+
+
+def wave_efficiency(num_programs: int, slots: int) -> float:
+    """How much of the GPU the grid keeps busy: 1 when it fits one wave (bandwidth, not waves,
+    is the limit then), else the filled fraction of its waves (1.29 waves -> 0.65)."""
+    if slots <= 0:
+        return 0.0
+    waves = num_programs / slots
+    return 1.0 if waves <= 1 else waves / math.ceil(waves)
+
+
+def pick_launch(options: list[tuple[Launch, int, int]], num_sms: int) -> int:
+    """Index of the best (launch, resident programs per SM, programs incl. splits) by
+    weight × wave efficiency; ties go to the earlier (default) launch."""
+    scores = [c.weight * wave_efficiency(n, r * num_sms) for c, r, n in options]
+    return max(range(len(scores)), key=lambda i: (round(scores[i], 3), -i))
 
 
 MAX_AUTO_SPLITS = 32
@@ -384,6 +463,42 @@ def _unused_fp32(device: torch.device) -> torch.Tensor:
     return torch.empty(1, dtype=torch.float32, device=device)
 
 
+_RESIDENT: dict[tuple, int] = {}
+_CHOSEN: dict[tuple, Launch] = {}
+
+
+def _resident(c: Launch, variant: tuple, meta: dict, make_args, num_programs: int = 1) -> int:
+    """Programs per SM of the kernel `c` compiles to for `variant` (device, dtype, constexprs):
+    compiled once without launching, then cached."""
+    key = (variant, c)
+    if key not in _RESIDENT:
+        device = variant[0]
+        kernel = _paged_attention_kernel.warmup(
+            *make_args(),
+            grid=(num_programs,),
+            **meta,
+            TILE_N=c.tile_n,
+            num_warps=c.num_warps,
+            num_stages=c.num_stages,
+        )
+        if hasattr(kernel, "result"):  # compiled asynchronously
+            kernel = kernel.result()
+        kernel._init_handles()  # loads the binary: registers are known from here on
+        props = torch.cuda.get_device_properties(device)
+        _RESIDENT[key] = resident_programs(
+            kernel.n_regs,
+            c.num_warps,
+            kernel.metadata.shared,
+            dict(
+                regs=getattr(props, "regs_per_multiprocessor", 65536),
+                smem=props.shared_memory_per_multiprocessor,
+                threads=props.max_threads_per_multi_processor,
+            ),
+        )
+    return _RESIDENT[key]
+
+
+@functools.cache
 def _num_sms(device: torch.device) -> int:
     if device.type != "cuda":
         return 4
@@ -429,6 +544,7 @@ def paged_attention(
     num_warps: int | None = None,
     num_stages: int | None = None,
     reduce_rows: int | None = None,
+    maxnreg: int | None = None,
 ) -> torch.Tensor:
     """Attention of packed `query` over paged (or packed, `paged=False`) K/V; returns `out`.
 
@@ -437,6 +553,7 @@ def paged_attention(
     num_splits: None picks by occupancy; 1 disables split-K.
     reduce_rows: output rows per split-K reduce program (default: 1 on the GPU, a tile in the
     interpreter).
+    maxnreg: a register cap per thread for the main kernel (tuning: more resident programs).
     """
     if query.dim() != 3 or query.stride(-1) != 1:
         raise ValueError(
@@ -474,75 +591,29 @@ def paged_attention(
     group_pad = triton.next_power_of_2(group)
     block_m = schedule.block_q * group_pad
     head_pad = max(16, triton.next_power_of_2(head_size))
-    cfg = launch_config(
-        head_pad, schedule.max_query_len > 1, block_m=block_m, elem_bytes=query.element_size()
-    )
-    tile_n = tile_n or cfg["tile_n"]
-    num_warps = num_warps or cfg["num_warps"]
-    num_stages = num_stages or cfg["num_stages"]
-    num_kv_tiles = triton.cdiv(max(schedule.max_kv_len, 1), tile_n)
-    if num_splits is None:
-        num_splits = choose_num_splits(
-            num_tiles * num_kv_heads, num_kv_tiles, query.device, head_pad
-        )
-    num_splits = max(1, min(num_splits, num_kv_tiles))
-    tiles_per_split = triton.cdiv(num_kv_tiles, num_splits)
-    if num_splits > 1:
-        part_rows = num_tiles * num_kv_heads * num_splits * block_m
-        part_m = torch.empty(part_rows, dtype=torch.float32, device=query.device)
-        part_l = torch.empty_like(part_m)
-        part_acc = torch.empty(part_rows, head_pad, dtype=torch.float32, device=query.device)
-    else:  # unused; fp32 like the real partials, so both cases share one compiled kernel
-        part_m = part_l = part_acc = _unused_fp32(query.device)
+    # The prefill launch (bigger K/V tiles, more stages) only for 64-row tiles of many queries;
+    # 16/32-row tiles of a few queries stream K/V like decode.
+    prefill = schedule.max_query_len > 1 and block_m >= 64
+    cands = launch_candidates(head_pad, prefill, block_m, query.element_size())
+    if tile_n or num_warps or num_stages or maxnreg:  # an explicit launch (tuning, tests)
+        d = cands[0]
+        cands = [Launch(tile_n or d.tile_n, num_warps or d.num_warps, num_stages or d.num_stages)]
+    num_programs = num_tiles * num_kv_heads
+
+    def splits_for(c: Launch) -> tuple[int, int]:
+        kv_tiles = triton.cdiv(max(schedule.max_kv_len, 1), c.tile_n)
+        n = num_splits or choose_num_splits(num_programs, kv_tiles, query.device, head_pad)
+        return max(1, min(n, kv_tiles)), kv_tiles
+
     fp32 = query.dtype == torch.float32
     window = (sliding_window or 0) if causal else 0
     block_size = key_cache.shape[1] if paged else 1
     bt = block_tables if paged else schedule.kv_lens  # any int tensor when unused
-    kc_block = key_cache.stride(0) if paged else 0
-    vc_block = value_cache.stride(0) if paged else 0
-    kc_tok, vc_tok = key_cache.stride(-3), value_cache.stride(-3)
-    kc_head, vc_head = key_cache.stride(-2), value_cache.stride(-2)
-    grid = (num_tiles, num_kv_heads, num_splits)
-    _paged_attention_kernel[grid](
-        out,
-        query,
-        key_cache,
-        value_cache,
-        bt,
-        schedule.tile_seq,
-        schedule.tile_q_first,
-        schedule.query_start_loc,
-        schedule.query_lens,
-        schedule.kv_lens,
-        schedule.context_lens,
-        schedule.kv_start_loc,
-        part_m,
-        part_l,
-        part_acc,
-        scale * LOG2E,
-        window,
-        block_size,
-        block_size.bit_length() - 1,
-        num_splits,
-        tiles_per_split,
-        query.stride(0),
-        query.stride(1),
-        out.stride(0),
-        out.stride(1),
-        kc_block,
-        kc_tok,
-        kc_head,
-        vc_block,
-        vc_tok,
-        vc_head,
-        bt.stride(0),
-        group,
-        head_size,
+    meta = dict(
         BLOCK_M=block_m,
         GROUP_PAD=group_pad,
         HEAD_PAD=head_pad,
         EVEN_D=head_size == head_pad,
-        TILE_N=tile_n,
         PAGED=paged,
         POW2_BLOCK=block_size & (block_size - 1) == 0,
         CAUSAL=causal,
@@ -551,8 +622,79 @@ def paged_attention(
         UPCAST_DOT=interpreting() and query.dtype == torch.bfloat16,
         # fp32 inputs get true fp32 products (no TF32): the fp32 tolerance assumes it.
         DOT_PRECISION="ieee" if fp32 else "tf32",
-        num_warps=num_warps,
-        num_stages=num_stages,
+    )
+
+    def kernel_args(splits: int, tiles_per_split: int, part_m, part_l, part_acc) -> tuple:
+        return (
+            out,
+            query,
+            key_cache,
+            value_cache,
+            bt,
+            schedule.tile_seq,
+            schedule.tile_q_first,
+            schedule.query_start_loc,
+            schedule.query_lens,
+            schedule.kv_lens,
+            schedule.context_lens,
+            schedule.kv_start_loc,
+            part_m,
+            part_l,
+            part_acc,
+            scale * LOG2E,
+            window,
+            block_size,
+            block_size.bit_length() - 1,
+            splits,
+            tiles_per_split,
+            query.stride(0),
+            query.stride(1),
+            out.stride(0),
+            out.stride(1),
+            key_cache.stride(0) if paged else 0,
+            key_cache.stride(-3),
+            key_cache.stride(-2),
+            value_cache.stride(0) if paged else 0,
+            value_cache.stride(-3),
+            value_cache.stride(-2),
+            bt.stride(0),
+            group,
+            head_size,
+        )
+
+    cfg = cands[0]
+    if len(cands) > 1:
+        # Launch by occupancy: each candidate's registers and shared memory as compiled, its
+        # split count, and how its grid fills the last wave. Memoized: the choice took ~70 µs of
+        # host time per call, more than a 110 µs decode kernel hides (H100, do_bench).
+        variant = (query.device, query.dtype, tuple(meta.items()))
+        key = (variant, num_programs, schedule.max_kv_len, num_splits)
+        cfg = _CHOSEN.get(key)
+        if cfg is None:
+            unused = _unused_fp32(query.device)
+            options = []
+            for c in cands:
+                splits, _ = splits_for(c)
+                make_args = lambda s=splits: kernel_args(s, 1, unused, unused, unused)
+                options.append((c, _resident(c, variant, meta, make_args), num_programs * splits))
+            cfg = _CHOSEN[key] = cands[pick_launch(options, _num_sms(query.device))]
+    num_splits, num_kv_tiles = splits_for(cfg)
+    tiles_per_split = triton.cdiv(num_kv_tiles, num_splits)
+    if num_splits > 1:
+        part_rows = num_programs * num_splits * block_m
+        part_m = torch.empty(part_rows, dtype=torch.float32, device=query.device)
+        part_l = torch.empty_like(part_m)
+        part_acc = torch.empty(part_rows, head_pad, dtype=torch.float32, device=query.device)
+    else:  # unused; fp32 like the real partials, so both cases share one compiled kernel
+        part_m = part_l = part_acc = _unused_fp32(query.device)
+    grid = (num_tiles, num_kv_heads, num_splits)
+    _paged_attention_kernel[grid](
+        *kernel_args(num_splits, tiles_per_split, part_m, part_l, part_acc),
+        **meta,
+        TILE_N=cfg.tile_n,
+        num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
+        **({} if maxnreg is None else dict(maxnreg=maxnreg)),
     )
     if num_splits > 1:
         rows = reduce_rows or (block_m if interpreting() else 1)
