@@ -42,7 +42,7 @@ import torch
 import triton
 import triton.language as tl
 
-from optimized.kernels import interpreting
+from optimized.kernels import cdiv, interpreting, next_power_of_2
 
 LOG2E = 1.4426950408889634
 
@@ -306,8 +306,8 @@ def block_q_for(max_query_len: int, group: int) -> int:
     products on one row per program were 1.5-2.5x slower at MHA decode); a few cross-prefill
     tokens: 16 or 32, not a 64-row tile of mostly padding (ncu, H100, Whisper cross prefill of 4
     tokens: 148 registers, 3 programs per SM, 68.6% of DRAM peak); long queries: 64."""
-    group_pad = triton.next_power_of_2(group)
-    rows = min(64, max(16, triton.next_power_of_2(max(max_query_len, 1)) * group_pad))
+    group_pad = next_power_of_2(group)
+    rows = min(64, max(16, next_power_of_2(max(max_query_len, 1)) * group_pad))
     return max(1, rows // group_pad)
 
 
@@ -384,13 +384,20 @@ def _fit_smem(cfg: Launch, block_m: int, head_pad: int, elem_bytes: int) -> Laun
 
 def launch_candidates(
     head_pad: int, prefill: bool, block_m: int = 64, elem_bytes: int = 2
-) -> list[Launch]:
+) -> tuple[Launch, ...]:
     """The launches `pick_launch` chooses from; the first is the default. The interpreter wants
     few, small tiles; on the GPU these come from the sweeps in `bench/tune.py` (H100, bf16),
     shrunk to fit shared memory: fp32 with head size 256 at prefill asked for 344 KB and failed
     to launch (found by the full conformance tier on the H100)."""
     if interpreting():
-        return [Launch(16, 4, 1)]
+        return (Launch(16, 4, 1),)
+    return _gpu_launch_candidates(head_pad, prefill, block_m, elem_bytes)
+
+
+@functools.cache
+def _gpu_launch_candidates(
+    head_pad: int, prefill: bool, block_m: int, elem_bytes: int
+) -> tuple[Launch, ...]:
     if prefill:
         cands = [Launch(64, 4, 3)]
     elif head_pad <= 64:
@@ -412,7 +419,7 @@ def launch_candidates(
         c = _fit_smem(c, block_m, head_pad, elem_bytes)
         if c not in out:
             out.append(c)
-    return out
+    return tuple(out)
 
 
 def launch_config(head_pad: int, prefill: bool, block_m: int = 64, elem_bytes: int = 2) -> dict:
@@ -523,7 +530,7 @@ def choose_num_splits(
     if num_programs >= target or num_kv_tiles < 8:
         return 1
     # Each split still walks at least four K/V tiles.
-    splits = triton.next_power_of_2(math.ceil(target / num_programs))
+    splits = next_power_of_2(math.ceil(target / num_programs))
     return max(1, min(splits, MAX_AUTO_SPLITS, num_kv_tiles // 4))
 
 
@@ -588,20 +595,20 @@ def paged_attention(
     num_tiles = schedule.tile_seq.shape[0]
     if num_tiles == 0:
         return out
-    group_pad = triton.next_power_of_2(group)
+    group_pad = next_power_of_2(group)
     block_m = schedule.block_q * group_pad
-    head_pad = max(16, triton.next_power_of_2(head_size))
+    head_pad = max(16, next_power_of_2(head_size))
     # The prefill launch (bigger K/V tiles, more stages) only for 64-row tiles of many queries;
     # 16/32-row tiles of a few queries stream K/V like decode.
     prefill = schedule.max_query_len > 1 and block_m >= 64
     cands = launch_candidates(head_pad, prefill, block_m, query.element_size())
     if tile_n or num_warps or num_stages or maxnreg:  # an explicit launch (tuning, tests)
         d = cands[0]
-        cands = [Launch(tile_n or d.tile_n, num_warps or d.num_warps, num_stages or d.num_stages)]
+        cands = (Launch(tile_n or d.tile_n, num_warps or d.num_warps, num_stages or d.num_stages),)
     num_programs = num_tiles * num_kv_heads
 
     def splits_for(c: Launch) -> tuple[int, int]:
-        kv_tiles = triton.cdiv(max(schedule.max_kv_len, 1), c.tile_n)
+        kv_tiles = cdiv(max(schedule.max_kv_len, 1), c.tile_n)
         n = num_splits or choose_num_splits(num_programs, kv_tiles, query.device, head_pad)
         return max(1, min(n, kv_tiles)), kv_tiles
 
@@ -679,7 +686,7 @@ def paged_attention(
                 options.append((c, _resident(c, variant, meta, make_args), num_programs * splits))
             cfg = _CHOSEN[key] = cands[pick_launch(options, _num_sms(query.device))]
     num_splits, num_kv_tiles = splits_for(cfg)
-    tiles_per_split = triton.cdiv(num_kv_tiles, num_splits)
+    tiles_per_split = cdiv(num_kv_tiles, num_splits)
     if num_splits > 1:
         part_rows = num_programs * num_splits * block_m
         part_m = torch.empty(part_rows, dtype=torch.float32, device=query.device)
@@ -698,7 +705,7 @@ def paged_attention(
     )
     if num_splits > 1:
         rows = reduce_rows or (block_m if interpreting() else 1)
-        splits_pad = triton.next_power_of_2(num_splits)
+        splits_pad = next_power_of_2(num_splits)
         if not interpreting():
             splits_pad = max(splits_pad, MAX_AUTO_SPLITS)
         if block_m % rows:

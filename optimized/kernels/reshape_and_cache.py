@@ -11,6 +11,8 @@ import torch
 import triton
 import triton.language as tl
 
+from optimized.kernels import cdiv, next_power_of_2
+
 # One token per program, about 32 elements per thread: the best of a sweep on the H200 (8k tokens
 # × 8 kv heads × d128: 98% of a copy of the same bytes; 4 tokens and 4 warps were 91%).
 TOKENS_PER_PROGRAM = 1
@@ -112,10 +114,10 @@ def reshape_and_cache(
     if num_tokens == 0:
         return
     tokens = tokens_per_program or TOKENS_PER_PROGRAM
-    heads_pad, head_pad = triton.next_power_of_2(num_kv_heads), triton.next_power_of_2(head_size)
+    heads_pad, head_pad = next_power_of_2(num_kv_heads), next_power_of_2(head_size)
     if num_warps is None:
         num_warps = min(8, max(1, heads_pad * head_pad // 1024))
-    _reshape_and_cache_kernel[(triton.cdiv(num_tokens, tokens),)](
+    _reshape_and_cache_kernel[(cdiv(num_tokens, tokens),)](
         key,
         value,
         key_cache,

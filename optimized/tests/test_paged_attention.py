@@ -199,3 +199,14 @@ def test_occupancy_model_matches_ncu_and_picks_by_the_last_wave(monkeypatch):
     # explicit options never trigger a choice; the interpreter has one launch
     monkeypatch.setattr(pa, "interpreting", lambda: True)
     assert len(pa.launch_candidates(64, False, 16, 2)) == 1
+
+
+def test_host_integer_helpers_agree_with_triton():
+    """The launchers' plain-Python cdiv / next_power_of_2 (Triton's are slow JIT wrappers on the
+    host) give Triton's answers on every value they see."""
+    from optimized.kernels import cdiv, next_power_of_2
+
+    for n in range(1, 600):
+        assert next_power_of_2(n) == triton.next_power_of_2(n), n
+        for d in (1, 3, 16, 64):
+            assert cdiv(n, d) == triton.cdiv(n, d), (n, d)
