@@ -31,6 +31,48 @@ def median_ms(fn) -> float:
     return triton.testing.do_bench(fn, warmup=10, rep=40, return_mode="median")
 
 
+_FLUSH: list[torch.Tensor] = []
+
+
+def graph_ms(fn, reps: int = 50) -> float:
+    """Median time of one call of `fn` replayed from a CUDA graph, L2 flushed before each replay
+    like do_bench does: kernel time without the host's launch overhead, which do_bench includes
+    whenever the host takes longer than the flush (xFormers' split-K call measured ~200-250 µs
+    per call with do_bench on every small decode shape, its kernels far less). NaN when `fn`
+    cannot be captured."""
+    if not _FLUSH:
+        _FLUSH.append(torch.empty(256 << 20, dtype=torch.int8, device="cuda"))
+    try:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up off the capture stream, as torch asks
+            fn()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            fn()
+    except Exception:
+        torch.cuda.synchronize()
+        return math.nan
+    graph.replay()
+    times = []
+    for _ in range(reps):
+        _FLUSH[0].zero_()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        times.append((start, end))
+    torch.cuda.synchronize()
+    ms = sorted(s.elapsed_time(e) for s, e in times)
+    return ms[len(ms) // 2]
+
+
+def timed(fn) -> tuple[float, float]:
+    """(do_bench median, CUDA-graph replay median) of `fn`, in ms."""
+    return median_ms(fn), graph_ms(fn)
+
+
 class Limits:
     """Measured once per run: copy bandwidth (read + write bytes / s) and bf16 matmul rate."""
 
@@ -70,10 +112,18 @@ class Row:
     frac_of_limit: float = math.nan
     limit: str = ""
     device: str = ""
+    graph_ms: float = math.nan
+    graph_gbps: float = math.nan
 
 
 def matmul_bound_row(
-    limits: Limits, backend: str, ms: float, tflops: float, base: dict, gbps: float = math.nan
+    limits: Limits,
+    backend: str,
+    ms: float,
+    tflops: float,
+    base: dict,
+    gbps: float = math.nan,
+    **graph: float,
 ) -> Row:
     """A compute-bound result: TFLOP/s as a fraction of the measured bf16 matmul rate."""
     return Row(
@@ -83,6 +133,7 @@ def matmul_bound_row(
         tflops=tflops,
         frac_of_limit=tflops / limits.matmul_tflops,
         limit=f"bf16 matmul {limits.matmul_tflops:.0f} TFLOP/s",
+        **graph,
         **base,
     )
 
@@ -142,7 +193,8 @@ def decode_rows(
         device=limits.device,
     )
 
-    def row(backend, ms):
+    def row(backend, fn):
+        ms, gms = timed(fn)
         gbps = kv_bytes / ms / 1e6
         return Row(
             backend=backend,
@@ -150,17 +202,15 @@ def decode_rows(
             gbps=gbps,
             frac_of_limit=gbps / limit,
             limit=f"copy {limit:.0f} GB/s",
+            graph_ms=gms,
+            graph_gbps=kv_bytes / gms / 1e6,
             **base,
         )
 
     rows = [
         row(
             "triton",
-            median_ms(
-                lambda: paged_attention(
-                    q, kc, vc, tables, sched, causal=causal, scale=scale, out=out
-                )
-            ),
+            lambda: paged_attention(q, kc, vc, tables, sched, causal=causal, scale=scale, out=out),
         )
     ]
     if not peers:
@@ -182,16 +232,14 @@ def decode_rows(
     rows.append(
         row(
             "sdpa-contiguous",
-            median_ms(
-                lambda: torch.nn.functional.scaled_dot_product_attention(
-                    q4, k_dense, v_dense, scale=scale, enable_gqa=True
-                )
+            lambda: torch.nn.functional.scaled_dot_product_attention(
+                q4, k_dense, v_dense, scale=scale, enable_gqa=True
             ),
         )
     )
     xf = _xformers_splitk(q, kc, vc, tables, kv_len, block_size, scale)
     if xf is not None:
-        rows.append(row("xformers-splitk", median_ms(xf)))
+        rows.append(row("xformers-splitk", xf))
     return rows
 
 
@@ -268,9 +316,11 @@ def prefill_rows(
     )
     mem_bound = max(q_lens) <= 16  # a few queries against a long K/V: bandwidth is the limit
 
-    def row(backend, ms):
+    def row(backend, fn):
+        ms, gms = timed(fn)
         tflops = flops / ms / 1e9
         gbps = kv_bytes / ms / 1e6
+        graph = dict(graph_ms=gms, graph_gbps=kv_bytes / gms / 1e6)
         if mem_bound:
             lim = limits.copy_gbps(kv_bytes)
             return Row(
@@ -280,18 +330,15 @@ def prefill_rows(
                 tflops=tflops,
                 frac_of_limit=gbps / lim,
                 limit=f"copy {lim:.0f} GB/s",
+                **graph,
                 **base,
             )
-        return matmul_bound_row(limits, backend, ms, tflops, base, gbps=gbps)
+        return matmul_bound_row(limits, backend, ms, tflops, base, gbps=gbps, **graph)
 
     rows = [
         row(
             "triton",
-            median_ms(
-                lambda: paged_attention(
-                    q, kc, vc, tables, sched, causal=causal, scale=scale, out=out
-                )
-            ),
+            lambda: paged_attention(q, kc, vc, tables, sched, causal=causal, scale=scale, out=out),
         )
     ]
     # Peers on the same tokens without paging: contiguous packed K/V.
@@ -322,10 +369,8 @@ def prefill_rows(
             rows.append(
                 row(
                     name,
-                    median_ms(
-                        lambda op=op: fmha.memory_efficient_attention_forward(
-                            xq, xk, xv, attn_bias=bias, scale=scale, op=op
-                        )
+                    lambda op=op: fmha.memory_efficient_attention_forward(
+                        xq, xk, xv, attn_bias=bias, scale=scale, op=op
                     ),
                 )
             )
@@ -342,10 +387,8 @@ def prefill_rows(
         rows.append(
             row(
                 "sdpa-contiguous",
-                median_ms(
-                    lambda: torch.nn.functional.scaled_dot_product_attention(
-                        q4, k4, v4, is_causal=causal, scale=scale, enable_gqa=True
-                    )
+                lambda: torch.nn.functional.scaled_dot_product_attention(
+                    q4, k4, v4, is_causal=causal, scale=scale, enable_gqa=True
                 ),
             )
         )
@@ -376,16 +419,15 @@ def encoder_rows(
         device=limits.device,
     )
 
-    def row(backend, ms):
-        return matmul_bound_row(limits, backend, ms, flops / ms / 1e9, base)
+    def row(backend, fn):
+        ms, gms = timed(fn)
+        return matmul_bound_row(limits, backend, ms, flops / ms / 1e9, base, graph_ms=gms)
 
     rows = [
         row(
             "triton",
-            median_ms(
-                lambda: paged_attention(
-                    q, k, v, None, sched, causal=False, scale=scale, paged=False, out=out
-                )
+            lambda: paged_attention(
+                q, k, v, None, sched, causal=False, scale=scale, paged=False, out=out
             ),
         )
     ]
@@ -400,10 +442,8 @@ def encoder_rows(
             rows.append(
                 row(
                     name,
-                    median_ms(
-                        lambda op=op: fmha.memory_efficient_attention_forward(
-                            q[None], k[None], v[None], attn_bias=bias, scale=scale, op=op
-                        )
+                    lambda op=op: fmha.memory_efficient_attention_forward(
+                        q[None], k[None], v[None], attn_bias=bias, scale=scale, op=op
                     ),
                 )
             )
@@ -415,11 +455,7 @@ def encoder_rows(
         rows.append(
             row(
                 "sdpa-contiguous",
-                median_ms(
-                    lambda: torch.nn.functional.scaled_dot_product_attention(
-                        q4, k4, v4, scale=scale
-                    )
-                ),
+                lambda: torch.nn.functional.scaled_dot_product_attention(q4, k4, v4, scale=scale),
             )
         )
     return rows
@@ -437,7 +473,7 @@ def cache_write_rows(
     slots = torch.randperm(num_blocks * block_size, device="cuda")[:num_tokens]
     moved = 2 * 2 * key.numel() * key.element_size()  # K and V, read once and written once
     lim = limits.copy_gbps(moved // 2)
-    ms = median_ms(lambda: reshape_and_cache(key, value, kc, vc, slots))
+    ms, gms = timed(lambda: reshape_and_cache(key, value, kc, vc, slots))
     gbps = moved / ms / 1e6
     return [
         Row(
@@ -456,5 +492,7 @@ def cache_write_rows(
             frac_of_limit=gbps / lim,
             limit=f"copy {lim:.0f} GB/s",
             device=limits.device,
+            graph_ms=gms,
+            graph_gbps=moved / gms / 1e6,
         )
     ]

@@ -1,6 +1,6 @@
 """Sweeps that picked the launch parameters of our kernels (GPU), and the shapes `ncu` profiles.
 
-    python -m bench tune [--only decode splits cache chunk short weak d64 host]
+    python -m bench tune [--only decode splits cache chunk short weak d64 host few]
     python -m bench profile          (each default kernel once: run it under ncu)
 
 `decode`: tile size × warps × stages, then split counts, on decode shapes with many programs;
@@ -8,7 +8,8 @@
 of the cache write; `chunk`: the prefill tile; `short`: the query tile of a few queries (cross
 prefill, short chunks); `weak`: register caps, splits and stages on the decode shapes below the
 H100 targets; `d64`: small-tile launches on the named models' decode shapes; `host`: host time
-per call of the default and an explicit launch. Their output picked `launch_candidates` and
+per call of the default and an explicit launch; `few`: splits and tiles for short contexts with
+few programs, timed from CUDA graphs. Their output picked `launch_candidates` and
 `choose_num_splits` in optimized/kernels/paged_attention.py and `TOKENS_PER_PROGRAM` in
 reshape_and_cache.py. (An earlier sweep also tried CUDA-core products on
 one row per program for MHA decode instead of 16-row tl.dot tiles: 1.5-2.5x slower on every
@@ -23,7 +24,7 @@ import itertools
 import torch
 import triton
 
-from bench.gpu import _paged_kv, median_ms
+from bench.gpu import _paged_kv, graph_ms, median_ms
 from optimized.kernels.paged_attention import (
     _paged_attention_kernel,
     make_schedule,
@@ -91,13 +92,13 @@ def _report_default(name: str, run, nbytes: int) -> None:
     print(f"{name:26s} default {regs} {ms:.4f} ms {nbytes / ms / 1e6:.0f} GB/s", flush=True)
 
 
-def _sweep(run, configs) -> list:
+def _sweep(run, configs, measure=median_ms) -> list:
     results = []
     for cfg in configs:
         try:
             fn = functools.partial(run, **cfg)
             regs = _registers(fn)
-            results.append((median_ms(fn), cfg, regs))
+            results.append((measure(fn), cfg, regs))
         except Exception as e:
             print(f"  {cfg}: {type(e).__name__}: {str(e)[:120]}")
     return results
@@ -248,6 +249,30 @@ def tune_weak() -> None:
         _report(name, _sweep(run, configs), nbytes, top=4)
 
 
+# Short contexts with few programs (GQA at batch 16/64, 1k tokens; d64 at batch 16): split count
+# × K/V tile × warps, timed from CUDA graphs (kernel time; do_bench is host-bound below ~150 µs).
+FEW = [
+    ("gqa8-b16-c1k", 16, 1024, 32, 4, 128, 16, 1, True),
+    ("gqa4-b16-c1k", 16, 1024, 32, 8, 128, 16, 1, True),
+    ("gqa8-b64-c1k", 64, 1024, 32, 4, 128, 16, 1, True),
+    ("gqa8-b16-c4k", 16, 4096, 32, 4, 128, 16, 1, True),
+    ("mha-d64-b16-c1k", 16, 1024, 32, 32, 64, 16, 1, True),
+    ("mha-d64-b16-c4k", 16, 4096, 32, 32, 64, 16, 1, True),
+]
+
+
+def tune_few() -> None:
+    for name, *shape in FEW:
+        run, nbytes = _setup(*shape)
+        ms = graph_ms(run)
+        print(f"{name:26s} default {_registers(run)} {ms:.4f} ms {nbytes / ms / 1e6:.0f} GB/s")
+        configs = [
+            dict(num_splits=n, tile_n=t, num_warps=w, num_stages=2)
+            for n, t, w in itertools.product((1, 2, 4, 8, 16, 32), (16, 32, 64), (2, 4))
+        ]
+        _report(name, _sweep(run, configs, measure=graph_ms), nbytes, top=6)
+
+
 def tune_host() -> None:
     """Host time per call (a grid so small that the GPU waits on the host): the default launch
     (memoized choice among candidates) against an explicit one."""
@@ -279,6 +304,7 @@ SECTIONS = {
     "weak": tune_weak,
     "d64": tune_d64,
     "host": tune_host,
+    "few": tune_few,
 }
 
 

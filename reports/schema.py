@@ -67,7 +67,18 @@ BENCH_KEY = [
     "block_size",
     "dtype",
 ]
-BENCH_COLUMNS = [*BENCH_KEY, "median_ms", "gbps", "tflops", "frac_of_limit", "limit", "device"]
+# graph_ms / graph_gbps: the same call replayed from a CUDA graph (no host launch overhead).
+BENCH_COLUMNS = [
+    *BENCH_KEY,
+    "median_ms",
+    "gbps",
+    "tflops",
+    "frac_of_limit",
+    "limit",
+    "device",
+    "graph_ms",
+    "graph_gbps",
+]
 
 
 def environment() -> dict[str, str]:

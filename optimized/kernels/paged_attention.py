@@ -453,10 +453,42 @@ def wave_efficiency(num_programs: int, slots: int) -> float:
     return 1.0 if waves <= 1 else waves / math.ceil(waves)
 
 
-def pick_launch(options: list[tuple[Launch, int, int]], num_sms: int) -> int:
-    """Index of the best (launch, resident programs per SM, programs incl. splits) by
-    weight × wave efficiency; ties go to the earlier (default) launch."""
-    scores = [c.weight * wave_efficiency(n, r * num_sms) for c, r, n in options]
+@dataclass(frozen=True)
+class Option:
+    """A launch with its split count, as the occupancy model sees it.
+
+    resident: programs of the compiled variant one SM holds; programs: the grid incl. splits;
+    tile_bytes: K and V bytes one program loads per K/V tile."""
+
+    launch: Launch
+    splits: int
+    resident: int
+    programs: int
+    tile_bytes: int
+
+
+# K/V bytes in flight per SM from which more stop helping (H100, fitted to bench tune `few`: d64
+# decode at batch 16 had ~32 KB per SM with 32-token tiles and ran 11% slower than with 64-token
+# ones; at ~63 KB per SM the tile no longer mattered).
+IN_FLIGHT_SATURATES = 48 << 10
+# A split-K launch also writes partials and runs the reduce (H100: GQA 8:1, batch 64, 1k
+# tokens ran 2,022 GB/s unsplit and 1,642 with the two splits the occupancy rule asked for).
+SPLIT_COST = 0.95
+
+
+def launch_score(o: Option, num_sms: int) -> float:
+    """weight × wave efficiency × how close the loads in flight come to saturating memory,
+    less the split-K overhead."""
+    per_sm = min(o.programs / num_sms, o.resident)
+    in_flight = per_sm * o.tile_bytes * max(o.launch.num_stages - 1, 1)
+    fill = min(1.0, in_flight / IN_FLIGHT_SATURATES)
+    eff = wave_efficiency(o.programs, o.resident * num_sms)
+    return o.launch.weight * eff * fill * (SPLIT_COST if o.splits > 1 else 1.0)
+
+
+def pick_launch(options: list[Option], num_sms: int) -> int:
+    """Index of the best option by `launch_score`; ties go to the earlier (default) one."""
+    scores = [launch_score(o, num_sms) for o in options]
     return max(range(len(scores)), key=lambda i: (round(scores[i], 3), -i))
 
 
@@ -471,7 +503,7 @@ def _unused_fp32(device: torch.device) -> torch.Tensor:
 
 
 _RESIDENT: dict[tuple, int] = {}
-_CHOSEN: dict[tuple, Launch] = {}
+_CHOSEN: dict[tuple, tuple[Launch, int]] = {}
 
 
 def _resident(c: Launch, variant: tuple, meta: dict, make_args, num_programs: int = 1) -> int:
@@ -669,23 +701,31 @@ def paged_attention(
             head_size,
         )
 
-    cfg = cands[0]
-    if len(cands) > 1:
-        # Launch by occupancy: each candidate's registers and shared memory as compiled, its
-        # split count, and how its grid fills the last wave. Memoized: the choice took ~70 µs of
-        # host time per call, more than a 110 µs decode kernel hides (H100, do_bench).
+    if interpreting():  # no registers to read: the split rule alone
+        cfg = cands[0]
+        num_splits, num_kv_tiles = splits_for(cfg)
+    else:
+        # Launch by occupancy: each candidate's registers and shared memory as compiled, with its
+        # split count and without, scored by how the grid fills the GPU (`launch_score`).
+        # Memoized: the choice took ~70 µs of host time per call, more than a 110 µs decode
+        # kernel hides (H100, do_bench).
         variant = (query.device, query.dtype, tuple(meta.items()))
-        key = (variant, num_programs, schedule.max_kv_len, num_splits)
-        cfg = _CHOSEN.get(key)
-        if cfg is None:
+        key = (variant, cands, num_programs, schedule.max_kv_len, num_splits)
+        choice = _CHOSEN.get(key)
+        if choice is None:
             unused = _unused_fp32(query.device)
+            tile_bytes = 2 * head_pad * query.element_size()
             options = []
             for c in cands:
-                splits, _ = splits_for(c)
-                make_args = lambda s=splits: kernel_args(s, 1, unused, unused, unused)
-                options.append((c, _resident(c, variant, meta, make_args), num_programs * splits))
-            cfg = _CHOSEN[key] = cands[pick_launch(options, _num_sms(query.device))]
-    num_splits, num_kv_tiles = splits_for(cfg)
+                auto, _ = splits_for(c)
+                make_args = lambda s=auto: kernel_args(s, 1, unused, unused, unused)
+                resident = _resident(c, variant, meta, make_args)
+                for s in (auto, 1) if num_splits is None and auto > 1 else (auto,):
+                    options.append(Option(c, s, resident, num_programs * s, c.tile_n * tile_bytes))
+            best = options[pick_launch(options, _num_sms(query.device))]
+            choice = _CHOSEN[key] = (best.launch, best.splits)
+        cfg, num_splits = choice
+        num_kv_tiles = cdiv(max(schedule.max_kv_len, 1), cfg.tile_n)
     tiles_per_split = cdiv(num_kv_tiles, num_splits)
     if num_splits > 1:
         part_rows = num_programs * num_splits * block_m
