@@ -30,6 +30,13 @@ compiled kernel serves every block size and split count; the reduce takes the gr
 count at runtime too. (With causal, window and the group's padding also at runtime the 16-seed
 full tier compiled ~4x fewer variants and ran in 4.7 instead of 6.1 min, but prefill lost
 20-40% and GQA decode ~16% on the H100.)
+
+Launch choice (GPU): a program holds as many query rows as the longest query needs (16 at decode,
+16/32 for a few cross-prefill tokens, 64 for long queries). For 16/32-row tiles several launches
+(K/V tile × warps) are compiled; each one's registers and shared memory, as Triton reports them,
+give the programs an SM holds, and `launch_score` picks launch and split count by how the grid
+fills the last wave and how many K/V bytes it keeps in flight per SM (`pick_launch`, memoized
+per shape). The interpreter has one launch and the occupancy split rule.
 """
 
 from __future__ import annotations
