@@ -249,9 +249,10 @@ def _split_k_reduce_kernel(
 ):
     """Merge the partials of ROWS output rows: out = Σ_s 2^(m_s - m) acc_s / Σ_s 2^(m_s - m) l_s.
 
-    On the GPU one row per program, every split loaded at once (a program per tile that walked
-    the splits one after another took 44 µs of a 140 µs decode step at 32 splits); the
-    interpreter takes a whole tile per program (it pays per program, not per element)."""
+    Every split of the ROWS rows loaded at once (a program per tile that walked the splits one
+    after another took 44 µs of a 140 µs decode step at 32 splits): on the GPU ROWS × SPLITS_PAD
+    × HEAD_PAD stays ~8k elements; the interpreter takes a whole tile per program (it pays per
+    program, not per element)."""
     tile = tl.program_id(0)
     kv_head = tl.program_id(1)
     seq = tl.load(tile_seq_ptr + tile)
@@ -597,8 +598,8 @@ def paged_attention(
     query: [num_tokens, num_heads, head_size]; K/V caches as in the module docstring.
     Rows of `out` that belong to no sequence (padding) are left as they were (zeros by default).
     num_splits: None picks by occupancy; 1 disables split-K.
-    reduce_rows: output rows per split-K reduce program (default: 1 on the GPU, a tile in the
-    interpreter).
+    reduce_rows: output rows per split-K reduce program (default on the GPU: as many as ~8k fp32
+    partials allow, 1 keeps the split count padded to 32; in the interpreter a tile).
     maxnreg: a register cap per thread for the main kernel (tuning: more resident programs).
     """
     if query.dim() != 3 or query.stride(-1) != 1:
@@ -751,10 +752,16 @@ def paged_attention(
         **({} if maxnreg is None else dict(maxnreg=maxnreg)),
     )
     if num_splits > 1:
-        rows = reduce_rows or (block_m if interpreting() else 1)
         splits_pad = next_power_of_2(num_splits)
-        if not interpreting():
-            splits_pad = max(splits_pad, MAX_AUTO_SPLITS)
+        if interpreting():
+            rows = reduce_rows or block_m
+        else:
+            # As many rows per program as fit ~8k fp32 partials of `acc` (64 registers a thread):
+            # one program per 1-8 output rows instead of one per row (ncu, H100: the row-per-
+            # program reduce took 7.4-10.8 µs, 10-28% of a GQA decode step at batch 16).
+            rows = reduce_rows or max(1, min(block_m, 8192 // (splits_pad * head_pad)))
+            if rows == 1:  # one padded split count for all: one compile per head size
+                splits_pad = max(splits_pad, MAX_AUTO_SPLITS)
         if block_m % rows:
             raise ValueError(f"reduce_rows: expected a divisor of {block_m}, got {rows}")
         _split_k_reduce_kernel[(num_tiles, num_kv_heads, block_m // rows)](
@@ -774,8 +781,6 @@ def paged_attention(
             block_m,
             head_size,
             HEAD_PAD=head_pad,
-            # On the GPU one padded split count for all (masked loads cost no traffic): one
-            # compile per dtype and head size instead of one per split count.
             SPLITS_PAD=splits_pad,
             ROWS=rows,
         )
