@@ -162,6 +162,13 @@ def test_gate_flags_a_throughput_drop():
     base = pd.DataFrame([{**key, "gbps": 2500.0, "tflops": float("nan")}])
     assert gate.compare_bench(base.assign(gbps=2400.0), base).empty
     assert len(gate.compare_bench(base.assign(gbps=1500.0), base)) == 1
+    # with CUDA-graph times on both sides the kernel time decides, not do_bench's host-bound one
+    graphed = base.assign(graph_gbps=2500.0)
+    assert gate.compare_bench(graphed.assign(gbps=900.0), graphed).empty
+    drop = gate.compare_bench(graphed.assign(graph_gbps=1500.0), graphed)
+    assert list(drop.metric) == ["graph_gbps"]
+    # an old baseline without graph times still gates on do_bench's GB/s
+    assert len(gate.compare_bench(graphed.assign(gbps=1500.0), base)) == 1
 
 
 def test_gate_bad_usage_exits_2(tmp_path):
