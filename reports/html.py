@@ -143,7 +143,7 @@ def render(
     counts = df.status.value_counts().to_dict()
     compared = counts.get("pass", 0) + counts.get("fail", 0)
     pass_rate = counts.get("pass", 0) / compared if compared else float("nan")
-    tiers = ", ".join(sorted(df.tier.astype(str).unique())) if n else "-"
+    tiers = ", ".join(sorted(df.tier.fillna("?").astype(str).unique())) if n else "-"
     head = [f"<h1>{html.escape(title)}</h1>"]
     if env is not None:
         head.append(

@@ -96,6 +96,12 @@ def test_html_holds_the_tables_and_images(results_csv):
     assert "cpu (test)" in page and "pass rate" in page
 
 
+def test_html_renders_rows_without_a_tier(results_csv):
+    """A set merged from JSONL without `--set tier=` has no tier: the page still renders."""
+    df = read_csv(results_csv).assign(tier=float("nan"))
+    assert "id='summary'" in render(df)
+
+
 def test_merge_joins_shards(tmp_path):
     rows = known_rows()
     write_csv(rows[:3], tmp_path / "a.csv")
