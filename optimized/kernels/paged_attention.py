@@ -374,9 +374,6 @@ class Launch:
     num_stages: int
     weight: float = 1.0
 
-    def options(self) -> dict:
-        return dict(tile_n=self.tile_n, num_warps=self.num_warps, num_stages=self.num_stages)
-
 
 def _fit_smem(cfg: Launch, block_m: int, head_pad: int, elem_bytes: int) -> Launch:
     """Fewer stages, then smaller K/V tiles, until the program fits shared memory."""
@@ -428,11 +425,6 @@ def _gpu_launch_candidates(
         if c not in out:
             out.append(c)
     return tuple(out)
-
-
-def launch_config(head_pad: int, prefill: bool, block_m: int = 64, elem_bytes: int = 2) -> dict:
-    """The default launch's tile and launch parameters."""
-    return launch_candidates(head_pad, prefill, block_m, elem_bytes)[0].options()
 
 
 def resident_programs(
@@ -514,7 +506,7 @@ _RESIDENT: dict[tuple, int] = {}
 _CHOSEN: dict[tuple, tuple[Launch, int]] = {}
 
 
-def _resident(c: Launch, variant: tuple, meta: dict, make_args, num_programs: int = 1) -> int:
+def _resident(c: Launch, variant: tuple, meta: dict, make_args) -> int:
     """Programs per SM of the kernel `c` compiles to for `variant` (device, dtype, constexprs):
     compiled once without launching, then cached."""
     key = (variant, c)
@@ -522,7 +514,7 @@ def _resident(c: Launch, variant: tuple, meta: dict, make_args, num_programs: in
         device = variant[0]
         kernel = _paged_attention_kernel.warmup(
             *make_args(),
-            grid=(num_programs,),
+            grid=(1,),
             **meta,
             TILE_N=c.tile_n,
             num_warps=c.num_warps,
@@ -756,9 +748,9 @@ def paged_attention(
         if interpreting():
             rows = reduce_rows or block_m
         else:
-            # As many rows per program as fit ~8k fp32 partials of `acc` (64 registers a thread):
-            # one program per 1-8 output rows instead of one per row (ncu, H100: the row-per-
-            # program reduce took 7.4-10.8 µs, 10-28% of a GQA decode step at batch 16).
+            # As many rows per program as fit ~8k fp32 partials of `acc` (64 registers a thread),
+            # up to a whole tile, instead of one row per program (ncu, H100: the row-per-program
+            # reduce took 7.4-10.8 µs, 10-28% of a GQA decode step at batch 16).
             rows = reduce_rows or max(1, min(block_m, 8192 // (splits_pad * head_pad)))
             if rows == 1:  # one padded split count for all: one compile per head size
                 splits_pad = max(splits_pad, MAX_AUTO_SPLITS)

@@ -77,14 +77,12 @@ def test_shared_memory_model_and_every_launch_config_fits(monkeypatch):
         for elem_bytes in (2, 4):
             for prefill, block_m in ((True, 64), (False, 16), (False, 32), (False, 64)):
                 head_pad = triton.next_power_of_2(head_size)
-                cfg = pa.launch_config(head_pad, prefill, block_m, elem_bytes)
-                used = pa.smem_bytes(
-                    block_m, cfg["tile_n"], head_pad, elem_bytes, cfg["num_stages"]
-                )
-                assert used <= pa.SMEM_LIMIT_BYTES, (head_size, elem_bytes, prefill, cfg)
+                for c in pa.launch_candidates(head_pad, prefill, block_m, elem_bytes):
+                    used = pa.smem_bytes(block_m, c.tile_n, head_pad, elem_bytes, c.num_stages)
+                    assert used <= pa.SMEM_LIMIT_BYTES, (head_size, elem_bytes, prefill, c)
     # the configurations that fit already are the tuned ones, unchanged
-    assert pa.launch_config(128, True, 64, 2) == dict(tile_n=64, num_warps=4, num_stages=3)
-    assert pa.launch_config(256, True, 64, 4)["num_stages"] == 2
+    assert pa.launch_candidates(128, True, 64, 2) == (pa.Launch(64, 4, 3),)
+    assert pa.launch_candidates(256, True, 64, 4)[0].num_stages == 2
 
 
 def test_split_count_fills_half_the_resident_programs(monkeypatch):
