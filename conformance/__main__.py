@@ -5,17 +5,22 @@
                               [--cases FILE] [--case ID] [--backend-module mod:Class] [-n N]
     python -m conformance dump CASE_ID --out DIR
 
-`run` exits 0 when nothing failed or errored, 1 otherwise, 2 for bad usage.
+`run` exits 0 when nothing failed or errored, 1 otherwise, 2 for bad usage (one line, nothing
+in --out touched), 130 after Ctrl-C and 143 after SIGTERM (results kept, marked interrupted).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import importlib.util
 import json
 import os
+import signal
+import subprocess
 import sys
+import uuid
 from dataclasses import asdict
 from pathlib import Path
 
@@ -24,11 +29,15 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+from conformance.runner import DEFAULT_TIMEOUT_S
+
 
 def cmd_list(args) -> int:
     from conformance.generate import coverage, generate, shard
 
     cases = shard(generate(args.tier), args.shard)
+    if not cases:
+        raise ValueError(f"no cases selected (tier {args.tier}, shard {args.shard})")
     if args.format == "csv":
         w = csv.DictWriter(sys.stdout, fieldnames=["case_id", *asdict(cases[0])])
         w.writeheader()
@@ -47,10 +56,26 @@ def cmd_list(args) -> int:
     return 0
 
 
+def _check_out_dir(out: str) -> None:
+    """--out must be a directory this process can write (created if missing)."""
+    path = Path(out)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"--out: {out!r} exists and is not a directory")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"--out: cannot create {out!r} ({e.strerror})") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise ValueError(f"--out: {out!r} is not writable")
+
+
 def _check_run_args(args) -> None:
-    """Bad usage is caught here, before pytest starts (exit 2 with a clear message)."""
+    """Bad usage is caught here, before anything in --out is touched (exit 2, one line)."""
+    from _pytest.mark.expression import Expression
+
+    from conformance.conftest import positive_seconds, read_cases_file
     from conformance.generate import TIERS, shard
-    from optimized.backend import backend_names
+    from optimized.backend import backend_names, load_backend
 
     if args.tier not in TIERS:
         raise ValueError(f"--tier: expected one of {TIERS}, got {args.tier!r}")
@@ -59,28 +84,38 @@ def _check_run_args(args) -> None:
     for b in args.backend or []:
         if b not in known:
             raise ValueError(f"--backend: unknown backend {b!r}; known: {known}")
-    if args.cases and not Path(args.cases).is_file():
-        raise ValueError(f"--cases: no such file {args.cases!r}")
+    for spec in args.backend_module or []:
+        try:
+            load_backend(spec)
+        except ValueError:
+            raise
+        except Exception as e:  # an import error, or the class's constructor failed
+            first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            raise ValueError(f"--backend-module {spec}: {type(e).__name__}: {first}") from None
     if args.cases:
-        from conformance.cases import Case
-
-        for n, line in enumerate(Path(args.cases).read_text().splitlines(), 1):
-            if line.strip():
-                try:
-                    Case.from_dict(json.loads(line))
-                except (ValueError, TypeError) as e:
-                    raise ValueError(f"--cases line {n}: {e}") from None
+        if not Path(args.cases).is_file():
+            raise ValueError(f"--cases: no such file {args.cases!r}")
+        if not read_cases_file(args.cases):
+            raise ValueError(f"no cases selected: --cases {args.cases} holds no case")
     for c in args.case or []:
         from conformance.cases import Case
 
         Case.from_id(c)
+    if args.k:
+        try:
+            Expression.compile(args.k)
+        except SyntaxError as e:
+            raise ValueError(f"-k: not a valid expression ({e.msg}): {args.k!r}") from None
+    try:
+        args.case_timeout = positive_seconds(str(args.case_timeout))
+    except argparse.ArgumentTypeError as e:
+        raise ValueError(f"--case-timeout: {e}") from None
+    if args.workers != "auto" and not (args.workers.isdigit()):
+        raise ValueError(f"-n: expected 'auto' or a number of workers, got {args.workers!r}")
+    _check_out_dir(args.out)
 
 
-def cmd_run(args) -> int:
-    import pytest
-
-    _check_run_args(args)
-
+def _engine_argv(args) -> list[str]:
     here = Path(__file__).parent
     argv = [
         str(here / "test_matrix.py"),
@@ -125,12 +160,63 @@ def cmd_run(args) -> int:
                 "--timeout-method",
                 "thread",
             ]
-    code = pytest.main(argv)
-    if code in (0, 5):  # 5: nothing selected (e.g. an empty shard): nothing failed
-        return 0
-    if code == 1:
-        return 1
-    return 2
+    return argv
+
+
+SIGNAL_EXIT = {signal.SIGINT: 130, signal.SIGTERM: 143}
+
+
+def cmd_run(args) -> int:
+    """Validate, then run the engine (pytest) in a child process and supervise it: signals are
+    passed on, and whatever happens to the child (a backend calling os._exit, a segfault
+    without workers), results.csv is written from what finished, every test that left no row
+    is an error row, and an interrupted run is marked so."""
+    from conformance.results import RUN_ID_ENV, finalize_run, read_run, summary_line
+
+    _check_run_args(args)
+    run_id = uuid.uuid4().hex
+    env = dict(os.environ, **{RUN_ID_ENV: run_id})
+    child = subprocess.Popen([sys.executable, "-m", "pytest", *_engine_argv(args)], env=env)
+    received: list[int] = []
+
+    def pass_on(signum, frame):
+        received.append(signum)
+        with contextlib.suppress(ProcessLookupError):
+            child.send_signal(signum)
+
+    old = {s: signal.signal(s, pass_on) for s in SIGNAL_EXIT}
+    try:
+        while True:
+            try:
+                code = child.wait()
+                break
+            except KeyboardInterrupt:  # a signal between handlers: keep waiting for the child
+                continue
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+    info = read_run(Path(args.out))
+    if info.get("run_id") != run_id:  # the engine never started a result set
+        if code == 5:
+            print("error: no cases selected (check -k, --shard, --case, --cases)", file=sys.stderr)
+            return 2
+        if received:
+            return SIGNAL_EXIT[received[0]]
+        print(f"error: the matrix did not start (engine exit code {code})", file=sys.stderr)
+        return 2
+    interrupted = bool(received) or code == 2 or info.get("state") == "interrupted"
+    state = "interrupted" if interrupted else "complete"
+    if info.get("state") != state or code not in (0, 1, 2):
+        # The engine died (or was killed) before it wrote its CSV: write it here.
+        counts = finalize_run(Path(args.out), state)
+        print(summary_line(Path(args.out), counts, state))
+    else:
+        counts = read_run(Path(args.out)).get("counts", {})
+    if received:
+        return SIGNAL_EXIT[received[0]]
+    if interrupted:
+        return SIGNAL_EXIT[signal.SIGINT]
+    return 1 if counts.get("fail", 0) or counts.get("error", 0) or code not in (0, 1) else 0
 
 
 def cmd_dump(args) -> int:
@@ -169,7 +255,7 @@ def cmd_dump(args) -> int:
             arrays[p + "key_cache_after"] = _np(rstep.kv_cache[0])
             arrays[p + "value_cache_after"] = _np(rstep.kv_cache[1])
     out_dir = Path(args.out)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    _check_out_dir(args.out)
     np.savez_compressed(out_dir / "case.npz", **arrays)
     meta = {
         "case_id": case.id,
@@ -220,7 +306,7 @@ def main(argv=None) -> int:
         default=os.environ.get("CONFORMANCE_WORKERS", "0"),
         help="pytest-xdist workers ('auto', N, or 0 for none)",
     )
-    pr.add_argument("--case-timeout", type=float, default=300.0)
+    pr.add_argument("--case-timeout", default=str(DEFAULT_TIMEOUT_S), help="seconds per call (> 0)")
     pd = sub.add_parser("dump", help="write one case's inputs, caches and reference output")
     pd.add_argument("case_id")
     pd.add_argument("--out", required=True)
@@ -235,7 +321,7 @@ def main(argv=None) -> int:
         if args.cmd == "run":
             return cmd_run(args)
         return cmd_dump(args)
-    except ValueError as e:
+    except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 

@@ -1,4 +1,9 @@
-"""Comparing one backend's step with the reference: output metrics and cache checks."""
+"""Comparing one backend's step with the reference: output metrics and cache checks.
+
+A comparison has three outcomes: `pass` (every check held), `fail` (the backend's output is
+wrong) and `error` (the harness cannot judge: the reference itself is not finite, or the backend
+returned no tensor). Anything the comparison is unsure of is an error, never a pass.
+"""
 
 from __future__ import annotations
 
@@ -7,50 +12,63 @@ from dataclasses import dataclass
 
 import torch
 
-from conformance.tolerance import baseline_attention, tolerance
+from conformance.tolerance import PRECISION_LIMIT, baseline_attention, rms_ratio, tolerance
 
 
 @dataclass(frozen=True)
 class Comparison:
     """Metrics of one output against the reference (float64)."""
 
-    ok: bool
+    status: str  # pass / fail / error
     reason: str
-    max_abs_err: float
-    max_rel_err: float  # max |err| / max |reference|
-    err_ratio: float  # max_abs_err / tolerance
-    mismatch_frac: float  # elements with |err| > tolerance
-    nan_count: int  # non-finite outputs where the reference is finite
-    tolerance: float
+    max_abs_err: float = math.nan
+    max_rel_err: float = math.nan  # max |err| / max |reference|
+    err_ratio: float = math.nan  # max_abs_err / tolerance
+    mismatch_frac: float = math.nan  # elements with |err| > tolerance
+    nan_count: int = 0  # non-finite outputs where the reference is finite
+    tolerance: float = math.nan
+    rms_ratio: float = math.nan  # RMS error ÷ RMS error of rounding the exact output once
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "pass"
 
 
-def compare_output(
-    step, out: torch.Tensor, ref: torch.Tensor, baseline_err: float | None = None
-) -> Comparison:
+def nonfinite_count(t: torch.Tensor) -> int:
+    return int((~torch.isfinite(t)).sum())
+
+
+def compare_output(step, out, ref: torch.Tensor, baseline_err: float | None = None) -> Comparison:
     """`out` (any dtype) against `ref` (float64) for `step`, under the tolerance policy."""
+    if not isinstance(out, torch.Tensor):
+        return Comparison("error", f"forward returned {type(out).__name__}, expected a tensor")
+    bad_ref = nonfinite_count(ref)
+    if bad_ref:
+        return Comparison("error", f"reference produced {bad_ref} non-finite values")
     if tuple(out.shape) != tuple(ref.shape):
         return Comparison(
-            False,
+            "fail",
             f"shape mismatch: output {list(out.shape)}, expected {list(ref.shape)}",
             math.inf,
             math.inf,
             math.inf,
             1.0,
-            0,
-            0.0,
         )
+    if not (out.is_floating_point()):
+        return Comparison("fail", f"dtype mismatch: output {out.dtype}, query {step.query.dtype}")
     ref = ref.cpu()
     got = out.detach().cpu().double()
     if baseline_err is None:
         baseline_err = (baseline_attention(step.to("cpu")) - ref).abs().max().item()
-    finite_ref = torch.isfinite(ref)
-    ref_scale = ref[finite_ref].abs().max().item() if finite_ref.any() else 0.0
-    tol = tolerance(step.query.dtype, baseline_err, ref_scale)
-    bad = finite_ref & ~torch.isfinite(got)
+    ref_scale = ref.abs().max().item() if ref.numel() else 0.0
+    dtype = step.query.dtype
+    tol = tolerance(dtype, baseline_err, ref_scale)
+    bad = ~torch.isfinite(got)
     nan_count = int(bad.sum())
-    err = (got - ref).abs().where(~bad, torch.zeros((), dtype=torch.float64))
+    err = (got - ref).abs().where(~bad, torch.full((), math.inf, dtype=torch.float64))
     max_abs = err.max().item() if err.numel() else 0.0
-    mismatch = ((err > tol) | bad).double().mean().item() if err.numel() else 0.0
+    mismatch = (err > tol).double().mean().item() if err.numel() else 0.0
+    ratio = rms_ratio(got, ref, dtype) if not nan_count else math.inf
     comp = dict(
         max_abs_err=max_abs,
         max_rel_err=max_abs / ref_scale if ref_scale else max_abs,
@@ -58,21 +76,39 @@ def compare_output(
         mismatch_frac=mismatch,
         nan_count=nan_count,
         tolerance=tol,
+        rms_ratio=ratio,
     )
     if nan_count:
-        return Comparison(False, f"NaN/Inf: {nan_count} non-finite outputs", **comp)
-    if out.dtype not in (step.query.dtype, torch.float64):
+        return Comparison("fail", f"NaN/Inf: {nan_count} non-finite outputs", **comp)
+    if out.dtype not in (dtype, torch.float64):
+        return Comparison("fail", f"dtype mismatch: output {out.dtype}, query {dtype}", **comp)
+    if not max_abs <= tol:  # `not <=`: a NaN metric fails too
         return Comparison(
-            False, f"dtype mismatch: output {out.dtype}, query {step.query.dtype}", **comp
-        )
-    if max_abs > tol:
-        return Comparison(
-            False,
+            "fail",
             f"numerical mismatch: max_abs_err {max_abs:.3g} > tolerance "
             f"{tol:.3g} ({mismatch:.1%} of elements)",
             **comp,
         )
-    return Comparison(True, "", **comp)
+    limit = PRECISION_LIMIT.get(dtype) if out.dtype != torch.float64 else None
+    if limit is not None and not ratio <= limit:
+        return Comparison(
+            "fail",
+            f"precision: RMS error {ratio:.2f}x that of rounding the exact output to "
+            f"{str(dtype).removeprefix('torch.')} (limit {limit:g}): accumulates below fp32?",
+            **comp,
+        )
+    return Comparison("pass", "", **comp)
+
+
+def bitwise_equal(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Per leading index (a slot for caches, a token for inputs): are the bit patterns equal?
+    NaN == NaN here, and -0.0 != 0.0. `a` and `b` share shape and dtype."""
+    a, b = a.detach().cpu().contiguous(), b.detach().cpu().contiguous()
+    if a.is_floating_point():
+        a, b = a.view(_int_type(a.dtype)), b.view(_int_type(b.dtype))
+    if a.dim() == 0:
+        return (a == b).reshape(1)
+    return (a == b).reshape(a.shape[0], -1).all(1)
 
 
 def compare_caches(
@@ -84,15 +120,11 @@ def compare_caches(
     if got is None or expected is None:
         return ""
     for name, g, e in (("key_cache", got[0], expected[0]), ("value_cache", got[1], expected[1])):
-        g = g.detach().cpu()
         if g.shape != e.shape or g.dtype != e.dtype:
             return f"cache corruption: {name} changed shape/dtype"
-        # Compare bit patterns so that NaN slots must stay NaN and -0.0 != 0.0.
-        gi = g.contiguous().view(-1, *g.shape[2:]).view(_int_type(g.dtype))
-        ei = e.cpu().contiguous().view(-1, *e.shape[2:]).view(_int_type(e.dtype))
-        diff = (gi != ei).flatten(1).any(1)
-        if diff.any():
-            slots = diff.nonzero().flatten()
+        same = bitwise_equal(g.flatten(0, 1), e.flatten(0, 1))
+        if not same.all():
+            slots = (~same).nonzero().flatten()
             return (
                 f"cache corruption: {name} differs in {len(slots)} slot(s), first slot "
                 f"{int(slots[0])} (block {int(slots[0]) // g.shape[1]})"

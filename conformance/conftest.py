@@ -4,13 +4,18 @@ result rows to JSONL, progress, and the CSV at the end.
     pytest conformance/test_matrix.py --tier smoke [--backend triton ...] [-k EXPR]
         [--shard i/n] [--cases FILE] [--case ID] [--out DIR] [--backend-module mod:Class]
 
-`python -m conformance run ...` is the same with a stable command line.
+`python -m conformance run ...` is the same with a stable command line (and a supervising
+process that still writes results.csv when this one dies). SIGTERM stops the run like Ctrl-C:
+the result set is kept and marked `interrupted`.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
+import math
 import os
+import signal
 import time
 from pathlib import Path
 
@@ -22,6 +27,17 @@ if not torch.cuda.is_available():  # before Triton is imported: kernels run in t
 
 from conformance.cases import Case
 from conformance.generate import generate, shard
+from conformance.runner import DEFAULT_TIMEOUT_S
+
+
+def positive_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"expected seconds > 0, got {text!r}")
+    return value
 
 
 def pytest_addoption(parser):
@@ -43,38 +59,52 @@ def pytest_addoption(parser):
     g.addoption("--cases", default=None, help="JSON lines of case axis values instead of a tier")
     g.addoption("--case", action="append", default=None, help="a case id (repeatable)")
     g.addoption("--out", default="reports/out", help="results directory")
-    g.addoption("--case-timeout", type=float, default=300.0, help="seconds per backend call")
+    g.addoption(
+        "--case-timeout",
+        type=positive_seconds,
+        default=DEFAULT_TIMEOUT_S,
+        help="seconds per backend call (> 0)",
+    )
 
 
-def _backends(config) -> list:
+def read_cases_file(path: str | Path) -> list[Case]:
+    """Cases from JSON lines of axis values; ValueError naming the line otherwise."""
+    cases = []
+    try:
+        text = Path(path).read_text()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"--cases: cannot read {str(path)!r} ({e})") from None
+    for n, line in enumerate(text.splitlines(), 1):
+        if line.strip():
+            try:
+                obj = json.loads(line)
+                if not isinstance(obj, dict):
+                    raise ValueError(f"expected a JSON object, got {type(obj).__name__}")
+                cases.append(Case.from_dict(obj))
+            except (ValueError, TypeError) as e:
+                raise ValueError(f"--cases line {n}: {e}") from None
+    return cases
+
+
+def matrix_backends(config) -> list[tuple[object, str]]:
+    """(backend, its --backend-module spec or '') for every backend of this run."""
     from optimized.backend import backend_names, get_backend, load_backend
 
-    chosen = [load_backend(spec) for spec in config.getoption("backend_module")]
+    chosen = [(load_backend(spec), spec) for spec in config.getoption("backend_module")]
     names = config.getoption("backend")
     if names is None:
         names = [] if chosen else [n for n in backend_names() if n != "reference"]
-    return [get_backend(n) for n in names] + chosen
+    return [(get_backend(n), "") for n in names] + chosen
 
 
 def selected_cases(config) -> list[Case]:
     if config.getoption("case"):
         cases = [Case.from_id(i) for i in config.getoption("case")]
     elif config.getoption("cases"):
-        cases = []
-        for n, line in enumerate(Path(config.getoption("cases")).read_text().splitlines(), 1):
-            if line.strip():
-                try:
-                    cases.append(Case.from_dict(json.loads(line)))
-                except (ValueError, TypeError) as e:
-                    raise pytest.UsageError(f"--cases line {n}: {e}") from None
+        cases = read_cases_file(config.getoption("cases"))
     else:
         cases = generate(config.getoption("tier"))
     return shard(cases, config.getoption("shard"))
-
-
-def rerun_command(config, case: Case, backend_name: str, module: str | None) -> str:
-    extra = f" --backend-module {module}" if module else f" --backend {backend_name}"
-    return f"python -m conformance run --case {case.id}{extra}"
 
 
 def pytest_generate_tests(metafunc):
@@ -82,15 +112,15 @@ def pytest_generate_tests(metafunc):
         return
     config = metafunc.config
     try:
-        cases, backends = selected_cases(config), _backends(config)
+        cases, backends = selected_cases(config), matrix_backends(config)
     except ValueError as e:
         raise pytest.UsageError(str(e)) from None
-    config._matrix_backends = {b.name: b for b in backends}
+    config._matrix_backends = {b.name: (b, module) for b, module in backends}
     # Case-major order: xdist's `load` hands out consecutive tests, so a case's backends mostly
     # share a worker and its reference (runner.expected_for keeps the last few). `loadgroup`
     # would guarantee it, but its scheduler fails on a replaced (crashed) worker (xdist 3.8:
     # KeyError in loadscope._assign_work_unit), and a crash must never stop the run.
-    params = [pytest.param(c, b.name, id=f"{c.id}::{b.name}") for c in cases for b in backends]
+    params = [pytest.param(c, b.name, id=f"{c.id}::{b.name}") for c in cases for b, _ in backends]
     metafunc.parametrize("case,backend_name", params)
 
 
@@ -102,12 +132,12 @@ class Matrix:
         self.out = Path(config.getoption("out"))
         self.path = self.out / "results.jsonl"
 
-    def record(self, rows: list[dict]) -> None:
+    def record(self, rows: list[dict], module: str = "") -> None:
         self.out.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         try:
             for r in rows:
-                os.write(fd, (json.dumps(r) + "\n").encode())
+                os.write(fd, (json.dumps({**r, "backend_module": module}) + "\n").encode())
         finally:
             os.close(fd)
 
@@ -129,18 +159,40 @@ def _matrix_session(config) -> bool:
     return any(Path(a.split("::")[0]).resolve() in targets for a in config.args)
 
 
-def pytest_sessionstart(session):
-    config = session.config
-    if _is_controller(config) and _matrix_session(config):
-        out = Path(config.getoption("out"))
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "results.jsonl").write_text("")  # a new run starts a new result set
-        config._progress = dict(start=time.time(), done=0, bad=0, last=0.0)
+def _param(nodeid: str) -> tuple[str, str]:
+    """(case_id, backend) of a matrix test id `...test_case[CASE::BACKEND]`."""
+    param = nodeid.split("[", 1)[-1].rsplit("]", 1)[0]
+    case_id, _, backend = param.partition("::")
+    return case_id, backend
+
+
+def _start(config, nodeids: list[str]) -> None:
+    """The selection is known and not empty: a new result set starts (once)."""
+    p = getattr(config, "_progress", None)
+    if p is None or p.get("started"):
+        return
+    from conformance.results import start_run
+
+    modules = {name: module for name, (_, module) in config._matrix_backends.items()}
+    planned = [(c, b, modules.get(b, "")) for c, b in map(_param, nodeids)]
+    if planned:
+        start_run(Path(config.getoption("out")), config.getoption("tier"), planned)
+        p.update(started=True, total=len(planned), start=time.time())
 
 
 def pytest_collection_finish(session):
-    if _is_controller(session.config) and hasattr(session.config, "_progress"):
-        session.config._progress["total"] = len(session.items)
+    config = session.config
+    if _is_controller(config) and hasattr(config, "_progress") and session.items:
+        _start(config, [item.nodeid for item in session.items])
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_node_collection_finished(node, ids):
+    config = node.config
+    if hasattr(config, "_progress") and ids:
+        if not hasattr(config, "_matrix_backends"):  # the controller collects nothing itself
+            config._matrix_backends = {b.name: (b, m) for b, m in matrix_backends(config)}
+        _start(config, list(ids))
 
 
 def _record_crash(config, report) -> None:
@@ -148,23 +200,20 @@ def _record_crash(config, report) -> None:
     row for its test: the controller records one, so the result set says what happened."""
     from conformance.runner import result_row
 
-    param = report.nodeid.split("[", 1)[-1].rsplit("]", 1)[0]
-    case_id, _, backend = param.partition("::")
+    case_id, backend = _param(report.nodeid)
     try:
         case = Case.from_id(case_id)
     except ValueError:
-        return
+        return  # not a matrix test; finalize_run still marks a planned test without rows
     text = str(report.longrepr).strip().splitlines()
     why = text[0][:200] if text else "worker crashed"
     row = result_row(case, backend, "crash", "error", f"crash: the test process died ({why})")
-    Matrix(config).record([row])
+    modules = getattr(config, "_matrix_backends", {})
+    Matrix(config).record([row], modules.get(backend, (None, ""))[1])
 
 
-@pytest.hookimpl(optionalhook=True)
-def pytest_xdist_node_collection_finished(node, ids):
-    p = getattr(node.config, "_progress", None)
-    if p is not None:
-        p["total"] = len(ids)
+def _stop_on_sigterm(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
 
 
 def pytest_configure(config):
@@ -205,30 +254,22 @@ def pytest_configure(config):
                     )
 
     if _is_controller(config) and _matrix_session(config):
+        config._progress = dict(start=time.time(), done=0, bad=0, last=0.0)
         config.pluginmanager.register(Progress(), "conformance-progress")
+        # SIGTERM ends the run like Ctrl-C: pytest stops, and sessionfinish marks the result
+        # set interrupted (a killed CI job still leaves what finished).
+        signal.signal(signal.SIGTERM, _stop_on_sigterm)
 
 
 def pytest_sessionfinish(session, exitstatus):
     config = session.config
-    if not (_is_controller(config) and _matrix_session(config)):
-        return
-    from reports.schema import environment, read_jsonl, to_result_row, write_csv
+    p = getattr(config, "_progress", None)
+    if not (_is_controller(config) and p and p.get("started")):
+        return  # not the matrix, or nothing selected: the last result set stays as it was
+    from conformance.results import finalize_run, summary_line
 
-    out = Path(config.getoption("out"))
-    path = out / "results.jsonl"
-    if not path.exists():
-        return
-    env = environment()
-    rows = [to_result_row(r, env, config.getoption("tier")) for r in read_jsonl(path)]
-    rows.sort(key=lambda r: (r["case_id"], r["backend"], r["step"]))
-    write_csv(rows, out / "results.csv")
-    info = dict(
-        tier=config.getoption("tier"),
-        wall_s=time.time() - config._progress["start"],
-        rows=len(rows),
-    )
-    (out / "run.json").write_text(json.dumps(info))
+    state = "interrupted" if exitstatus == pytest.ExitCode.INTERRUPTED else "complete"
+    counts = finalize_run(Path(config.getoption("out")), state)
     tr = config.pluginmanager.get_plugin("terminalreporter")
     if tr:
-        counts = {s: sum(r["status"] == s for r in rows) for s in ("pass", "fail", "error", "skip")}
-        tr.write_line(f"[conformance] {len(rows)} rows -> {out / 'results.csv'}: {counts}")
+        tr.write_line(summary_line(Path(config.getoption("out")), counts, state))

@@ -1,6 +1,15 @@
 """Running one case against one backend: every step compared with the reference, cache checks,
-metamorphic checks, and one result row per step. Nothing a backend does can stop the run: an
-exception, CUDA error, out-of-memory or timeout becomes an `error` row."""
+input checks, metamorphic checks, and one result row per step.
+
+Fail closed. Every call into backend code (`unavailable_reason`, `device`,
+`not_supported_reasons`, `forward`) runs isolated (`guarded`): whatever it raises, `SystemExit`
+included, becomes an `error` row naming the exception's type; only KeyboardInterrupt (the
+user's Ctrl-C, or SIGTERM turned into one by the command line) stops the run. The per-call
+timeout is a BaseException, so a backend's `except Exception` cannot swallow it, and a call that
+returns after its limit anyway is an error all the same. Each backend gets its own copy of the
+inputs; after `forward` they must be bit-for-bit unchanged. A reference that is not finite makes
+every row of its step an error. Nothing here turns an unknown into a pass or a skip.
+"""
 
 from __future__ import annotations
 
@@ -14,18 +23,18 @@ from dataclasses import asdict, dataclass, replace
 import torch
 
 from conformance.cases import Case, build_inputs
-from conformance.compare import compare_caches, compare_output
+from conformance.compare import bitwise_equal, compare_caches, compare_output, nonfinite_count
 from conformance.tolerance import baseline_attention
 from reference.attention import attention
 from reference.episode import Episode
 from reference.workload import Step
+from reports.schema import Status
 
-STATUSES = ("pass", "fail", "error", "skip")
-DEFAULT_TIMEOUT_S = 300
+DEFAULT_TIMEOUT_S = 300.0
 
 
-class CaseTimeout(Exception):
-    pass
+class CaseTimeout(BaseException):
+    """A backend call ran past its limit. A BaseException: `except Exception` does not catch it."""
 
 
 @contextmanager
@@ -51,14 +60,37 @@ def time_limit(seconds: float | None):
         signal.signal(signal.SIGALRM, old)
 
 
+def guarded(fn, timeout_s: float | None = None, what: str = ""):
+    """(fn(), "") or (None, reason): everything fn raises is caught (SystemExit too), except
+    KeyboardInterrupt. With `timeout_s`, a call that outlives it is an error even when the
+    backend caught the alarm and returned."""
+    t0 = time.perf_counter()
+    try:
+        with time_limit(timeout_s):
+            value = fn()
+    except KeyboardInterrupt:
+        raise
+    except BaseException as e:
+        return None, (f"{what} raised: " if what else "") + error_reason(e)
+    took = time.perf_counter() - t0
+    if timeout_s and took > timeout_s:
+        return None, (
+            f"timeout: the call took {took:.1f} s (limit {timeout_s:g} s) and returned anyway: "
+            "the backend swallowed the timeout"
+        )
+    return value, ""
+
+
 @dataclass(frozen=True)
 class Expected:
-    """The reference's view of one step: output, caches after the step, baseline error, time."""
+    """The reference's view of one step: output, caches after the step, baseline error, time,
+    and how many of its output values are not finite (a reference that failed)."""
 
     output: torch.Tensor
     caches: tuple[torch.Tensor, torch.Tensor] | None
     baseline_err: float
     ref_ms: float
+    nonfinite: int = 0
 
 
 def reference_device() -> torch.device:
@@ -102,8 +134,9 @@ def retry_on_oom(fn, device: torch.device):
 
 
 def expected_for(case: Case) -> tuple[Step | Episode, list[Expected]]:
-    """Inputs (on the CPU, caches untouched) and the reference's results per step; the last few
-    cases are kept, since a case's backends usually run one after another."""
+    """Inputs (on the CPU, caches untouched; never handed to a backend) and the reference's
+    results per step; the last few cases are kept, since a case's backends usually run one
+    after another."""
     if case.id in _EXPECTED:
         _EXPECTED.move_to_end(case.id)
         return _EXPECTED[case.id]
@@ -117,7 +150,7 @@ def expected_for(case: Case) -> tuple[Step | Episode, list[Expected]]:
 def _compute_expected(case: Case) -> tuple[Step | Episode, list[Expected]]:
     inputs = build_inputs(case, "cpu")
     dev = reference_device()
-    ref_inputs = inputs.with_fresh_cache().to(dev)
+    ref_inputs = inputs.to(dev, copy=True)
     results = []
     for step in _steps(ref_inputs):
         _sync(dev)
@@ -125,9 +158,10 @@ def _compute_expected(case: Case) -> tuple[Step | Episode, list[Expected]]:
         out = attention(*step.args())
         _sync(dev)
         ref_ms = (time.perf_counter() - t0) * 1e3
+        bad = nonfinite_count(out)
         base = (baseline_attention(step) - out).abs().max().item() if out.numel() else 0.0
         caches = None if step.kv_cache is None else tuple(c.cpu().clone() for c in step.kv_cache)
-        results.append(Expected(out.cpu(), caches, base, ref_ms))
+        results.append(Expected(out.cpu(), caches, base, ref_ms, bad))
     del ref_inputs
     _recover(dev)
     return inputs, results
@@ -157,7 +191,8 @@ def permute_blocks(step: Step, seed: int) -> Step:
     return replace(step, metadata=md, kv_cache=(new_k, new_v))
 
 
-def _error_reason(e: BaseException) -> str:
+def error_reason(e: BaseException) -> str:
+    """One line naming what went wrong: the exception's type and the first line of its text."""
     msg = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
     if isinstance(e, CaseTimeout):
         return msg
@@ -178,19 +213,38 @@ def result_row(
     ref_ms=math.nan,
     backend_ms=math.nan,
 ) -> dict:
+    """A runner row: the case's axes, the verdict and its metrics (reports.schema turns it into
+    a CSV row)."""
     row = {
         "case_id": case.id,
         **asdict(case),
         "backend": backend_name,
         "step": step_name,
-        "status": status,
+        "status": str(Status(status)),
         "reason": reason,
     }
-    metrics = ("max_abs_err", "max_rel_err", "err_ratio", "mismatch_frac", "nan_count")
+    metrics = ("max_abs_err", "max_rel_err", "err_ratio", "mismatch_frac", "nan_count", "rms_ratio")
     for m in metrics:
         row[m] = getattr(comp, m) if comp is not None else math.nan
     row["ref_ms"], row["backend_ms"] = ref_ms, backend_ms
     return row
+
+
+def changed_inputs(step: Step, pristine: Step) -> list[str]:
+    """Names of the inputs (not the caches, which a step writes) whose bits differ from the
+    pristine copy: a backend must not modify its inputs."""
+    names = []
+    for name in ("query", "key", "value"):
+        a, b = getattr(step, name), getattr(pristine, name)
+        if (a is None) != (b is None) or (
+            a is not None and (a.shape != b.shape or not bitwise_equal(a, b).all())
+        ):
+            names.append(name)
+    for name in ("block_tables", "slot_mapping", "cross_block_tables", "cross_slot_mapping"):
+        a, b = getattr(step.metadata, name), getattr(pristine.metadata, name)
+        if (a is None) != (b is None) or (a is not None and not torch.equal(a.cpu(), b)):
+            names.append(name)
+    return names
 
 
 def run_case(
@@ -203,58 +257,78 @@ def run_case(
 ) -> list[dict]:
     """All rows of `case` × `backend`: one per step, plus `permuted` (block permutation must not
     change the output) and, on CUDA, `rerun` (a second run must be bitwise identical)."""
-    name = getattr(backend, "name", type(backend).__name__)
+    name = str(getattr(backend, "name", type(backend).__name__))
+    row = lambda sname, status, reason="", *a: result_row(case, name, sname, status, reason, *a)
     try:
         inputs, expected = expected_for(case)
-    except Exception as e:  # the case itself cannot be built: a bug in the testbed, say so
-        return [
-            result_row(case, name, "build", "error", f"case could not be built: {_error_reason(e)}")
-        ]
-    why = backend.unavailable_reason()
+    except KeyboardInterrupt:
+        raise
+    except BaseException as e:
+        return [row("build", "error", f"case could not be built: {error_reason(e)}")]
     steps = _steps(inputs)
+    snames = [_step_name(i, s) for i, s in enumerate(steps)]
+
+    why, problem = guarded(backend.unavailable_reason, what="unavailable_reason()")
+    if not problem and why is not None and not isinstance(why, str):
+        problem = f"unavailable_reason() returned {type(why).__name__}, expected str or None"
+    if problem:
+        return [row(s, "error", problem) for s in snames]
     if why:
-        return [
-            result_row(case, name, _step_name(i, s), "skip", f"not supported: {why}")
-            for i, s in enumerate(steps)
-        ]
-    device = backend.device()
+        return [row(s, "skip", f"not supported: {why}") for s in snames]
+    device, problem = guarded(lambda: torch.device(backend.device()), what="device()")
+    if problem:
+        return [row(s, "error", problem) for s in snames]
     rerun = device.type == "cuda" if rerun is None else rerun
-    try:
-        mine = retry_on_oom(lambda: inputs.with_fresh_cache().to(device), device)
-    except Exception as e:
-        why = f"inputs could not be moved to {device}: {_error_reason(e)}"
-        return [result_row(case, name, _step_name(i, s), "error", why) for i, s in enumerate(steps)]
+    mine, problem = guarded(lambda: retry_on_oom(lambda: inputs.to(device, copy=True), device))
+    if problem:
+        return [
+            row(s, "error", f"inputs could not be moved to {device}: {problem}") for s in snames
+        ]
+
     rows, last = [], None
-    for i, (step, exp) in enumerate(zip(_steps(mine), expected)):
-        sname = _step_name(i, step)
-        try:
-            reasons = backend.not_supported_reasons(step)
-        except Exception as e:
-            reasons = [f"not_supported_reasons failed: {_error_reason(e)}"]
-        if reasons:
-            rows.append(
-                result_row(case, name, sname, "skip", "not supported: " + "; ".join(reasons))
-            )
+    for sname, step, pristine, exp in zip(snames, _steps(mine), steps, expected):
+        reasons, problem = guarded(
+            lambda step=step: backend.not_supported_reasons(*step.args()),
+            what="not_supported_reasons()",
+        )
+        if not problem and not (
+            isinstance(reasons, list | tuple) and all(isinstance(r, str) for r in reasons)
+        ):
+            problem = f"not_supported_reasons() returned {reasons!r}, expected a list of str"
+        if exp.nonfinite:
+            problem = f"reference produced {exp.nonfinite} non-finite values"
+        if problem or reasons:
+            status, reason = ("error", problem) if problem else ("skip", "")
+            rows.append(row(sname, status, reason or "not supported: " + "; ".join(reasons)))
             _take_expected_cache(step, exp)
             continue
-        try:
-            with time_limit(timeout_s):
-                out, backend_ms = _timed_forward(backend, step, device)
-        except Exception as e:
-            rows.append(result_row(case, name, sname, "error", _error_reason(e), ref_ms=exp.ref_ms))
+        (out, backend_ms), problem = _forward(backend, step, device, timeout_s)
+        if problem:
+            rows.append(row(sname, "error", problem, None, exp.ref_ms))
             _recover(device)
             _take_expected_cache(step, exp)
             continue
-        comp = compare_output(step, out, exp.output, exp.baseline_err)
-        status, reason = ("pass", "") if comp.ok else ("fail", comp.reason)
-        if comp.ok:
+        comp, problem = guarded(
+            lambda step=step, out=out, e=exp: compare_output(step, out, e.output, e.baseline_err)
+        )
+        if problem:
+            comp, status, reason = None, "error", f"comparison failed: {problem}"
+        else:
+            status, reason = comp.status, comp.reason
+        if status == "pass":
+            touched = changed_inputs(step, pristine)
+            if touched:
+                status, reason = "fail", f"backend modified its inputs: {', '.join(touched)}"
+        if status == "pass":
             cache_problem = compare_caches(step.kv_cache, exp.caches)
             if cache_problem:
                 status, reason = "fail", cache_problem
-        rows.append(result_row(case, name, sname, status, reason, comp, exp.ref_ms, backend_ms))
+        rows.append(row(sname, status, reason, comp, exp.ref_ms, backend_ms))
+        if status != "pass" and step.kv_cache is not None:
+            _take_expected_cache(step, exp)  # later steps read what this one should have written
         last = (step, out) if status == "pass" else None
     if isinstance(inputs, Step) and last is not None:
-        fresh = lambda: inputs.with_fresh_cache().to(device)
+        fresh = lambda: inputs.to(device, copy=True)
         if metamorphic and inputs.kv_cache is not None:
             rows.append(
                 _check_same(
@@ -293,8 +367,9 @@ def _take_expected_cache(step: Step, exp: Expected) -> None:
             c.copy_(ref_c.to(c.device))
 
 
-def _timed_forward(backend, step: Step, device: torch.device):
-    """forward() with its wall time, retried on CUDA out-of-memory (`retry_on_oom`)."""
+def _forward(backend, step: Step, device: torch.device, timeout_s: float | None):
+    """((output, wall ms), "") or ((None, nan), reason): forward() isolated and timed, retried
+    on CUDA out-of-memory (`retry_on_oom`)."""
 
     def once():
         _sync(device)
@@ -303,25 +378,29 @@ def _timed_forward(backend, step: Step, device: torch.device):
         _sync(device)
         return out, (time.perf_counter() - t0) * 1e3
 
-    return retry_on_oom(once, device)
+    result, problem = guarded(lambda: retry_on_oom(once, device), timeout_s)
+    return (result if result is not None else (None, math.nan)), problem
 
 
 def _check_same(case, name, sname, backend, make_step, first_out, timeout_s, what) -> dict:
     """Run the step `make_step()` builds; its output must equal `first_out` bit for bit."""
     device = first_out.device
-    try:
-        with time_limit(timeout_s):
-            step = retry_on_oom(make_step, device)
-            out = retry_on_oom(lambda: backend.forward(*step.args()), device)
-    except Exception as e:
+    step, problem = guarded(lambda: retry_on_oom(make_step, device))
+    if not problem:
+        (out, _), problem = _forward(backend, step, device, timeout_s)
+    if not problem and not isinstance(out, torch.Tensor):
+        problem = f"forward returned {type(out).__name__}, expected a tensor"
+    if problem:
         _recover(device)
-        return result_row(case, name, sname, "error", _error_reason(e))
-    if torch.equal(out, first_out) or (
-        (torch.isnan(out) == torch.isnan(first_out)).all()
-        and torch.equal(out.nan_to_num(), first_out.nan_to_num())
-    ):
+        return result_row(case, name, sname, "error", problem)
+    if out.shape != first_out.shape or out.dtype != first_out.dtype:
+        why = (
+            f"output {out.dtype} {list(out.shape)}, first {first_out.dtype} {list(first_out.shape)}"
+        )
+        return result_row(case, name, sname, "fail", f"metamorphic: {what} ({why})")
+    if bitwise_equal(out, first_out).all():
         return result_row(case, name, sname, "pass")
-    diff = (out.double() - first_out.double()).abs().max().item()
+    diff = (out.double().cpu() - first_out.double().cpu()).abs().max().item()
     return result_row(case, name, sname, "fail", f"metamorphic: {what} (max diff {diff:.3g})")
 
 

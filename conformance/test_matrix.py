@@ -4,14 +4,19 @@ import os
 
 import pytest
 
-from conformance.conftest import rerun_command
-from conformance.runner import run_case
+from conformance.runner import error_reason, result_row, run_case
+from reports.schema import rerun_command
 
 
 def test_case(case, backend_name, matrix, request):
-    backend = request.config._matrix_backends[backend_name]
-    rows = run_case(case, backend, timeout_s=request.config.getoption("case_timeout"))
-    matrix.record(rows)
+    backend, module = request.config._matrix_backends[backend_name]
+    try:
+        rows = run_case(case, backend, timeout_s=request.config.getoption("case_timeout"))
+    except KeyboardInterrupt:
+        raise
+    except BaseException as e:
+        rows = [result_row(case, backend_name, "harness", "error", f"harness: {error_reason(e)}")]
+    matrix.record(rows, module)
     if os.environ.get("PYTEST_XDIST_WORKER") and any(
         "CUDA error" in r["reason"] or "illegal memory access" in r["reason"] for r in rows
     ):
@@ -19,16 +24,9 @@ def test_case(case, backend_name, matrix, request):
         os._exit(3)
     bad = [r for r in rows if r["status"] in ("fail", "error")]
     if bad:
-        module = next(
-            (
-                m
-                for m in request.config.getoption("backend_module")
-                if m.endswith(":" + type(backend).__name__)
-            ),
-            None,
-        )
         lines = [f"{r['step']}: {r['status']}: {r['reason']}" for r in bad]
-        lines.append("re-run alone: " + rerun_command(request.config, case, backend_name, module))
+        row = dict(case_id=case.id, backend=backend_name, backend_module=module)
+        lines.append("re-run alone: " + rerun_command(row))
         pytest.fail("\n".join(lines), pytrace=False)
     if all(r["status"] == "skip" for r in rows):
         pytest.skip(rows[0]["reason"])

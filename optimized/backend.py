@@ -7,8 +7,11 @@ A backend computes exactly what `reference.attention` specifies, from the same a
 
 It says what it cannot do, as reasons (never by failing): `unavailable_reason()` for the whole
 backend on this machine (no CUDA, xFormers' extension not loaded, ...), and
-`not_supported_reasons(step)` for one step (dtype, head size, block size, kind, phase, ...).
-The runner records a step with reasons as `skip` with those reasons.
+`not_supported_reasons(query, key, value, kv_cache, metadata, attn_kind)` for one step (dtype,
+head size, block size, kind, phase, ...): the same arguments as `forward`, nothing else (a
+backend never sees the expected answer). The runner records a step with reasons as `skip` with
+those reasons; an exception raised by any of these methods is an `error` row, never a skip.
+A backend validates its inputs before it writes anything (`reference.validation.check_inputs`).
 """
 
 from __future__ import annotations
@@ -20,7 +23,6 @@ from typing import Protocol, runtime_checkable
 import torch
 
 from reference.metadata import AttnKind
-from reference.workload import Step
 
 ENTRY_POINT_GROUP = "encdec_attn.backends"
 
@@ -35,8 +37,8 @@ class Backend(Protocol):
     def device(self) -> torch.device:
         """Where its inputs must live."""
 
-    def not_supported_reasons(self, step: Step) -> list[str]:
-        """Why this backend cannot run `step` (empty: it can)."""
+    def not_supported_reasons(self, query, key, value, kv_cache, metadata, attn_kind) -> list[str]:
+        """Why this backend cannot run this step (empty: it can)."""
 
     def forward(self, query, key, value, kv_cache, metadata, attn_kind) -> torch.Tensor: ...
 
@@ -56,21 +58,20 @@ class BaseBackend:
     def device(self) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
-    def not_supported_reasons(self, step: Step) -> list[str]:
+    def not_supported_reasons(self, query, key, value, kv_cache, metadata, attn_kind) -> list[str]:
         reasons = []
         why = self.unavailable_reason()
         if why:
             reasons.append(why)
-        q = step.query
-        if q.dtype not in self.dtypes:
-            reasons.append(f"dtype {q.dtype} not supported (supports {_names(self.dtypes)})")
+        if query.dtype not in self.dtypes:
+            reasons.append(f"dtype {query.dtype} not supported (supports {_names(self.dtypes)})")
         lo, hi = self.head_sizes
-        if not lo <= q.shape[-1] <= hi:
-            reasons.append(f"head_size {q.shape[-1]} not in [{lo}, {hi}]")
-        if step.attn_kind not in self.attn_kinds:
-            reasons.append(f"attention kind {step.attn_kind.value} not supported")
-        if step.metadata.block_size > self.max_block_size:
-            reasons.append(f"block_size {step.metadata.block_size} > {self.max_block_size}")
+        if not lo <= query.shape[-1] <= hi:
+            reasons.append(f"head_size {query.shape[-1]} not in [{lo}, {hi}]")
+        if AttnKind(attn_kind) not in self.attn_kinds:
+            reasons.append(f"attention kind {AttnKind(attn_kind).value} not supported")
+        if metadata.block_size > self.max_block_size:
+            reasons.append(f"block_size {metadata.block_size} > {self.max_block_size}")
         return reasons
 
     def forward(self, query, key, value, kv_cache, metadata, attn_kind) -> torch.Tensor:
@@ -78,6 +79,12 @@ class BaseBackend:
 
     def __repr__(self) -> str:
         return f"<backend {self.name}>"
+
+
+def contiguous(*tensors):
+    """The tensors with a contiguous layout (a copy only where needed; None stays None): for
+    kernels that index their inputs densely. Caches are never copied (they are written in place)."""
+    return tuple(t if t is None or t.is_contiguous() else t.contiguous() for t in tensors)
 
 
 def _names(dtypes) -> str:

@@ -9,7 +9,8 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from optimized.backend import BaseBackend
-from reference.metadata import AttnKind, StepMetadata, check_inputs
+from reference.metadata import AttnKind, StepMetadata
+from reference.validation import check_inputs
 
 
 def _padded_index(lens: tuple[int, ...], device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -22,14 +23,14 @@ def _padded_index(lens: tuple[int, ...], device) -> tuple[torch.Tensor, torch.Te
 
 
 def _gather_pages(cache, tables, kv_lens, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """[num_seqs, max_kv_len, num_kv_heads, head_size] from the pages, padding zeroed."""
+    """[num_seqs, max_kv_len, num_kv_heads, head_size] from the pages, padding zeroed. Indexes
+    (block, offset) pairs, so a strided cache (e.g. a head-major view) is read in place."""
     bs = cache.shape[1]
     pos = torch.arange(max(kv_lens), device=device)
     valid = pos[None, :] < torch.tensor(kv_lens, device=device)[:, None]
     logical = (pos // bs).clamp(max=tables.shape[1] - 1)
     blocks = torch.where(valid, tables[:, logical].long(), 0)
-    slots = blocks * bs + pos % bs
-    kv = cache.reshape(-1, *cache.shape[2:])[slots]
+    kv = cache[blocks, (pos % bs)[None, :].expand_as(blocks)]
     return torch.where(valid[..., None, None], kv, 0), valid
 
 
@@ -42,8 +43,7 @@ class TorchBackend(BaseBackend):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
     def forward(self, query, key, value, kv_cache, metadata: StepMetadata, attn_kind):
-        kind = AttnKind(attn_kind)
-        check_inputs(query, key, value, kv_cache, metadata, kind)
+        kind = check_inputs(query, key, value, kv_cache, metadata, attn_kind)
         md, dev = metadata, query.device
         q_lens, kv_lens = md.query_lens_for(kind), md.kv_lens_for(kind)
         if kind == AttnKind.ENCODER:
@@ -54,10 +54,10 @@ class TorchBackend(BaseBackend):
             tables, slots = md.tables_for(kind)
             if key is not None:  # cache write: every real slot, padding (-1) skipped
                 keep = slots >= 0
-                flat_k = key_cache.view(-1, *key_cache.shape[2:])
-                flat_v = value_cache.view(-1, *value_cache.shape[2:])
-                flat_k[slots[keep]] = key[: slots.shape[0]][keep]
-                flat_v[slots[keep]] = value[: slots.shape[0]][keep]
+                real = slots[keep].long()
+                block, offset = real // md.block_size, real % md.block_size
+                key_cache[block, offset] = key[: slots.shape[0]][keep]
+                value_cache[block, offset] = value[: slots.shape[0]][keep]
             k, kv_valid = _gather_pages(key_cache, tables, kv_lens, dev)
             v, _ = _gather_pages(value_cache, tables, kv_lens, dev)
         q_idx, q_valid = _padded_index(q_lens, dev)

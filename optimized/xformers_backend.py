@@ -14,9 +14,15 @@ from __future__ import annotations
 
 import torch
 
-from optimized.backend import BaseBackend
-from optimized.triton_backend import triton_forward, triton_unavailable_reason
-from reference.metadata import AttnKind, StepMetadata, check_inputs
+from optimized.backend import BaseBackend, contiguous
+from optimized.triton_backend import (
+    check_cache_layout,
+    strided_cache_reasons,
+    triton_forward,
+    triton_unavailable_reason,
+)
+from reference.metadata import AttnKind, StepMetadata
+from reference.validation import check_inputs
 
 
 def xformers_unavailable_reason() -> str | None:
@@ -47,9 +53,16 @@ class XFormersBackend(BaseBackend):
     def unavailable_reason(self) -> str | None:
         return xformers_unavailable_reason()
 
+    def not_supported_reasons(self, query, key, value, kv_cache, metadata, attn_kind):
+        return [
+            *super().not_supported_reasons(query, key, value, kv_cache, metadata, attn_kind),
+            *strided_cache_reasons(kv_cache),
+        ]
+
     def forward(self, query, key, value, kv_cache, metadata: StepMetadata, attn_kind):
-        kind = AttnKind(attn_kind)
-        check_inputs(query, key, value, kv_cache, metadata, kind)
+        kind = check_inputs(query, key, value, kv_cache, metadata, attn_kind)
+        check_cache_layout(kv_cache)
+        query, key, value = contiguous(query, key, value)
         if kind != AttnKind.ENCODER and not metadata.is_prefill_only():
             return triton_forward(query, key, value, kv_cache, metadata, kind)
         from xformers.ops import fmha
@@ -91,23 +104,26 @@ class XFormersPagedBackend(BaseBackend):
     def unavailable_reason(self) -> str | None:
         return xformers_unavailable_reason()
 
-    def not_supported_reasons(self, step) -> list[str]:
-        reasons = super().not_supported_reasons(step)
-        md = step.metadata
+    def not_supported_reasons(self, query, key, value, kv_cache, metadata, attn_kind):
+        args = (query, key, value, kv_cache, metadata, attn_kind)
+        reasons = super().not_supported_reasons(*args)
+        md, kind = metadata, AttnKind(attn_kind)
         if (
             any(n != 1 for n in md.query_lens)
             or md.is_prefill_only()
-            or (step.attn_kind == AttnKind.ENCODER_DECODER and step.key is not None)
+            or (kind == AttnKind.ENCODER_DECODER and key is not None)
         ):
             reasons.append("decode only (one query token per sequence on a cached context)")
-        if md.sliding_window is not None and step.attn_kind == AttnKind.DECODER:
+        if md.sliding_window is not None and kind == AttnKind.DECODER:
             reasons.append("sliding window not supported by the paged bias")
+        if any(not c.is_contiguous() for c in kv_cache or ()):
+            reasons.append("the paged bias needs contiguous caches (it views them as tokens)")
         if reasons:
             return reasons
         from xformers.ops.fmha import triton_splitk
         from xformers.ops.fmha.common import Inputs
 
-        q, k, v, bias = self._inputs(*step.to(self.device()).args())
+        q, k, v, bias = self._inputs(*args)
         own = triton_splitk.FwOp.not_supported_reasons(Inputs(q, k, v, bias))
         return [f"xFormers triton_splitk: {r}" for r in own]
 
@@ -137,8 +153,10 @@ class XFormersPagedBackend(BaseBackend):
         )
 
     def forward(self, query, key, value, kv_cache, metadata: StepMetadata, attn_kind):
-        kind = AttnKind(attn_kind)
-        check_inputs(query, key, value, kv_cache, metadata, kind)
+        kind = check_inputs(query, key, value, kv_cache, metadata, attn_kind)
+        if any(not c.is_contiguous() for c in kv_cache):
+            raise ValueError("key_cache/value_cache: xformers-paged needs contiguous caches")
+        query, key, value = contiguous(query, key, value)
         from xformers.ops import fmha
 
         if key is not None:

@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import torch
 
-from reference.metadata import AttnKind, StepMetadata, check_inputs
+from reference.metadata import AttnKind, StepMetadata
 from reference.paged_cache import gather_sequence, write_to_cache
+from reference.validation import check_inputs
 
 SCORES_BYTES = 256 << 20
 
@@ -65,8 +66,7 @@ def attention(
               updated in place; None for ENCODER
     returns   [num_tokens, num_heads, head_size] float64; padding rows are zero
     """
-    attn_kind = AttnKind(attn_kind)
-    check_inputs(query, key, value, kv_cache, metadata, attn_kind)
+    attn_kind = check_inputs(query, key, value, kv_cache, metadata, attn_kind)
     md = metadata
     scale = md.scale_for(query.shape[-1])
     out = torch.zeros(query.shape, dtype=torch.float64, device=query.device)

@@ -28,10 +28,15 @@ class Episode:
         steps = tuple(s if s.kv_cache is None else replace(s, kv_cache=pool) for s in self.steps)
         return Episode(steps, pool)
 
-    def to(self, device) -> Episode:
-        pool = tuple(c.to(device) for c in self.kv_cache)
+    def to(self, device, copy: bool = False) -> Episode:
+        """On `device`, the steps still sharing one pool; `copy=True` copies every tensor."""
+        pool = tuple(c.to(device, copy=copy) for c in self.kv_cache)
         steps = tuple(
-            replace(s.to(device), kv_cache=None if s.kv_cache is None else pool) for s in self.steps
+            replace(
+                replace(s, kv_cache=None).to(device, copy),
+                kv_cache=None if s.kv_cache is None else pool,
+            )
+            for s in self.steps
         )
         return Episode(steps, pool)
 

@@ -58,8 +58,10 @@ class Step:
             return self
         return replace(self, kv_cache=tuple(c.clone() for c in self.kv_cache))
 
-    def to(self, device: torch.device | str) -> Step:
-        mv = lambda t: None if t is None else t.to(device)
+    def to(self, device: torch.device | str, copy: bool = False) -> Step:
+        """On `device`; `copy=True` copies every tensor even where it is already there (a
+        backend's private inputs: nothing it does to them reaches another backend)."""
+        mv = lambda t: None if t is None else t.to(device, copy=copy)
         md = self.metadata
         md = replace(
             md,

@@ -39,10 +39,13 @@ def main(argv=None) -> int:
         else:
             from reports.merge import merge
 
+            bad = [kv for kv in args.set if "=" not in kv]
+            if bad:
+                raise ValueError(f"--set: expected COLUMN=VALUE, got {bad[0]!r}")
             overrides = dict(kv.split("=", 1) for kv in args.set)
             n = merge(args.inputs, args.out, overrides)
             print(f"wrote {args.out} ({n} rows)")
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

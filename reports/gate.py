@@ -5,13 +5,20 @@
         [--bench reports/out/bench.csv --bench-baseline reports/results/h100/bench.csv]
     python -m reports.gate --results ... --baseline ... --write-baseline   (make baseline)
 
-Exit 1 (printing a short table) when
-- a row that passed in the baseline now fails or errors;
-- a row of the baseline disappeared from the results;
+Exit 1 (printing a short table with each reason) when
+- a row that passed in the baseline is now `fail`, `error` or `skip` (a backend that silently
+  stops running turns its passes into skips: that is a regression, not a neutral change);
+- a row of the baseline disappeared from the results, or a whole backend did;
 - a row's worst error ÷ tolerance grew past RATIO_GROWTH times the baseline's (and above
   RATIO_FLOOR, so that noise on tiny errors does not trip it);
 - with benchmark data, a throughput (GB/s or TFLOP/s) fell by more than THROUGHPUT_DROP.
-New rows and fixed failures are reported, never failed. Exit 2 on bad usage.
+New rows and fixed failures are reported, never failed. Deliberate changes go through
+`make baseline` (the diff of the baseline file is the review).
+
+Exit 2, with one line, when the gate cannot judge: a file missing or not of its kind (columns
+missing, a status outside the vocabulary, a non-numeric metric, duplicate rows), a result set
+from an interrupted run or from an older version without `run_state`, `--bench` without
+`--bench-baseline` (or the reverse). Exit 1 means "regression" and nothing else.
 """
 
 from __future__ import annotations
@@ -23,7 +30,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from reports.schema import BENCH_KEY
+from reports.schema import BENCH_KEY, STATUSES
 
 KEY = ["case_id", "backend", "step"]
 BASELINE_COLUMNS = [*KEY, "status", "reason", "err_ratio"]
@@ -33,7 +40,8 @@ THROUGHPUT_DROP = 0.20
 
 
 def compare(results: pd.DataFrame, baseline: pd.DataFrame) -> dict[str, pd.DataFrame]:
-    """Findings by kind: regressions, disappeared, ratio_growth (fail the gate); new, fixed."""
+    """Findings by kind: regressions, disappeared, backends_missing, ratio_growth (fail the
+    gate); new, fixed (reported only)."""
     m = baseline[BASELINE_COLUMNS].merge(
         results[[*KEY, "status", "reason", "err_ratio"]],
         on=KEY,
@@ -43,16 +51,26 @@ def compare(results: pd.DataFrame, baseline: pd.DataFrame) -> dict[str, pd.DataF
     )
     both = m[m._merge == "both"]
     was_ok = both.status_base == "pass"
-    now_bad = both.status_now.isin(["fail", "error"])
+    now_bad = both.status_now.isin(["fail", "error", "skip"])
     grown = (
         (both.err_ratio_now > RATIO_GROWTH * both.err_ratio_base.fillna(0))
         & (both.err_ratio_now > RATIO_FLOOR)
         & both.err_ratio_base.notna()
     )
     cols = [*KEY, "status_base", "status_now", "err_ratio_base", "err_ratio_now", "reason_now"]
+    gone = sorted(set(baseline.backend) - set(results.backend))
+    missing = pd.DataFrame(
+        {
+            "backend": gone,
+            "baseline_rows": [int((baseline.backend == b).sum()) for b in gone],
+            "reason_now": "absent from the results: the backend did not run at all",
+        }
+    )
+    disappeared = m[m._merge == "left_only"][cols].assign(reason_now="missing from the results")
     return {
         "regressions": both[was_ok & now_bad][cols],
-        "disappeared": m[m._merge == "left_only"][cols],
+        "disappeared": disappeared[~disappeared.backend.isin(gone)],
+        "backends_missing": missing,
         "ratio_growth": both[grown & ~now_bad][cols],
         "new": m[m._merge == "right_only"][cols],
         "fixed": both[both.status_base.isin(["fail", "error"]) & (both.status_now == "pass")][cols],
@@ -82,7 +100,7 @@ def compare_bench(bench: pd.DataFrame, baseline: pd.DataFrame) -> pd.DataFrame:
     return pd.concat(drops, ignore_index=True) if drops else pd.DataFrame()
 
 
-FAILING = ("regressions", "disappeared", "ratio_growth")
+FAILING = ("regressions", "disappeared", "backends_missing", "ratio_growth")
 
 
 def _md_table(df: pd.DataFrame) -> str:
@@ -109,6 +127,80 @@ def markdown(findings: dict[str, pd.DataFrame], bench_drops: pd.DataFrame | None
     return "\n".join(lines) + "\n"
 
 
+def _read(path: str, what: str) -> pd.DataFrame:
+    try:
+        return pd.read_csv(path, keep_default_na=False, na_values=[""], low_memory=False)
+    except FileNotFoundError:
+        raise ValueError(f"{what}: no such file {path!r}") from None
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, OSError) as e:
+        raise ValueError(
+            f"{what}: cannot read {path!r} ({str(e).strip().splitlines()[0]})"
+        ) from None
+
+
+def load_results(path: str) -> pd.DataFrame:
+    """The result set to judge, refused (ValueError) unless it is complete and well formed."""
+    from reports.schema import read_csv
+
+    try:
+        results = read_csv(path)
+    except FileNotFoundError:
+        raise ValueError(f"--results: no such file {path!r}") from None
+    except ValueError as e:
+        raise ValueError(f"--results: {e}") from None
+    if "run_state" in results.attrs.get("older_columns", []):
+        raise ValueError(
+            f"--results: {path} has no run_state column (an older result set): re-run the matrix"
+        )
+    if (results.run_state != "complete").any():
+        raise ValueError(
+            f"--results: {path} is from an interrupted run (run_state="
+            f"{sorted(set(results.run_state) - {'complete'})}): re-run it to completion"
+        )
+    _no_duplicates(results, "--results", path)
+    return results
+
+
+def load_baseline(path: str) -> pd.DataFrame:
+    baseline = _read(path, "--baseline")
+    missing = [c for c in BASELINE_COLUMNS if c not in baseline.columns]
+    if missing:
+        raise ValueError(f"--baseline: {path} lacks columns {missing}")
+    unknown = sorted(set(baseline.status.astype(str)) - set(STATUSES))
+    if unknown:
+        raise ValueError(f"--baseline: {path}: status holds {unknown}; expected {STATUSES}")
+    _numeric(baseline, ["err_ratio"], "--baseline", path)
+    baseline["reason"] = baseline["reason"].fillna("").astype(str)
+    _no_duplicates(baseline, "--baseline", path)
+    return baseline
+
+
+def load_bench(path: str, what: str) -> pd.DataFrame:
+    bench = _read(path, what)
+    missing = [c for c in BENCH_KEY if c not in bench.columns]
+    if missing:
+        raise ValueError(f"{what}: {path} is not a bench CSV, missing key columns {missing}")
+    _numeric(bench, [c for c in ("graph_gbps", "gbps", "tflops") if c in bench], what, path)
+    return bench
+
+
+def _numeric(df: pd.DataFrame, columns: list[str], what: str, path: str) -> None:
+    for c in columns:
+        values = pd.to_numeric(df[c], errors="coerce")
+        bad = values.isna() & df[c].notna()
+        if bad.any():
+            i = int(bad.idxmax())
+            raise ValueError(f"{what}: {path} column {c} row {i + 2}: {df[c][i]!r} is not a number")
+        df[c] = values
+
+
+def _no_duplicates(df: pd.DataFrame, what: str, path: str) -> None:
+    dup = df.duplicated(KEY)
+    if dup.any():
+        row = df[dup].iloc[0]
+        raise ValueError(f"{what}: {path} holds {tuple(row[KEY])} more than once")
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(
         prog="python -m reports.gate",
@@ -126,30 +218,30 @@ def main(argv=None) -> int:
         help="rewrite the baseline from the results (deliberately)",
     )
     args = p.parse_args(argv)
-    from reports.schema import read_csv
-
     try:
-        results = read_csv(args.results)
+        results = load_results(args.results)
         if args.write_baseline:
             Path(args.baseline).parent.mkdir(parents=True, exist_ok=True)
             results[BASELINE_COLUMNS].sort_values(KEY).to_csv(args.baseline, index=False)
             print(f"wrote baseline {args.baseline} ({len(results)} rows)")
             return 0
-        baseline = pd.read_csv(args.baseline, keep_default_na=False, na_values=[""])
-        missing = [c for c in BASELINE_COLUMNS if c not in baseline.columns]
-        if missing:
-            raise ValueError(f"--baseline: {args.baseline} lacks columns {missing}")
+        baseline = load_baseline(args.baseline)
+        if bool(args.bench) != bool(args.bench_baseline):
+            raise ValueError("--bench and --bench-baseline go together (one without the other)")
         bench_drops = None
-        if args.bench and args.bench_baseline:
-            bench_drops = compare_bench(pd.read_csv(args.bench), pd.read_csv(args.bench_baseline))
-    except (ValueError, FileNotFoundError) as e:
+        if args.bench:
+            bench_drops = compare_bench(
+                load_bench(args.bench, "--bench"),
+                load_bench(args.bench_baseline, "--bench-baseline"),
+            )
+        findings = compare(results, baseline)
+        md = markdown(findings, bench_drops)
+        if args.summary:
+            Path(args.summary).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.summary).write_text(md)
+    except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    findings = compare(results, baseline)
-    md = markdown(findings, bench_drops)
-    if args.summary:
-        Path(args.summary).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.summary).write_text(md)
     if "GITHUB_STEP_SUMMARY" in os.environ:  # a CI job summary, where the CI offers one
         with open(os.environ["GITHUB_STEP_SUMMARY"], "a") as f:
             f.write(md)

@@ -20,7 +20,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
-from reports.schema import BENCH_COLUMNS
+from reports.schema import BENCH_COLUMNS, rerun_command
 
 STATUS_COLOURS = {"pass": "#c8e6c9", "fail": "#ffcdd2", "error": "#ffab91", "skip": "#eeeeee"}
 CSS = """
@@ -32,6 +32,7 @@ th { background: #f5f5f5; } td.reason, td.cmd { text-align: left; font-family: m
 .totals span { display: inline-block; margin-right: 1.5em; font-size: 18px; }
 .heatmaps img, .perf img { max-width: 100%; margin: 0.5em 0.5em 0 0; }
 .note { color: #666; font-size: 13px; }
+.interrupted { background: #ffab91; padding: 0.6em 1em; font-weight: bold; }
 """
 
 
@@ -88,10 +89,6 @@ def heatmap(df: pd.DataFrame, backend: str, rows: str, cols: str) -> str | None:
     return _png(fig)
 
 
-def rerun_command(row) -> str:
-    return f"python -m conformance run --case {row.case_id} --backend {row.backend}"
-
-
 def _table(df: pd.DataFrame, caption: str = "", left: tuple[str, ...] = ()) -> str:
     styler = df.style.set_caption(caption).format(precision=3, na_rep="")
     for col in left:
@@ -145,6 +142,12 @@ def render(
     pass_rate = counts.get("pass", 0) / compared if compared else float("nan")
     tiers = ", ".join(sorted(df.tier.fillna("?").astype(str).unique())) if n else "-"
     head = [f"<h1>{html.escape(title)}</h1>"]
+    interrupted = n and (df.run_state != "complete").any()
+    if interrupted or run_info.get("state") == "interrupted":
+        head.append(
+            '<p class="interrupted">INTERRUPTED: this run did not finish. Tests that did not '
+            "run are error rows; the gate refuses this result set.</p>"
+        )
     if env is not None:
         head.append(
             f'<p class="note">device {html.escape(str(env.device))} · torch {env.torch}'
@@ -204,6 +207,7 @@ def render(
                 "err_ratio",
                 "mismatch_frac",
                 "nan_count",
+                "rms_ratio",
                 "rerun",
             ]
         ]

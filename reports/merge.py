@@ -6,6 +6,9 @@ from pathlib import Path
 
 from reports.schema import COLUMNS, read_csv, read_jsonl, to_result_row, write_csv
 
+# What a results.jsonl row must hold to become a CSV row.
+RUNNER_FIELDS = ("case_id", "backend", "step", "status", "kind", "batch", "heads")
+
 
 def load_rows(path: str | Path, overrides: dict | None = None) -> list[dict]:
     """Rows of a results.csv, or of a results.jsonl (runner rows, converted: the environment
@@ -22,7 +25,13 @@ def load_rows(path: str | Path, overrides: dict | None = None) -> list[dict]:
 
         env = {**environment(), **{k: v for k, v in overrides.items() if k != "tier"}}
         tier = overrides.get("tier", "")
-        return [to_result_row(r, env, tier) for r in read_jsonl(path)]
+        rows = []
+        for n, r in enumerate(read_jsonl(path), 1):
+            lacking = [k for k in RUNNER_FIELDS if k not in r]
+            if lacking:
+                raise ValueError(f"{path}: row {n} is not a runner row (lacks {lacking})")
+            rows.append(to_result_row(r, env, tier, overrides.get("run_state", "complete")))
+        return rows
     return [{**r, **overrides} for r in read_csv(path).to_dict("records")]
 
 

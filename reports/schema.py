@@ -1,4 +1,5 @@
-"""The result columns, defined once, in the order they appear in results.csv."""
+"""The result columns, defined once, in the order they appear in results.csv; the status
+vocabulary; the command that re-runs one row."""
 
 from __future__ import annotations
 
@@ -11,7 +12,22 @@ import os
 import platform
 import subprocess
 from dataclasses import dataclass, fields
+from enum import StrEnum
 from pathlib import Path
+
+
+class Status(StrEnum):
+    """A row's verdict. Only `pass` means the numbers were compared and agreed."""
+
+    PASS = "pass"  # compared with the reference: within tolerance, caches and inputs intact
+    FAIL = "fail"  # compared: wrong output, cache, inputs, or a metamorphic check
+    ERROR = "error"  # no verdict possible: the backend raised/hung/crashed, the reference
+    #                  failed, a row is missing, the run was interrupted
+    SKIP = "skip"  # the backend says, with a reason, that it does not support this step
+
+
+STATUSES = tuple(s.value for s in Status)
+RUN_STATES = ("complete", "interrupted")
 
 
 @dataclass(frozen=True)
@@ -50,6 +66,10 @@ class ResultRow:
     commit: str
     timestamp: str
     tier: str
+    # Appended after the contract columns above (CI scripts read those by position too).
+    rms_ratio: float  # precision class: RMS error ÷ RMS error of rounding the exact output
+    backend_module: str  # module:Class of a --backend-module backend ('' for a registered one)
+    run_state: str  # complete / interrupted (a result set from a run that did not finish)
 
 
 COLUMNS = [f.name for f in fields(ResultRow)]
@@ -117,7 +137,17 @@ def environment() -> dict[str, str]:
     )
 
 
-def to_result_row(raw: dict, env: dict, tier: str) -> dict:
+def rerun_command(row) -> str:
+    """The one command that re-runs a row's case alone with its backend."""
+    get = row.get if isinstance(row, dict) else lambda k, d="": getattr(row, k, d)
+    module = get("backend_module", "") or ""
+    if isinstance(module, float):  # an empty cell read by pandas
+        module = ""
+    which = f"--backend-module {module}" if module else f"--backend {get('backend')}"
+    return f"python -m conformance run --case {get('case_id')} {which}"
+
+
+def to_result_row(raw: dict, env: dict, tier: str, run_state: str = "complete") -> dict:
     """A runner row (case axes + metrics) in the CSV's columns and order."""
     heads = raw["heads"]
     row = dict(
@@ -127,6 +157,7 @@ def to_result_row(raw: dict, env: dict, tier: str) -> dict:
         num_heads=int(heads[1:].split("kv")[0]),
         num_kv_heads=int(heads.split("kv")[1]),
         tier=tier,
+        run_state=run_state,
         **env,
     )
     return {c: row.get(c, "") for c in COLUMNS}
@@ -154,13 +185,39 @@ def write_csv(rows: list[dict], path: str | Path) -> None:
             )
 
 
+# Columns added after the first result sets were committed: an older file reads with these
+# defaults (and `df.attrs["older_columns"]` names them, for the gate to refuse such a file).
+LATER_COLUMNS = {"rms_ratio": float("nan"), "backend_module": "", "run_state": "complete"}
+NUMERIC = ("max_abs_err", "max_rel_err", "err_ratio", "mismatch_frac", "nan_count", "rms_ratio")
+
+
 def read_csv(path: str | Path):
-    """A results CSV as a pandas DataFrame with the schema's columns (checked)."""
+    """A results CSV as a pandas DataFrame with the schema's columns (checked: columns present,
+    statuses known, metrics numeric); ValueError naming the problem otherwise."""
     import pandas as pd
 
-    df = pd.read_csv(path, keep_default_na=False, na_values=[""])
+    try:
+        df = pd.read_csv(path, keep_default_na=False, na_values=[""], low_memory=False)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not a results CSV ({str(e).strip().splitlines()[0]})") from None
+    older = [c for c in LATER_COLUMNS if c not in df.columns]
+    for c in older:
+        df[c] = LATER_COLUMNS[c]
     missing = [c for c in COLUMNS if c not in df.columns]
     if missing:
         raise ValueError(f"{path}: not a results CSV, missing columns {missing}")
-    df["reason"] = df["reason"].fillna("")
-    return df[COLUMNS]
+    unknown = sorted(set(df["status"].astype(str)) - set(STATUSES))
+    if unknown:
+        raise ValueError(f"{path}: column status holds {unknown}; expected one of {STATUSES}")
+    for c in NUMERIC:
+        values = pd.to_numeric(df[c], errors="coerce")
+        bad = values.isna() & df[c].notna()
+        if bad.any():
+            i = int(bad.idxmax())
+            raise ValueError(f"{path}: column {c} row {i + 2}: {df[c][i]!r} is not a number")
+        df[c] = values
+    for c in ("reason", "backend_module"):
+        df[c] = df[c].fillna("").astype(str)
+    df = df[COLUMNS]
+    df.attrs["older_columns"] = older
+    return df

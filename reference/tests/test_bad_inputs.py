@@ -1,5 +1,6 @@
 """Every bad-input rule gives a ValueError naming the argument and what was expected."""
 
+import math
 from dataclasses import replace
 
 import pytest
@@ -17,87 +18,101 @@ def _cross_decode():
     return build_step("encoder_decoder", (1,), (4,), (6,), block_size=4)
 
 
-def _call(step, **changes):
+def _poke(t, x):
+    t = t.clone()
+    t[1, 0, 3] = x
+    return t
+
+
+def _slots_on_table(table, positions, bs):
+    return torch.tensor([int(table[p // bs]) * bs + p % bs for p in positions])
+
+
+def bad_args(step, **changes) -> dict:
+    """The step's forward() arguments with `changes` applied (metadata fields by name)."""
     args = dict(zip(["query", "key", "value", "kv_cache", "metadata", "attn_kind"], step.args()))
     md_changes = {k: v for k, v in changes.items() if k not in args}
     args.update({k: v for k, v in changes.items() if k in args})
     args["metadata"] = replace(args["metadata"], **md_changes)
-    return attention(**args)
+    return args
+
+
+def _call(step, **changes):
+    return attention(**bad_args(step, **changes))
 
 
 CASES = [
     (
         "lengths that do not sum",
-        lambda s: _call(s, query_lens=(4, 1)),
+        lambda s: dict(query_lens=(4, 1)),
         r"query: has 4 tokens but query_lens sum to 5",
     ),
-    ("negative context", lambda s: _call(s, context_lens=(0, -1)), r"context_lens: entry 1"),
-    ("lengths disagree", lambda s: _call(s, context_lens=(0,)), r"context_lens: has 1 entries"),
+    ("negative context", lambda s: dict(context_lens=(0, -1)), r"context_lens: entry 1"),
+    ("lengths disagree", lambda s: dict(context_lens=(0,)), r"context_lens: has 1 entries"),
     (
         "table entry outside",
-        lambda s: _call(s, block_tables=s.metadata.block_tables + 100),
+        lambda s: dict(block_tables=s.metadata.block_tables + 100),
         r"block_tables: entry \[0, 0\] = 10\d is outside the cache",
     ),
     (
         "slot past the cache",
-        lambda s: _call(s, slot_mapping=torch.tensor([0, 1, 2, 10_000])),
+        lambda s: dict(slot_mapping=torch.tensor([0, 1, 2, 10_000])),
         r"slot_mapping: entry 3 = 10000 is past the cache",
     ),
     (
         "slot in another sequence's block",
-        lambda s: _call(s, slot_mapping=s.metadata.slot_mapping.flip(0)),
+        lambda s: dict(slot_mapping=s.metadata.slot_mapping.flip(0)),
         r"slot_mapping: entry 0 = \d+ is not where sequence 0 keeps position 0",
     ),
     (
         "real token padded",
-        lambda s: _call(s, slot_mapping=torch.tensor([0, 1, -1, 9])),
+        lambda s: dict(slot_mapping=torch.tensor([0, 1, -1, 9])),
         r"slot_mapping: entry 2 is -1 \(padding\) but is token 2 of sequence 0",
     ),
     (
         "too long for table",
-        lambda s: _call(s, block_tables=s.metadata.block_tables[:, :1]),
+        lambda s: dict(block_tables=s.metadata.block_tables[:, :1]),
         r"block_tables: sequence 1 holds 6 tokens = 2 blocks of 4, but its table has only 1",
     ),
     (
         "heads do not divide",
-        lambda s: _call(s, query=torch.randn(4, 3, 64)),
+        lambda s: dict(query=torch.randn(4, 3, 64)),
         r"num_kv_heads: 2 does not divide num_heads=3",
     ),
-    ("wrong dtype", lambda s: _call(s, query=s.query.half()), r"key: expected dtype torch.float16"),
-    ("integer query", lambda s: _call(s, query=s.query.int()), r"query: expected dtype in"),
+    ("wrong dtype", lambda s: dict(query=s.query.half()), r"key: expected dtype torch.float16"),
+    ("integer query", lambda s: dict(query=s.query.int()), r"query: expected dtype in"),
     (
         "wrong head size",
-        lambda s: _call(s, key=s.key[..., :32]),
+        lambda s: dict(key=s.key[..., :32]),
         r"key: expected shape \[\*, \*, 64\]",
     ),
     (
         "wrong cache shape",
-        lambda s: _call(s, kv_cache=(s.kv_cache[0][:, :2], s.kv_cache[1])),
+        lambda s: dict(kv_cache=(s.kv_cache[0][:, :2], s.kv_cache[1])),
         r"key_cache: expected shape \[\*, 4, 2, 64\]",
     ),
-    ("missing key", lambda s: _call(s, key=None), r"key/value: are required for decoder"),
+    ("missing key", lambda s: dict(key=None), r"key/value: are required for decoder"),
     (
         "bad window",
-        lambda s: _call(s, sliding_window=0),
+        lambda s: dict(sliding_window=0),
         r"sliding_window: expected None or an int",
     ),
-    ("bad scale", lambda s: _call(s, scale=-1.0), r"scale: expected None or a finite float > 0"),
-    ("bad block size", lambda s: _call(s, block_size=0), r"block_size: expected an int >= 1"),
-    ("missing table", lambda s: _call(s, block_tables=None), r"block_tables: is required"),
+    ("bad scale", lambda s: dict(scale=-1.0), r"scale: expected None or a finite float > 0"),
+    ("bad block size", lambda s: dict(block_size=0), r"block_size: expected an int >= 1"),
+    ("missing table", lambda s: dict(block_tables=None), r"block_tables: is required"),
     (
         "float table",
-        lambda s: _call(s, block_tables=s.metadata.block_tables.float()),
-        r"expected int32 or int64",
+        lambda s: dict(block_tables=s.metadata.block_tables.float()),
+        r"block_tables: expected dtype int32 or int64",
     ),
     (
         "slots length",
-        lambda s: _call(s, slot_mapping=s.metadata.slot_mapping[:3]),
+        lambda s: dict(slot_mapping=s.metadata.slot_mapping[:3]),
         r"slot_mapping: expected shape \[4\]",
     ),
     (
         "slot written twice",
-        lambda s: _call(
-            s,
+        lambda s: dict(
             context_lens=(0, 0),
             query_lens=(3, 1),
             slot_mapping=torch.tensor([0, 1, 2, 0]),
@@ -105,13 +120,64 @@ CASES = [
         ),
         r"slot 0 is written twice",
     ),
+    (
+        "slot in another sequence's cached context",
+        # sequence 0 is given sequence 1's table, its slots consistent with that table: its
+        # new tokens would land on sequence 1's cached positions 0..2
+        lambda s: dict(
+            block_tables=s.metadata.block_tables[[1, 1]],
+            slot_mapping=torch.cat(
+                [
+                    _slots_on_table(s.metadata.block_tables[1], (0, 1, 2), 4),
+                    s.metadata.slot_mapping[3:],
+                ]
+            ),
+        ),
+        r"slot_mapping: entry 0 = \d+ overwrites cached data: block \d+ offset 0 holds "
+        r"position 0 of sequence 1's context",
+    ),
+    ("zero heads", lambda s: dict(query=s.query[:, :0]), r"query: expected num_heads >= 1"),
+    (
+        "zero head size",
+        lambda s: dict(query=s.query[..., :0]),
+        r"query: expected num_heads >= 1 and head_size >= 1, got shape \[4, 4, 0\]",
+    ),
+    (
+        "table as a list",
+        lambda s: dict(block_tables=s.metadata.block_tables.tolist()),
+        r"block_tables: expected None or an int32/int64 tensor, got list",
+    ),
+    (
+        "slots as a list",
+        lambda s: dict(slot_mapping=s.metadata.slot_mapping.tolist()),
+        r"slot_mapping: expected None or an int32/int64 tensor, got list",
+    ),
+    (
+        "lengths as a tensor",
+        lambda s: dict(context_lens=torch.tensor([0, 5])),
+        r"context_lens: expected a tuple of ints, got Tensor",
+    ),
+    (
+        "empty batch",
+        lambda s: dict(query_lens=(), context_lens=()),
+        r"query_lens: empty batch \(num_seqs = 0\)",
+    ),
+    (
+        "unknown attention kind",
+        lambda s: dict(attn_kind="cross"),
+        r"attn_kind: expected one of \['encoder', 'decoder', 'encoder_decoder'\], got 'cross'",
+    ),
+    ("NaN in the query", lambda s: dict(query=_poke(s.query, math.nan)), r"query: 1 non-finite"),
+    ("Inf in the key", lambda s: dict(key=_poke(s.key, math.inf)), r"key: 1 non-finite"),
+    ("Inf in the value", lambda s: dict(value=_poke(s.value, -math.inf)), r"value: 1 non-fin"),
 ]
 
 
-@pytest.mark.parametrize("name,call,message", CASES, ids=[c[0] for c in CASES])
-def test_decoder_bad_input(name, call, message):
+@pytest.mark.parametrize("name,changes,message", CASES, ids=[c[0] for c in CASES])
+def test_decoder_bad_input(name, changes, message):
+    step = _decoder()
     with pytest.raises(ValueError, match=message):
-        call(_decoder())
+        _call(step, **changes(step))
 
 
 def test_key_given_at_cross_decode():

@@ -1,0 +1,195 @@
+"""Fault-injecting backends: each breaks one promise, and the harness must catch it (a row that
+is `error` or `fail`, never `pass` or `skip`). Loadable with --backend-module
+conformance.tests.faulty:ClassName, and used directly by the runner tests.
+
+All of them compute through the torch backend unless their fault says otherwise.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import torch
+
+from optimized.torch_backend import TorchBackend, _gather_pages, _padded_index
+from reference.metadata import AttnKind
+from reference.validation import check_inputs
+
+
+class Raises(TorchBackend):
+    name = "fault-raises"
+
+    def forward(self, *args):
+        raise RuntimeError("simulated kernel failure")
+
+
+class Exits(TorchBackend):
+    """Calls sys.exit in forward: SystemExit must become an error row, not end the run."""
+
+    name = "fault-exits"
+
+    def forward(self, *args):
+        raise SystemExit(3)
+
+
+class ExitsInReasons(TorchBackend):
+    name = "fault-exits-in-reasons"
+
+    def not_supported_reasons(self, *args):
+        raise SystemExit(4)
+
+
+class RaisesInReasons(TorchBackend):
+    """not_supported_reasons raising must be an error, not a skip."""
+
+    name = "fault-raises-in-reasons"
+
+    def not_supported_reasons(self, *args):
+        raise RuntimeError("cannot tell")
+
+
+class RaisesInUnavailable(TorchBackend):
+    name = "fault-raises-in-unavailable"
+
+    def unavailable_reason(self):
+        raise RuntimeError("probe failed")
+
+
+class RaisesInDevice(TorchBackend):
+    name = "fault-raises-in-device"
+
+    def device(self):
+        raise RuntimeError("no device today")
+
+
+class ReturnsNone(TorchBackend):
+    name = "fault-returns-none"
+
+    def forward(self, *args):
+        super().forward(*args)
+        return None
+
+
+class NaNOutput(TorchBackend):
+    name = "fault-nan"
+
+    def forward(self, *args):
+        out = super().forward(*args)
+        out.view(-1)[0] = float("nan")
+        return out
+
+
+class Hangs(TorchBackend):
+    name = "fault-hangs"
+
+    def forward(self, *args):
+        time.sleep(float(os.environ.get("FAULT_SLEEP_S", "30")))
+        return super().forward(*args)
+
+
+class SwallowsTimeout(TorchBackend):
+    """Wraps a slow call in `except Exception` (a common pattern): the timeout must still win."""
+
+    name = "fault-swallows-timeout"
+
+    def forward(self, *args):
+        try:
+            time.sleep(float(os.environ.get("FAULT_SLEEP_S", "30")))
+        except Exception:  # noqa: SIM105 - written the way such code usually is
+            pass
+        return super().forward(*args)
+
+
+class SwallowsEverything(TorchBackend):
+    """Catches BaseException around a slow call and returns late: judged from outside."""
+
+    name = "fault-swallows-everything"
+
+    def forward(self, *args):
+        t_end = time.time() + float(os.environ.get("FAULT_SLEEP_S", "30"))
+        while time.time() < t_end:
+            try:
+                time.sleep(max(0.0, t_end - time.time()))
+            except BaseException:
+                pass
+        return super().forward(*args)
+
+
+class MutatesInputs(TorchBackend):
+    """Computes correctly, then scales its input query in place."""
+
+    name = "fault-mutates-inputs"
+
+    def forward(self, query, *rest):
+        out = super().forward(query, *rest)
+        query.mul_(2)
+        return out
+
+
+class StrayCacheWrite(TorchBackend):
+    """Computes correctly, then writes one slot nobody asked for."""
+
+    name = "fault-stray-write"
+
+    def forward(self, query, key, value, kv_cache, metadata, attn_kind):
+        out = super().forward(query, key, value, kv_cache, metadata, attn_kind)
+        if kv_cache is not None:
+            kv_cache[0].view(-1)[-1] = 0.0  # the last element of the pool
+        return out
+
+
+class LowPrecisionAccumulator(TorchBackend):
+    """A tiled online-softmax kernel (FlashAttention's loop) that keeps its running output and
+    softmax sum in the step's dtype, rounding them after every K/V tile of TILE keys. Its max
+    error stays within the max-abs tolerance; the precision criterion (rms_ratio) must catch it
+    on long K/V walks."""
+
+    name = "fault-low-precision"
+    TILE = 32
+
+    def forward(self, query, key, value, kv_cache, metadata, attn_kind):
+        kind = check_inputs(query, key, value, kv_cache, metadata, attn_kind)
+        md, dev, dtype = metadata, query.device, query.dtype
+        out = super().forward(query, key, value, kv_cache, metadata, attn_kind)  # cache writes
+        q_lens, kv_lens = md.query_lens_for(kind), md.kv_lens_for(kind)
+        if kind == AttnKind.ENCODER:
+            kv_idx, kv_valid = _padded_index(kv_lens, dev)
+            k, v = key[kv_idx], value[kv_idx]
+        else:
+            tables, _ = md.tables_for(kind)
+            k, kv_valid = _gather_pages(kv_cache[0], tables, kv_lens, dev)
+            v, _ = _gather_pages(kv_cache[1], tables, kv_lens, dev)
+        q_idx, q_valid = _padded_index(q_lens, dev)
+        q = query[q_idx].float()  # [S, Q, H, D]
+        group = q.shape[2] // k.shape[2]
+        k = k.float().repeat_interleave(group, 2)
+        v = v.float().repeat_interleave(group, 2)
+        mask = q_valid[:, :, None] & kv_valid[:, None, :]
+        if kind == AttnKind.DECODER:
+            qpos = torch.tensor(md.context_lens, device=dev)[:, None] + torch.arange(q.shape[1])
+            kpos = torch.arange(k.shape[1], device=dev)
+            mask &= kpos[None, None, :] <= qpos[:, :, None]
+            if md.sliding_window is not None:
+                mask &= kpos[None, None, :] > qpos[:, :, None] - md.sliding_window
+        r = lambda t: t.to(dtype).float()  # the fault: running sums rounded to the dtype
+        scale = md.scale_for(query.shape[-1])
+        S, Q, H, D = q.shape
+        m = torch.full((S, H, Q), -torch.inf, device=dev)
+        acc = torch.zeros(S, H, Q, D, device=dev)
+        l_sum = torch.zeros(S, H, Q, device=dev)
+        for t0 in range(0, k.shape[1], self.TILE):
+            kt, vt = k[:, t0 : t0 + self.TILE], v[:, t0 : t0 + self.TILE]
+            s = torch.einsum("sqhd,skhd->shqk", q, kt) * scale
+            s = s.masked_fill(~mask[:, None, :, t0 : t0 + self.TILE], -torch.inf)
+            m_new = torch.maximum(m, s.amax(-1))
+            safe = torch.where(torch.isfinite(m_new), m_new, 0.0)
+            p = torch.exp(s - safe[..., None])
+            alpha = torch.where(torch.isfinite(m), torch.exp(m - safe), 0.0)
+            l_sum = r(alpha * l_sum + p.sum(-1))
+            acc = r(alpha[..., None] * acc + torch.einsum("shqk,skhd->shqd", r(p), vt))
+            m = m_new
+        o = (acc / l_sum.clamp_min(1e-30)[..., None]).transpose(1, 2)  # [S, Q, H, D]
+        out = torch.zeros_like(out)
+        out[q_idx[q_valid]] = o[q_valid].to(dtype)
+        return out
