@@ -94,9 +94,9 @@ class SwallowsTimeout(TorchBackend):
     name = "fault-swallows-timeout"
 
     def forward(self, *args):
-        try:
+        try:  # noqa: SIM105 - written the way such code usually is
             time.sleep(float(os.environ.get("FAULT_SLEEP_S", "30")))
-        except Exception:  # noqa: SIM105 - written the way such code usually is
+        except Exception:
             pass
         return super().forward(*args)
 
@@ -109,7 +109,7 @@ class SwallowsEverything(TorchBackend):
     def forward(self, *args):
         t_end = time.time() + float(os.environ.get("FAULT_SLEEP_S", "30"))
         while time.time() < t_end:
-            try:
+            try:  # noqa: SIM105 - the fault under test
                 time.sleep(max(0.0, t_end - time.time()))
             except BaseException:
                 pass
@@ -193,3 +193,14 @@ class LowPrecisionAccumulator(TorchBackend):
         out = torch.zeros_like(out)
         out[q_idx[q_valid]] = o[q_valid].to(dtype)
         return out
+
+
+class KillsItsProcess(TorchBackend):
+    """Ends its process (like a segfault) on block size 8."""
+
+    name = "fault-kills-process"
+
+    def forward(self, query, key, value, kv_cache, metadata, attn_kind):
+        if metadata.block_size == 8:
+            os._exit(11)
+        return super().forward(query, key, value, kv_cache, metadata, attn_kind)

@@ -1,0 +1,124 @@
+"""The gate fails closed: exit 1 for every way a baseline pass can vanish, exit 2 (one line) for
+every input it cannot judge, never a traceback and never a silent 0."""
+
+import pandas as pd
+import pytest
+
+from reports import gate
+from reports.schema import read_csv, write_csv
+from reports.tests.known import BENCH_KEY_VALUES, known_rows
+
+
+@pytest.fixture
+def files(tmp_path):
+    results, base = tmp_path / "results.csv", tmp_path / "baseline.csv"
+    write_csv(known_rows(), results)
+    assert gate.main(["--results", str(results), "--baseline", str(base), "--write-baseline"]) == 0
+    return results, base
+
+
+def _gate(results, base, *extra) -> int:
+    return gate.main(["--results", str(results), "--baseline", str(base), *extra])
+
+
+def _rewrite(path, change) -> None:
+    df = read_csv(path)
+    change(df)
+    df.to_csv(path, index=False)
+
+
+def test_passes_turned_into_skips_are_regressions(files, capsys):
+    """What the registry makes of a backend whose module no longer imports: every pass a skip."""
+    results, base = files
+    assert _gate(results, base) == 0
+
+    def to_skip(df):
+        mask = (df.backend == "triton") & (df.status == "pass")
+        df.loc[mask, "status"] = "skip"
+        df.loc[mask, "reason"] = "not supported: triton could not be imported: No module named x"
+
+    _rewrite(results, to_skip)
+    capsys.readouterr()
+    assert _gate(results, base) == 1
+    out = capsys.readouterr().out
+    assert "regressions: 3" in out and "triton could not be imported" in out
+
+
+def test_a_backend_absent_from_the_results_is_a_regression(files, capsys):
+    results, base = files
+    _rewrite(results, lambda df: df.drop(df[df.backend == "xformers"].index, inplace=True))
+    assert _gate(results, base) == 1
+    out = capsys.readouterr().out
+    assert "backends missing: 1" in out and "the backend did not run at all" in out
+
+
+@pytest.mark.parametrize("status", ["error", "fail", "skip"])
+def test_a_pass_now_anything_else_is_a_regression(files, status):
+    results, base = files
+    df = read_csv(results)
+    i = df.index[df.status == "pass"][0]
+    df.loc[i, "status"] = status
+    found = gate.compare(df, gate.load_baseline(str(base)))
+    assert len(found["regressions"]) == 1
+
+
+@pytest.mark.parametrize(
+    "change,message",
+    [
+        (lambda df: df.__setitem__("err_ratio", "abc"), "column err_ratio row 2: 'abc' is not"),
+        (lambda df: df.__setitem__("status", "passed"), "status holds ['passed']"),
+        (lambda df: df.drop(columns=["reason"], inplace=True), "missing columns ['reason']"),
+        (lambda df: df.__setitem__("run_state", "interrupted"), "is from an interrupted run"),
+        (lambda df: df.drop(columns=["run_state"], inplace=True), "has no run_state column"),
+    ],
+    ids=["non-numeric", "unknown-status", "missing-column", "interrupted", "older-file"],
+)
+def test_results_the_gate_cannot_judge_exit_2(files, capsys, change, message):
+    results, base = files
+    _rewrite(results, change)
+    capsys.readouterr()
+    assert _gate(results, base) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: --results") and message in err and "\n" not in err
+
+
+def test_duplicate_rows_exit_2(files, capsys):
+    results, base = files
+    df = read_csv(results)
+    pd.concat([df, df.iloc[[0]]]).to_csv(results, index=False)
+    assert _gate(results, base) == 2
+    assert "more than once" in capsys.readouterr().err
+
+
+def test_bench_inputs_the_gate_cannot_judge_exit_2(files, tmp_path, capsys):
+    results, base = files
+    bench = tmp_path / "bench.csv"
+    pd.DataFrame([{**BENCH_KEY_VALUES, "gbps": 2500.0}]).to_csv(bench, index=False)
+    assert _gate(results, base, "--bench", str(bench), "--bench-baseline", str(bench)) == 0
+    assert _gate(results, base, "--bench", str(bench)) == 2  # the check would silently not run
+    assert "go together" in capsys.readouterr().err
+    keyless = tmp_path / "keyless.csv"
+    pd.DataFrame([{"gbps": 1.0}]).to_csv(keyless, index=False)
+    assert _gate(results, base, "--bench", str(keyless), "--bench-baseline", str(bench)) == 2
+    assert "missing key columns" in capsys.readouterr().err
+    garbage = tmp_path / "garbage.csv"
+    garbage.write_bytes(b"\x00\xff\x00\n\x01")
+    assert _gate(results, base, "--bench", str(garbage), "--bench-baseline", str(bench)) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: --bench") and "\n" not in err
+
+
+def test_a_malformed_baseline_exits_2(files, capsys):
+    results, base = files
+    df = pd.read_csv(base).astype({"err_ratio": object})
+    df.loc[0, "err_ratio"] = "x"
+    df.to_csv(base, index=False)
+    assert _gate(results, base) == 2
+    assert "--baseline" in capsys.readouterr().err
+
+
+def test_an_interrupted_result_set_is_not_written_as_a_baseline(files, tmp_path):
+    results, _ = files
+    _rewrite(results, lambda df: df.__setitem__("run_state", "interrupted"))
+    assert _gate(results, tmp_path / "b2.csv", "--write-baseline") == 2
+    assert not (tmp_path / "b2.csv").exists()
