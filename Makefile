@@ -16,7 +16,7 @@ else
 SETUP_DEP :=
 endif
 
-.PHONY: setup test test-fast report bench gate baseline lint format clean
+.PHONY: setup test test-fast report bench gate baseline lint format clean coverage
 
 setup: $(SETUP_DEP)
 
@@ -34,6 +34,13 @@ test: $(SETUP_DEP)
 report: $(SETUP_DEP)
 	-$(PY) -m conformance run --tier $(TIER) --out $(OUT) -n $(WORKERS)
 	$(PY) -m reports render $(OUT)/results.csv --bench $(wildcard $(OUT)/bench.csv) --out $(OUT)/index.html
+
+# Line and branch coverage of optimized/ under the smoke tier (the interpreter runs the Triton
+# kernels as Python, so kernel lines count too). Writes $(OUT)/coverage/ (HTML) and a summary.
+coverage: $(SETUP_DEP)
+	$(PY) -m pytest conformance/test_matrix.py --tier $(TIER) --out $(OUT)/coverage-run \
+		-n $(WORKERS) -q -o addopts= -p no:cacheprovider --cov=optimized --cov-branch \
+		--cov-report=term-missing:skip-covered --cov-report=html:$(OUT)/coverage
 
 bench: $(SETUP_DEP)
 	$(PY) -m bench --out $(OUT)/bench.csv

@@ -27,15 +27,18 @@ AXES: dict[str, tuple] = {
     "layout": tuple(layout.value for layout in Layout),
     "window": ("off", "on"),
     "scale": ("default", "custom"),
-    "size": ("small", "large"),
+    # long: small shapes except a few very long sequences of small blocks (> 128 blocks, 16 and
+    # 32 split-K splits even under the interpreter); for the edge cases only, never pairwise.
+    "size": ("small", "large", "long"),
 }
+PAIRWISE_SIZES = ("small", "large")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 SHORT_DTYPE = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
 KIND_TO_ATTN = {"encoder": "encoder", "decoder": "decoder", "cross": "encoder_decoder"}
 _BATCH_BY_ID = {b.replace("_", ""): b for b in AXES["batch"]}
 _DTYPE_BY_SHORT = {v: k for k, v in SHORT_DTYPE.items()}
 CUSTOM_SCALE = 0.37
-EPISODE_DECODE_STEPS = {"small": 3, "large": 8}
+EPISODE_DECODE_STEPS = {"small": 3, "large": 8, "long": 3}
 
 
 @dataclass(frozen=True, order=True)
@@ -69,8 +72,8 @@ class Case:
             parts.append(f"w{self.window_size}")
         if self.scale == "custom":
             parts.append("sc")
-        if self.size == "large":
-            parts.append("large")
+        if self.size != "small":
+            parts.append(self.size)
         parts.append(f"s{self.seed}")
         return "-".join(parts)
 
@@ -84,7 +87,7 @@ class Case:
 
     @property
     def window_size(self) -> int | None:
-        return None if self.window == "off" else (7 if self.size == "small" else 129)
+        return None if self.window == "off" else (129 if self.size == "large" else 7)
 
     @classmethod
     def from_id(cls, case_id: str) -> Case:
@@ -109,8 +112,8 @@ class Case:
                     obj["window"] = "on"
                 elif p == "sc":
                     obj["scale"] = "custom"
-                elif p == "large":
-                    obj["size"] = "large"
+                elif p in ("large", "long"):
+                    obj["size"] = p
                 else:
                     raise ValueError(p)
         except (ValueError, KeyError, IndexError):
@@ -192,7 +195,11 @@ def invalid_reasons(case: Case | dict) -> list[str]:
 
 def decoder_lengths(case: Case) -> list[int]:
     """Total decoder tokens per sequence (context + new) for the batch shape."""
-    bs, small = case.block_size, case.size == "small"
+    bs, small = case.block_size, case.size != "large"
+    if case.size == "long" and case.batch == "single":
+        return [2053]
+    if case.size == "long" and case.batch == "few_long":
+        return [1100, 2060]
     if case.batch == "single":
         return [bs + 3 if small and bs < 40 else (37 if small else 1000)]
     if case.batch == "uniform":
@@ -219,7 +226,7 @@ def encoder_lengths(case: Case, dec: list[int]) -> list[int]:
     if case.batch == "enc_shorter":
         return [max(1, n // 3) for n in dec]
     if case.batch == "enc_longer":
-        return [41, 26, 60] if case.size == "small" else [1500, 1024, 512]
+        return [41, 26, 60] if case.size != "large" else [1500, 1024, 512]
     return [n + 5 * (i % 3) + 2 for i, n in enumerate(dec)]
 
 

@@ -18,7 +18,7 @@ from collections import OrderedDict
 
 from allpairspy import AllPairs
 
-from conformance.cases import AXES, Case, invalid_reasons
+from conformance.cases import AXES, PAIRWISE_SIZES, Case, invalid_reasons
 
 TIERS = ("smoke", "full", "exhaustive")
 # Pairwise seeds of the full tier (each seed covers every valid pair once more): 16 seeds = 1,001
@@ -188,6 +188,47 @@ EDGE_CASES = [
 ]
 
 
+# Paths the GPU takes that small shapes never reach (the fail-closed issue measured them): one
+# sequence of 2,053 tokens in 257 blocks of 8 (32 split-K splits even under the interpreter,
+# whose launch model assumes 4 SMs), two of 1,100 and 2,060 tokens (16 splits), a cross cache
+# of 2,055 one-token blocks. Few heads and a small head size keep them cheap on the CPU.
+LONG_EDGE_CASES = [
+    dict(
+        kind="decoder",
+        phase="decode",
+        batch="single",
+        block_size=8,
+        heads="h8kv1",
+        head_size=64,
+        dtype="float16",
+        layout="shuffled",
+        size="long",
+    ),
+    dict(
+        kind="decoder",
+        phase="decode",
+        batch="few_long",
+        block_size=16,
+        heads="h8kv1",
+        head_size=64,
+        dtype="bfloat16",
+        layout="fragmented",
+        size="long",
+    ),
+    dict(
+        kind="cross",
+        phase="decode",
+        batch="single",
+        block_size=1,
+        heads="h4kv4",
+        head_size=64,
+        dtype="float32",
+        layout="nullblock",
+        size="long",
+    ),
+]
+
+
 def generate(tier: str) -> list[Case]:
     """The cases of a tier, sorted by id, deterministic."""
     if tier not in TIERS:
@@ -196,10 +237,12 @@ def generate(tier: str) -> list[Case]:
     if tier == "smoke":
         small = {k: v for k, v in AXES.items() if k != "size"}
         found = _pairwise(small, {"size": "small"}, seed=0)
-        found += [Case(**e) for e in EDGE_CASES]
+        found += [Case(**e) for e in EDGE_CASES] + [Case(**e) for e in LONG_EDGE_CASES]
     elif tier == "full":
-        found = [c for s in range(FULL_SEEDS) for c in _pairwise(AXES, {}, seed=s)]
-        found += [Case(**e, size=size) for e in EDGE_CASES for size in AXES["size"]]
+        axes = {**AXES, "size": PAIRWISE_SIZES}
+        found = [c for s in range(FULL_SEEDS) for c in _pairwise(axes, {}, seed=s)]
+        found += [Case(**e, size=size) for e in EDGE_CASES for size in PAIRWISE_SIZES]
+        found += [Case(**e) for e in LONG_EDGE_CASES]
     else:
         sub = ("kind", "phase", "block_size", "dtype", "layout")
         found = []
@@ -254,6 +297,6 @@ def coverage(tier: str, cases: list[Case]) -> tuple[int, int]:
     if tier == "smoke":
         axes, fixed = {k: v for k, v in AXES.items() if k != "size"}, {"size": "small"}
     else:
-        axes, fixed = AXES, {}
+        axes, fixed = {**AXES, "size": PAIRWISE_SIZES}, {}
     want = valid_pairs(axes, fixed)
     return len(want & covered_pairs(cases, axes)), len(want)

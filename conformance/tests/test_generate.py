@@ -2,8 +2,9 @@
 
 import pytest
 
-from conformance.cases import AXES, Case, build_inputs, invalid_reasons
+from conformance.cases import AXES, PAIRWISE_SIZES, Case, build_inputs, invalid_reasons
 from conformance.generate import (
+    LONG_EDGE_CASES,
     TIERS,
     covered_pairs,
     generate,
@@ -16,6 +17,8 @@ from conformance.generate import (
 def test_tier_covers_every_valid_pair(tier):
     cases = generate(tier)
     axes = {k: v for k, v in AXES.items() if tier != "smoke" or k != "size"}
+    if tier == "full":
+        axes["size"] = PAIRWISE_SIZES
     fixed = {"size": "small"} if tier == "smoke" else {}
     missing = valid_pairs(axes, fixed) - covered_pairs(cases, axes)
     assert not missing, sorted(missing)[:10]
@@ -34,6 +37,27 @@ def test_tiers_are_valid_deterministic_and_unique(tier):
     assert [c.id for c in a] == [c.id for c in b]
     assert len({c.id for c in a}) == len(a)
     assert all(not invalid_reasons(c) for c in a)
+
+
+def test_smoke_reaches_long_sequences_and_16_and_32_splits(monkeypatch):
+    """The CPU tier takes the paths the GPU takes: > 128 blocks in one sequence, and split-K with
+    16 and 32 splits under the interpreter (its launch model assumes 4 SMs)."""
+    from optimized.backend import get_backend
+    from optimized.kernels import paged_attention as pa
+
+    smoke = {c.id for c in generate("smoke")}
+    splits, real = [], pa.choose_num_splits
+    monkeypatch.setattr(pa, "choose_num_splits", lambda *a: splits.append(real(*a)) or splits[-1])
+    most_blocks = 0
+    for edge in LONG_EDGE_CASES:
+        case = Case(**edge)
+        assert case.id in smoke
+        step = build_inputs(case)
+        kv_lens = step.metadata.kv_lens_for(step.attn_kind)
+        most_blocks = max(most_blocks, max(-(-n // case.block_size) for n in kv_lens))
+        get_backend("triton").forward(*step.with_fresh_cache().args())
+    assert most_blocks > 128
+    assert {16, 32} <= set(splits), splits
 
 
 def test_invalid_combinations_are_excluded_by_rule():
