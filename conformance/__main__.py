@@ -122,6 +122,8 @@ def _engine_argv(args) -> list[str]:
         "-q",
         "-p",
         "no:cacheprovider",
+        "-p",
+        "no:benchmark",  # not used by the matrix; its xdist warning is noise on stderr
         "--tier",
         args.tier,
         "--out",

@@ -167,7 +167,8 @@ class LowPrecisionAccumulator(TorchBackend):
         v = v.float().repeat_interleave(group, 2)
         mask = q_valid[:, :, None] & kv_valid[:, None, :]
         if kind == AttnKind.DECODER:
-            qpos = torch.tensor(md.context_lens, device=dev)[:, None] + torch.arange(q.shape[1])
+            ctx = torch.tensor(md.context_lens, device=dev)
+            qpos = ctx[:, None] + torch.arange(q.shape[1], device=dev)
             kpos = torch.arange(k.shape[1], device=dev)
             mask &= kpos[None, None, :] <= qpos[:, :, None]
             if md.sliding_window is not None:

@@ -25,7 +25,7 @@ def _poke(t, x):
 
 
 def _slots_on_table(table, positions, bs):
-    return torch.tensor([int(table[p // bs]) * bs + p % bs for p in positions])
+    return torch.tensor([int(table[p // bs]) * bs + p % bs for p in positions], device=table.device)
 
 
 def bad_args(step, **changes) -> dict:
