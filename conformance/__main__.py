@@ -168,6 +168,16 @@ def _engine_argv(args) -> list[str]:
 SIGNAL_EXIT = {signal.SIGINT: 130, signal.SIGTERM: 143}
 
 
+def _die_with_parent() -> None:
+    """In the engine process: a SIGTERM when `run` itself dies (even by SIGKILL), so the engine
+    never runs on as an orphan; it then stops like any interrupted run (Linux; elsewhere a
+    no-op)."""
+    with contextlib.suppress(Exception):
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
 def cmd_run(args) -> int:
     """Validate, then run the engine (pytest) in a child process and supervise it: signals are
     passed on, and whatever happens to the child (a backend calling os._exit, a segfault
@@ -178,7 +188,9 @@ def cmd_run(args) -> int:
     _check_run_args(args)
     run_id = uuid.uuid4().hex
     env = dict(os.environ, **{RUN_ID_ENV: run_id})
-    child = subprocess.Popen([sys.executable, "-m", "pytest", *_engine_argv(args)], env=env)
+    child = subprocess.Popen(
+        [sys.executable, "-m", "pytest", *_engine_argv(args)], env=env, preexec_fn=_die_with_parent
+    )
     received: list[int] = []
 
     def pass_on(signum, frame):

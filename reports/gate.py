@@ -30,7 +30,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from reports.schema import BENCH_KEY, STATUSES
+from reports.schema import BENCH_KEY, STATUSES, check_numeric
 
 KEY = ["case_id", "backend", "step"]
 BASELINE_COLUMNS = [*KEY, "status", "reason", "err_ratio"]
@@ -169,7 +169,7 @@ def load_baseline(path: str) -> pd.DataFrame:
     unknown = sorted(set(baseline.status.astype(str)) - set(STATUSES))
     if unknown:
         raise ValueError(f"--baseline: {path}: status holds {unknown}; expected {STATUSES}")
-    _numeric(baseline, ["err_ratio"], "--baseline", path)
+    check_numeric(baseline, ["err_ratio"], f"--baseline: {path}")
     baseline["reason"] = baseline["reason"].fillna("").astype(str)
     _no_duplicates(baseline, "--baseline", path)
     return baseline
@@ -180,18 +180,10 @@ def load_bench(path: str, what: str) -> pd.DataFrame:
     missing = [c for c in BENCH_KEY if c not in bench.columns]
     if missing:
         raise ValueError(f"{what}: {path} is not a bench CSV, missing key columns {missing}")
-    _numeric(bench, [c for c in ("graph_gbps", "gbps", "tflops") if c in bench], what, path)
+    check_numeric(
+        bench, [c for c in ("graph_gbps", "gbps", "tflops") if c in bench], f"{what}: {path}"
+    )
     return bench
-
-
-def _numeric(df: pd.DataFrame, columns: list[str], what: str, path: str) -> None:
-    for c in columns:
-        values = pd.to_numeric(df[c], errors="coerce")
-        bad = values.isna() & df[c].notna()
-        if bad.any():
-            i = int(bad.idxmax())
-            raise ValueError(f"{what}: {path} column {c} row {i + 2}: {df[c][i]!r} is not a number")
-        df[c] = values
 
 
 def _no_duplicates(df: pd.DataFrame, what: str, path: str) -> None:

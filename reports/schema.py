@@ -191,6 +191,20 @@ LATER_COLUMNS = {"rms_ratio": float("nan"), "backend_module": "", "run_state": "
 NUMERIC = ("max_abs_err", "max_rel_err", "err_ratio", "mismatch_frac", "nan_count", "rms_ratio")
 
 
+def check_numeric(df, columns, where: str) -> None:
+    """Columns of `df` converted to numbers in place; ValueError naming the first cell that is
+    not one (an empty cell is NaN, not an error)."""
+    import pandas as pd
+
+    for c in columns:
+        values = pd.to_numeric(df[c], errors="coerce")
+        bad = values.isna() & df[c].notna()
+        if bad.any():
+            i = int(bad.idxmax())
+            raise ValueError(f"{where}: column {c} row {i + 2}: {df[c][i]!r} is not a number")
+        df[c] = values
+
+
 def read_csv(path: str | Path):
     """A results CSV as a pandas DataFrame with the schema's columns (checked: columns present,
     statuses known, metrics numeric); ValueError naming the problem otherwise."""
@@ -209,13 +223,7 @@ def read_csv(path: str | Path):
     unknown = sorted(set(df["status"].astype(str)) - set(STATUSES))
     if unknown:
         raise ValueError(f"{path}: column status holds {unknown}; expected one of {STATUSES}")
-    for c in NUMERIC:
-        values = pd.to_numeric(df[c], errors="coerce")
-        bad = values.isna() & df[c].notna()
-        if bad.any():
-            i = int(bad.idxmax())
-            raise ValueError(f"{path}: column {c} row {i + 2}: {df[c][i]!r} is not a number")
-        df[c] = values
+    check_numeric(df, NUMERIC, str(path))
     for c in ("reason", "backend_module"):
         df[c] = df[c].fillna("").astype(str)
     df = df[COLUMNS]

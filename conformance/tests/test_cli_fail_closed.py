@@ -136,8 +136,12 @@ def test_other_commands_print_one_line(tmp_path):
         assert message in lines[0]
 
 
-@pytest.mark.parametrize("sig,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+@pytest.mark.parametrize(
+    "sig,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143), (signal.SIGKILL, -9)]
+)
 def test_an_interrupted_run_is_kept_and_marked(tmp_path, sig, code):
+    """Ctrl-C and SIGTERM reach the engine through `run`; a SIGKILLed `run` cannot write
+    anything, but its engine is told (parent-death signal) and marks the set itself."""
     out = tmp_path / "out"
     proc = subprocess.Popen(
         [
