@@ -3,9 +3,9 @@ cost of the reference and of the matrix is tracked. Under xdist these run once, 
 
 import pytest
 
+from conformance.workloads import build_step
 from optimized.torch_backend import TorchBackend
 from reference.attention import attention
-from reference.workload import build_step
 
 SHAPES = {
     "decode-self": dict(kind="decoder", q=(1,) * 8, c=(127,) * 8, e=None),

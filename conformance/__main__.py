@@ -237,8 +237,8 @@ def cmd_dump(args) -> int:
     import numpy as np
 
     from conformance.cases import Case, build_inputs
+    from conformance.workloads import Episode
     from reference.attention import attention
-    from reference.episode import Episode
 
     case = Case.from_id(args.case_id)
     inputs = build_inputs(case)

@@ -12,8 +12,7 @@ from dataclasses import asdict, dataclass, fields
 
 import torch
 
-from reference.episode import Episode, build_episode
-from reference.workload import Layout, Step, build_step
+from conformance.workloads import Episode, Layout, Step, build_episode, build_step
 
 # Each axis and its values, in id order. Every value is a real need (see the matrix issue).
 AXES: dict[str, tuple] = {

@@ -25,9 +25,8 @@ import torch
 from conformance.cases import Case, build_inputs
 from conformance.compare import bitwise_equal, compare_caches, compare_output, nonfinite_count
 from conformance.tolerance import baseline_attention
+from conformance.workloads import Episode, Step
 from reference.attention import attention
-from reference.episode import Episode
-from reference.workload import Step
 from reports.schema import Status
 
 DEFAULT_TIMEOUT_S = 300.0

@@ -23,6 +23,25 @@ are -1, they are never written, and their output is zero.
 The paged cache: `key_cache`/`value_cache: [num_blocks, block_size, num_kv_heads, head_size]`,
 slot `s = block_id * block_size + offset`. See `reference/paged_cache.py` for a worked example.
 Validation of a step (every rule a ValueError naming the argument) is `reference/validation.py`.
+
+Worked example (checked by reference/tests/test_worked_example.py), block_size = 4. Sequence 0
+takes its first decoder step: a prompt of 3 tokens, 5 encoder tokens. Sequence 1 decodes: 6
+tokens cached, 1 new, 2 encoder tokens (its cross K/V were written at its own first step).
+
+    query_lens = (3, 1)   context_lens = (0, 6)   encoder_seq_lens = (5, 2)
+    query rows: 0, 1, 2 = sequence 0 at positions 0, 1, 2; row 3 = sequence 1 at position 6;
+                query_start_loc = (0, 3, 4); a 5th row would be padding (slot -1, output 0)
+
+    DECODER: seq_lens = (3, 7); block_tables = [[2, 0], [5, 1]] (sequence 1 needs
+      ceil(7 / 4) = 2 blocks: 5 holds positions 0-3, 1 holds 4-7; the 0 of row 0 is padding)
+      slot_mapping = [8, 9, 10, 6]: 2*4+0, 2*4+1, 2*4+2, and position 6 = block 1 offset 2
+      row 1 (sequence 0, position 1) sees positions 0..1; row 3 sees 0..6 (window 4: 3..6)
+    ENCODER_DECODER: only sequence 0 has context_len == 0, so cross_write_lens = (5, 0): `key`
+      and `value` hold its 5 encoder tokens; cross_block_tables = [[3, 4], [7, 0]] and
+      cross_slot_mapping = [12, 13, 14, 15, 16] (block 3 offsets 0-3, block 4 offset 0);
+      sequence 1's 2 cross tokens in block 7 are only read. Rows 0-2 see 5 encoder tokens,
+      row 3 sees 2. Writing either cache into a slot that holds another sequence's cached
+      context (e.g. slot 20-23 of block 5) is rejected.
 """
 
 from __future__ import annotations

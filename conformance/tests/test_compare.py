@@ -7,8 +7,8 @@ import torch
 
 from conformance.compare import compare_caches, compare_output
 from conformance.tolerance import FLOOR, baseline_attention
+from conformance.workloads import build_step
 from reference import attention
-from reference.workload import build_step
 
 
 def _step(dtype=torch.float16):

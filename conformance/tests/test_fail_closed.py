@@ -92,8 +92,8 @@ def test_a_non_finite_reference_makes_every_row_an_error(monkeypatch):
 
 def test_a_random_output_fails_even_where_a_nan_would_have_hidden_it():
     from conformance.compare import compare_output
+    from conformance.workloads import build_step
     from reference import attention
-    from reference.workload import build_step
 
     step = build_step("decoder", (3, 1), (0, 5), block_size=4)
     ref = attention(*step.with_fresh_cache().args())

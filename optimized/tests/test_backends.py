@@ -9,10 +9,9 @@ import pytest
 import torch
 
 from conformance.compare import compare_caches, compare_output
+from conformance.workloads import build_episode, build_step
 from optimized.backend import get_backend
 from reference import attention
-from reference.episode import build_episode
-from reference.workload import build_step
 
 BACKENDS = ["triton", "triton-splitk", "torch", "xformers", "xformers-paged"]
 CUDA = torch.cuda.is_available()

@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from conformance.compare import bitwise_equal, compare_caches, compare_output
+from conformance.workloads import build_step
 from optimized.backend import backend_names, get_backend
 from reference import attention
 from reference.tests.test_bad_inputs import CASES, bad_args
-from reference.workload import build_step
 
 BACKENDS = backend_names()  # the reference included
 

@@ -7,9 +7,9 @@ import torch
 import triton
 
 from conformance.compare import compare_output
+from conformance.workloads import build_step
 from optimized.kernels.paged_attention import make_schedule, paged_attention
 from reference import attention
-from reference.workload import build_step
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 

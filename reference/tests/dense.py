@@ -3,8 +3,8 @@ element by element from the rules in the issue (not from StepMetadata's own mask
 
 import torch
 
+from conformance.workloads import Step
 from reference.metadata import AttnKind
-from reference.workload import Step
 
 
 def mask_by_rule(step: Step) -> torch.Tensor:

@@ -6,8 +6,8 @@ from dataclasses import replace
 import pytest
 import torch
 
+from conformance.workloads import build_step
 from reference import attention
-from reference.workload import build_step
 
 
 def _decoder():

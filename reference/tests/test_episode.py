@@ -6,8 +6,8 @@ import math
 import pytest
 import torch
 
+from conformance.workloads import build_episode
 from reference import AttnKind, attention
-from reference.episode import build_episode
 from reference.tests.dense import dense_attention
 
 

@@ -4,9 +4,9 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from conformance.workloads import Layout, build_step
 from reference import AttnKind, attention
 from reference.tests.dense import dense_attention
-from reference.workload import Layout, build_step
 
 HEADS = [(4, 4), (4, 2), (4, 1), (6, 3)]  # MHA, GQA 2:1, MQA, GQA 2:1 with 3 kv heads
 
