@@ -1,9 +1,6 @@
 """Root pytest setup: without CUDA, Triton kernels run through the interpreter. This must be
 set before Triton is imported anywhere."""
 
-import os
+from optimized.kernels import interpret_without_cuda
 
-import torch
-
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+interpret_without_cuda()  # before Triton is imported

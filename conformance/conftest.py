@@ -22,8 +22,9 @@ from pathlib import Path
 import pytest
 import torch
 
-if not torch.cuda.is_available():  # before Triton is imported: kernels run in the interpreter
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+from optimized.kernels import interpret_without_cuda
+
+interpret_without_cuda()  # before Triton is imported
 
 from conformance.cases import Case
 from conformance.generate import generate, shard

@@ -91,9 +91,27 @@ def _names(dtypes) -> str:
     return ", ".join(str(d).removeprefix("torch.") for d in dtypes)
 
 
+class ReferenceBackend(BaseBackend):
+    """The spec itself, registered like a backend (`--backend reference`): float64 output, every
+    dtype the spec accepts (float64 included), any head and block size, on the CPU."""
+
+    name = "reference"
+    dtypes = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
+    head_sizes = (1, 1 << 16)
+    max_block_size = 1 << 30
+
+    def device(self) -> torch.device:
+        return torch.device("cpu")
+
+    def forward(self, query, key, value, kv_cache, metadata, attn_kind) -> torch.Tensor:
+        from reference.attention import attention
+
+        return attention(query, key, value, kv_cache, metadata, attn_kind)
+
+
 # name -> "module:Class"; imported lazily so one broken backend never hides the others.
 BUILTIN = {
-    "reference": "optimized.reference_backend:ReferenceBackend",
+    "reference": "optimized.backend:ReferenceBackend",
     "torch": "optimized.torch_backend:TorchBackend",
     "triton": "optimized.triton_backend:TritonBackend",
     "triton-splitk": "optimized.triton_backend:TritonSplitKBackend",

@@ -3,6 +3,15 @@
 import os
 
 
+def interpret_without_cuda() -> None:
+    """Entry points call this before Triton is imported: without a CUDA device, Triton kernels
+    run on the CPU through the interpreter (TRITON_INTERPRET=1; an explicit setting wins)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
 def interpreting() -> bool:
     """True when Triton runs kernels on the CPU through its interpreter (TRITON_INTERPRET=1)."""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"

@@ -183,3 +183,5 @@ def test_unavailable_backends_say_why():
         reason = get_backend(name).unavailable_reason()
         if not CUDA:
             assert reason and ("CUDA" in reason), reason
+        else:  # with CUDA: available, or the reason names what is missing of xFormers
+            assert reason is None or "xFormers" in reason, reason

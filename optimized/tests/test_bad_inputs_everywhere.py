@@ -93,3 +93,12 @@ def test_strided_caches_and_query(backend_name, kind):
     comp = compare_output(step, out, ref)
     assert comp.ok, comp.reason
     assert compare_caches(tuple(c.contiguous() for c in caches), ref_step.kv_cache) == ""
+
+
+def test_the_reference_backend_takes_float64():
+    backend = get_backend("reference")
+    step = build_step("decoder", (3, 1), (0, 5), block_size=4, dtype=torch.float64)
+    assert backend.not_supported_reasons(*step.args()) == []
+    out = backend.forward(*step.with_fresh_cache().args())
+    ref = attention(*step.with_fresh_cache().args())
+    assert out.dtype == torch.float64 and torch.equal(out, ref)

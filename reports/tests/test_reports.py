@@ -1,5 +1,6 @@
 """CSV schema, HTML content, merge, and the gate on a planted regression."""
 
+import os
 import re
 import shutil
 import subprocess
@@ -10,7 +11,7 @@ import pytest
 from reports import gate
 from reports.html import render
 from reports.merge import merge
-from reports.schema import COLUMNS, read_csv, write_csv
+from reports.schema import read_csv, write_csv
 from reports.tests.known import BENCH_KEY_VALUES, known_rows
 
 REQUIRED = [
@@ -43,6 +44,19 @@ REQUIRED = [
 ]
 
 
+# Every column of results.csv as first published, in order (CI scripts read them by position).
+CONTRACT = [
+    *REQUIRED[:11],
+    "layout",
+    "window",
+    "scale",
+    "size",
+    "seed",
+    *REQUIRED[11:],
+    "tier",
+]
+
+
 @pytest.fixture
 def results_csv(tmp_path):
     path = tmp_path / "results.csv"
@@ -52,8 +66,10 @@ def results_csv(tmp_path):
 
 def test_csv_has_the_contract_columns_in_order(results_csv):
     header = results_csv.read_text().splitlines()[0].split(",")
-    assert header == COLUMNS
     assert [c for c in header if c in REQUIRED] == REQUIRED
+    # The contract columns keep their positions; later ones are appended after them.
+    assert header[: len(CONTRACT)] == CONTRACT
+    assert header[len(CONTRACT) :] == ["rms_ratio", "backend_module", "run_state"]
     df = read_csv(results_csv)
     assert set(df.status) == {"pass", "skip", "fail"}
 
@@ -217,8 +233,6 @@ def test_report_renders_in_headless_chromium(results_csv, tmp_path):
     assert shot.exists() and shot.stat().st_size > 10_000
 
 
+@pytest.mark.skipif(os.environ.get("CI") != "true", reason="checks the CI machine (CI=true) only")
 def test_chromium_is_present_in_ci():
-    import os
-
-    if os.environ.get("CI") == "true":
-        assert CHROMIUM, ".ci/run must install chromium so the browser test runs in CI"
+    assert CHROMIUM, ".ci/run must install chromium so the browser test runs in CI"
