@@ -14,8 +14,9 @@ import torch
 import triton
 import triton.testing
 
-from optimized.kernels.paged_attention import make_schedule, paged_attention
-from optimized.kernels.reshape_and_cache import reshape_and_cache
+from optimized.ops.paged_attention import paged_attention
+from optimized.ops.plan import make_schedule
+from optimized.ops.reshape_and_cache import reshape_and_cache
 
 DT = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 

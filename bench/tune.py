@@ -10,7 +10,7 @@ prefill, short chunks); `weak`: register caps, splits and stages on the decode s
 H100 targets; `d64`: small-tile launches on the named models' decode shapes; `host`: host time
 per call of the default and an explicit launch; `few`: splits and tiles for short contexts with
 few programs, timed from CUDA graphs. Their output picked `launch_candidates` and
-`choose_num_splits` in optimized/kernels/paged_attention.py and `TOKENS_PER_PROGRAM` in
+`choose_num_splits` in optimized/ops/plan.py and `TOKENS_PER_PROGRAM` in optimized/ops/
 reshape_and_cache.py. (An earlier sweep also tried CUDA-core products on
 one row per program for MHA decode instead of 16-row tl.dot tiles: 1.5-2.5x slower on every
 shape, so it is gone.)
@@ -25,12 +25,10 @@ import torch
 import triton
 
 from bench.gpu import _paged_kv, graph_ms, median_ms
-from optimized.kernels.paged_attention import (
-    _paged_attention_kernel,
-    make_schedule,
-    paged_attention,
-)
-from optimized.kernels.reshape_and_cache import reshape_and_cache
+from optimized.kernels.paged_attention import _paged_attention_kernel
+from optimized.ops.paged_attention import paged_attention
+from optimized.ops.plan import make_schedule
+from optimized.ops.reshape_and_cache import reshape_and_cache
 
 # name, batch, kv_len, heads, kv_heads, head_size, block_size, query_len, causal
 DECODE = [

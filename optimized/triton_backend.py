@@ -18,8 +18,9 @@ def triton_forward(
     query, key, value, kv_cache, md: StepMetadata, kind: AttnKind, num_splits: int | None = None
 ) -> torch.Tensor:
     """Cache write, then attention, both in Triton. Used by the triton and xformers backends."""
-    from optimized.kernels.paged_attention import make_schedule, paged_attention
-    from optimized.kernels.reshape_and_cache import reshape_and_cache
+    from optimized.ops.paged_attention import paged_attention
+    from optimized.ops.plan import make_schedule
+    from optimized.ops.reshape_and_cache import reshape_and_cache
 
     num_heads, head_size = query.shape[1:]
     out = torch.zeros_like(query)

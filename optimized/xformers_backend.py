@@ -69,7 +69,7 @@ class XFormersBackend(BaseBackend):
 
         md = metadata
         if kind != AttnKind.ENCODER:  # write the caches, then attend over the new tokens
-            from optimized.kernels.reshape_and_cache import reshape_and_cache
+            from optimized.ops.reshape_and_cache import reshape_and_cache
 
             _, slots = md.tables_for(kind)
             reshape_and_cache(key, value, kv_cache[0], kv_cache[1], slots)
@@ -160,7 +160,7 @@ class XFormersPagedBackend(BaseBackend):
         from xformers.ops import fmha
 
         if key is not None:
-            from optimized.kernels.reshape_and_cache import reshape_and_cache
+            from optimized.ops.reshape_and_cache import reshape_and_cache
 
             _, slots = metadata.tables_for(kind)
             reshape_and_cache(key, value, kv_cache[0], kv_cache[1], slots)

@@ -48,7 +48,7 @@ def test_smoke_reaches_long_sequences_and_16_and_32_splits(monkeypatch):
     """The CPU tier takes the paths the GPU takes: > 128 blocks in one sequence, and split-K with
     16 and 32 splits under the interpreter (its launch model assumes 4 SMs)."""
     from optimized.backend import get_backend
-    from optimized.kernels import paged_attention as pa
+    from optimized.ops import plan as pa
 
     smoke = {c.id for c in generate("smoke")}
     splits, real = [], pa.choose_num_splits

@@ -1,0 +1,292 @@
+"""The plan of a paged-attention call, made on the host before the launch: how the step's queries
+are tiled (`Schedule`), which launch (K/V tile, warps, stages) and how many split-K splits.
+
+Launch choice (GPU): a program holds as many query rows as the longest query needs (16 at decode,
+16/32 for a few cross-prefill tokens, 64 for long queries). For 16/32-row tiles several launches
+(K/V tile × warps) are compiled; each one's registers and shared memory, as Triton reports them,
+give the programs an SM holds, and `launch_score` picks launch and split count by how the grid
+fills the last wave and how many K/V bytes it keeps in flight per SM (`pick_launch`, memoized
+per shape). The interpreter has one launch and the occupancy split rule.
+
+The device's own limits are read from it (shared memory per block, SMs, registers); choices are
+memoized per (variant, grid, K/V tiles in power-of-two buckets), in a bounded memo, so a decode
+loop whose context grows by one token a step does not decide again.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections import OrderedDict
+from dataclasses import dataclass, replace
+
+import torch
+
+from optimized.kernels import cdiv, interpreting, next_power_of_2
+
+
+@dataclass(frozen=True, eq=False)
+class Schedule:
+    """Device tensors describing one step's tiles; build once per step, reuse across layers.
+
+    tile_seq, tile_q_first: [num_tiles] sequence and first query index of each program
+    query_start_loc:        [num_seqs + 1] offsets of each sequence's queries
+    query_lens, kv_lens, context_lens: [num_seqs]
+    kv_start_loc:           [num_seqs + 1] offsets of packed K/V (non-paged only)
+    """
+
+    tile_seq: torch.Tensor
+    tile_q_first: torch.Tensor
+    query_start_loc: torch.Tensor
+    query_lens: torch.Tensor
+    kv_lens: torch.Tensor
+    context_lens: torch.Tensor
+    kv_start_loc: torch.Tensor
+    block_q: int
+    max_query_len: int
+    max_kv_len: int
+
+
+def block_q_for(max_query_len: int, group: int) -> int:
+    """Query tokens per program. A tile has tokens × padded group rows: as few as hold the longest
+    query, at least 16 (tl.dot) and at most 64. Decode: 16 rows (measured on the H200: CUDA-core
+    products on one row per program were 1.5-2.5x slower at MHA decode); a few cross-prefill
+    tokens: 16 or 32, not a 64-row tile of mostly padding (ncu, H100, Whisper cross prefill of 4
+    tokens: 148 registers, 3 programs per SM, 68.6% of DRAM peak); long queries: 64."""
+    group_pad = next_power_of_2(group)
+    rows = min(64, max(16, next_power_of_2(max(max_query_len, 1)) * group_pad))
+    return max(1, rows // group_pad)
+
+
+def make_schedule(
+    query_lens: tuple[int, ...],
+    kv_lens: tuple[int, ...],
+    context_lens: tuple[int, ...],
+    group: int,
+    device: torch.device | str,
+    block_q: int | None = None,
+) -> Schedule:
+    """Tile every sequence's queries into programs of `block_q` tokens (host-side, once).
+    block_q: None picks `block_q_for`; a power of two overrides it (tuning, tests)."""
+    block_q = block_q or block_q_for(max(query_lens, default=1), group)
+    if block_q & (block_q - 1):
+        raise ValueError(f"block_q: expected a power of two, got {block_q}")
+    tiles = [(i, q0) for i, n in enumerate(query_lens) for q0 in range(0, n, block_q)]
+    as_t = lambda xs: torch.tensor(list(xs), dtype=torch.int32, device=device)
+    starts, kv_starts = [0], [0]
+    for n, m in zip(query_lens, kv_lens):
+        starts.append(starts[-1] + n)
+        kv_starts.append(kv_starts[-1] + m)
+    return Schedule(
+        tile_seq=as_t(t[0] for t in tiles),
+        tile_q_first=as_t(t[1] for t in tiles),
+        query_start_loc=as_t(starts),
+        query_lens=as_t(query_lens),
+        kv_lens=as_t(kv_lens),
+        context_lens=as_t(context_lens),
+        kv_start_loc=as_t(kv_starts),
+        block_q=block_q,
+        max_query_len=max(query_lens, default=0),
+        max_kv_len=max(kv_lens, default=0),
+    )
+
+
+@functools.cache
+def smem_limit(device: torch.device) -> int:
+    """Shared memory one program may take on `device` (the opt-in maximum per block; 227 KB on
+    the H100/H200)."""
+    props = torch.cuda.get_device_properties(device)
+    return getattr(props, "shared_memory_per_block_optin", 0) or props.shared_memory_per_block
+
+
+def smem_bytes(block_m: int, tile_n: int, head_pad: int, elem_bytes: int, num_stages: int) -> int:
+    """Shared memory Triton 3.6 allocates for this kernel: the Q tile, (stages - 1) buffered
+    K and V tiles, and the fp32 P tile. Fits the one figure Triton reported (fp32, d256, 64 rows,
+    tile 64, 3 stages: 344,320 bytes) exactly."""
+    kv = 2 * tile_n * head_pad * elem_bytes * max(num_stages - 1, 1)
+    return block_m * head_pad * elem_bytes + kv + block_m * tile_n * 4 + 256
+
+
+@dataclass(frozen=True)
+class Launch:
+    """One launch of the main kernel: K/V tile, warps, pipeline stages. `weight`: its throughput
+    per resident program relative to the first candidate, when both fit the grid in one wave."""
+
+    tile_n: int
+    num_warps: int
+    num_stages: int
+    weight: float = 1.0
+
+
+def _fit_smem(cfg: Launch, block_m: int, head_pad: int, elem_bytes: int, limit: int) -> Launch:
+    """Fewer stages, then smaller K/V tiles, until the program fits `limit` bytes."""
+    fits = lambda c: smem_bytes(block_m, c.tile_n, head_pad, elem_bytes, c.num_stages) <= limit
+    while not fits(cfg) and cfg.num_stages > 2:
+        cfg = replace(cfg, num_stages=cfg.num_stages - 1)
+    while not fits(cfg) and cfg.tile_n > 16:
+        cfg = replace(cfg, tile_n=cfg.tile_n // 2)
+    return cfg
+
+
+def launch_candidates(
+    head_pad: int, prefill: bool, block_m: int = 64, elem_bytes: int = 2, smem: int | None = None
+) -> tuple[Launch, ...]:
+    """The launches `pick_launch` chooses from; the first is the default. The interpreter wants
+    few, small tiles; on the GPU these come from the sweeps in `bench/tune.py` (H100, bf16),
+    shrunk to fit shared memory: fp32 with head size 256 at prefill asked for 344 KB and failed
+    to launch (found by the full conformance tier on the H100)."""
+    if interpreting():
+        return (Launch(16, 4, 1),)
+    if smem is None:
+        smem = smem_limit(torch.device("cuda", torch.cuda.current_device()))
+    return _gpu_launch_candidates(head_pad, prefill, block_m, elem_bytes, smem)
+
+
+@functools.cache
+def _gpu_launch_candidates(
+    head_pad: int, prefill: bool, block_m: int, elem_bytes: int, smem: int
+) -> tuple[Launch, ...]:
+    if prefill:
+        cands = [Launch(64, 4, 3)]
+    elif head_pad <= 64:
+        # H100, Triton 3.6: 32/2/2 holds 10-12 programs per SM (80-92 registers), 64/2/2 eight
+        # (119-121), 16/1/2 twenty-one (93) but streams ~5% slower per program. Which is fastest
+        # depends on how the grid fills the last wave (T5 cross decode B64, 2,048 programs:
+        # 2,164 / 2,357 / 2,381 GB/s; BART self B256: 2,537 / 2,713 / 2,679).
+        cands = [Launch(32, 2, 2), Launch(64, 2, 2), Launch(16, 1, 2, weight=0.95)]
+    elif head_pad <= 128 and block_m >= 32:
+        # 32-row tiles (a few queries × a GQA group): 2 warps (H100: GQA 4:1 chunk of 8 tokens
+        # 1,732 -> 2,037 GB/s; 4 warps held 158 registers).
+        cands = [Launch(32, 2, 2)]
+    else:
+        # Two stages, not three: 64 KB of K/V tiles per program lets a fourth program onto an
+        # SM (ncu, H200: three stages held 3 programs/SM, 1.29 waves at 512 programs; 1.4x slower).
+        cands = [Launch(64, 4, 2)]
+    out = []
+    for c in cands:
+        c = _fit_smem(c, block_m, head_pad, elem_bytes, smem)
+        if c not in out:
+            out.append(c)
+    return tuple(out)
+
+
+def resident_programs(
+    n_regs: int, num_warps: int, shared: int, props: dict[str, int] | None = None
+) -> int:
+    """Programs of one compiled kernel an SM holds at once (CUDA occupancy: registers are
+    allocated per warp in units of 256, shared memory per block plus 1 KB the runtime reserves).
+    Matches ncu on the H100: 92 registers × 2 warps → 10, 111 × 4 → 4, 80 × 2 → 12."""
+    p = props or {}
+    regs_per_sm = p.get("regs", 65536)
+    smem_per_sm = p.get("smem", 233_472)
+    threads_per_sm = p.get("threads", 2048)
+    regs_per_warp = -(-max(n_regs, 1) * 32 // 256) * 256
+    by_regs = (regs_per_sm // regs_per_warp) // num_warps
+    by_smem = smem_per_sm // (shared + 1024) if shared else 32
+    by_threads = threads_per_sm // (32 * num_warps)
+    return max(0, min(by_regs, by_smem, by_threads, 32))
+
+
+def wave_efficiency(num_programs: int, slots: int) -> float:
+    """How much of the GPU the grid keeps busy: 1 when it fits one wave (bandwidth, not waves,
+    is the limit then), else the filled fraction of its waves (1.29 waves -> 0.65)."""
+    if slots <= 0:
+        return 0.0
+    waves = num_programs / slots
+    return 1.0 if waves <= 1 else waves / math.ceil(waves)
+
+
+@dataclass(frozen=True)
+class Option:
+    """A launch with its split count, as the occupancy model sees it.
+
+    resident: programs of the compiled variant one SM holds; programs: the grid incl. splits;
+    tile_bytes: K and V bytes one program loads per K/V tile."""
+
+    launch: Launch
+    splits: int
+    resident: int
+    programs: int
+    tile_bytes: int
+
+
+# K/V bytes in flight per SM from which more stop helping (H100, fitted to bench tune `few`: d64
+# decode at batch 16 had ~32 KB per SM with 32-token tiles and ran 11% slower than with 64-token
+# ones; at ~63 KB per SM the tile no longer mattered).
+IN_FLIGHT_SATURATES = 48 << 10
+# A split-K launch also writes partials and runs the reduce (H100: GQA 8:1, batch 64, 1k
+# tokens ran 2,022 GB/s unsplit and 1,642 with the two splits the occupancy rule asked for).
+SPLIT_COST = 0.95
+
+
+def launch_score(o: Option, num_sms: int) -> float:
+    """weight × wave efficiency × how close the loads in flight come to saturating memory,
+    less the split-K overhead."""
+    per_sm = min(o.programs / num_sms, o.resident)
+    in_flight = per_sm * o.tile_bytes * max(o.launch.num_stages - 1, 1)
+    fill = min(1.0, in_flight / IN_FLIGHT_SATURATES)
+    eff = wave_efficiency(o.programs, o.resident * num_sms)
+    return o.launch.weight * eff * fill * (SPLIT_COST if o.splits > 1 else 1.0)
+
+
+def pick_launch(options: list[Option], num_sms: int) -> int:
+    """Index of the best option by `launch_score`; ties go to the earlier (default) one."""
+    scores = [launch_score(o, num_sms) for o in options]
+    return max(range(len(scores)), key=lambda i: (round(scores[i], 3), -i))
+
+
+MAX_AUTO_SPLITS = 32
+
+
+@functools.cache
+def _num_sms(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 4
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def choose_num_splits(
+    num_programs: int, num_kv_tiles: int, device: torch.device, head_pad: int = 128
+) -> int:
+    """Split the K/V walk only when the tiles alone cannot fill the GPU (flash-decoding).
+
+    Target: half the programs an SM can hold. ncu on the H100: the d128 decode kernel holds 4 per
+    SM (111 registers, 4 warps), the d64 one 10 (92 registers, 2 warps). For d128 that is about
+    two per SM (four per SM was measured slower: 1.64 vs 2.10 TB/s at batch 4, 32k context, GQA
+    8:1); d64 at batch 16 and 4k context ran 512 programs in 0.39 waves (12% occupancy) under a
+    two-per-SM rule for every head size (five per SM: +5% at 4k, +12% at 16k, +17% at batch 4,
+    32k)."""
+    # d64 splits further only on long contexts: at 1k tokens (32 tiles) the extra partials and
+    # reduce launch cost more than the occupancy brings (H100: 1,883 -> 1,618 GB/s at batch 16).
+    per_sm = 5 if head_pad <= 64 and num_kv_tiles >= 64 else 2
+    target = per_sm * _num_sms(device)
+    if num_programs >= target or num_kv_tiles < 8:
+        return 1
+    # Each split still walks at least four K/V tiles.
+    splits = next_power_of_2(math.ceil(target / num_programs))
+    return max(1, min(splits, MAX_AUTO_SPLITS, num_kv_tiles // 4))
+
+
+def kv_tile_bucket(max_kv_len: int) -> int:
+    """The memo key's K/V length: 16-token tiles rounded up to a power of two (a context that
+    grows by one token per decode step changes bucket at most log2 times)."""
+    return next_power_of_2(cdiv(max(max_kv_len, 1), 16))
+
+
+class Memo:
+    """A bounded memo (least recently used out first) of launch choices."""
+
+    def __init__(self, size: int = 4096):
+        self.size, self.items = size, OrderedDict()
+
+    def get(self, key):
+        if key in self.items:
+            self.items.move_to_end(key)
+        return self.items.get(key)
+
+    def put(self, key, value):
+        self.items[key] = value
+        self.items.move_to_end(key)
+        while len(self.items) > self.size:
+            self.items.popitem(last=False)
+        return value
