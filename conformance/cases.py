@@ -85,6 +85,12 @@ class Case:
         return int(self.heads.split("kv")[1])
 
     @property
+    def attn_kind(self) -> str:
+        """The AttnKind value of the case's step ('encoder', 'decoder', 'encoder_decoder');
+        'episode' for a whole episode (its steps have all three)."""
+        return KIND_TO_ATTN.get(self.kind, self.kind)
+
+    @property
     def window_size(self) -> int | None:
         return None if self.window == "off" else (129 if self.size == "large" else 7)
 

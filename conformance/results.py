@@ -19,8 +19,14 @@ import time
 from pathlib import Path
 
 from conformance.cases import Case
-from conformance.runner import result_row
-from reports.schema import STATUSES, environment, read_jsonl, to_result_row, write_csv
+from reports.schema import (
+    STATUSES,
+    environment,
+    read_jsonl,
+    result_row,
+    to_result_row,
+    write_csv,
+)
 
 RUN_ID_ENV = "CONFORMANCE_RUN_ID"  # set by `python -m conformance run` for its engine process
 

@@ -18,7 +18,7 @@ import signal
 import time
 from collections import OrderedDict
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -27,7 +27,7 @@ from conformance.compare import bitwise_equal, compare_caches, compare_output, n
 from conformance.tolerance import baseline_attention
 from conformance.workloads import Episode, Step
 from reference.attention import attention
-from reports.schema import Status
+from reports.schema import result_row
 
 DEFAULT_TIMEOUT_S = 300.0
 
@@ -200,33 +200,6 @@ def error_reason(e: BaseException) -> str:
     if isinstance(e, ValueError):
         return f"input rejected: {msg}"
     return f"runtime error: {type(e).__name__}: {msg}"
-
-
-def result_row(
-    case: Case,
-    backend_name: str,
-    step_name: str,
-    status: str,
-    reason: str = "",
-    comp=None,
-    ref_ms=math.nan,
-    backend_ms=math.nan,
-) -> dict:
-    """A runner row: the case's axes, the verdict and its metrics (reports.schema turns it into
-    a CSV row)."""
-    row = {
-        "case_id": case.id,
-        **asdict(case),
-        "backend": backend_name,
-        "step": step_name,
-        "status": str(Status(status)),
-        "reason": reason,
-    }
-    metrics = ("max_abs_err", "max_rel_err", "err_ratio", "mismatch_frac", "nan_count", "rms_ratio")
-    for m in metrics:
-        row[m] = getattr(comp, m) if comp is not None else math.nan
-    row["ref_ms"], row["backend_ms"] = ref_ms, backend_ms
-    return row
 
 
 def changed_inputs(step: Step, pristine: Step) -> list[str]:

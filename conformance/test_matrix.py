@@ -4,8 +4,8 @@ import os
 
 import pytest
 
-from conformance.runner import error_reason, result_row, run_case
-from reports.schema import rerun_command
+from conformance.runner import error_reason, run_case
+from reports.schema import rerun_command, result_row
 
 
 def test_case(case, backend_name, matrix, request):

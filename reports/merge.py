@@ -7,7 +7,7 @@ from pathlib import Path
 from reports.schema import COLUMNS, read_csv, read_jsonl, to_result_row, write_csv
 
 # What a results.jsonl row must hold to become a CSV row.
-RUNNER_FIELDS = ("case_id", "backend", "step", "status", "kind", "batch", "heads")
+RUNNER_FIELDS = ("case_id", "backend", "step", "status", "attn_kind", "num_heads")
 
 
 def load_rows(path: str | Path, overrides: dict | None = None) -> list[dict]:

@@ -37,7 +37,8 @@ class ResultRow:
     case_id: str
     backend: str
     step: str
-    attn_kind: str  # case axis `kind`: encoder / decoder / cross / episode
+    attn_kind: str  # the step's AttnKind: encoder / decoder / encoder_decoder ('episode' only
+    #                 on rows of a whole episode that belong to no one step: crash, missing)
     phase: str
     batch_shape: str
     block_size: int
@@ -147,20 +148,51 @@ def rerun_command(row) -> str:
     return f"python -m conformance run --case {get('case_id')} {which}"
 
 
-def to_result_row(raw: dict, env: dict, tier: str, run_state: str = "complete") -> dict:
-    """A runner row (case axes + metrics) in the CSV's columns and order."""
-    heads = raw["heads"]
+METRICS = ("max_abs_err", "max_rel_err", "err_ratio", "mismatch_frac", "nan_count", "rms_ratio")
+# The case's columns (its axes, in the CSV's names), the verdict's, then the metrics'.
+CASE_COLUMNS = ("phase", "block_size", "head_size", "dtype", "layout", "window", "scale", "size")
+
+
+def result_row(
+    case,
+    backend: str,
+    step: str,
+    status: str,
+    reason: str = "",
+    metrics=None,
+    ref_ms: float = math.nan,
+    backend_ms: float = math.nan,
+    backend_module: str = "",
+) -> dict:
+    """The one builder of a result row (what the runner streams to results.jsonl): every column
+    but the run's environment, tier and run_state. `case` is a conformance Case; `metrics` any
+    object with the METRICS attributes (a Comparison) or None; `step` is `i:attn_kind` for a
+    step's row, or what the row is about (`permuted`, `rerun`, `crash`, `missing`, ...)."""
+    kind = step.split(":", 1)[1] if ":" in step else case.attn_kind
     row = dict(
-        raw,
-        attn_kind=raw["kind"],
-        batch_shape=raw["batch"],
-        num_heads=int(heads[1:].split("kv")[0]),
-        num_kv_heads=int(heads.split("kv")[1]),
-        tier=tier,
-        run_state=run_state,
-        **env,
+        case_id=case.id,
+        backend=backend,
+        step=step,
+        attn_kind=kind,
+        batch_shape=case.batch,
+        num_heads=case.num_heads,
+        num_kv_heads=case.num_kv_heads,
+        seed=case.seed,
+        status=str(Status(status)),
+        reason=reason,
+        ref_ms=ref_ms,
+        backend_ms=backend_ms,
+        backend_module=backend_module,
     )
-    return {c: row.get(c, "") for c in COLUMNS}
+    row.update({c: getattr(case, c) for c in CASE_COLUMNS})
+    row.update({m: getattr(metrics, m) if metrics is not None else math.nan for m in METRICS})
+    return row
+
+
+def to_result_row(row: dict, env: dict, tier: str, run_state: str = "complete") -> dict:
+    """A streamed row with the run's environment, in the CSV's columns and order."""
+    full = dict(row, tier=tier, run_state=run_state, **env)
+    return {c: full.get(c, "") for c in COLUMNS}
 
 
 def read_jsonl(path: str | Path) -> list[dict]:
@@ -188,7 +220,7 @@ def write_csv(rows: list[dict], path: str | Path) -> None:
 # Columns added after the first result sets were committed: an older file reads with these
 # defaults (and `df.attrs["older_columns"]` names them, for the gate to refuse such a file).
 LATER_COLUMNS = {"rms_ratio": float("nan"), "backend_module": "", "run_state": "complete"}
-NUMERIC = ("max_abs_err", "max_rel_err", "err_ratio", "mismatch_frac", "nan_count", "rms_ratio")
+NUMERIC = METRICS
 
 
 def check_numeric(df, columns, where: str) -> None:

@@ -73,6 +73,8 @@ def test_external_good_backend_passes_the_smoke_tier(ext):
         "run",
         "--tier",
         "smoke",
+        "--shard",
+        "1/3",  # a third of the tier: the built-in torch backend runs all of it in make test
         "--backend-module",
         "ext_backends:Good",
         "--out",
@@ -92,6 +94,8 @@ def test_deliberately_wrong_backend_fails_the_smoke_tier(ext):
         "run",
         "--tier",
         "smoke",
+        "--shard",
+        "2/3",
         "--backend-module",
         "ext_backends:Wrong",
         "--out",
@@ -111,6 +115,8 @@ def test_a_crash_in_one_case_is_recorded_and_the_run_goes_on(ext):
         "run",
         "--tier",
         "smoke",
+        "-k",
+        "bs8 or bs16",
         "--backend-module",
         "ext_backends:Crashy",
         "--out",
@@ -205,6 +211,8 @@ def test_a_process_crash_is_recorded_and_the_run_goes_on(ext):
         "run",
         "--tier",
         "smoke",
+        "-k",
+        "bs8 or bs32",
         "--backend-module",
         "conformance.tests.faulty:KillsItsProcess",
         "-n",
@@ -218,12 +226,13 @@ def test_a_process_crash_is_recorded_and_the_run_goes_on(ext):
     crashes = [row for row in rows if row["step"] == "crash"]
     assert crashes and all(row["block_size"] == 8 and row["status"] == "error" for row in crashes)
     assert all(row["reason"].startswith("crash: the test process died") for row in crashes)
-    assert sum(row["status"] == "pass" for row in rows) > 50
+    assert sum(row["status"] == "pass" for row in rows) >= 8  # the block-size-32 cases
     # more crashes than xdist's default worker restarts (4 per worker): still every case ran
     from conformance.generate import generate
 
     assert len(crashes) > 8
-    assert {row["case_id"] for row in rows} == {c.id for c in generate("smoke")}
+    selected = {c.id for c in generate("smoke") if c.block_size in (8, 32)}
+    assert {row["case_id"] for row in rows} == selected
     with open(out / "results.csv") as f:
         table = list(csv.DictReader(f))
     assert any(r["step"] == "crash" and r["status"] == "error" for r in table)

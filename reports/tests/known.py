@@ -1,9 +1,9 @@
 """A small, known result set in the schema (no run needed)."""
 
-from dataclasses import asdict
+from types import SimpleNamespace
 
 from conformance.cases import Case
-from reports.schema import to_result_row
+from reports.schema import result_row, to_result_row
 
 ENV = dict(
     device="cpu (test)",
@@ -23,39 +23,20 @@ def known_rows() -> list[dict]:
     ]
     rows = []
     for i, c in enumerate(cases):
-        base = {"case_id": c.id, **asdict(c)}
-        metrics = dict(
+        metrics = SimpleNamespace(
             max_abs_err=1e-3 * (i + 1),
             max_rel_err=1e-3,
             err_ratio=0.1 * (i + 1),
             mismatch_frac=0.0,
             nan_count=0,
-            ref_ms=1.0,
-            backend_ms=0.5,
+            rms_ratio=1.1,
         )
-        step = "0:" + {"cross": "encoder_decoder"}.get(c.kind, c.kind)
-        rows.append(
-            {**base, "backend": "triton", "step": step, "status": "pass", "reason": "", **metrics}
-        )
-        rows.append(
-            {
-                **base,
-                "backend": "xformers",
-                "step": step,
-                "status": "skip",
-                "reason": "not supported: no CUDA device",
-                **{k: float("nan") for k in metrics},
-            }
-        )
-    rows.append(
-        {
-            **rows[2],
-            "backend": "torch",
-            "status": "fail",
-            "err_ratio": 3.5,
-            "reason": "numerical mismatch: max_abs_err 0.1 > tolerance 0.03",
-        }
-    )
+        step = f"0:{c.attn_kind}"
+        rows.append(result_row(c, "triton", step, "pass", "", metrics, 1.0, 0.5))
+        rows.append(result_row(c, "xformers", step, "skip", "not supported: no CUDA device"))
+    wrong = SimpleNamespace(**{**vars(metrics), "err_ratio": 3.5})
+    reason = "numerical mismatch: max_abs_err 0.1 > tolerance 0.03"
+    rows.append(result_row(cases[1], "torch", f"0:{cases[1].attn_kind}", "fail", reason, wrong))
     return [to_result_row(r, ENV, "smoke") for r in rows]
 
 
