@@ -28,7 +28,7 @@ setup: $(SETUP_DEP)
 
 # Unit tests of every folder, then the conformance matrix of $(TIER) (smoke on the CPU).
 test: $(SETUP_DEP)
-	$(PY) -m pytest -q -n $(WORKERS) reference optimized conformance/tests reports bench $(PYTEST_ARGS)
+	$(PY) -m pytest -q -n $(WORKERS) reference optimized conformance/tests reports bench examples $(PYTEST_ARGS)
 	$(PY) -m conformance run --tier $(TIER) --out $(OUT) -n $(WORKERS)
 
 report: $(SETUP_DEP)
