@@ -150,17 +150,7 @@ def _compute_expected(case: Case) -> tuple[Step | Episode, list[Expected]]:
     inputs = build_inputs(case, "cpu")
     dev = reference_device()
     ref_inputs = inputs.to(dev, copy=True)
-    results = []
-    for step in _steps(ref_inputs):
-        _sync(dev)
-        t0 = time.perf_counter()
-        out = attention(*step.args())
-        _sync(dev)
-        ref_ms = (time.perf_counter() - t0) * 1e3
-        bad = nonfinite_count(out)
-        base = (baseline_attention(step) - out).abs().max().item() if out.numel() else 0.0
-        caches = None if step.kv_cache is None else tuple(c.cpu().clone() for c in step.kv_cache)
-        results.append(Expected(out.cpu(), caches, base, ref_ms, bad))
+    results = [expect_step(step) for step in _steps(ref_inputs)]
     del ref_inputs
     _recover(dev)
     return inputs, results
@@ -259,46 +249,11 @@ def run_case(
 
     rows, last = [], None
     for sname, step, pristine, exp in zip(snames, _steps(mine), steps, expected):
-        reasons, problem = guarded(
-            lambda step=step: backend.not_supported_reasons(*step.args()),
-            what="not_supported_reasons()",
-        )
-        if not problem and not (
-            isinstance(reasons, list | tuple) and all(isinstance(r, str) for r in reasons)
-        ):
-            problem = f"not_supported_reasons() returned {reasons!r}, expected a list of str"
-        if exp.nonfinite:
-            problem = f"reference produced {exp.nonfinite} non-finite values"
-        if problem or reasons:
-            status, reason = ("error", problem) if problem else ("skip", "")
-            rows.append(row(sname, status, reason or "not supported: " + "; ".join(reasons)))
-            _take_expected_cache(step, exp)
-            continue
-        (out, backend_ms), problem = _forward(backend, step, device, timeout_s)
-        if problem:
-            rows.append(row(sname, "error", problem, None, exp.ref_ms))
-            _recover(device)
-            _take_expected_cache(step, exp)
-            continue
-        comp, problem = guarded(
-            lambda step=step, out=out, e=exp: compare_output(step, out, e.output, e.baseline_err)
-        )
-        if problem:
-            comp, status, reason = None, "error", f"comparison failed: {problem}"
-        else:
-            status, reason = comp.status, comp.reason
-        if status == "pass":
-            touched = changed_inputs(step, pristine)
-            if touched:
-                status, reason = "fail", f"backend modified its inputs: {', '.join(touched)}"
-        if status == "pass":
-            cache_problem = compare_caches(step.kv_cache, exp.caches)
-            if cache_problem:
-                status, reason = "fail", cache_problem
-        rows.append(row(sname, status, reason, comp, exp.ref_ms, backend_ms))
-        if status != "pass" and step.kv_cache is not None:
+        v = judge_step(backend, step, pristine, exp, device, timeout_s)
+        rows.append(row(sname, v.status, v.reason, v.comparison, exp.ref_ms, v.backend_ms))
+        if v.status != "pass" and step.kv_cache is not None:
             _take_expected_cache(step, exp)  # later steps read what this one should have written
-        last = (step, out) if status == "pass" else None
+        last = (step, v.output) if v.status == "pass" else None
     if isinstance(inputs, Step) and last is not None:
         fresh = lambda: inputs.to(device, copy=True)
         if metamorphic and inputs.kv_cache is not None:
@@ -329,6 +284,66 @@ def run_case(
             )
     _recover(device)  # free this case's memory before the next one (workers share the GPU)
     return rows
+
+
+@dataclass(frozen=True)
+class StepVerdict:
+    status: str
+    reason: str
+    comparison: object = None  # a compare.Comparison where the output was compared
+    backend_ms: float = math.nan
+    output: torch.Tensor | None = None
+
+
+def judge_step(
+    backend, step: Step, pristine: Step, exp: Expected, device, timeout_s: float | None
+) -> StepVerdict:
+    """One step of one backend, judged: its reasons (a skip), its forward (isolated, timed),
+    the output against the reference, its inputs against `pristine`, its caches against the
+    reference's. `step` is the backend's own copy on `device`; the caches are written."""
+    reasons, problem = guarded(
+        lambda: backend.not_supported_reasons(*step.args()), what="not_supported_reasons()"
+    )
+    if not problem and not (
+        isinstance(reasons, list | tuple) and all(isinstance(r, str) for r in reasons)
+    ):
+        problem = f"not_supported_reasons() returned {reasons!r}, expected a list of str"
+    if exp.nonfinite:
+        problem = f"reference produced {exp.nonfinite} non-finite values"
+    if problem:
+        return StepVerdict("error", problem)
+    if reasons:
+        return StepVerdict("skip", "not supported: " + "; ".join(reasons))
+    (out, backend_ms), problem = _forward(backend, step, device, timeout_s)
+    if problem:
+        _recover(device)
+        return StepVerdict("error", problem)
+    comp, problem = guarded(lambda: compare_output(step, out, exp.output, exp.baseline_err))
+    if problem:
+        return StepVerdict("error", f"comparison failed: {problem}", None, backend_ms, out)
+    status, reason = comp.status, comp.reason
+    if status == "pass":
+        touched = changed_inputs(step, pristine)
+        if touched:
+            status, reason = "fail", f"backend modified its inputs: {', '.join(touched)}"
+    if status == "pass":
+        cache_problem = compare_caches(step.kv_cache, exp.caches)
+        if cache_problem:
+            status, reason = "fail", cache_problem
+    return StepVerdict(status, reason, comp, backend_ms, out)
+
+
+def expect_step(step: Step) -> Expected:
+    """The reference's view of `step`, run on the step as given (its caches are written)."""
+    dev = step.query.device
+    _sync(dev)
+    t0 = time.perf_counter()
+    out = attention(*step.args())
+    _sync(dev)
+    ref_ms = (time.perf_counter() - t0) * 1e3
+    base = (baseline_attention(step) - out).abs().max().item() if out.numel() else 0.0
+    caches = None if step.kv_cache is None else tuple(c.cpu().clone() for c in step.kv_cache)
+    return Expected(out.cpu(), caches, base, ref_ms, nonfinite_count(out))
 
 
 def _take_expected_cache(step: Step, exp: Expected) -> None:

@@ -5,6 +5,8 @@ agree with the spec, including more splits than a sequence has K/V tiles (empty 
 import pytest
 import torch
 import triton
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from conformance.compare import compare_output
 from conformance.workloads import build_step
@@ -237,3 +239,53 @@ def test_host_integer_helpers_agree_with_triton():
         assert next_power_of_2(n) == triton.next_power_of_2(n), n
         for d in (1, 3, 16, 64):
             assert cdiv(n, d) == triton.cdiv(n, d), (n, d)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    programs=st.integers(1, 20_000),
+    kv_tiles=st.integers(1, 5_000),
+    head_pad=st.sampled_from([16, 32, 64, 128, 256]),
+    sms=st.integers(1, 200),
+)
+def test_split_rule_properties(programs, kv_tiles, head_pad, sms):
+    """Whatever the GPU: a split count is a power of two or a cap, at most MAX_AUTO_SPLITS, every
+    split walks at least four K/V tiles, and a grid that already fills its target is not split."""
+    from optimized.ops import plan
+
+    real = plan._num_sms
+    plan._num_sms = lambda device: sms
+    try:
+        n = plan.choose_num_splits(programs, kv_tiles, torch.device("cuda"), head_pad=head_pad)
+    finally:
+        plan._num_sms = real
+    assert 1 <= n <= plan.MAX_AUTO_SPLITS
+    assert n == 1 or n <= kv_tiles // 4
+    assert n == 1 or programs < 5 * sms
+    assert n & (n - 1) == 0 or n == kv_tiles // 4
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from([16, 32, 64]),
+            st.sampled_from([1, 2, 4]),
+            st.integers(1, 32),
+            st.sampled_from([1, 2, 4, 8]),
+            st.integers(1, 50_000),
+        ),
+        min_size=1,
+        max_size=6,
+    )
+)
+def test_launch_choice_is_the_argmax_of_the_model(raw):
+    """pick_launch returns an option of the highest score (ties: the earliest, the default)."""
+    from optimized.ops import plan
+
+    options = [
+        plan.Option(plan.Launch(t, w, 2), s, r, p * s, t * 2 * 64 * 2) for t, w, r, s, p in raw
+    ]
+    best = plan.pick_launch(options, 132)
+    scores = [round(plan.launch_score(o, 132), 3) for o in options]
+    assert scores[best] == max(scores) and best == scores.index(max(scores))
