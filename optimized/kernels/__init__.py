@@ -17,8 +17,8 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-# Host-side integer helpers: triton.cdiv / triton.next_power_of_2 are JIT-callable wrappers that
-# cost ~7 µs a call on the host (4 of them were a fifth of a decode launch's Python time).
+# Host-side integer helpers: triton.cdiv / triton.next_power_of_2 are JIT-callable wrappers, slow
+# to call on the host in every launch.
 def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 

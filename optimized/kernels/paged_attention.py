@@ -27,9 +27,8 @@ Compiles vs speed: what shapes the inner loop is a constexpr (dtype, BLOCK_M, GR
 head size, power-of-two head size, TILE_N, paged, power-of-two block size, causal, window).
 Block size, split count, group, head size and window length are runtime arguments, so one
 compiled kernel serves every block size and split count; the reduce takes the group and row
-count at runtime too. (With causal, window and the group's padding also at runtime the 16-seed
-full tier compiled ~4x fewer variants and ran in 4.7 instead of 6.1 min, but prefill lost
-20-40% and GQA decode ~16% on the H100.)
+count at runtime too (making causal/window/group padding runtime flags compiled fewer variants
+but cost prefill and GQA decode: reports/results/h100/tune.txt, "Behind the code").
 
 The launch choice (tiles, splits, occupancy) is `optimized/ops/plan.py`; the launcher
 `optimized/ops/paged_attention.py`.
@@ -178,8 +177,7 @@ def _paged_attention_kernel(
             k = k.to(tl.float32)
             v = v.to(tl.float32)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2
-        # Masks as constexprs: the compares on every score cost prefill ~20-40% when they were
-        # runtime flags (H100 bench: chunked prefill 154 -> 94 TFLOP/s).
+        # Masks as constexprs: as runtime flags the compares on every score cost prefill dearly.
         visible = n_valid[None, :]
         if CAUSAL:
             visible = visible & (n[None, :] <= pos[:, None])
@@ -234,10 +232,9 @@ def _split_k_reduce_kernel(
 ):
     """Merge the partials of ROWS output rows: out = Σ_s 2^(m_s - m) acc_s / Σ_s 2^(m_s - m) l_s.
 
-    Every split of the ROWS rows loaded at once (a program per tile that walked the splits one
-    after another took 44 µs of a 140 µs decode step at 32 splits): on the GPU ROWS × SPLITS_PAD
-    × HEAD_PAD stays ~8k elements; the interpreter takes a whole tile per program (it pays per
-    program, not per element)."""
+    Every split of the ROWS rows is loaded at once (walking the splits one after another was a
+    third of a decode step): on the GPU ROWS × SPLITS_PAD × HEAD_PAD stays ~8k elements; the
+    interpreter takes a whole tile per program (it pays per program, not per element)."""
     tile = tl.program_id(0)
     kv_head = tl.program_id(1)
     seq = tl.load(tile_seq_ptr + tile)

@@ -245,8 +245,7 @@ def paged_attention(
             rows = reduce_rows or block_m
         else:
             # As many rows per program as fit ~8k fp32 partials of `acc` (64 registers a thread),
-            # up to a whole tile, instead of one row per program (ncu, H100: the row-per-program
-            # reduce took 7.4-10.8 µs, 10-28% of a GQA decode step at batch 16).
+            # up to a whole tile, not one row per program (tune.txt, "Behind the code").
             rows = reduce_rows or max(1, min(block_m, 8192 // (splits_pad * head_pad)))
             if rows == 1:  # one padded split count for all: one compile per head size
                 splits_pad = max(splits_pad, plan.MAX_AUTO_SPLITS)

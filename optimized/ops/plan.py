@@ -49,10 +49,9 @@ class Schedule:
 
 def block_q_for(max_query_len: int, group: int) -> int:
     """Query tokens per program. A tile has tokens × padded group rows: as few as hold the longest
-    query, at least 16 (tl.dot) and at most 64. Decode: 16 rows (measured on the H200: CUDA-core
-    products on one row per program were 1.5-2.5x slower at MHA decode); a few cross-prefill
-    tokens: 16 or 32, not a 64-row tile of mostly padding (ncu, H100, Whisper cross prefill of 4
-    tokens: 148 registers, 3 programs per SM, 68.6% of DRAM peak); long queries: 64."""
+    query, at least 16 (tl.dot) and at most 64: 16 at decode, 16 or 32 for a few cross-prefill
+    tokens (a 64-row tile of padding costs registers and occupancy), 64 for long queries.
+    Measurements: reports/results/h100/tune.txt, "Behind the code"."""
     group_pad = next_power_of_2(group)
     rows = min(64, max(16, next_power_of_2(max(max_query_len, 1)) * group_pad))
     return max(1, rows // group_pad)
@@ -149,18 +148,14 @@ def _gpu_launch_candidates(
     if prefill:
         cands = [Launch(64, 4, 3)]
     elif head_pad <= 64:
-        # H100, Triton 3.6: 32/2/2 holds 10-12 programs per SM (80-92 registers), 64/2/2 eight
-        # (119-121), 16/1/2 twenty-one (93) but streams ~5% slower per program. Which is fastest
-        # depends on how the grid fills the last wave (T5 cross decode B64, 2,048 programs:
-        # 2,164 / 2,357 / 2,381 GB/s; BART self B256: 2,537 / 2,713 / 2,679).
+        # Three launches that differ in programs per SM; which is fastest depends on how the
+        # grid fills the last wave, so `pick_launch` chooses (tune.txt: d64, few).
         cands = [Launch(32, 2, 2), Launch(64, 2, 2), Launch(16, 1, 2, weight=0.95)]
     elif head_pad <= 128 and block_m >= 32:
-        # 32-row tiles (a few queries × a GQA group): 2 warps (H100: GQA 4:1 chunk of 8 tokens
-        # 1,732 -> 2,037 GB/s; 4 warps held 158 registers).
+        # 32-row tiles (a few queries × a GQA group): 2 warps (4 held too many registers).
         cands = [Launch(32, 2, 2)]
     else:
-        # Two stages, not three: 64 KB of K/V tiles per program lets a fourth program onto an
-        # SM (ncu, H200: three stages held 3 programs/SM, 1.29 waves at 512 programs; 1.4x slower).
+        # Two stages, not three: 64 KB of K/V tiles per program lets a fourth program onto an SM.
         cands = [Launch(64, 4, 2)]
     out = []
     for c in cands:
@@ -210,12 +205,9 @@ class Option:
     tile_bytes: int
 
 
-# K/V bytes in flight per SM from which more stop helping (H100, fitted to bench tune `few`: d64
-# decode at batch 16 had ~32 KB per SM with 32-token tiles and ran 11% slower than with 64-token
-# ones; at ~63 KB per SM the tile no longer mattered).
+# K/V bytes in flight per SM from which more stop helping (fitted to tune.txt `few`, H100).
 IN_FLIGHT_SATURATES = 48 << 10
-# A split-K launch also writes partials and runs the reduce (H100: GQA 8:1, batch 64, 1k
-# tokens ran 2,022 GB/s unsplit and 1,642 with the two splits the occupancy rule asked for).
+# A split-K launch also writes partials and runs the reduce: a split must win by this much.
 SPLIT_COST = 0.95
 
 
@@ -250,14 +242,10 @@ def choose_num_splits(
 ) -> int:
     """Split the K/V walk only when the tiles alone cannot fill the GPU (flash-decoding).
 
-    Target: half the programs an SM can hold. ncu on the H100: the d128 decode kernel holds 4 per
-    SM (111 registers, 4 warps), the d64 one 10 (92 registers, 2 warps). For d128 that is about
-    two per SM (four per SM was measured slower: 1.64 vs 2.10 TB/s at batch 4, 32k context, GQA
-    8:1); d64 at batch 16 and 4k context ran 512 programs in 0.39 waves (12% occupancy) under a
-    two-per-SM rule for every head size (five per SM: +5% at 4k, +12% at 16k, +17% at batch 4,
-    32k)."""
-    # d64 splits further only on long contexts: at 1k tokens (32 tiles) the extra partials and
-    # reduce launch cost more than the occupancy brings (H100: 1,883 -> 1,618 GB/s at batch 16).
+    Target: about half the programs an SM can hold (ncu: 4 for the d128 decode kernel, 10 for
+    d64): two per SM, five for d64 on long contexts. Each split walks at least four K/V tiles.
+    Measurements: reports/results/h100/tune.txt, "Behind the code"."""
+    # d64 splits further only on long contexts: at 32 tiles the partials cost more than they win.
     per_sm = 5 if head_pad <= 64 and num_kv_tiles >= 64 else 2
     target = per_sm * _num_sms(device)
     if num_programs >= target or num_kv_tiles < 8:
