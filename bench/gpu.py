@@ -8,7 +8,6 @@ same bytes for memory-bound work, the bf16 matmul rate for prefill.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 import triton
@@ -17,6 +16,7 @@ import triton.testing
 from optimized.ops.paged_attention import paged_attention
 from optimized.ops.plan import make_schedule
 from optimized.ops.reshape_and_cache import reshape_and_cache
+from reports.schema import BenchRow as Row
 
 DT = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -93,28 +93,6 @@ class Limits:
             dst = torch.empty_like(src)
             self._copy[key] = 2 * key / median_ms(lambda: dst.copy_(src)) / 1e6
         return self._copy[key]
-
-
-@dataclass
-class Row:
-    workload: str
-    backend: str
-    batch: int
-    context_len: int
-    query_len: int
-    num_heads: int
-    num_kv_heads: int
-    head_size: int
-    block_size: int
-    dtype: str
-    median_ms: float
-    gbps: float = math.nan
-    tflops: float = math.nan
-    frac_of_limit: float = math.nan
-    limit: str = ""
-    device: str = ""
-    graph_ms: float = math.nan
-    graph_gbps: float = math.nan
 
 
 def matmul_bound_row(

@@ -75,31 +75,35 @@ class ResultRow:
 
 COLUMNS = [f.name for f in fields(ResultRow)]
 
-# bench.csv: the configuration (BENCH_KEY, what identifies a row across runs), then metrics.
-BENCH_KEY = [
-    "workload",
-    "backend",
-    "batch",
-    "context_len",
-    "query_len",
-    "num_heads",
-    "num_kv_heads",
-    "head_size",
-    "block_size",
-    "dtype",
-]
-# graph_ms / graph_gbps: the same call replayed from a CUDA graph (no host launch overhead).
-BENCH_COLUMNS = [
-    *BENCH_KEY,
-    "median_ms",
-    "gbps",
-    "tflops",
-    "frac_of_limit",
-    "limit",
-    "device",
-    "graph_ms",
-    "graph_gbps",
-]
+
+@dataclass
+class BenchRow:
+    """One bench.csv row: the configuration (the first ten fields: what identifies a row across
+    runs, BENCH_KEY), then the measurements. graph_ms / graph_gbps: the same call replayed from a
+    CUDA graph (kernel time without the host's launch overhead)."""
+
+    workload: str
+    backend: str
+    batch: int
+    context_len: int
+    query_len: int
+    num_heads: int
+    num_kv_heads: int
+    head_size: int
+    block_size: int
+    dtype: str
+    median_ms: float
+    gbps: float = math.nan
+    tflops: float = math.nan
+    frac_of_limit: float = math.nan
+    limit: str = ""
+    device: str = ""
+    graph_ms: float = math.nan
+    graph_gbps: float = math.nan
+
+
+BENCH_COLUMNS = [f.name for f in fields(BenchRow)]
+BENCH_KEY = BENCH_COLUMNS[:10]
 
 
 def environment() -> dict[str, str]:
