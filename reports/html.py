@@ -11,6 +11,8 @@ import base64
 import html
 import io
 import json
+import os
+import re
 from pathlib import Path
 
 import matplotlib
@@ -20,7 +22,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
-from reports.schema import BENCH_COLUMNS, rerun_command
+from reports.schema import BENCH_COLUMNS, BENCH_KEY, rerun_command
 
 STATUS_COLOURS = {"pass": "#c8e6c9", "fail": "#ffcdd2", "error": "#ffab91", "skip": "#eeeeee"}
 CSS = """
@@ -100,31 +102,131 @@ def _table(df: pd.DataFrame, caption: str = "", left: tuple[str, ...] = ()) -> s
     return styler.to_html()
 
 
-def performance_section(bench: pd.DataFrame) -> str:
-    cols = [c for c in BENCH_COLUMNS if c in bench.columns and c not in ("limit", "device")]
-    parts = []
-    for metric, unit in (("gbps", "GB/s"), ("tflops", "TFLOP/s")):
-        sub = bench[bench[metric].notna() & (bench[metric] > 0)]
-        if sub.empty:
-            continue
-        label = sub.apply(lambda r: f"{r.workload} b{r.batch} c{r.context_len}", axis=1)
-        pivot = sub.assign(label=label).pivot_table(
-            index="label", columns="backend", values=metric, aggfunc="max"
-        )
-        pivot = pivot.iloc[:40]
-        fig, ax = plt.subplots(
-            figsize=(10, 0.6 + 0.28 * len(pivot) * max(1, len(pivot.columns) / 3))
-        )
-        pivot.plot.barh(ax=ax, width=0.8)
-        ax.set_xlabel(unit)
-        ax.set_title(f"achieved {unit} by workload and backend", fontsize=10)
-        ax.legend(fontsize=7)
-        ax.tick_params(labelsize=7)
-        parts.append(_png(fig))
-    table = _table(
-        bench[cols].reset_index(drop=True), "benchmark results", left=("workload", "backend")
+OURS = "triton"
+LIMIT_BACKEND = "copy"  # the measured limit's own rows
+CONTIGUOUS = "sdpa-contiguous"  # SDPA on contiguous K/V: what a paged kernel can hope to match
+
+
+def _limit_value(text: str) -> float:
+    """The number of a limit cell such as 'copy 2941 GB/s' or 'bf16 matmul 799 TFLOP/s'."""
+    m = re.search(r"([0-9][0-9,.]*)\s*(GB/s|TFLOP/s)", str(text))
+    return float(m.group(1).replace(",", "")) if m else float("nan")
+
+
+def family_tables(bench: pd.DataFrame) -> dict[str, pd.DataFrame]:
+    """Per workload family (the workload before ':'), one row per configuration: our kernel, the
+    best peer (named), SDPA on contiguous K/V and the measured limit, in kernel time (CUDA-graph
+    replay; do_bench where a call could not be captured), with ratio columns. GB/s for
+    memory-bound families, TFLOP/s for compute-bound ones, never mixed."""
+    b = bench.copy()
+    for c in BENCH_COLUMNS:  # an older or partial bench file: absent columns are empty
+        if c not in b:
+            b[c] = "" if c in ("limit", "device") else np.nan
+    tflop = b["limit"].astype(str).str.contains("TFLOP") | (b.gbps.isna() & b.tflops.notna())
+    b["unit"] = np.where(tflop, "TFLOP/s", "GB/s")
+    b["do_bench"] = np.where(b.unit == "GB/s", b.gbps, b.tflops)
+    graph = b.graph_ms
+    b["kernel"] = (b.do_bench * b.median_ms / graph).where(graph.notna() & (graph > 0))
+    b["best"] = b.kernel.fillna(b.do_bench)
+    b["timed"] = np.where(b.kernel.notna(), "graph", "do_bench")
+    config = [k for k in BENCH_KEY if k != "backend"]
+    out = {}
+    for fam, g in b.groupby(b.workload.str.split(":").str[0], sort=False):
+        rows = []
+        for _, gg in g.groupby(config, dropna=False, sort=False):
+            o = gg[gg.backend == OURS]
+            if o.empty:
+                continue
+            o = o.iloc[0]
+            peers = gg[~gg.backend.isin([OURS, LIMIT_BACKEND, CONTIGUOUS])]
+            peer = peers.loc[peers.best.idxmax()] if len(peers) else None
+            sdpa = gg[gg.backend == CONTIGUOUS]
+            sdpa_v = sdpa.best.iloc[0] if len(sdpa) else np.nan
+            limit = _limit_value(o["limit"])
+            rows.append(
+                {
+                    **{k: o[k] for k in config},
+                    "unit": o.unit,
+                    "ours": o.best,
+                    "ours (do_bench)": o.do_bench,
+                    "timed": o.timed,
+                    "best peer": peer.backend if peer is not None else "",
+                    "peer": peer.best if peer is not None else np.nan,
+                    "sdpa contiguous": sdpa_v,
+                    "limit": limit,
+                    "ours ÷ peer": o.best / peer.best if peer is not None else np.nan,
+                    "ours ÷ sdpa": o.best / sdpa_v,
+                    "ours ÷ limit": o.best / limit,
+                }
+            )
+        if rows:
+            out[fam] = pd.DataFrame(rows)
+    return out
+
+
+def single_reasons(skips: pd.DataFrame) -> pd.DataFrame:
+    """One (backend, reason) row per single reason of each skip ('not supported: a; b' counts
+    once under a and once under b, not under the combination)."""
+    reasons = skips.reason.str.removeprefix("not supported: ").str.split("; ")
+    return skips.assign(reason=reasons).explode("reason")[["backend", "reason"]]
+
+
+def _ratio_colour(v) -> str:
+    if not isinstance(v, float) or np.isnan(v):
+        return ""
+    colour = "#c8e6c9" if v >= 1.0 else ("#fff9c4" if v >= 0.95 else "#ffcdd2")
+    return f"background-color: {colour}"
+
+
+def _family_chart(fam: str, t: pd.DataFrame) -> str:
+    """Achieved throughput of ours, the best peer, SDPA contiguous and the limit per shape
+    (median over dtypes and block sizes), one unit per chart."""
+    shape = t.apply(
+        lambda r: (
+            f"b{r.batch} c{r.context_len} q{r.query_len} h{r.num_heads}:{r.num_kv_heads} "
+            f"d{r.head_size}"
+        ),
+        axis=1,
     )
-    return '<div class="perf">' + "".join(parts) + "</div>" + table
+    cols = ["ours", "peer", "sdpa contiguous", "limit"]
+    agg = t.assign(shape=shape).groupby("shape", sort=False)[cols].median().iloc[:30]
+    agg = agg.dropna(axis=1, how="all")
+    fig, ax = plt.subplots(figsize=(9, 0.7 + 0.32 * len(agg) * max(1, len(agg.columns) / 2.5)))
+    agg.plot.barh(ax=ax, width=0.8)
+    ax.set_xlabel(f"{t.unit.iloc[0]} (kernel time)")
+    ax.set_title(f"{fam}: achieved {t.unit.iloc[0]}", fontsize=10)
+    ax.legend(fontsize=7)
+    ax.tick_params(labelsize=7)
+    ax.invert_yaxis()
+    return _png(fig)
+
+
+def performance_section(bench: pd.DataFrame, csv_link: str | None = None) -> str:
+    """Per workload family: a chart and a table of ours vs the best peer, SDPA on contiguous
+    K/V and the limit (kernel time, do_bench beside it as host-inclusive). The full row list
+    stays in the CSV."""
+    parts = [
+        "<p class='note'>Kernel time from CUDA-graph replay (do_bench, which includes the host's "
+        "launch time, in its own column). Ratios: ≥ 1 green, ≥ 0.95 yellow, below red."
+        + (f" Every row: <a href='{html.escape(csv_link)}'>bench.csv</a>." if csv_link else "")
+        + "</p>"
+    ]
+    for fam, t in family_tables(bench).items():
+        unit = t.unit.iloc[0]
+        parts.append(f"<h3>{html.escape(fam)} ({unit})</h3><div class='perf'>")
+        parts.append(_family_chart(fam, t) + "</div>")
+        shown = t.drop(columns=["workload", "unit"]).reset_index(drop=True)
+        styler = (
+            shown.style.format(precision=3, na_rep="")
+            .format(
+                precision=0,
+                subset=["ours", "ours (do_bench)", "peer", "sdpa contiguous", "limit"],
+                na_rep="",
+            )
+            .map(_ratio_colour, subset=["ours ÷ peer", "ours ÷ sdpa", "ours ÷ limit"])
+        )
+        parts.append(styler.to_html())
+    return "".join(parts)
 
 
 def render(
@@ -219,7 +321,8 @@ def render(
     body.append(f"<h2 id='skips'>Skip reasons ({len(skips)})</h2>")
     if len(skips):
         grouped = (
-            skips.groupby(["backend", "reason"])
+            single_reasons(skips)
+            .groupby(["backend", "reason"])
             .size()
             .rename("rows")
             .reset_index()
@@ -231,7 +334,7 @@ def render(
 
     body.append("<h2 id='performance'>Performance</h2>")
     if bench is not None and len(bench):
-        body.append(performance_section(bench))
+        body.append(performance_section(bench, run_info.get("bench_csv")))
     else:
         body.append(
             "<p class='note'>No benchmark results (run <code>make bench</code> on a GPU,"
@@ -257,6 +360,8 @@ def write_report(
     info_path = Path(results[0]).parent / "run.json"
     run_info = json.loads(info_path.read_text()) if info_path.exists() else {}
     out = Path(out)
+    if bench_df is not None:
+        run_info["bench_csv"] = os.path.relpath(Path(bench).resolve(), out.resolve().parent)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(render(df, bench_df, run_info, title or "encdec-attn conformance report"))
     return out

@@ -106,7 +106,7 @@ def test_html_holds_the_tables_and_images(results_csv):
         assert section in page
     assert "Failures and errors (1)" in page
     assert "python -m conformance run --case cross-prefill-single-bs8" in page
-    assert "not supported: no CUDA device" in page
+    assert "no CUDA device" in page  # the skip reason, counted per single reason
     assert len(re.findall(r'src="data:image/png;base64,', page)) >= 3  # heatmaps + perf chart
     assert "http://" not in page and "https://" not in page  # self-contained
     assert "cpu (test)" in page and "pass rate" in page
@@ -236,3 +236,84 @@ def test_report_renders_in_headless_chromium(results_csv, tmp_path):
 @pytest.mark.skipif(os.environ.get("CI") != "true", reason="checks the CI machine (CI=true) only")
 def test_chromium_is_present_in_ci():
     assert CHROMIUM, ".ci/run must install chromium so the browser test runs in CI"
+
+
+def _bench_rows():
+    key = dict(BENCH_KEY_VALUES)
+    decode = [
+        dict(
+            key, backend="triton", median_ms=0.2, gbps=2000.0, graph_ms=0.1, limit="copy 3000 GB/s"
+        ),
+        dict(
+            key,
+            backend="xformers-splitk",
+            median_ms=0.5,
+            gbps=800.0,
+            graph_ms=0.125,
+            limit="copy 3000 GB/s",
+        ),
+        dict(
+            key,
+            backend="sdpa-contiguous",
+            median_ms=0.1,
+            gbps=4000.0,
+            graph_ms=0.1,
+            limit="copy 3000 GB/s",
+        ),
+        dict(key, backend="copy", median_ms=0.1, gbps=3000.0, limit="measured"),
+    ]
+    prefill = dict(key, workload="encoder-prefill:x", query_len=1500)
+    prefill = [
+        dict(
+            prefill,
+            backend="triton",
+            median_ms=1.0,
+            tflops=300.0,
+            graph_ms=1.0,
+            limit="bf16 matmul 800 TFLOP/s",
+        ),
+        dict(
+            prefill,
+            backend="xformers-fa2",
+            median_ms=1.0,
+            tflops=250.0,
+            graph_ms=1.0,
+            limit="bf16 matmul 800 TFLOP/s",
+        ),
+    ]
+    return pd.DataFrame(decode + prefill)
+
+
+def test_performance_section_compares_kernel_times_per_family():
+    from reports.html import family_tables
+
+    tables = family_tables(_bench_rows())
+    assert set(tables) == {"decode-self", "encoder-prefill"}
+    d = tables["decode-self"].iloc[0]
+    # kernel time: 2000 GB/s at 0.2 ms by do_bench is 4000 GB/s at 0.1 ms from the graph
+    assert d.ours == pytest.approx(4000) and d["ours (do_bench)"] == pytest.approx(2000)
+    assert d["best peer"] == "xformers-splitk" and d.peer == pytest.approx(3200)
+    assert d["ours ÷ peer"] == pytest.approx(1.25) and d["ours ÷ sdpa"] == pytest.approx(1.0)
+    assert d["ours ÷ limit"] == pytest.approx(4000 / 3000)
+    p = tables["encoder-prefill"].iloc[0]
+    assert p.unit == "TFLOP/s" and p["ours ÷ peer"] == pytest.approx(1.2)
+
+
+def test_report_has_one_table_and_chart_per_family_and_no_raw_table(results_csv):
+    page = render(read_csv(results_csv), bench=_bench_rows())
+    perf = page[page.index("id='performance'") :]
+    assert "decode-self (GB/s)" in perf and "encoder-prefill (TFLOP/s)" in perf
+    assert perf.count("<img") == 2 and "median_ms" not in perf
+
+
+def test_skip_reasons_are_counted_per_single_reason():
+    from reports.html import single_reasons
+
+    skips = pd.DataFrame(
+        {
+            "backend": ["x", "x", "y"],
+            "reason": ["not supported: a; b", "not supported: a", "not supported: b"],
+        }
+    )
+    counts = single_reasons(skips).value_counts().to_dict()
+    assert counts == {("x", "a"): 2, ("x", "b"): 1, ("y", "b"): 1}
