@@ -3,6 +3,7 @@
     python -m conformance list --tier T [--format csv]
     python -m conformance run --tier T [--backend NAME ...] [-k EXPR] [--shard i/n] [--out DIR]
                               [--cases FILE] [--case ID] [--backend-module mod:Class] [-n N]
+                              [--gpus 0,1]
     python -m conformance dump CASE_ID --out DIR
 
 `run` exits 0 when nothing failed or errored, 1 otherwise, 2 for bad usage (one line, nothing
@@ -114,6 +115,27 @@ def _check_run_args(args) -> None:
     if args.workers != "auto" and not (args.workers.isdigit()):
         raise ValueError(f"-n: expected 'auto' or a number of workers, got {args.workers!r}")
     _check_out_dir(args.out)
+    if args.gpus is not None:
+        args.gpus = parse_gpus(args.gpus, torch.cuda.device_count())
+
+
+def parse_gpus(text: str, available: int) -> str:
+    """`--gpus 0,2`: which of the visible GPUs the engine may use (workers take them round
+    robin), as a CUDA_VISIBLE_DEVICES value; ValueError naming what is wrong."""
+    if available == 0:
+        raise ValueError("--gpus: no CUDA device here")
+    try:
+        ids = [int(x) for x in text.split(",")]
+    except ValueError:
+        ids = []
+    if not ids or len(set(ids)) != len(ids) or not all(0 <= i < available for i in ids):
+        raise ValueError(
+            f"--gpus: expected distinct GPU indices in 0..{available - 1} separated by commas, "
+            f"got {text!r}"
+        )
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    names = visible.split(",") if visible else [str(i) for i in range(available)]
+    return ",".join(names[i] for i in ids)
 
 
 def _engine_argv(args) -> list[str]:
@@ -189,6 +211,8 @@ def cmd_run(args) -> int:
     _check_run_args(args)
     run_id = uuid.uuid4().hex
     env = dict(os.environ, **{RUN_ID_ENV: run_id})
+    if args.gpus is not None:
+        env["CUDA_VISIBLE_DEVICES"] = args.gpus
     child = subprocess.Popen(
         [sys.executable, "-m", "pytest", *_engine_argv(args)], env=env, preexec_fn=_die_with_parent
     )
@@ -322,6 +346,9 @@ def main(argv=None) -> int:
         help="pytest-xdist workers ('auto', N, or 0 for none)",
     )
     pr.add_argument("--case-timeout", default=str(DEFAULT_TIMEOUT_S), help="seconds per call (> 0)")
+    pr.add_argument(
+        "--gpus", default=None, help="GPU indices the workers use, e.g. 0,1 (default: all visible)"
+    )
     pd = sub.add_parser("dump", help="write one case's inputs, caches and reference output")
     pd.add_argument("case_id")
     pd.add_argument("--out", required=True)

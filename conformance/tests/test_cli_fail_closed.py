@@ -10,6 +10,7 @@ import sys
 import time
 
 import pytest
+import torch
 
 from conformance.tests.test_cli import ROOT, _cli, _env
 
@@ -43,6 +44,7 @@ def last_run(tmp_path):
         (["--case-timeout", "0"], "--case-timeout: expected seconds > 0"),
         (["--shard", "7/5"], "--shard: expected i/n"),
         (["-n", "many"], "-n: expected 'auto' or a number"),
+        (["--gpus", "0"] if not torch.cuda.is_available() else ["--gpus", "99"], "--gpus: "),
     ],
     ids=[
         "no-colon",
@@ -54,6 +56,7 @@ def last_run(tmp_path):
         "timeout-0",
         "shard",
         "workers",
+        "gpus",
     ],
 )
 def test_bad_usage_is_one_line_and_keeps_the_last_results(last_run, tmp_path, args, message):
@@ -236,3 +239,17 @@ def test_an_engine_that_dies_without_workers_still_leaves_its_csv(tmp_path):
     page = render(read_csv(out / "results.csv"))
     assert f"--backend-module {FAULTY}:Raises" in page
     assert f"--backend-module {FAULTY}:KillsItsProcess" in page
+
+
+def test_gpus_name_visible_devices(monkeypatch):
+    from conformance.__main__ import parse_gpus
+
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    assert parse_gpus("1,0", 2) == "1,0"
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,5,6")
+    assert parse_gpus("2", 3) == "6"  # an index among the visible ones
+    for bad in ("", "a", "0,0", "3", "-1"):
+        with pytest.raises(ValueError, match="--gpus: expected distinct GPU indices"):
+            parse_gpus(bad, 3)
+    with pytest.raises(ValueError, match="no CUDA device"):
+        parse_gpus("0", 0)
