@@ -3,7 +3,7 @@
     python -m conformance list --tier T [--format csv]
     python -m conformance run --tier T [--backend NAME ...] [-k EXPR] [--shard i/n] [--out DIR]
                               [--cases FILE] [--case ID] [--backend-module mod:Class] [-n N]
-                              [--gpus 0,1]
+                              [--gpus 0,1] [--model NAME|all]
     python -m conformance dump CASE_ID --out DIR
 
 `run` exits 0 when nothing failed or errored, 1 otherwise, 2 for bad usage (one line, nothing
@@ -35,9 +35,10 @@ from conformance.runner import DEFAULT_TIMEOUT_S
 
 
 def cmd_list(args) -> int:
-    from conformance.generate import coverage, generate, shard
+    from conformance.generate import coverage, generate, generate_for_models, shard
 
-    cases = shard(generate(args.tier), args.shard)
+    every = generate_for_models(args.tier, args.model) if args.model else generate(args.tier)
+    cases = shard(every, args.shard)
     if not cases:
         raise ValueError(f"no cases selected (tier {args.tier}, shard {args.shard})")
     if args.format == "csv":
@@ -49,7 +50,7 @@ def cmd_list(args) -> int:
         for c in cases:
             axes = " ".join(f"{k}={v}" for k, v in asdict(c).items())
             print(f"{c.id}  {axes}")
-    got, want = coverage(args.tier, generate(args.tier))
+    got, want = coverage(args.tier, every, args.model)
     print(
         f"# {len(cases)} cases; coverage: {got} of {want} valid axis-value pairs "
         f"({100 * got / want:.1f}%)",
@@ -82,6 +83,10 @@ def _check_run_args(args) -> None:
     if args.tier not in TIERS:
         raise ValueError(f"--tier: expected one of {TIERS}, got {args.tier!r}")
     shard([], args.shard)
+    if args.model:
+        from conformance.generate import generate_for_models
+
+        generate_for_models(args.tier, args.model)  # names and tier checked
     known = backend_names()
     for b in args.backend or []:
         if b not in known:
@@ -168,6 +173,8 @@ def _engine_argv(args) -> list[str]:
         argv += ["-k", args.k]
     if args.shard:
         argv += ["--shard", args.shard]
+    if args.model:
+        argv += ["--model", args.model]
     if args.cases:
         argv += ["--cases", args.cases]
     if args.workers and args.workers != "0":
@@ -330,12 +337,14 @@ def main(argv=None) -> int:
     pl.add_argument("--tier", default="smoke")
     pl.add_argument("--format", choices=["text", "csv"], default="text")
     pl.add_argument("--shard", default=None)
+    pl.add_argument("--model", default=None, help="a model preset, or all")
     pr = sub.add_parser("run", help="run the matrix (pytest underneath)")
     pr.add_argument("--tier", default="smoke")
     pr.add_argument("--backend", action="append")
     pr.add_argument("--backend-module", action="append")
     pr.add_argument("-k", default=None, help="pytest -k expression over 'CASE_ID::BACKEND'")
     pr.add_argument("--shard", default=None)
+    pr.add_argument("--model", default=None, help="a model preset, or all (conformance/models.py)")
     pr.add_argument("--out", default="reports/out")
     pr.add_argument("--cases", default=None, help="JSON lines of case axis values")
     pr.add_argument("--case", action="append", help="one case id (repeatable)")

@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass, fields
 
 import torch
 
+from conformance.models import MODELS, SMOKE_SCALE
 from conformance.workloads import Episode, Layout, Step, build_episode, build_step
 
 # Each axis and its values, in id order. Every value is a real need (see the matrix issue).
@@ -54,6 +55,7 @@ class Case:
     scale: str = "default"
     size: str = "small"
     seed: int = 0
+    model: str = ""  # a preset of conformance/models.py: its geometry, scale, dtype and lengths
 
     @property
     def id(self) -> str:
@@ -74,7 +76,7 @@ class Case:
         if self.size != "small":
             parts.append(self.size)
         parts.append(f"s{self.seed}")
-        return "-".join(parts)
+        return (f"{self.model}~" if self.model else "") + "-".join(parts)
 
     @property
     def num_heads(self) -> int:
@@ -92,12 +94,25 @@ class Case:
 
     @property
     def window_size(self) -> int | None:
-        return None if self.window == "off" else (129 if self.size == "large" else 7)
+        if self.window == "off":
+            return None
+        if self.model:
+            w = MODELS[self.model].sliding_window
+            return w if self.size == "large" else max(1, w // SMOKE_SCALE)
+        return 129 if self.size == "large" else 7
+
+    @property
+    def softmax_scale(self) -> float | None:
+        """The scale the case's steps use (None: 1/sqrt(head_size))."""
+        if self.model:
+            return MODELS[self.model].scale
+        return CUSTOM_SCALE if self.scale == "custom" else None
 
     @classmethod
     def from_id(cls, case_id: str) -> Case:
         """Parse an id back into its case (ids name every axis), e.g. to re-run it alone."""
-        parts = case_id.split("-")
+        model, _, rest_id = case_id.rpartition("~")
+        parts = rest_id.split("-")
         try:
             kind, phase, batch, bs, heads, d, dtype, layout = parts[:8]
             rest = parts[8:]
@@ -112,6 +127,8 @@ class Case:
                 layout=layout,
                 seed=int(rest.pop()[1:]),
             )
+            if model:
+                obj["model"] = model
             for p in rest:
                 if p.startswith("w"):
                     obj["window"] = "on"
@@ -172,9 +189,27 @@ def invalid_reasons(case: Case | dict) -> list[str]:
     dicts too (what a pairwise generator asks about while it builds rows)."""
     v = asdict(case) if isinstance(case, Case) else case
     bad = []
+    model = v.get("model") or ""
+    preset = MODELS.get(model) if model else None
+    if model and preset is None:
+        bad.append(f"model={model!r} not in {sorted(MODELS)}")
+    from_model = ("heads", "head_size", "dtype") if preset else ()
     for axis, value in v.items():
-        if axis in AXES and value not in AXES[axis]:
+        if axis in AXES and axis not in from_model and value not in AXES[axis]:
             bad.append(f"{axis}={value!r} not in {AXES[axis]}")
+    if preset:
+        want = dict(heads=preset.heads, head_size=preset.head_size, dtype=preset.dtype)
+        for axis, value in want.items():
+            if axis in v and v[axis] != value:
+                bad.append(f"{axis}={v[axis]!r}: model {model} has {value!r}")
+        if v.get("scale", "default") != "default":
+            bad.append(f"scale: model {model} has its own scale (scale must be 'default')")
+        if v.get("size", "small") == "long":
+            bad.append("size 'long' is for the preset axes' edge cases")
+        if v.get("window") == "on" and preset.sliding_window is None:
+            bad.append(f"model {model} has no sliding window")
+        if v.get("batch") == "enc_shorter" and preset.encoder_fixed:
+            bad.append(f"model {model} has a fixed encoder length")
     kind, phase, batch = v.get("kind"), v.get("phase"), v.get("batch")
     if kind == "encoder":
         if phase not in (None, "prefill"):
@@ -198,8 +233,41 @@ def invalid_reasons(case: Case | dict) -> list[str]:
     return bad
 
 
+def _model_decoder_lengths(case: Case) -> list[int]:
+    """A model's decoder lengths: its real maximum (full), or ÷ SMOKE_SCALE (smoke)."""
+    m, bs = MODELS[case.model], case.block_size
+    dmax = max(2, m.decoder_max // (SMOKE_SCALE if case.size == "small" else 1))
+    clip = lambda lens: [min(max(n, 1), dmax) for n in lens]
+    many = 12 if case.size == "small" else 64
+    return clip(
+        {
+            "single": [dmax * 3 // 4],
+            "uniform": [dmax // 2] * (3 if case.size == "small" else 8),
+            "ragged": [1, bs - 1, bs, bs + 1, dmax // 2, dmax],
+            "many_short": [1 + (i * 7) % 9 for i in range(many)],
+            "few_long": [dmax, dmax - 3],
+            "enc_shorter": [dmax, dmax // 2, dmax // 3],
+            "enc_longer": [3, 5, 2],
+        }[case.batch]
+    )
+
+
+def _model_encoder_lengths(case: Case, dec: list[int]) -> list[int]:
+    m = MODELS[case.model]
+    emax = max(2, m.encoder_len // (SMOKE_SCALE if case.size == "small" else 1))
+    if m.encoder_fixed:
+        return [emax] * len(dec)
+    if case.batch == "enc_longer":
+        return [emax, max(1, emax // 2), max(1, emax // 3)][: len(dec)]
+    if case.batch == "enc_shorter":
+        return [max(1, n // 3) for n in dec]
+    return [min(emax, n + 5 * (i % 3) + 2) for i, n in enumerate(dec)]
+
+
 def decoder_lengths(case: Case) -> list[int]:
     """Total decoder tokens per sequence (context + new) for the batch shape."""
+    if case.model:
+        return _model_decoder_lengths(case)
     bs, small = case.block_size, case.size != "large"
     if case.size == "long" and case.batch == "single":
         return [2053]
@@ -228,6 +296,8 @@ def decoder_lengths(case: Case) -> list[int]:
 
 def encoder_lengths(case: Case, dec: list[int]) -> list[int]:
     """Encoder tokens per sequence, independent of the decoder's."""
+    if case.model:
+        return _model_encoder_lengths(case, dec)
     if case.batch == "enc_shorter":
         return [max(1, n // 3) for n in dec]
     if case.batch == "enc_longer":
@@ -267,7 +337,7 @@ def build_inputs(case: Case, device: torch.device | str = "cpu") -> Step | Episo
         head_size=case.head_size,
         dtype=DTYPES[case.dtype],
         layout=case.layout,
-        scale=CUSTOM_SCALE if case.scale == "custom" else None,
+        scale=case.softmax_scale,
         sliding_window=case.window_size,
         seed=case.seed,
         device=device,

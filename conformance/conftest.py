@@ -27,7 +27,7 @@ from optimized.kernels import interpret_without_cuda
 interpret_without_cuda()  # before Triton is imported
 
 from conformance.cases import Case
-from conformance.generate import generate, shard
+from conformance.generate import generate, generate_for_models, shard
 from conformance.runner import DEFAULT_TIMEOUT_S
 
 
@@ -57,6 +57,7 @@ def pytest_addoption(parser):
         help="package.module:ClassName of an external backend (repeatable)",
     )
     g.addoption("--shard", default=None, help="i/n: run the i-th of n deterministic shards")
+    g.addoption("--model", default=None, help="a model preset (or all): cases around its geometry")
     g.addoption("--cases", default=None, help="JSON lines of case axis values instead of a tier")
     g.addoption("--case", action="append", default=None, help="a case id (repeatable)")
     g.addoption("--out", default="reports/out", help="results directory")
@@ -103,6 +104,8 @@ def selected_cases(config) -> list[Case]:
         cases = [Case.from_id(i) for i in config.getoption("case")]
     elif config.getoption("cases"):
         cases = read_cases_file(config.getoption("cases"))
+    elif config.getoption("model"):
+        cases = generate_for_models(config.getoption("tier"), config.getoption("model"))
     else:
         cases = generate(config.getoption("tier"))
     return shard(cases, config.getoption("shard"))

@@ -19,6 +19,7 @@ from collections import OrderedDict
 from allpairspy import AllPairs
 
 from conformance.cases import AXES, PAIRWISE_SIZES, Case, invalid_reasons
+from conformance.models import get_model, model_names
 
 TIERS = ("smoke", "full", "exhaustive")
 # Pairwise seeds of the full tier (each seed covers every valid pair once more): 16 seeds = 1,001
@@ -229,6 +230,39 @@ LONG_EDGE_CASES = [
 ]
 
 
+MODEL_FULL_SEEDS = 1  # pairwise coverings per model in the full tier
+
+
+def model_space(tier: str, model: str) -> tuple[dict[str, tuple], dict]:
+    """(axes that vary, fixed values) of the cases around `model`: its geometry, scale and dtype
+    fixed; kind, phase, batch shape, block size, layout (and the window where the model has
+    one) swept; smoke at 1/SMOKE_SCALE of its lengths, full at its real lengths."""
+    preset = get_model(model)
+    fixed = dict(
+        model=preset.name,
+        heads=preset.heads,
+        head_size=preset.head_size,
+        dtype=preset.dtype,
+        scale="default",
+        size="small" if tier == "smoke" else "large",
+    )
+    axes = {k: v for k, v in AXES.items() if k not in fixed}
+    axes["window"] = ("off", "on") if preset.sliding_window else ("off",)
+    return axes, fixed
+
+
+def generate_for_models(tier: str, spec: str) -> list[Case]:
+    """`--model NAME|all`: the cases around each model, sorted by id."""
+    if tier not in ("smoke", "full"):
+        raise ValueError(f"--tier: --model takes smoke or full, got {tier!r}")
+    found = []
+    for name in model_names(spec):
+        axes, fixed = model_space(tier, name)
+        seeds = 1 if tier == "smoke" else MODEL_FULL_SEEDS
+        found += [c for seed in range(seeds) for c in _pairwise(axes, fixed, seed)]
+    return sorted({c.id: c for c in found}.values(), key=lambda c: c.id)
+
+
 def generate(tier: str) -> list[Case]:
     """The cases of a tier, sorted by id, deterministic."""
     if tier not in TIERS:
@@ -292,8 +326,18 @@ def covered_pairs(cases: list[Case], axes: dict[str, tuple] = AXES) -> set[tuple
     return pairs
 
 
-def coverage(tier: str, cases: list[Case]) -> tuple[int, int]:
-    """(valid axis-value pairs covered by `cases`, valid pairs of the tier's space)."""
+def coverage(tier: str, cases: list[Case], model: str | None = None) -> tuple[int, int]:
+    """(valid axis-value pairs covered by `cases`, valid pairs of the tier's space); with
+    `model` (NAME or all), of the space around each model, summed."""
+    if model:
+        got = want = 0
+        for name in model_names(model):
+            axes, fixed = model_space(tier, name)
+            mine = [c for c in cases if c.model == name]
+            pairs = valid_pairs(axes, fixed)
+            got += len(pairs & covered_pairs(mine, axes))
+            want += len(pairs)
+        return got, want
     if tier == "smoke":
         axes, fixed = {k: v for k, v in AXES.items() if k != "size"}, {"size": "small"}
     else:

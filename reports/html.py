@@ -62,6 +62,31 @@ def summary_table(df: pd.DataFrame) -> pd.DataFrame:
     return counts
 
 
+def model_table(df: pd.DataFrame) -> pd.DataFrame | None:
+    """Per model × backend: rows, pass/fail/error/skip, worst error ÷ tolerance and precision
+    ratio, and the attention kinds × phases that failed or errored (None: no model rows)."""
+    m = df[df.model.astype(str) != ""]
+    if m.empty:
+        return None
+    counts = m.groupby(["model", "backend", "status"]).size().unstack("status", fill_value=0)
+    for st in STATUS_COLOURS:
+        if st not in counts:
+            counts[st] = 0
+    t = counts[list(STATUS_COLOURS)]
+    t.insert(0, "rows", t.sum(axis=1))
+    g = m.groupby(["model", "backend"])
+    t["worst err ÷ tol"] = g.err_ratio.max()
+    t["worst rms ratio"] = g.rms_ratio.max()
+    bad = m[m.status.isin(["fail", "error"])]
+    t["failing kind × phase"] = (
+        bad.assign(kp=bad.attn_kind + " " + bad.phase)
+        .groupby(["model", "backend"])
+        .kp.agg(lambda x: ", ".join(sorted(set(x))))
+    )
+    t["failing kind × phase"] = t["failing kind × phase"].fillna("")
+    return t
+
+
 def _colour_counts(col: pd.Series) -> list[str]:
     colour = STATUS_COLOURS.get(col.name)
     return [
@@ -285,6 +310,14 @@ def render(
             if img:
                 body.append(img)
     body.append("</div>")
+
+    models = model_table(df)
+    if models is not None:
+        body.append(
+            "<h2 id='models'>Models</h2><p class='note'>Rows of cases generated around a "
+            "model preset (<code>--model</code>), per model × backend.</p>"
+        )
+        body.append(models.style.apply(_colour_counts).format(precision=3, na_rep="").to_html())
 
     bad = df[df.status.isin(["fail", "error"])]
     body.append(f"<h2 id='failures'>Failures and errors ({len(bad)})</h2>")

@@ -71,6 +71,7 @@ class ResultRow:
     rms_ratio: float  # precision class: RMS error ÷ RMS error of rounding the exact output
     backend_module: str  # module:Class of a --backend-module backend ('' for a registered one)
     run_state: str  # complete / interrupted (a result set from a run that did not finish)
+    model: str  # the model preset a case was generated around ('' for the preset axes)
 
 
 COLUMNS = [f.name for f in fields(ResultRow)]
@@ -187,6 +188,7 @@ def result_row(
         ref_ms=ref_ms,
         backend_ms=backend_ms,
         backend_module=backend_module,
+        model=case.model,
     )
     row.update({c: getattr(case, c) for c in CASE_COLUMNS})
     row.update({m: getattr(metrics, m) if metrics is not None else math.nan for m in METRICS})
@@ -223,7 +225,12 @@ def write_csv(rows: list[dict], path: str | Path) -> None:
 
 # Columns added after the first result sets were committed: an older file reads with these
 # defaults (and `df.attrs["older_columns"]` names them, for the gate to refuse such a file).
-LATER_COLUMNS = {"rms_ratio": float("nan"), "backend_module": "", "run_state": "complete"}
+LATER_COLUMNS = {
+    "rms_ratio": float("nan"),
+    "backend_module": "",
+    "run_state": "complete",
+    "model": "",
+}
 NUMERIC = METRICS
 
 
@@ -260,7 +267,7 @@ def read_csv(path: str | Path):
     if unknown:
         raise ValueError(f"{path}: column status holds {unknown}; expected one of {STATUSES}")
     check_numeric(df, NUMERIC, str(path))
-    for c in ("reason", "backend_module"):
+    for c in ("reason", "backend_module", "model"):
         df[c] = df[c].fillna("").astype(str)
     df = df[COLUMNS]
     df.attrs["older_columns"] = older
