@@ -13,13 +13,14 @@ from dataclasses import dataclass
 import torch
 
 from conformance.tolerance import PRECISION_LIMIT, baseline_attention, rms_ratio, tolerance
+from reports.schema import Status
 
 
 @dataclass(frozen=True)
 class Comparison:
     """Metrics of one output against the reference (float64)."""
 
-    status: str  # pass / fail / error
+    status: Status  # pass / fail / error (never skip: a comparison always judges)
     reason: str
     max_abs_err: float = math.nan
     max_rel_err: float = math.nan  # max |err| / max |reference|
@@ -31,7 +32,7 @@ class Comparison:
 
     @property
     def ok(self) -> bool:
-        return self.status == "pass"
+        return self.status == Status.PASS
 
 
 def nonfinite_count(t: torch.Tensor) -> int:
@@ -41,21 +42,23 @@ def nonfinite_count(t: torch.Tensor) -> int:
 def compare_output(step, out, ref: torch.Tensor, baseline_err: float | None = None) -> Comparison:
     """`out` (any dtype) against `ref` (float64) for `step`, under the tolerance policy."""
     if not isinstance(out, torch.Tensor):
-        return Comparison("error", f"forward returned {type(out).__name__}, expected a tensor")
+        return Comparison(Status.ERROR, f"forward returned {type(out).__name__}, expected a tensor")
     bad_ref = nonfinite_count(ref)
     if bad_ref:
-        return Comparison("error", f"reference produced {bad_ref} non-finite values")
+        return Comparison(Status.ERROR, f"reference produced {bad_ref} non-finite values")
     if tuple(out.shape) != tuple(ref.shape):
         return Comparison(
-            "fail",
+            Status.FAIL,
             f"shape mismatch: output {list(out.shape)}, expected {list(ref.shape)}",
             math.inf,
             math.inf,
             math.inf,
             1.0,
         )
-    if not (out.is_floating_point()):
-        return Comparison("fail", f"dtype mismatch: output {out.dtype}, query {step.query.dtype}")
+    if not out.is_floating_point():
+        return Comparison(
+            Status.FAIL, f"dtype mismatch: output {out.dtype}, query {step.query.dtype}"
+        )
     ref = ref.cpu()
     got = out.detach().cpu().double()
     if baseline_err is None:
@@ -79,12 +82,12 @@ def compare_output(step, out, ref: torch.Tensor, baseline_err: float | None = No
         rms_ratio=ratio,
     )
     if nan_count:
-        return Comparison("fail", f"NaN/Inf: {nan_count} non-finite outputs", **comp)
+        return Comparison(Status.FAIL, f"NaN/Inf: {nan_count} non-finite outputs", **comp)
     if out.dtype not in (dtype, torch.float64):
-        return Comparison("fail", f"dtype mismatch: output {out.dtype}, query {dtype}", **comp)
+        return Comparison(Status.FAIL, f"dtype mismatch: output {out.dtype}, query {dtype}", **comp)
     if not max_abs <= tol:  # `not <=`: a NaN metric fails too
         return Comparison(
-            "fail",
+            Status.FAIL,
             f"numerical mismatch: max_abs_err {max_abs:.3g} > tolerance "
             f"{tol:.3g} ({mismatch:.1%} of elements)",
             **comp,
@@ -92,12 +95,12 @@ def compare_output(step, out, ref: torch.Tensor, baseline_err: float | None = No
     limit = PRECISION_LIMIT.get(dtype) if out.dtype != torch.float64 else None
     if limit is not None and not ratio <= limit:
         return Comparison(
-            "fail",
+            Status.FAIL,
             f"precision: RMS error {ratio:.2f}x that of rounding the exact output to "
             f"{str(dtype).removeprefix('torch.')} (limit {limit:g}): accumulates below fp32?",
             **comp,
         )
-    return Comparison("pass", "", **comp)
+    return Comparison(Status.PASS, "", **comp)
 
 
 def bitwise_equal(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -22,9 +22,14 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
-from reports.schema import BENCH_COLUMNS, BENCH_KEY, rerun_command
+from reports.schema import BENCH_COLUMNS, BENCH_KEY, Status, rerun_command
 
-STATUS_COLOURS = {"pass": "#c8e6c9", "fail": "#ffcdd2", "error": "#ffab91", "skip": "#eeeeee"}
+STATUS_COLOURS = {
+    Status.PASS: "#c8e6c9",
+    Status.FAIL: "#ffcdd2",
+    Status.ERROR: "#ffab91",
+    Status.SKIP: "#eeeeee",
+}
 CSS = """
 body { font-family: system-ui, sans-serif; margin: 2em; color: #222; }
 h1 { margin-bottom: 0.2em; } h2 { margin-top: 1.6em; border-bottom: 1px solid #ccc; }
