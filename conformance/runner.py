@@ -82,14 +82,35 @@ def guarded(fn, timeout_s: float | None = None, what: str = ""):
 
 @dataclass(frozen=True)
 class Expected:
-    """The reference's view of one step: output, caches after the step, baseline error, time,
-    and how many of its output values are not finite (a reference that failed)."""
+    """The reference's view of one step: output, the cache rows it wrote, baseline error, time,
+    and how many of its output values are not finite (a reference that failed).
+
+    writes: (slots [n], key rows [n, num_kv_heads, head_size], value rows) the step wrote, or
+            None (no cache). Only the writes are kept, not whole caches after every step: an
+            episode of Whisper's 64 x 1500-token cross caches holds a ~2 GB pool per step."""
 
     output: torch.Tensor
-    caches: tuple[torch.Tensor, torch.Tensor] | None
+    writes: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None
     baseline_err: float
     ref_ms: float
     nonfinite: int = 0
+
+
+class ExpectedCaches:
+    """The caches the reference expects after each step of one case: the pristine caches
+    (CPU copy) with every step's writes applied in order (`advance`)."""
+
+    def __init__(self, inputs: Step | Episode):
+        cache = inputs.kv_cache
+        self.caches = None if cache is None else tuple(c.cpu().clone() for c in cache)
+
+    def advance(self, exp: Expected) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The caches after the step `exp` describes (updated in place and returned)."""
+        if self.caches is not None and exp.writes is not None:
+            slots, k, v = exp.writes
+            for c, rows in zip(self.caches, (k, v)):
+                c[slots // c.shape[1], slots % c.shape[1]] = rows  # (block, offset): any strides
+        return self.caches
 
 
 def reference_device() -> torch.device:
@@ -248,12 +269,15 @@ def run_case(
         ]
 
     rows, last = [], None
+    pool = ExpectedCaches(inputs)
     for sname, step, pristine, exp in zip(snames, _steps(mine), steps, expected):
-        v = judge_step(backend, step, pristine, exp, device, timeout_s)
+        after = pool.advance(exp)
+        v = judge_step(backend, step, pristine, exp, after, device, timeout_s)
         rows.append(row(sname, v.status, v.reason, v.comparison, exp.ref_ms, v.backend_ms))
         if v.status != "pass" and step.kv_cache is not None:
-            _take_expected_cache(step, exp)  # later steps read what this one should have written
+            _take_expected_cache(step, after)  # later steps read what this one should have written
         last = (step, v.output) if v.status == "pass" else None
+    del pool
     if isinstance(inputs, Step) and last is not None:
         fresh = lambda: inputs.to(device, copy=True)
         if metamorphic and inputs.kv_cache is not None:
@@ -296,11 +320,18 @@ class StepVerdict:
 
 
 def judge_step(
-    backend, step: Step, pristine: Step, exp: Expected, device, timeout_s: float | None
+    backend,
+    step: Step,
+    pristine: Step,
+    exp: Expected,
+    expected_caches: tuple[torch.Tensor, torch.Tensor] | None,
+    device,
+    timeout_s: float | None,
 ) -> StepVerdict:
     """One step of one backend, judged: its reasons (a skip), its forward (isolated, timed),
-    the output against the reference, its inputs against `pristine`, its caches against the
-    reference's. `step` is the backend's own copy on `device`; the caches are written."""
+    the output against the reference, its inputs against `pristine`, its caches against
+    `expected_caches` (the reference's after this step, `ExpectedCaches.advance`). `step` is
+    the backend's own copy on `device`; the caches are written."""
     reasons, problem = guarded(
         lambda: backend.not_supported_reasons(*step.args()), what="not_supported_reasons()"
     )
@@ -327,7 +358,7 @@ def judge_step(
         if touched:
             status, reason = "fail", f"backend modified its inputs: {', '.join(touched)}"
     if status == "pass":
-        cache_problem = compare_caches(step.kv_cache, exp.caches)
+        cache_problem = compare_caches(step.kv_cache, expected_caches)
         if cache_problem:
             status, reason = "fail", cache_problem
     return StepVerdict(status, reason, comp, backend_ms, out)
@@ -342,15 +373,21 @@ def expect_step(step: Step) -> Expected:
     _sync(dev)
     ref_ms = (time.perf_counter() - t0) * 1e3
     base = (baseline_attention(step) - out).abs().max().item() if out.numel() else 0.0
-    caches = None if step.kv_cache is None else tuple(c.cpu().clone() for c in step.kv_cache)
-    return Expected(out.cpu(), caches, base, ref_ms, nonfinite_count(out))
+    writes = None
+    if step.kv_cache is not None:
+        slots = step.metadata.tables_for(step.attn_kind)[1]
+        slots = slots[slots >= 0].long()
+        bs = step.kv_cache[0].shape[1]
+        rows = lambda c: c[slots // bs, slots % bs].cpu().clone()
+        writes = (slots.cpu(), *(rows(c) for c in step.kv_cache))
+    return Expected(out.cpu(), writes, base, ref_ms, nonfinite_count(out))
 
 
-def _take_expected_cache(step: Step, exp: Expected) -> None:
+def _take_expected_cache(step: Step, expected_caches) -> None:
     """After a step the backend did not (or could not) run, give its cache the reference's
     contents: the episode's later steps read what this one should have written."""
-    if step.kv_cache is not None:
-        for c, ref_c in zip(step.kv_cache, exp.caches):
+    if step.kv_cache is not None and expected_caches is not None:
+        for c, ref_c in zip(step.kv_cache, expected_caches):
             c.copy_(ref_c.to(c.device))
 
 

@@ -98,7 +98,8 @@ def _run(backend_name, step):
     device = backend.device()
     exp = runner.expect_step(step.with_fresh_cache())
     mine = step.to(device, copy=True)
-    verdict = runner.judge_step(backend, mine, step, exp, device, timeout_s=600)
+    after = runner.ExpectedCaches(step).advance(exp)
+    verdict = runner.judge_step(backend, mine, step, exp, after, device, timeout_s=600)
     if verdict.status == "skip":
         pytest.skip(verdict.reason)
     assert verdict.status == "pass", verdict.reason
@@ -133,13 +134,14 @@ def test_episode_through_backend(backend_name):
     backend = get_backend(backend_name)
     device = backend.device()
     mine, ref_ep = ep.to(device, copy=True), ep.with_fresh_cache()
-    verdicts = []
+    verdicts, pool = [], runner.ExpectedCaches(ep)
     for step, pristine, ref_step in zip(mine.steps, ep.steps, ref_ep.steps):
         exp = runner.expect_step(ref_step)
-        verdict = runner.judge_step(backend, step, pristine, exp, device, timeout_s=600)
+        after = pool.advance(exp)
+        verdict = runner.judge_step(backend, step, pristine, exp, after, device, timeout_s=600)
         assert verdict.status in ("pass", "skip"), f"{step.attn_kind.value}: {verdict.reason}"
         if verdict.status == "skip":  # later steps still need what this one should have written
-            runner._take_expected_cache(step, exp)
+            runner._take_expected_cache(step, after)
         verdicts.append(verdict)
     if all(v.status == "skip" for v in verdicts):
         pytest.skip(verdicts[-1].reason)
