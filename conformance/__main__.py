@@ -1,10 +1,10 @@
 """The conformance command line (stable: people and CI scripts rely on it).
 
-    python -m conformance list --tier T [--format csv]
+    python -m conformance list --tier T [--format csv] [--model NAME|all] [--cases FILE]
     python -m conformance run --tier T [--backend NAME ...] [-k EXPR] [--shard i/n] [--out DIR]
                               [--cases FILE] [--case ID] [--backend-module mod:Class] [-n N]
                               [--gpus 0,1] [--model NAME|all]
-    python -m conformance dump CASE_ID --out DIR
+    python -m conformance dump CASE_ID --out DIR [--cases FILE]
 
 `run` exits 0 when nothing failed or errored, 1 otherwise, 2 for bad usage (one line, nothing
 in --out touched), 130 after Ctrl-C and 143 after SIGTERM (results kept, marked interrupted).
@@ -35,8 +35,11 @@ from conformance.runner import DEFAULT_TIMEOUT_S
 
 
 def cmd_list(args) -> int:
+    from conformance.cases import read_cases_file
     from conformance.generate import coverage, generate, generate_for_models, shard
 
+    if args.cases:
+        return _list_file(args, shard(read_cases_file(args.cases), args.shard))
     every = generate_for_models(args.tier, args.model) if args.model else generate(args.tier)
     cases = shard(every, args.shard)
     if not cases:
@@ -59,6 +62,24 @@ def cmd_list(args) -> int:
     return 0
 
 
+def _list_file(args, cases) -> int:
+    """`list --cases FILE`: the file's cases (axis rows and explicit shapes) with their ids."""
+    if not cases:
+        raise ValueError(f"no cases selected (--cases {args.cases}, shard {args.shard})")
+    rows = [{"case_id": c.id, **c.columns()} for c in cases]
+    if args.format == "csv":
+        w = csv.DictWriter(sys.stdout, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    else:
+        for c in cases:
+            spec = c.to_dict() if hasattr(c, "to_dict") else asdict(c)
+            text = " ".join(f"{k}={v}" for k, v in spec.items() if v not in (None, "", ()))
+            print(f"{c.id}  {text}")
+    print(f"# {len(cases)} cases from {args.cases}", file=sys.stderr)
+    return 0
+
+
 def _check_out_dir(out: str) -> None:
     """--out must be a directory this process can write (created if missing)."""
     path = Path(out)
@@ -76,7 +97,8 @@ def _check_run_args(args) -> None:
     """Bad usage is caught here, before anything in --out is touched (exit 2, one line)."""
     from _pytest.mark.expression import Expression
 
-    from conformance.conftest import positive_seconds, read_cases_file
+    from conformance.cases import select_cases
+    from conformance.conftest import positive_seconds
     from conformance.generate import TIERS, shard
     from optimized.backend import backend_names, load_backend
 
@@ -99,15 +121,10 @@ def _check_run_args(args) -> None:
         except Exception as e:  # an import error, or the class's constructor failed
             first = str(e).strip().splitlines()[0] if str(e).strip() else ""
             raise ValueError(f"--backend-module {spec}: {type(e).__name__}: {first}") from None
-    if args.cases:
-        if not Path(args.cases).is_file():
-            raise ValueError(f"--cases: no such file {args.cases!r}")
-        if not read_cases_file(args.cases):
-            raise ValueError(f"no cases selected: --cases {args.cases} holds no case")
-    for c in args.case or []:
-        from conformance.cases import Case
-
-        Case.from_id(c)
+    if args.cases and not Path(args.cases).is_file():
+        raise ValueError(f"--cases: no such file {args.cases!r}")
+    if select_cases(args.case, args.cases) == []:
+        raise ValueError(f"no cases selected: --cases {args.cases} holds no case")
     if args.k:
         try:
             Expression.compile(args.k)
@@ -268,11 +285,11 @@ def cmd_run(args) -> int:
 def cmd_dump(args) -> int:
     import numpy as np
 
-    from conformance.cases import Case, build_inputs
+    from conformance.cases import build_inputs, select_cases
     from conformance.workloads import Episode
     from reference.attention import attention
 
-    case = Case.from_id(args.case_id)
+    (case,) = select_cases([args.case_id], args.cases)
     inputs = build_inputs(case)
     steps = inputs.steps if isinstance(inputs, Episode) else (inputs,)
     ref = inputs.with_fresh_cache()
@@ -305,7 +322,7 @@ def cmd_dump(args) -> int:
     np.savez_compressed(out_dir / "case.npz", **arrays)
     meta = {
         "case_id": case.id,
-        **asdict(case),
+        **(case.to_dict() if hasattr(case, "to_dict") else asdict(case)),
         "steps": [
             dict(
                 attn_kind=s.attn_kind.value,
@@ -338,6 +355,7 @@ def main(argv=None) -> int:
     pl.add_argument("--format", choices=["text", "csv"], default="text")
     pl.add_argument("--shard", default=None)
     pl.add_argument("--model", default=None, help="a model preset, or all")
+    pl.add_argument("--cases", default=None, help="a cases file (axis rows, explicit shapes)")
     pr = sub.add_parser("run", help="run the matrix (pytest underneath)")
     pr.add_argument("--tier", default="smoke")
     pr.add_argument("--backend", action="append")
@@ -346,7 +364,9 @@ def main(argv=None) -> int:
     pr.add_argument("--shard", default=None)
     pr.add_argument("--model", default=None, help="a model preset, or all (conformance/models.py)")
     pr.add_argument("--out", default="reports/out")
-    pr.add_argument("--cases", default=None, help="JSON lines of case axis values")
+    pr.add_argument(
+        "--cases", default=None, help="JSON lines: axis rows or explicit shapes (--case filters)"
+    )
     pr.add_argument("--case", action="append", help="one case id (repeatable)")
     pr.add_argument(
         "-n",
@@ -361,6 +381,7 @@ def main(argv=None) -> int:
     pd = sub.add_parser("dump", help="write one case's inputs, caches and reference output")
     pd.add_argument("case_id")
     pd.add_argument("--out", required=True)
+    pd.add_argument("--cases", default=None, help="the file of an explicit shape's id")
     args = p.parse_args(argv)
     try:
         if args.cmd == "list":

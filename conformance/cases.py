@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, fields
+from pathlib import Path
 
 import torch
 
 from conformance.models import MODELS, SMOKE_SCALE
+from conformance.shapes import Shape
 from conformance.workloads import Episode, Layout, Step, build_episode, build_step
 
 # Each axis and its values, in id order. Every value is a real need (see the matrix issue).
@@ -148,6 +150,28 @@ class Case:
             raise ValueError(f"not a case id: {case_id!r} (did you mean {case.id}?)")
         return case
 
+    def columns(self) -> dict:
+        """The result columns that describe the case (reports.schema.result_row)."""
+        return dict(
+            case_id=self.id,
+            attn_kind=self.attn_kind,
+            phase=self.phase,
+            batch_shape=self.batch,
+            block_size=self.block_size,
+            num_heads=self.num_heads,
+            num_kv_heads=self.num_kv_heads,
+            head_size=self.head_size,
+            dtype=self.dtype,
+            layout=self.layout,
+            window=self.window,
+            scale=self.scale,
+            size=self.size,
+            seed=self.seed,
+            model=self.model,
+            shape="",
+            cases_file="",
+        )
+
     def to_json(self) -> str:
         return json.dumps(asdict(self))
 
@@ -182,6 +206,64 @@ class Case:
         if problems:
             raise ValueError(f"invalid case {obj}: {'; '.join(problems)}")
         return case
+
+
+def case_from_id(case_id: str) -> Case:
+    """Case.from_id, with a hint for ids that only a cases file can resolve."""
+    try:
+        return Case.from_id(case_id)
+    except ValueError as e:
+        raise ValueError(
+            f"{e}; an explicit shape's id is resolved by its file: --cases FILE --case ID"
+        ) from None
+
+
+def read_cases_file(path: str | Path) -> list[Case | Shape]:
+    """The cases of a JSON-lines file: rows of axis values (with `kind`, conformance/cases.py)
+    or explicit shapes (with `attn_kind`, conformance/shapes.py), in file order; ValueError
+    naming the line and the field otherwise (ids must be unique)."""
+    try:
+        text = Path(path).read_text()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"--cases: cannot read {str(path)!r} ({e})") from None
+    cases, seen = [], {}
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+            if not isinstance(obj, dict):
+                raise ValueError(f"expected a JSON object, got {type(obj).__name__}")
+            if "attn_kind" in obj:
+                case = Shape.from_dict(obj, source=str(path))
+            else:
+                case = Case.from_dict(obj)
+        except (ValueError, TypeError) as e:
+            raise ValueError(f"--cases {path} line {n}: {e}") from None
+        if case.id in seen:
+            raise ValueError(
+                f"--cases {path} line {n}: id {case.id} is already on line {seen[case.id]}"
+            )
+        seen[case.id] = n
+        cases.append(case)
+    return cases
+
+
+def select_cases(ids: list[str] | None, cases_file: str | None) -> list[Case | Shape] | None:
+    """What `--case ID ... [--cases FILE]` selects: with a file, its cases of those ids (all
+    of them without ids); without one, the ids parsed. None when neither is given."""
+    if cases_file:
+        pool = read_cases_file(cases_file)
+        if not ids:
+            return pool
+        by_id = {c.id: c for c in pool}
+        for i in ids:
+            if i not in by_id:
+                raise ValueError(f"--case {i}: no such case in --cases {cases_file}")
+        return [by_id[i] for i in dict.fromkeys(ids)]
+    if ids:
+        return [case_from_id(i) for i in dict.fromkeys(ids)]
+    return None
 
 
 def invalid_reasons(case: Case | dict) -> list[str]:
@@ -326,8 +408,10 @@ def split_phase(case: Case, totals: list[int]) -> tuple[tuple[int, ...], tuple[i
     return tuple(q), tuple(c)
 
 
-def build_inputs(case: Case, device: torch.device | str = "cpu") -> Step | Episode:
+def build_inputs(case: Case | Shape, device: torch.device | str = "cpu") -> Step | Episode:
     """The deterministic step (or episode) of a case; caches hold NaN wherever unwritten."""
+    if isinstance(case, Shape):
+        return case.build(device)
     dec = decoder_lengths(case)
     enc = encoder_lengths(case, dec)
     common = dict(

@@ -26,9 +26,10 @@ from optimized.kernels import interpret_without_cuda
 
 interpret_without_cuda()  # before Triton is imported
 
-from conformance.cases import Case
+from conformance.cases import Case, select_cases
 from conformance.generate import generate, generate_for_models, shard
 from conformance.runner import DEFAULT_TIMEOUT_S
+from conformance.shapes import Shape
 
 
 def positive_seconds(text: str) -> float:
@@ -69,25 +70,6 @@ def pytest_addoption(parser):
     )
 
 
-def read_cases_file(path: str | Path) -> list[Case]:
-    """Cases from JSON lines of axis values; ValueError naming the line otherwise."""
-    cases = []
-    try:
-        text = Path(path).read_text()
-    except (OSError, UnicodeDecodeError) as e:
-        raise ValueError(f"--cases: cannot read {str(path)!r} ({e})") from None
-    for n, line in enumerate(text.splitlines(), 1):
-        if line.strip():
-            try:
-                obj = json.loads(line)
-                if not isinstance(obj, dict):
-                    raise ValueError(f"expected a JSON object, got {type(obj).__name__}")
-                cases.append(Case.from_dict(obj))
-            except (ValueError, TypeError) as e:
-                raise ValueError(f"--cases line {n}: {e}") from None
-    return cases
-
-
 def matrix_backends(config) -> list[tuple[object, str]]:
     """(backend, its --backend-module spec or '') for every backend of this run."""
     from optimized.backend import backend_names, get_backend, load_backend
@@ -99,16 +81,23 @@ def matrix_backends(config) -> list[tuple[object, str]]:
     return [(get_backend(n), "") for n in names] + chosen
 
 
-def selected_cases(config) -> list[Case]:
-    if config.getoption("case"):
-        cases = [Case.from_id(i) for i in config.getoption("case")]
-    elif config.getoption("cases"):
-        cases = read_cases_file(config.getoption("cases"))
+def selected_cases(config) -> list[Case | Shape]:
+    cases = select_cases(config.getoption("case"), config.getoption("cases"))
+    if cases is not None:
+        pass  # --case / --cases
     elif config.getoption("model"):
         cases = generate_for_models(config.getoption("tier"), config.getoption("model"))
     else:
         cases = generate(config.getoption("tier"))
     return shard(cases, config.getoption("shard"))
+
+
+def case_by_id(config, case_id: str) -> Case | Shape | None:
+    """The selected case of an id (what the controller needs for a crashed test's row)."""
+    known = getattr(config, "_cases_by_id", None)
+    if known is None:
+        known = config._cases_by_id = {c.id: c for c in selected_cases(config)}
+    return known.get(case_id)
 
 
 def pytest_generate_tests(metafunc):
@@ -180,7 +169,12 @@ def _start(config, nodeids: list[str]) -> None:
     modules = {name: module for name, (_, module) in config._matrix_backends.items()}
     planned = [(c, b, modules.get(b, "")) for c, b in map(_param, nodeids)]
     if planned:
-        start_run(Path(config.getoption("out")), config.getoption("tier"), planned)
+        shapes = {}
+        for case_id in dict.fromkeys(c for c, _, _ in planned):
+            case = case_by_id(config, case_id)
+            if isinstance(case, Shape):
+                shapes[case_id] = dict(case.to_dict(), source=case.source)
+        start_run(Path(config.getoption("out")), config.getoption("tier"), planned, shapes)
         p.update(started=True, total=len(planned), start=time.time())
 
 
@@ -206,8 +200,10 @@ def _record_crash(config, report) -> None:
 
     case_id, backend = _param(report.nodeid)
     try:
-        case = Case.from_id(case_id)
+        case = case_by_id(config, case_id)
     except ValueError:
+        case = None
+    if case is None:
         return  # not a matrix test; finalize_run still marks a planned test without rows
     text = str(report.longrepr).strip().splitlines()
     why = text[0][:200] if text else "worker crashed"

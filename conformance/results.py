@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 from conformance.cases import Case
+from conformance.shapes import Shape
 from reports.schema import (
     STATUSES,
     environment,
@@ -44,8 +45,12 @@ def read_run(out: Path) -> dict:
         return {}
 
 
-def start_run(out: Path, tier: str, planned: list[tuple[str, str, str]]) -> None:
-    """A new result set: an empty results.jsonl and run.json in state `running`."""
+def start_run(
+    out: Path, tier: str, planned: list[tuple[str, str, str]], shapes: dict | None = None
+) -> None:
+    """A new result set: an empty results.jsonl and run.json in state `running`. `shapes`:
+    the explicit shapes among the planned cases (id -> Shape.to_dict() plus `source`), which
+    no id alone can rebuild, for the rows of tests that never report."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.jsonl").write_text("")
@@ -55,8 +60,17 @@ def start_run(out: Path, tier: str, planned: list[tuple[str, str, str]]) -> None
         state="running",
         start=time.time(),
         planned=[list(p) for p in planned],
+        shapes=shapes or {},
     )
     write_atomic(out / "run.json", json.dumps(info))
+
+
+def _planned_case(info: dict, case_id: str) -> Case | Shape:
+    shape = info.get("shapes", {}).get(case_id)
+    if shape is not None:
+        fields = dict(shape)
+        return Shape.from_dict(fields, source=fields.pop("source", ""))
+    return Case.from_id(case_id)
 
 
 def finalize_run(out: Path, state: str) -> dict[str, int]:
@@ -73,7 +87,7 @@ def finalize_run(out: Path, state: str) -> dict[str, int]:
             if state == "interrupted"
             else "missing: the test recorded no row (its process died?)"
         )
-        row = result_row(Case.from_id(case_id), backend, "missing", "error", reason)
+        row = result_row(_planned_case(info, case_id), backend, "missing", "error", reason)
         raw.append({**row, "backend_module": module})
     env = environment()
     tier = info.get("tier", "")

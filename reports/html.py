@@ -67,25 +67,32 @@ def summary_table(df: pd.DataFrame) -> pd.DataFrame:
     return counts
 
 
-def model_table(df: pd.DataFrame) -> pd.DataFrame | None:
-    """Per model × backend: rows, pass/fail/error/skip, worst error ÷ tolerance and precision
-    ratio, and the attention kinds × phases that failed or errored (None: no model rows)."""
-    m = df[df.model.astype(str) != ""]
+def model_table(df: pd.DataFrame, key: str = "model") -> pd.DataFrame | None:
+    """Per model (or explicit shape: key="shape") × backend: rows, pass/fail/error/skip, worst
+    error ÷ tolerance and precision ratio, and the attention kinds × phases that failed or
+    errored (None: no such rows)."""
+    m = df[df[key].astype(str) != ""]
     if m.empty:
         return None
-    counts = m.groupby(["model", "backend", "status"]).size().unstack("status", fill_value=0)
+    if key == "shape":  # say what each shape is: kind and phase, heads, head size, its file
+        kind = m.groupby("shape").attn_kind.transform("first").where(m.phase != "episode", "")
+        geometry = "h" + m.num_heads.astype(str) + "kv" + m.num_kv_heads.astype(str)
+        geometry += " d" + m.head_size.astype(str) + " " + m["dtype"]
+        what = (kind + " " + m.phase).str.strip() + ", " + geometry + ", " + m.cases_file
+        m = m.assign(shape=m["shape"] + " (" + what + ")")
+    counts = m.groupby([key, "backend", "status"]).size().unstack("status", fill_value=0)
     for st in STATUS_COLOURS:
         if st not in counts:
             counts[st] = 0
     t = counts[list(STATUS_COLOURS)]
     t.insert(0, "rows", t.sum(axis=1))
-    g = m.groupby(["model", "backend"])
+    g = m.groupby([key, "backend"])
     t["worst err ÷ tol"] = g.err_ratio.max()
     t["worst rms ratio"] = g.rms_ratio.max()
     bad = m[m.status.isin(["fail", "error"])]
     t["failing kind × phase"] = (
         bad.assign(kp=bad.attn_kind + " " + bad.phase)
-        .groupby(["model", "backend"])
+        .groupby([key, "backend"])
         .kp.agg(lambda x: ", ".join(sorted(set(x))))
     )
     t["failing kind × phase"] = t["failing kind × phase"].fillna("")
@@ -323,6 +330,14 @@ def render(
             "model preset (<code>--model</code>), per model × backend.</p>"
         )
         body.append(models.style.apply(_colour_counts).format(precision=3, na_rep="").to_html())
+    shapes = model_table(df, "shape")
+    if shapes is not None:
+        body.append(
+            "<h2 id='shapes'>Explicit shapes</h2><p class='note'>Rows of explicit shapes "
+            "(<code>--cases FILE</code>), per shape × backend; a shape is re-run with "
+            "<code>python -m conformance run --cases FILE --case ID</code>.</p>"
+        )
+        body.append(shapes.style.apply(_colour_counts).format(precision=3, na_rep="").to_html())
 
     bad = df[df.status.isin(["fail", "error"])]
     body.append(f"<h2 id='failures'>Failures and errors ({len(bad)})</h2>")

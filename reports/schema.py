@@ -72,6 +72,8 @@ class ResultRow:
     backend_module: str  # module:Class of a --backend-module backend ('' for a registered one)
     run_state: str  # complete / interrupted (a result set from a run that did not finish)
     model: str  # the model preset a case was generated around ('' for the preset axes)
+    shape: str  # an explicit shape's id (conformance/shapes.py; '' for generated cases)
+    cases_file: str  # the --cases file an explicit shape came from (re-running needs it)
 
 
 COLUMNS = [f.name for f in fields(ResultRow)]
@@ -150,12 +152,12 @@ def rerun_command(row) -> str:
     if isinstance(module, float):  # an empty cell read by pandas
         module = ""
     which = f"--backend-module {module}" if module else f"--backend {get('backend')}"
-    return f"python -m conformance run --case {get('case_id')} {which}"
+    source = get("cases_file", "") or ""
+    source = f"--cases {source} " if isinstance(source, str) and source else ""
+    return f"python -m conformance run {source}--case {get('case_id')} {which}"
 
 
 METRICS = ("max_abs_err", "max_rel_err", "err_ratio", "mismatch_frac", "nan_count", "rms_ratio")
-# The case's columns (its axes, in the CSV's names), the verdict's, then the metrics'.
-CASE_COLUMNS = ("phase", "block_size", "head_size", "dtype", "layout", "window", "scale", "size")
 
 
 def result_row(
@@ -170,27 +172,21 @@ def result_row(
     backend_module: str = "",
 ) -> dict:
     """The one builder of a result row (what the runner streams to results.jsonl): every column
-    but the run's environment, tier and run_state. `case` is a conformance Case; `metrics` any
-    object with the METRICS attributes (a Comparison) or None; `step` is `i:attn_kind` for a
-    step's row, or what the row is about (`permuted`, `rerun`, `crash`, `missing`, ...)."""
-    kind = step.split(":", 1)[1] if ":" in step else case.attn_kind
-    row = dict(
-        case_id=case.id,
+    but the run's environment, tier and run_state. `case` is a conformance Case or Shape (its
+    `columns()` describe it); `metrics` any object with the METRICS attributes (a Comparison) or
+    None; `step` is `i:attn_kind` for a step's row, or what the row is about (`permuted`,
+    `rerun`, `crash`, `missing`, ...)."""
+    row = case.columns()
+    row.update(
         backend=backend,
         step=step,
-        attn_kind=kind,
-        batch_shape=case.batch,
-        num_heads=case.num_heads,
-        num_kv_heads=case.num_kv_heads,
-        seed=case.seed,
+        attn_kind=step.split(":", 1)[1] if ":" in step else row["attn_kind"],
         status=str(Status(status)),
         reason=reason,
         ref_ms=ref_ms,
         backend_ms=backend_ms,
         backend_module=backend_module,
-        model=case.model,
     )
-    row.update({c: getattr(case, c) for c in CASE_COLUMNS})
     row.update({m: getattr(metrics, m) if metrics is not None else math.nan for m in METRICS})
     return row
 
@@ -230,6 +226,8 @@ LATER_COLUMNS = {
     "backend_module": "",
     "run_state": "complete",
     "model": "",
+    "shape": "",
+    "cases_file": "",
 }
 NUMERIC = METRICS
 
@@ -267,7 +265,7 @@ def read_csv(path: str | Path):
     if unknown:
         raise ValueError(f"{path}: column status holds {unknown}; expected one of {STATUSES}")
     check_numeric(df, NUMERIC, str(path))
-    for c in ("reason", "backend_module", "model"):
+    for c in ("reason", "backend_module", "model", "shape", "cases_file"):
         df[c] = df[c].fillna("").astype(str)
     df = df[COLUMNS]
     df.attrs["older_columns"] = older

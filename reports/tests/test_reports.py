@@ -69,7 +69,14 @@ def test_csv_has_the_contract_columns_in_order(results_csv):
     assert [c for c in header if c in REQUIRED] == REQUIRED
     # The contract columns keep their positions; later ones are appended after them.
     assert header[: len(CONTRACT)] == CONTRACT
-    assert header[len(CONTRACT) :] == ["rms_ratio", "backend_module", "run_state", "model"]
+    assert header[len(CONTRACT) :] == [
+        "rms_ratio",
+        "backend_module",
+        "run_state",
+        "model",
+        "shape",
+        "cases_file",
+    ]
     df = read_csv(results_csv)
     assert set(df.status) == {"pass", "skip", "fail"}
 
