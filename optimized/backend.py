@@ -117,6 +117,7 @@ BUILTIN = {
     "triton-splitk": "optimized.triton_backend:TritonSplitKBackend",
     "xformers": "optimized.xformers_backend:XFormersBackend",
     "xformers-paged": "optimized.xformers_backend:XFormersPagedBackend",
+    "flex": "optimized.flex_backend:FlexBackend",
 }
 
 

@@ -139,6 +139,20 @@ class StrayCacheWrite(TorchBackend):
         return out
 
 
+class ReadsUnwrittenSlots(TorchBackend):
+    """Declares `finite_unowned_slots` (as flex does), then lets a slot nobody wrote leak into
+    its output with a small weight: the finite poison must still fail it."""
+
+    name = "fault-reads-unwritten"
+    finite_unowned_slots = True
+
+    def forward(self, query, key, value, kv_cache, metadata, attn_kind):
+        out = super().forward(query, key, value, kv_cache, metadata, attn_kind)
+        if kv_cache is not None:
+            out = out + 1e-3 * kv_cache[1].view(-1)[-1].to(out.dtype)  # the pool's last slot
+        return out
+
+
 class LowPrecisionAccumulator(TorchBackend):
     """A tiled online-softmax kernel (FlashAttention's loop) that keeps its running output and
     softmax sum in the step's dtype, rounding them after every K/V tile of TILE keys. Its max

@@ -24,6 +24,7 @@ FAULTS = {
     faulty.NaNOutput: ("fail", "NaN/Inf: 1 non-finite outputs"),
     faulty.MutatesInputs: ("fail", "backend modified its inputs: query"),
     faulty.StrayCacheWrite: ("fail", "cache corruption: key_cache differs in 1 slot"),
+    faulty.ReadsUnwrittenSlots: ("fail", "numerical mismatch: max_abs_err 1 >"),
 }
 
 

@@ -1,0 +1,223 @@
+"""PyTorch FlexAttention reading the paged caches directly: a peer, not our kernel.
+
+Cache writes use our `reshape_and_cache`. Attention is one `flex_attention` call per step:
+
+    query:  [num_seqs, num_heads, max_query_len, head_size]   (packed rows gathered per sequence)
+    key:    [1, num_kv_heads, num_blocks * block_size, head_size]  the physical pool, a view
+    mask:   mask_mod(seq, head, j, slot) translates a physical slot back to the sequence's
+            logical position through the inverse block table (`logical_block[seq, block]`,
+            -1 where the sequence does not own the block) and applies the step's rules
+            (position < kv_len, causal and window for decoder self-attention)
+    blocks: per sequence the 128-slot KV tiles that hold any of its slots, computed from the
+            block table (BlockMask.from_kv_blocks), so the kernel visits only those tiles
+
+The encoder (no cache) reads the packed K/V as one sequence per batch entry the same way, its
+"table" being the packed offsets. On CUDA `flex_attention` is compiled (Triton, by inductor,
+dynamic shapes); on the CPU it runs FlexAttention's eager path, which evaluates the same
+mask_mod densely and ignores the tile lists (their coverage is unit-tested on the CPU, and the
+compiled kernel that uses them runs in the GPU matrix).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from optimized.backend import BaseBackend, contiguous
+from optimized.triton_backend import (
+    check_cache_layout,
+    strided_cache_reasons,
+    triton_unavailable_reason,
+)
+from reference.metadata import AttnKind, StepMetadata
+from reference.validation import check_inputs
+
+TILE = 128  # FlexAttention's KV block (and query block) size
+
+
+def flex_unavailable_reason() -> str | None:
+    try:
+        from torch.nn.attention import flex_attention  # noqa: F401
+    except ImportError as e:
+        return f"torch {torch.__version__} has no FlexAttention ({e})"
+    return triton_unavailable_reason()  # cache writes are our Triton kernel
+
+
+@functools.cache
+def _compiled_flex():
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention, dynamic=True)
+
+
+def _flex(device: torch.device):
+    if device.type == "cuda":
+        return _compiled_flex()
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return flex_attention  # eager: the unfused reference path of FlexAttention
+
+
+def _token_index(lens: tuple[int, ...], device) -> tuple[torch.Tensor, torch.Tensor]:
+    """([num_seqs, max_len] packed row of each sequence's j-th token (clamped), [same] valid)."""
+    lens_t = torch.tensor(lens, device=device)
+    starts = torch.cumsum(lens_t, 0) - lens_t
+    j = torch.arange(max(max(lens), 1), device=device)
+    valid = j[None, :] < lens_t[:, None]
+    return torch.where(valid, starts[:, None] + j[None, :], 0), valid
+
+
+def kv_tiles(slots: torch.Tensor, valid: torch.Tensor, tile: int = TILE):
+    """Per sequence the sorted distinct KV tiles (slot // tile) its valid slots fall in.
+
+    slots, valid: [num_seqs, max_kv_len]. Returns (counts [num_seqs], indices [num_seqs,
+    max_tiles]; unused entries repeat the last tile, as BlockMask expects in-range indices)."""
+    big = torch.iinfo(torch.int32).max
+    t = torch.where(valid, slots // tile, big).to(torch.int64)
+    t, _ = torch.sort(t, dim=1)
+    first = torch.ones_like(t, dtype=torch.bool)
+    first[:, 1:] = t[:, 1:] != t[:, :-1]
+    first &= t != big
+    counts = first.sum(1)
+    width = max(int(counts.max()), 1)
+    # Move each row's distinct tiles to its front (stable sort on "not first").
+    order = torch.sort((~first).to(torch.int8), dim=1, stable=True).indices
+    distinct = torch.gather(t, 1, order)[:, :width]
+    col = torch.arange(width, device=t.device)[None, :]
+    last = torch.gather(distinct, 1, (counts[:, None] - 1).clamp(min=0))
+    distinct = torch.where(col < counts[:, None], distinct, last)
+    distinct = torch.where(distinct == big, 0, distinct)
+    return counts.to(torch.int32), distinct.to(torch.int32)
+
+
+def _block_mask(mask_mod, kv_slots, kv_valid, num_q: int, num_kv: int):
+    from torch.nn.attention.flex_attention import BlockMask
+
+    counts, idx = kv_tiles(kv_slots, kv_valid)
+    q_tiles, kv_tiles_total = -(-num_q // TILE), -(-num_kv // TILE)
+    b = counts.shape[0]
+    if idx.shape[1] < kv_tiles_total:  # BlockMask wants room for every tile of the pool
+        pad = idx[:, -1:].expand(b, kv_tiles_total - idx.shape[1])
+        idx = torch.cat([idx, pad], dim=1)
+    kv_num_blocks = counts[:, None, None].expand(b, 1, q_tiles).contiguous()
+    kv_indices = idx[:, None, None, :].expand(b, 1, q_tiles, idx.shape[1]).contiguous()
+    return BlockMask.from_kv_blocks(
+        kv_num_blocks,
+        kv_indices,
+        BLOCK_SIZE=TILE,
+        mask_mod=mask_mod,
+        seq_lengths=(num_q, num_kv),
+    )
+
+
+def flex_plan(query, key, value, kv_cache, md: StepMetadata, kind: AttnKind) -> dict:
+    """Cache write (ours), then everything the FlexAttention call takes: q [num_seqs, heads,
+    max_q, d], k/v views of the pool, mask_mod, the block mask, and where the rows go back."""
+    from optimized.ops.reshape_and_cache import reshape_and_cache
+
+    device = query.device
+    num_heads, head_size = query.shape[1:]
+    q_lens = md.query_lens_for(kind)
+    kv_lens_t = torch.tensor(md.kv_lens_for(kind), device=device)
+    q_index, q_valid = _token_index(q_lens, device)
+    q_lens_t = torch.tensor(q_lens, device=device)
+    q = query[q_index].permute(0, 2, 1, 3)  # [num_seqs, num_heads, max_q, head_size]
+
+    if kind == AttnKind.ENCODER:
+        # The packed K/V is the "pool": sequence b owns rows start_b .. start_b + len_b.
+        kv_index, kv_valid = _token_index(md.encoder_seq_lens, device)
+        starts = kv_index[:, 0]
+        pool_k, pool_v = key, value
+
+        def mask_mod(b, h, j, slot):
+            pos = slot - starts[b]
+            return (j < q_lens_t[b]) & (pos >= 0) & (pos < kv_lens_t[b])
+
+        kv_slots = kv_index
+    else:
+        key_cache, value_cache = kv_cache
+        tables, slots = md.tables_for(kind)
+        if key is not None:
+            reshape_and_cache(key, value, key_cache, value_cache, slots)
+        num_blocks, bs, num_kv_heads = key_cache.shape[:3]
+        pool_k = key_cache.reshape(num_blocks * bs, num_kv_heads, head_size)
+        pool_v = value_cache.reshape(num_blocks * bs, num_kv_heads, head_size)
+        n_seqs = md.num_seqs
+        used = -(-kv_lens_t // bs)  # blocks each sequence reads
+        width = tables.shape[1]
+        col = torch.arange(width, device=device)
+        own = col[None, :] < used[:, None]
+        logical_block = torch.full((n_seqs, num_blocks), -1, dtype=torch.int32, device=device)
+        rows = torch.arange(n_seqs, device=device)[:, None].expand(n_seqs, width)
+        t = tables.long().to(device)
+        logical_block[rows[own], t[own]] = col.expand(n_seqs, width)[own].to(torch.int32)
+        causal = kind == AttnKind.DECODER
+        ctx = torch.tensor(md.context_lens, device=device)
+        window = md.sliding_window if causal else None
+
+        def mask_mod(b, h, j, slot):
+            lb = logical_block[b, slot // bs]
+            pos = lb * bs + slot % bs
+            ok = (j < q_lens_t[b]) & (lb >= 0) & (pos < kv_lens_t[b])
+            if causal:
+                ok = ok & (pos <= ctx[b] + j)
+                if window is not None:
+                    ok = ok & (pos > ctx[b] + j - window)
+            return ok
+
+        p = torch.arange(int(kv_lens_t.max()), device=device)
+        kv_valid = p[None, :] < kv_lens_t[:, None]
+        blk = torch.gather(t, 1, (p[None, :] // bs).clamp(max=width - 1).expand(n_seqs, -1))
+        kv_slots = blk * bs + p[None, :] % bs
+
+    k = pool_k.permute(1, 0, 2).unsqueeze(0)  # [1, num_kv_heads, pool, head_size], a view
+    v = pool_v.permute(1, 0, 2).unsqueeze(0)
+    mask = _block_mask(mask_mod, kv_slots, kv_valid, q.shape[2], k.shape[2])
+    return dict(q=q, k=k, v=v, mask_mod=mask_mod, block_mask=mask, q_index=q_index,
+                q_valid=q_valid)  # fmt: skip
+
+
+def flex_forward(query, key, value, kv_cache, md: StepMetadata, kind: AttnKind) -> torch.Tensor:
+    """Cache write (ours), then one FlexAttention call over the physical pool."""
+    p = flex_plan(query, key, value, kv_cache, md, kind)
+    q, k = p["q"], p["k"]
+    o = _flex(query.device)(
+        q,
+        k,
+        p["v"],
+        block_mask=p["block_mask"],
+        scale=md.scale_for(query.shape[-1]),
+        enable_gqa=q.shape[1] != k.shape[1],
+    )
+    out = torch.zeros_like(query)
+    out[p["q_index"][p["q_valid"]]] = o.permute(0, 2, 1, 3)[p["q_valid"]].to(query.dtype)
+    return out
+
+
+class FlexBackend(BaseBackend):
+    """torch FlexAttention over the paged caches (compiled on CUDA, eager on the CPU)."""
+
+    name = "flex"
+    # FlexAttention's kernel multiplies the zero weights of masked slots in a visited tile by
+    # their values: a NaN there poisons the row (0 * NaN). Real pools hold finite stale data;
+    # the matrix gives this backend finite poison instead of NaN (a nonzero-weight read still
+    # fails). It also sums tiles in physical order, so a block permutation is checked against
+    # the reference's tolerance, not bit for bit.
+    finite_unowned_slots = True
+    bitwise_under_permutation = False
+
+    def unavailable_reason(self) -> str | None:
+        return flex_unavailable_reason()
+
+    def not_supported_reasons(self, query, key, value, kv_cache, metadata, attn_kind):
+        return [
+            *super().not_supported_reasons(query, key, value, kv_cache, metadata, attn_kind),
+            *strided_cache_reasons(kv_cache),
+        ]
+
+    def forward(self, query, key, value, kv_cache, metadata, attn_kind):
+        kind = check_inputs(query, key, value, kv_cache, metadata, attn_kind)
+        check_cache_layout(kv_cache)
+        query, key, value = contiguous(query, key, value)
+        return flex_forward(query, key, value, kv_cache, metadata, kind)
