@@ -117,7 +117,7 @@ def flex_plan(query, key, value, kv_cache, md: StepMetadata, kind: AttnKind) -> 
     from optimized.ops.reshape_and_cache import reshape_and_cache
 
     device = query.device
-    num_heads, head_size = query.shape[1:]
+    head_size = query.shape[-1]
     q_lens = md.query_lens_for(kind)
     kv_lens_t = torch.tensor(md.kv_lens_for(kind), device=device)
     q_index, q_valid = _token_index(q_lens, device)
@@ -174,8 +174,7 @@ def flex_plan(query, key, value, kv_cache, md: StepMetadata, kind: AttnKind) -> 
     k = pool_k.permute(1, 0, 2).unsqueeze(0)  # [1, num_kv_heads, pool, head_size], a view
     v = pool_v.permute(1, 0, 2).unsqueeze(0)
     mask = _block_mask(mask_mod, kv_slots, kv_valid, q.shape[2], k.shape[2])
-    return dict(q=q, k=k, v=v, mask_mod=mask_mod, block_mask=mask, q_index=q_index,
-                q_valid=q_valid)  # fmt: skip
+    return dict(q=q, k=k, v=v, mask_mod=mask_mod, block_mask=mask, q_index=q_index, q_valid=q_valid)
 
 
 def flex_forward(query, key, value, kv_cache, md: StepMetadata, kind: AttnKind) -> torch.Tensor:

@@ -26,22 +26,40 @@ def main() -> None:
         for head_size in (64, 256):
             for batch in (1, 16):
                 tag = f"vllm-h{heads}-d{head_size}-b{batch}"
-                draw = lambda: [rng.randint(1, MAX_LEN) for _ in range(batch)]
+                draw = lambda n=batch: [rng.randint(1, MAX_LEN) for _ in range(n)]
                 common = dict(num_heads=heads, head_size=head_size, block_size=16, dtype="float16")
                 enc, dec = draw(), draw()
                 lines.append(
-                    dict(name=f"{tag}-episode", attn_kind="episode", query_lens=dec,
-                         encoder_seq_lens=enc, decode_steps=1, **common)
+                    dict(
+                        name=f"{tag}-episode",
+                        attn_kind="episode",
+                        query_lens=dec,
+                        encoder_seq_lens=enc,
+                        decode_steps=1,
+                        **common,
+                    )
                 )
                 ctx = draw()
                 lines.append(
-                    dict(name=f"{tag}-dec-decode", attn_kind="decoder", query_lens=[1] * batch,
-                         context_lens=ctx, layout="shuffled", **common)
+                    dict(
+                        name=f"{tag}-dec-decode",
+                        attn_kind="decoder",
+                        query_lens=[1] * batch,
+                        context_lens=ctx,
+                        layout="shuffled",
+                        **common,
+                    )
                 )
                 lines.append(
-                    dict(name=f"{tag}-cross-decode", attn_kind="encoder_decoder",
-                         query_lens=[1] * batch, context_lens=ctx, encoder_seq_lens=draw(),
-                         layout="shuffled", **common)
+                    dict(
+                        name=f"{tag}-cross-decode",
+                        attn_kind="encoder_decoder",
+                        query_lens=[1] * batch,
+                        context_lens=ctx,
+                        encoder_seq_lens=draw(),
+                        layout="shuffled",
+                        **common,
+                    )
                 )
     OUT.parent.mkdir(parents=True, exist_ok=True)
     OUT.write_text("".join(json.dumps(x) + "\n" for x in lines))

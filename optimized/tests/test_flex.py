@@ -19,7 +19,10 @@ STEPS = [
 ]
 
 
-@pytest.mark.parametrize("kind,q,c,e,extra", STEPS, ids=[f"{s[0]}-{i}" for i, s in enumerate(STEPS)])
+IDS = [f"{s[0]}-{i}" for i, s in enumerate(STEPS)]
+
+
+@pytest.mark.parametrize("kind,q,c,e,extra", STEPS, ids=IDS)
 def test_mask_and_tiles_match_the_spec(kind, q, c, e, extra):
     from torch.nn.attention.flex_attention import create_mask
 
