@@ -219,7 +219,55 @@ def decode_rows(
     xf = _xformers_splitk(q, kc, vc, tables, kv_len, block_size, scale)
     if xf is not None:
         rows.append(row("xformers-splitk", xf))
+    fx = _flex_decode(q, kc, vc, tables, kv_len, causal, scale)
+    if fx is not None:
+        rows.append(row("flex", fx))
     return rows
+
+
+def _flex_decode(q, kc, vc, tables, kv_len, causal, scale):
+    """A callable running compiled FlexAttention on the same paged cache (the flex backend's
+    block mask and pool views; the query gather/scatter around it is left out, as for SDPA),
+    or None where FlexAttention cannot run."""
+    try:
+        from optimized.flex_backend import _compiled_flex, flex_plan
+        from reference.metadata import AttnKind, StepMetadata
+    except ImportError:
+        return None
+    batch, num_heads, head_size = q.shape
+    bs = kc.shape[1]
+    empty = torch.empty(0, dtype=torch.int64, device=q.device)
+    if causal:
+        kind = AttnKind.DECODER
+        md = StepMetadata(
+            query_lens=(1,) * batch,
+            context_lens=(kv_len - 1,) * batch,
+            block_size=bs,
+            block_tables=tables,
+            slot_mapping=empty,
+        )
+    else:
+        kind = AttnKind.ENCODER_DECODER
+        md = StepMetadata(
+            query_lens=(1,) * batch,
+            context_lens=(1,) * batch,
+            encoder_seq_lens=(kv_len,) * batch,
+            block_size=bs,
+            cross_block_tables=tables,
+            cross_slot_mapping=empty,
+        )
+    try:
+        p = flex_plan(q, None, None, (kc, vc), md, kind)
+        flex = _compiled_flex()
+        gqa = num_heads != kc.shape[2]
+        call = lambda: flex(
+            p["q"], p["k"], p["v"], block_mask=p["block_mask"], scale=scale, enable_gqa=gqa
+        )
+        call()
+    except Exception as e:  # a shape FlexAttention refuses: no row, said on stdout
+        print(f"# flex: no row ({type(e).__name__}: {str(e).splitlines()[0][:120]})")
+        return None
+    return call
 
 
 def _xformers_splitk(q, kc, vc, tables, kv_len, block_size, scale):
