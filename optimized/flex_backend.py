@@ -46,8 +46,23 @@ def flex_unavailable_reason() -> str | None:
 
 @functools.cache
 def _compiled_flex():
+    import torch._dynamo
     from torch.nn.attention.flex_attention import flex_attention
 
+    # Each new mask_mod closure (block size, causal, window) and shape class recompiles. Past
+    # dynamo's recompile limit (8) it would silently run FlexAttention's eager path instead,
+    # which materializes [seqs, heads, queries, pool] scores (686 GiB for a Whisper encoder
+    # step on the H100): raise the limit, and make hitting it an error, never a quiet fallback.
+    cfg = torch._dynamo.config
+    for name, value in (
+        ("recompile_limit", 4096),
+        ("cache_size_limit", 4096),
+        ("accumulated_recompile_limit", 1 << 16),
+        ("accumulated_cache_size_limit", 1 << 16),
+        ("fail_on_recompile_limit_hit", True),
+    ):
+        if hasattr(cfg, name):
+            setattr(cfg, name, value)
     return torch.compile(flex_attention, dynamic=True)
 
 
