@@ -234,7 +234,7 @@ def _flex_decode(q, kc, vc, tables, kv_len, causal, scale):
         from reference.metadata import AttnKind, StepMetadata
     except ImportError:
         return None
-    batch, num_heads, head_size = q.shape
+    batch, num_heads = q.shape[:2]
     bs = kc.shape[1]
     empty = torch.empty(0, dtype=torch.int64, device=q.device)
     if causal:
