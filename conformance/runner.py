@@ -269,7 +269,7 @@ def run_case(
 
     def fresh():
         copy = inputs.to(device, copy=True)
-        return _poison_finite(copy) if finite else copy
+        return poison_finite(copy) if finite else copy
 
     mine, problem = guarded(lambda: retry_on_oom(fresh, device))
     if problem:
@@ -448,7 +448,7 @@ def _check_same(
 POISON = 1000.0  # what unwritten slots hold for a backend with `finite_unowned_slots`
 
 
-def _poison_finite(inputs: Step | Episode) -> Step | Episode:
+def poison_finite(inputs: Step | Episode) -> Step | Episode:
     """`inputs` (a backend's own copy) with every non-finite cache value set to POISON, in
     place: large enough that any read with a nonzero weight still fails the comparison."""
     if inputs.kv_cache is not None:
