@@ -24,14 +24,8 @@ import functools
 
 import torch
 
-from optimized.backend import BaseBackend, contiguous
-from optimized.triton_backend import (
-    check_cache_layout,
-    strided_cache_reasons,
-    triton_unavailable_reason,
-)
+from optimized.triton_backend import TritonBackend, triton_unavailable_reason
 from reference.metadata import AttnKind, StepMetadata
-from reference.validation import check_inputs
 
 TILE = 128  # FlexAttention's KV block (and query block) size
 
@@ -209,8 +203,9 @@ def flex_forward(query, key, value, kv_cache, md: StepMetadata, kind: AttnKind) 
     return out
 
 
-class FlexBackend(BaseBackend):
-    """torch FlexAttention over the paged caches (compiled on CUDA, eager on the CPU)."""
+class FlexBackend(TritonBackend):
+    """torch FlexAttention over the paged caches (compiled on CUDA, eager on the CPU); the
+    validation, cache-layout rules and cache writes are the triton backend's."""
 
     name = "flex"
     # FlexAttention's kernel multiplies the zero weights of masked slots in a visited tile by
@@ -224,14 +219,5 @@ class FlexBackend(BaseBackend):
     def unavailable_reason(self) -> str | None:
         return flex_unavailable_reason()
 
-    def not_supported_reasons(self, query, key, value, kv_cache, metadata, attn_kind):
-        return [
-            *super().not_supported_reasons(query, key, value, kv_cache, metadata, attn_kind),
-            *strided_cache_reasons(kv_cache),
-        ]
-
-    def forward(self, query, key, value, kv_cache, metadata, attn_kind):
-        kind = check_inputs(query, key, value, kv_cache, metadata, attn_kind)
-        check_cache_layout(kv_cache)
-        query, key, value = contiguous(query, key, value)
+    def attend(self, query, key, value, kv_cache, metadata, kind) -> torch.Tensor:
         return flex_forward(query, key, value, kv_cache, metadata, kind)

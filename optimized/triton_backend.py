@@ -113,6 +113,10 @@ class TritonBackend(BaseBackend):
         kind = check_inputs(query, key, value, kv_cache, metadata, attn_kind)
         check_cache_layout(kv_cache)
         query, key, value = contiguous(query, key, value)
+        return self.attend(query, key, value, kv_cache, metadata, kind)
+
+    def attend(self, query, key, value, kv_cache, metadata, kind) -> torch.Tensor:
+        """Cache write and attention on validated, contiguous inputs (subclasses swap this)."""
         return triton_forward(query, key, value, kv_cache, metadata, kind, self.num_splits)
 
 
