@@ -82,13 +82,11 @@ def matrix_backends(config) -> list[tuple[object, str]]:
 
 
 def selected_cases(config) -> list[Case | Shape]:
+    """--case / --cases, else the cases around --model, else the tier's."""
     cases = select_cases(config.getoption("case"), config.getoption("cases"))
-    if cases is not None:
-        pass  # --case / --cases
-    elif config.getoption("model"):
-        cases = generate_for_models(config.getoption("tier"), config.getoption("model"))
-    else:
-        cases = generate(config.getoption("tier"))
+    if cases is None:
+        tier, model = config.getoption("tier"), config.getoption("model")
+        cases = generate_for_models(tier, model) if model else generate(tier)
     return shard(cases, config.getoption("shard"))
 
 
