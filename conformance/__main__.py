@@ -73,8 +73,7 @@ def _list_file(args, cases) -> int:
         w.writerows(rows)
     else:
         for c in cases:
-            spec = c.to_dict() if hasattr(c, "to_dict") else asdict(c)
-            text = " ".join(f"{k}={v}" for k, v in spec.items() if v not in (None, "", ()))
+            text = " ".join(f"{k}={v}" for k, v in c.to_dict().items() if v not in (None, "", ()))
             print(f"{c.id}  {text}")
     print(f"# {len(cases)} cases from {args.cases}", file=sys.stderr)
     return 0
@@ -322,7 +321,7 @@ def cmd_dump(args) -> int:
     np.savez_compressed(out_dir / "case.npz", **arrays)
     meta = {
         "case_id": case.id,
-        **(case.to_dict() if hasattr(case, "to_dict") else asdict(case)),
+        **case.to_dict(),
         "steps": [
             dict(
                 attn_kind=s.attn_kind.value,

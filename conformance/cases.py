@@ -172,8 +172,12 @@ class Case:
             cases_file="",
         )
 
+    def to_dict(self) -> dict:
+        """The axis values (a cases-file line; Shape.to_dict is the explicit shapes' one)."""
+        return asdict(self)
+
     def to_json(self) -> str:
-        return json.dumps(asdict(self))
+        return json.dumps(self.to_dict())
 
     @classmethod
     def from_dict(cls, obj: dict) -> Case:
