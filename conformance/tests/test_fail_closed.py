@@ -116,3 +116,23 @@ def test_a_low_precision_accumulator_fails_the_precision_class():
     for name in ("torch", "triton"):
         (good,) = _step_rows(runner.run_case(case, get_backend(name), timeout_s=600))
         assert good["status"] == "pass" and good["rms_ratio"] < 2.5, good
+
+
+@pytest.mark.parametrize("which", [CASE, EPISODE], ids=["step", "episode"])
+def test_expected_caches_replay_the_references_writes(which):
+    """The runner keeps only each step's writes; replayed onto the pristine caches they give
+    exactly (bitwise, NaN where unwritten) the caches the reference left after every step."""
+    from conformance.cases import build_inputs
+    from conformance.compare import compare_caches
+
+    inputs = build_inputs(which)
+    ref = inputs.with_fresh_cache()
+    pool = runner.ExpectedCaches(inputs)
+    steps = ref.steps if hasattr(ref, "steps") else (ref,)
+    for step in steps:
+        exp = runner.expect_step(step)
+        after = pool.advance(exp)
+        if step.kv_cache is not None:
+            assert compare_caches(after, step.kv_cache) == ""
+            slots = step.metadata.tables_for(step.attn_kind)[1]
+            assert len(exp.writes[0]) == int((slots >= 0).sum())  # rows, not whole caches
