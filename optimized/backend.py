@@ -12,6 +12,13 @@ head size, block size, kind, phase, ...): the same arguments as `forward`, nothi
 backend never sees the expected answer). The runner records a step with reasons as `skip` with
 those reasons; an exception raised by any of these methods is an `error` row, never a skip.
 A backend validates its inputs before it writes anything (`reference.validation.check_inputs`).
+
+Two optional class attributes relax what the matrix assumes, for kernels built that way (flex):
+`finite_unowned_slots = True` (the kernel multiplies zero weights into slots it does not own:
+its copy of the caches holds finite poison, 1000, instead of NaN where nothing was written; a
+read with nonzero weight still fails) and `bitwise_under_permutation = False` (it sums in
+physical block order: a block permutation is judged against the reference's tolerance instead
+of bit for bit). Both default to the strict behaviour.
 """
 
 from __future__ import annotations
