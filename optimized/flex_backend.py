@@ -8,8 +8,10 @@ Cache writes use our `reshape_and_cache`. Attention is one `flex_attention` call
             logical position through the inverse block table (`logical_block[seq, block]`,
             -1 where the sequence does not own the block) and applies the step's rules
             (position < kv_len, causal and window for decoder self-attention)
-    blocks: per sequence the 128-slot KV tiles that hold any of its slots, computed from the
-            block table (BlockMask.from_kv_blocks), so the kernel visits only those tiles
+    blocks: per sequence the KV tiles (128 slots in the matrix, one page in the bench) that
+            hold any of its slots, computed from the block table (BlockMask.from_kv_blocks), so
+            the kernel visits only those tiles; tiles every query row sees whole are listed
+            as full blocks, where the kernel skips mask_mod
 
 The encoder (no cache) reads the packed K/V as one sequence per batch entry the same way, its
 "table" being the packed offsets. On CUDA `flex_attention` is compiled (Triton, by inductor,
@@ -77,52 +79,86 @@ def _token_index(lens: tuple[int, ...], device) -> tuple[torch.Tensor, torch.Ten
     return torch.where(valid, starts[:, None] + j[None, :], 0), valid
 
 
-def kv_tiles(slots: torch.Tensor, valid: torch.Tensor, tile: int = TILE):
-    """Per sequence the sorted distinct KV tiles (slot // tile) its valid slots fall in.
+def kv_tiles(slots, valid, always, pool: int, tile: int = TILE):
+    """Per sequence the KV tiles (slot // tile) FlexAttention must visit, as BlockMask lists.
 
-    slots, valid: [num_seqs, max_kv_len]. Returns (counts [num_seqs], indices [num_seqs,
-    max_tiles]; unused entries repeat the last tile, as BlockMask expects in-range indices)."""
-    big = torch.iinfo(torch.int32).max
-    t = torch.where(valid, slots // tile, big).to(torch.int64)
-    t, _ = torch.sort(t, dim=1)
-    first = torch.ones_like(t, dtype=torch.bool)
-    first[:, 1:] = t[:, 1:] != t[:, :-1]
-    first &= t != big
-    counts = first.sum(1)
-    width = max(int(counts.max()), 1)
-    # Move each row's distinct tiles to its front (stable sort on "not first").
-    order = torch.sort((~first).to(torch.int8), dim=1, stable=True).indices
-    distinct = torch.gather(t, 1, order)[:, :width]
-    col = torch.arange(width, device=t.device)[None, :]
-    last = torch.gather(distinct, 1, (counts[:, None] - 1).clamp(min=0))
-    distinct = torch.where(col < counts[:, None], distinct, last)
-    distinct = torch.where(distinct == big, 0, distinct)
-    return counts.to(torch.int32), distinct.to(torch.int32)
+    slots: [num_seqs, max_kv_len] physical slot of each logical position; valid: [same] the
+    position is below the sequence's kv length; always: [same] every real query row sees it
+    (`valid` for cross/encoder, position <= context for causal decoder steps, nothing under a
+    window). A tile whose `tile` slots are all `always` slots of one sequence is *full*: the
+    kernel skips mask_mod there. Tiles holding any other valid slot are *partial*.
+    Returns (partial_counts [num_seqs], partial_indices [num_seqs, pool_tiles], full_counts,
+    full_indices): each row's tiles ascending first, then filler (BlockMask reads only the
+    first `count`, but wants room for every tile of the pool)."""
+    n_tiles = -(-pool // tile)
+    b = slots.shape[0]
+    tile_of = torch.where(valid, slots // tile, 0).long()
+    seen = torch.zeros(b, n_tiles, dtype=torch.int32, device=slots.device)
+    seen.scatter_add_(1, tile_of, valid.to(torch.int32))
+    # Full means `tile` distinct slots: count each (sequence, slot) once, even if a table were
+    # to name one block twice.
+    span = n_tiles * tile
+    rows = torch.arange(b, device=slots.device)[:, None].expand_as(slots)
+    keys = torch.unique((rows * span + slots.long())[valid & always])
+    full = torch.zeros_like(seen).flatten()
+    full.scatter_add_(
+        0, keys // span * n_tiles + keys % span // tile, torch.ones_like(keys, dtype=torch.int32)
+    )
+    is_full = full.view(b, n_tiles) == tile
+    is_partial = (seen > 0) & ~is_full
+
+    def listed(m):  # stable sort on "not listed" puts each row's listed tiles first, ascending
+        order = torch.sort((~m).to(torch.int8), dim=1, stable=True).indices
+        return m.sum(1).to(torch.int32), order.to(torch.int32)
+
+    return (*listed(is_partial), *listed(is_full))
 
 
-def _block_mask(mask_mod, kv_slots, kv_valid, num_q: int, num_kv: int):
+def _block_mask(mask_mod, kv_slots, kv_valid, kv_always, num_q: int, num_kv: int, kv_tile: int):
     from torch.nn.attention.flex_attention import BlockMask
 
-    counts, idx = kv_tiles(kv_slots, kv_valid)
-    q_tiles, kv_tiles_total = -(-num_q // TILE), -(-num_kv // TILE)
-    b = counts.shape[0]
-    if idx.shape[1] < kv_tiles_total:  # BlockMask wants room for every tile of the pool
-        pad = idx[:, -1:].expand(b, kv_tiles_total - idx.shape[1])
-        idx = torch.cat([idx, pad], dim=1)
-    kv_num_blocks = counts[:, None, None].expand(b, 1, q_tiles).contiguous()
-    kv_indices = idx[:, None, None, :].expand(b, 1, q_tiles, idx.shape[1]).contiguous()
+    counts, idx, full_counts, full_idx = kv_tiles(kv_slots, kv_valid, kv_always, num_kv, kv_tile)
+    q_tiles = -(-num_q // TILE)
+    b, width = idx.shape
+
+    def per_q_tile(c, i):  # the same lists for every query tile: [num_seqs, 1, q_tiles, ...]
+        return (
+            c[:, None, None].expand(b, 1, q_tiles).contiguous(),
+            i[:, None, None, :].expand(b, 1, q_tiles, width).contiguous(),
+        )
+
     return BlockMask.from_kv_blocks(
-        kv_num_blocks,
-        kv_indices,
-        BLOCK_SIZE=TILE,
+        *per_q_tile(counts, idx),
+        *per_q_tile(full_counts, full_idx),
+        BLOCK_SIZE=(TILE, kv_tile),
         mask_mod=mask_mod,
         seq_lengths=(num_q, num_kv),
     )
 
 
-def flex_plan(query, key, value, kv_cache, md: StepMetadata, kind: AttnKind) -> dict:
+def kv_tile_for(block_size: int) -> int:
+    """A KV tile of one page (16..128 slots): a tile then belongs to one sequence, so the kernel
+    reads only that sequence's pages. What FlexAttention's decode kernel takes; its main kernel
+    needs tiles that its BLOCK_N (64/128) divides, so the matrix keeps TILE."""
+    return max(16, min(TILE, 1 << (max(block_size, 1).bit_length() - 1)))
+
+
+def kernel_options(max_q: int, num_heads: int, num_kv_heads: int) -> dict:
+    """FlexAttention picks its decode kernel for short queries of a static batch and sizes its
+    row block as next_pow2(queries × group) from the first shape it compiles; past the 128-row
+    query tile no configuration is left (inductor: NoValidChoicesError). Force the main kernel
+    there (measured on the H100: single-sequence prefill steps of 19-37 tokens with GQA 4:1/8:1)."""
+    group = num_heads // num_kv_heads
+    rows = max_q * (1 << (group - 1).bit_length())
+    return {"FORCE_USE_FLEX_ATTENTION": True} if rows > TILE else {}
+
+
+def flex_plan(
+    query, key, value, kv_cache, md: StepMetadata, kind: AttnKind, kv_tile: int = TILE
+) -> dict:
     """Cache write (ours), then everything the FlexAttention call takes: q [num_seqs, heads,
-    max_q, d], k/v views of the pool, mask_mod, the block mask, and where the rows go back."""
+    max_q, d], k/v views of the pool, mask_mod, the block mask (KV tiles of `kv_tile` slots),
+    kernel options, and where the rows go back."""
     from optimized.ops.reshape_and_cache import reshape_and_cache
 
     device = query.device
@@ -143,7 +179,7 @@ def flex_plan(query, key, value, kv_cache, md: StepMetadata, kind: AttnKind) -> 
             pos = slot - starts[b]
             return (j < q_lens_t[b]) & (pos >= 0) & (pos < kv_lens_t[b])
 
-        kv_slots = kv_index
+        kv_slots, kv_always = kv_index, kv_valid
     else:
         key_cache, value_cache = kv_cache
         tables, slots = md.tables_for(kind)
@@ -179,11 +215,26 @@ def flex_plan(query, key, value, kv_cache, md: StepMetadata, kind: AttnKind) -> 
         kv_valid = p[None, :] < kv_lens_t[:, None]
         blk = torch.gather(t, 1, (p[None, :] // bs).clamp(max=width - 1).expand(n_seqs, -1))
         kv_slots = blk * bs + p[None, :] % bs
+        # Seen by every query row of its sequence: all of it across, up to the context
+        # (row 0's last position) when causal, nothing guaranteed under a window.
+        kv_always = kv_valid if not causal else (p[None, :] <= ctx[:, None]) & kv_valid
+        if window is not None:
+            kv_always = torch.zeros_like(kv_valid)
 
     k = pool_k.permute(1, 0, 2).unsqueeze(0)  # [1, num_kv_heads, pool, head_size], a view
     v = pool_v.permute(1, 0, 2).unsqueeze(0)
-    mask = _block_mask(mask_mod, kv_slots, kv_valid, q.shape[2], k.shape[2])
-    return dict(q=q, k=k, v=v, mask_mod=mask_mod, block_mask=mask, q_index=q_index, q_valid=q_valid)
+    mask = _block_mask(mask_mod, kv_slots, kv_valid, kv_always, q.shape[2], k.shape[2], kv_tile)
+    options = kernel_options(q.shape[2], q.shape[1], k.shape[1])
+    return dict(
+        q=q,
+        k=k,
+        v=v,
+        mask_mod=mask_mod,
+        block_mask=mask,
+        kernel_options=options,
+        q_index=q_index,
+        q_valid=q_valid,
+    )
 
 
 def flex_forward(query, key, value, kv_cache, md: StepMetadata, kind: AttnKind) -> torch.Tensor:
@@ -197,6 +248,7 @@ def flex_forward(query, key, value, kv_cache, md: StepMetadata, kind: AttnKind) 
         block_mask=p["block_mask"],
         scale=md.scale_for(query.shape[-1]),
         enable_gqa=q.shape[1] != k.shape[1],
+        kernel_options=p["kernel_options"] or None,
     )
     out = torch.zeros_like(query)
     out[p["q_index"][p["q_valid"]]] = o.permute(0, 2, 1, 3)[p["q_valid"]].to(query.dtype)
