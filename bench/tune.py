@@ -1,6 +1,6 @@
 """Sweeps that picked the launch parameters of our kernels (GPU), and the shapes `ncu` profiles.
 
-    python -m bench tune [--only decode splits cache chunk short weak d64 host few]
+    python -m bench tune [--only decode splits cache chunk short weak d64 host few fused]
     python -m bench profile          (each default kernel once: run it under ncu)
 
 `decode`: tile size × warps × stages, then split counts, on decode shapes with many programs;
@@ -9,7 +9,8 @@ of the cache write; `chunk`: the prefill tile; `short`: the query tile of a few 
 prefill, short chunks); `weak`: register caps, splits and stages on the decode shapes below the
 H100 targets; `d64`: small-tile launches on the named models' decode shapes; `host`: host time
 per call of the default and an explicit launch; `few`: splits and tiles for short contexts with
-few programs, timed from CUDA graphs. Their output picked `launch_candidates` and
+few programs, timed from CUDA graphs; `fused`: the split-K merge in the main kernel against the
+separate reduce launch (kernel time). Their output picked `launch_candidates` and
 `choose_num_splits` in optimized/ops/plan.py and `TOKENS_PER_PROGRAM` in optimized/ops/
 reshape_and_cache.py. (An earlier sweep also tried CUDA-core products on
 one row per program for MHA decode instead of 16-row tl.dot tiles: 1.5-2.5x slower on every
@@ -269,6 +270,21 @@ def tune_few() -> None:
         _report(name, _sweep(run, configs, measure=graph_ms), nbytes, top=6)
 
 
+def tune_fused() -> None:
+    """The split-K merge in the main kernel (its last split) against the separate reduce
+    launch, with the default launch choice and with the splits the sweeps found best; kernel
+    time from CUDA graphs."""
+    for name, *shape in FEW + SPLITS + WEAK[1:3]:
+        run, nbytes = _setup(*shape)
+        configs = [
+            dict(fused_reduce=f, **extra)
+            for extra in ({}, dict(num_splits=8), dict(num_splits=16))
+            for f in (True, False)
+        ]
+        for ms, cfg, regs in _sweep(run, configs, measure=graph_ms):
+            print(f"{name:26s} {cfg} {regs} {ms:.4f} ms {nbytes / ms / 1e6:.0f} GB/s", flush=True)
+
+
 def tune_host() -> None:
     """Host time per call (a grid so small that the GPU waits on the host): the default launch
     (memoized choice among candidates) against an explicit one."""
@@ -301,6 +317,7 @@ SECTIONS = {
     "d64": tune_d64,
     "host": tune_host,
     "few": tune_few,
+    "fused": tune_fused,
 }
 
 

@@ -20,8 +20,9 @@ BLOCK_M = BLOCK_Q * GROUP_PAD rows, row = token * GROUP_PAD + head-in-group. It 
 sequence's visible K/V in tiles of TILE_N tokens, translating each position through the block
 table, so it never reads a slot its sequence does not own. Online softmax in fp32 (exp2), fp32
 accumulation. With split-K (num_splits > 1) each program handles a contiguous range of kv tiles
-and writes (m, l, acc) partials; `_split_k_reduce_kernel` merges them (one output row per
-program on the GPU).
+and writes (m, l, acc) partials; with `fused_reduce` (a runtime flag: one compiled kernel) the
+last split of each (tile, kv head) to finish merges them (an arrival counter per (tile, kv head),
+reset by that last program); otherwise `_split_k_reduce_kernel` merges them in a second launch.
 
 Compiles vs speed: what shapes the inner loop is a constexpr (dtype, BLOCK_M, GROUP_PAD, padded
 head size, power-of-two head size, TILE_N, paged, power-of-two block size, causal, window).
@@ -51,6 +52,7 @@ import triton.language as tl
         "stride_bt_seq",
         "group",
         "head_size",
+        "fused_reduce",
     ]
 )
 def _paged_attention_kernel(
@@ -69,6 +71,7 @@ def _paged_attention_kernel(
     part_m_ptr,
     part_l_ptr,
     part_acc_ptr,
+    arrivals_ptr,
     scale_log2,
     sliding_window,
     block_size,
@@ -88,6 +91,7 @@ def _paged_attention_kernel(
     stride_bt_seq,
     group,
     head_size,
+    fused_reduce,
     BLOCK_M: tl.constexpr,
     GROUP_PAD: tl.constexpr,
     HEAD_PAD: tl.constexpr,
@@ -203,10 +207,49 @@ def _paged_attention_kernel(
             mask=row_valid[:, None] & d_valid[None, :],
         )
     else:
-        part = ((tile * tl.num_programs(1) + kv_head) * num_splits + split).to(tl.int64) * BLOCK_M
+        first = ((tile * tl.num_programs(1) + kv_head) * num_splits).to(tl.int64) * BLOCK_M
+        part = first + split * BLOCK_M
         tl.store(part_m_ptr + part + rows, m_i)
         tl.store(part_l_ptr + part + rows, l_i)
         tl.store(part_acc_ptr + (part + rows)[:, None] * HEAD_PAD + d[None, :], acc)
+        if fused_reduce != 0:
+            # The last split of this (tile, kv head) to finish merges all partials, so no
+            # second kernel: every thread's stores are issued (barrier) before the arrival is
+            # counted with release semantics; the last arrival acquires, reads the partials
+            # from L2 (.cg: never a stale L1 line) and resets the counter for the next launch.
+            tl.debug_barrier()
+            arrivals = arrivals_ptr + tile * tl.num_programs(1) + kv_head
+            arrived = tl.atomic_add(arrivals, 1, sem="acq_rel")
+            if arrived == num_splits - 1:
+                tl.atomic_xchg(arrivals, 0, sem="relaxed")
+                m_o = tl.full([BLOCK_M], float("-inf"), tl.float32)
+                l_o = tl.zeros([BLOCK_M], tl.float32)
+                acc_o = tl.zeros([BLOCK_M, HEAD_PAD], tl.float32)
+                for sp in range(0, num_splits):  # a fixed order: the result is deterministic
+                    at = first + sp * BLOCK_M + rows
+                    m_s = tl.load(part_m_ptr + at, cache_modifier=".cg")
+                    l_s = tl.load(part_l_ptr + at, cache_modifier=".cg")
+                    acc_s = tl.load(
+                        part_acc_ptr + at[:, None] * HEAD_PAD + d[None, :], cache_modifier=".cg"
+                    )
+                    m_new = tl.maximum(m_o, m_s)
+                    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # empty so far
+                    a_o = tl.exp2(m_o - m_safe)
+                    a_s = tl.exp2(m_s - m_safe)
+                    l_o = l_o * a_o + l_s * a_s
+                    acc_o = acc_o * a_o[:, None] + acc_s * a_s[:, None]
+                    m_o = m_new
+                out = acc_o / tl.where(l_o == 0.0, 1.0, l_o)[:, None]
+                o_offs = (
+                    (q_start + q_idx)[:, None] * stride_o_tok
+                    + head[:, None] * stride_o_head
+                    + d[None, :]
+                )
+                tl.store(
+                    out_ptr + o_offs,
+                    out.to(out_ptr.dtype.element_ty),
+                    mask=row_valid[:, None] & d_valid[None, :],
+                )
 
 
 @triton.jit(do_not_specialize=["num_splits", "group", "group_pad", "part_rows", "head_size"])

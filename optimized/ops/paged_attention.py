@@ -1,5 +1,6 @@
 """The paged-attention launcher: validates layouts, asks the plan (`optimized/ops/plan.py`) for
-tiles, launch and split count, runs `_paged_attention_kernel` and, with split-K, the reduce.
+tiles, launch and split count, runs `_paged_attention_kernel` (with split-K its last split
+merges the partials; `fused_reduce=False` runs the separate reduce instead).
 
 Shapes as in `optimized/kernels/paged_attention.py`.
 """
@@ -23,6 +24,26 @@ def _unused_fp32(device: torch.device) -> torch.Tensor:
     """A stand-in for the partials when there is no split (never read or written): one per
     device, not an allocation per call."""
     return torch.empty(1, dtype=torch.float32, device=device)
+
+
+_ARRIVALS: dict[torch.device, torch.Tensor] = {}
+
+
+def _arrivals(device: torch.device, n: int) -> torch.Tensor:
+    """The fused reduce's arrival counters, one int32 per (tile, kv head), zero between launches
+    (the last program of each resets its own): allocated once per device and grown in powers of
+    two, never inside a CUDA-graph capture. Launches on one device share them, so they must not
+    run concurrently on two streams."""
+    have = _ARRIVALS.get(device)
+    if have is None or have.numel() < n:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError(
+                f"paged_attention: {n} split-K arrival counters needed inside a CUDA-graph "
+                "capture; run the shape once before capturing it"
+            )
+        have = torch.zeros(max(4096, next_power_of_2(n)), dtype=torch.int32, device=device)
+        _ARRIVALS[device] = have
+    return have
 
 
 _RESIDENT: dict[tuple, int] = {}  # one entry per compiled variant
@@ -78,6 +99,7 @@ def paged_attention(
     num_stages: int | None = None,
     reduce_rows: int | None = None,
     maxnreg: int | None = None,
+    fused_reduce: bool | None = None,
 ) -> torch.Tensor:
     """Attention of packed `query` over paged (or packed, `paged=False`) K/V; returns `out`.
 
@@ -87,6 +109,10 @@ def paged_attention(
     reduce_rows: output rows per split-K reduce program (default on the GPU: as many as ~8k fp32
     partials allow, 1 keeps the split count padded to 32; in the interpreter a tile).
     maxnreg: a register cap per thread for the main kernel (tuning: more resident programs).
+    fused_reduce: with split-K, the last split of each (tile, kv head) merges the partials in the
+    main kernel (no second launch); False runs `_split_k_reduce_kernel` after it; None (default)
+    fuses up to `plan.FUSED_REDUCE_MAX_SPLITS` splits, where the last program's serial merge is
+    shorter than a second launch.
     """
     if query.dim() != 3 or query.stride(-1) != 1:
         raise ValueError(
@@ -158,7 +184,9 @@ def paged_attention(
         DOT_PRECISION="ieee" if fp32 else "tf32",
     )
 
-    def kernel_args(splits: int, tiles_per_split: int, part_m, part_l, part_acc) -> tuple:
+    def kernel_args(
+        splits: int, tiles_per_split: int, part_m, part_l, part_acc, arrivals, fuse=False
+    ) -> tuple:
         return (
             out,
             query,
@@ -175,6 +203,7 @@ def paged_attention(
             part_m,
             part_l,
             part_acc,
+            arrivals,
             scale * LOG2E,
             window,
             block_size,
@@ -194,6 +223,7 @@ def paged_attention(
             bt.stride(0),
             group,
             head_size,
+            int(fuse),
         )
 
     if interpreting():  # no registers to read: the split rule alone
@@ -209,11 +239,12 @@ def paged_attention(
         choice = _CHOSEN.get(key)
         if choice is None:
             unused = _unused_fp32(query.device)
+            unused_i32 = _arrivals(query.device, 1)
             tile_bytes = 2 * head_pad * query.element_size()
             options = []
             for c in cands:
                 auto, _ = splits_for(c)
-                make_args = lambda s=auto: kernel_args(s, 1, unused, unused, unused)
+                make_args = lambda s=auto: kernel_args(s, 1, unused, unused, unused, unused_i32)
                 resident = _resident(c, variant, meta, make_args)
                 for s in (auto, 1) if num_splits is None and auto > 1 else (auto,):
                     options.append(Option(c, s, resident, num_programs * s, c.tile_n * tile_bytes))
@@ -230,16 +261,20 @@ def paged_attention(
         part_acc = torch.empty(part_rows, head_pad, dtype=torch.float32, device=query.device)
     else:  # unused; fp32 like the real partials, so both cases share one compiled kernel
         part_m = part_l = part_acc = _unused_fp32(query.device)
+    if fused_reduce is None:
+        fused_reduce = num_splits <= plan.FUSED_REDUCE_MAX_SPLITS
+    fused_reduce = fused_reduce and num_splits > 1
+    arrivals = _arrivals(query.device, num_programs if fused_reduce else 1)
     grid = (num_tiles, num_kv_heads, num_splits)
     _paged_attention_kernel[grid](
-        *kernel_args(num_splits, tiles_per_split, part_m, part_l, part_acc),
+        *kernel_args(num_splits, tiles_per_split, part_m, part_l, part_acc, arrivals, fused_reduce),
         **meta,
         TILE_N=cfg.tile_n,
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
         **({} if maxnreg is None else dict(maxnreg=maxnreg)),
     )
-    if num_splits > 1:
+    if num_splits > 1 and not fused_reduce:
         splits_pad = next_power_of_2(num_splits)
         if interpreting():
             rows = reduce_rows or block_m

@@ -228,6 +228,11 @@ def pick_launch(options: list[Option], num_sms: int) -> int:
 
 
 MAX_AUTO_SPLITS = 32
+# Up to this many splits the last split merges the partials in the main kernel (no reduce
+# launch): H100 kernel time, GQA 8:1 batch 16 ctx 1k, 4 splits: 28.3 µs fused vs 30.1 µs with
+# the reduce launch; at 8 splits even; at 16-32 the last program's serial merge costs more
+# (batch 4 ctx 32k, 32 splits: 120 vs 113 µs). reports/results/h100/tune.txt, "fused".
+FUSED_REDUCE_MAX_SPLITS = 4
 
 
 @functools.cache

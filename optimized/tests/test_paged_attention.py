@@ -17,7 +17,18 @@ from reference import attention
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
-@pytest.mark.parametrize("num_splits,reduce_rows", [(1, None), (2, None), (7, None), (3, 1)])
+@pytest.mark.parametrize(
+    "num_splits,reduce_rows,fused",
+    [
+        (1, None, True),
+        (2, None, True),
+        (7, None, True),
+        (2, None, False),
+        (7, None, False),
+        (3, 1, False),
+    ],
+    ids=["1", "2-fused", "7-fused", "2-reduce", "7-reduce", "3-reduce-row"],
+)
 @pytest.mark.parametrize("block_size", [1, 8, 32])
 @pytest.mark.parametrize(
     "heads,kv_heads,head_size,window",
@@ -26,7 +37,7 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 )
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_decode_variants_match_reference(
-    heads, kv_heads, head_size, window, block_size, num_splits, reduce_rows, dtype
+    heads, kv_heads, head_size, window, block_size, num_splits, reduce_rows, fused, dtype
 ):
     step = build_step(
         "decoder",
@@ -60,9 +71,54 @@ def test_decode_variants_match_reference(
         num_splits=num_splits,
         tile_n=16,
         reduce_rows=reduce_rows,  # 1: the GPU's one row per reduce program
+        fused_reduce=fused,
     )
     comp = compare_output(step, out.cpu(), ref)
     assert comp.ok, comp.reason
+
+
+def test_fused_reduce_leaves_its_counters_at_zero_and_repeats_bit_for_bit():
+    """The last split of each (tile, kv head) resets its arrival counter: a second launch
+    (a graph replay) finds them at zero and gives the same bits; the separate reduce agrees."""
+    from optimized.ops import paged_attention as pa
+
+    step = build_step(
+        "decoder",
+        (1, 1),
+        (90, 33),
+        block_size=8,
+        num_heads=8,
+        num_kv_heads=2,
+        head_size=32,
+        seed=3,
+        layout="shuffled",
+    )
+    ref_step = step.with_fresh_cache()
+    attention(*ref_step.args())
+    key_cache, value_cache = (c.to(DEVICE) for c in ref_step.kv_cache)
+    md = step.metadata
+    schedule = make_schedule(
+        md.query_lens, md.kv_lens_for(step.attn_kind), md.context_lens, 4, DEVICE
+    )
+
+    def run(fused):
+        return paged_attention(
+            step.query.to(DEVICE),
+            key_cache,
+            value_cache,
+            md.block_tables.to(DEVICE),
+            schedule,
+            causal=True,
+            scale=md.scale_for(32),
+            num_splits=3,
+            tile_n=16,
+            fused_reduce=fused,
+        )
+
+    first = run(True)
+    assert int(pa._ARRIVALS[first.device].abs().sum()) == 0
+    assert torch.equal(run(True), first)
+    torch.testing.assert_close(run(False), first, rtol=1e-5, atol=1e-5)
 
 
 H100_SMEM = 232_448  # shared memory per block (opt-in) the H100 and H200 report
