@@ -143,7 +143,7 @@ def decode_rows(
     peers: bool = True,
 ) -> list[Row]:
     """One decode token per sequence over `kv_len` cached tokens: ours, xFormers split-K,
-    SDPA on contiguous K/V, and the copy limit."""
+    SDPA on contiguous K/V, FlexAttention on the same paged cache, and the copy limit."""
     dt = DT[dtype]
     kc, vc, tables = _paged_kv(batch, kv_len, num_kv_heads, head_size, block_size, dt)
     q = torch.randn(batch, num_heads, head_size, device="cuda", dtype=dt)
@@ -219,18 +219,21 @@ def decode_rows(
     xf = _xformers_splitk(q, kc, vc, tables, kv_len, block_size, scale)
     if xf is not None:
         rows.append(row("xformers-splitk", xf))
-    fx = _flex_decode(q, kc, vc, tables, kv_len, causal, scale)
+    ours = paged_attention(q, kc, vc, tables, sched, causal=causal, scale=scale)
+    fx = _flex_decode(q, kc, vc, tables, kv_len, causal, scale, ours)
     if fx is not None:
         rows.append(row("flex", fx))
     return rows
 
 
-def _flex_decode(q, kc, vc, tables, kv_len, causal, scale):
+def _flex_decode(q, kc, vc, tables, kv_len, causal, scale, expected):
     """A callable running compiled FlexAttention on the same paged cache (the flex backend's
-    block mask and pool views; the query gather/scatter around it is left out, as for SDPA),
-    or None where FlexAttention cannot run."""
+    mask and pool views; KV tiles of one page, full pages skip the mask; batch and heads
+    static, as a serving engine capturing one CUDA graph per batch size has them, so
+    FlexAttention's decode kernel serves it; the query gather/scatter around it is left out, as
+    for SDPA), or None where FlexAttention cannot run or disagrees with `expected` (ours)."""
     try:
-        from optimized.flex_backend import _compiled_flex, flex_plan
+        from optimized.flex_backend import _compiled_flex, flex_plan, kv_tile_for
         from reference.metadata import AttnKind, StepMetadata
     except ImportError:
         return None
@@ -257,15 +260,27 @@ def _flex_decode(q, kc, vc, tables, kv_len, causal, scale):
             cross_slot_mapping=empty,
         )
     try:
-        p = flex_plan(q, None, None, (kc, vc), md, kind)
+        p = flex_plan(q, None, None, (kc, vc), md, kind, kv_tile=kv_tile_for(bs))
         flex = _compiled_flex()
+        torch._dynamo.mark_static(p["q"], 0)  # the decode kernel needs a static batch/heads
+        torch._dynamo.mark_static(p["q"], 1)
         gqa = num_heads != kc.shape[2]
         call = lambda: flex(
-            p["q"], p["k"], p["v"], block_mask=p["block_mask"], scale=scale, enable_gqa=gqa
+            p["q"],
+            p["k"],
+            p["v"],
+            block_mask=p["block_mask"],
+            scale=scale,
+            enable_gqa=gqa,
+            kernel_options=p["kernel_options"] or None,
         )
-        call()
+        got = call()[:, :, 0].to(torch.float32)  # [batch, heads, head_size]
     except Exception as e:  # a shape FlexAttention refuses: no row, said on stdout
         print(f"# flex: no row ({type(e).__name__}: {str(e).splitlines()[0][:120]})")
+        return None
+    err = (got - expected.to(torch.float32)).abs().max().item()
+    if not err <= 2e-2:  # a peer that computes something else is not timed
+        print(f"# flex: no row (max abs difference {err:.3g} from ours)")
         return None
     return call
 
