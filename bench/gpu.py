@@ -233,11 +233,13 @@ def _flex_decode(q, kc, vc, tables, kv_len, causal, scale, expected):
     FlexAttention's decode kernel serves it; the query gather/scatter around it is left out, as
     for SDPA), or None where FlexAttention cannot run or disagrees with `expected` (ours)."""
     try:
-        from optimized.flex_backend import _compiled_flex, flex_plan, kv_tile_for
+        from torch import _dynamo
+
+        from optimized.flex_backend import flex_attend, flex_plan, kv_tile_for
         from reference.metadata import AttnKind, StepMetadata
     except ImportError:
         return None
-    batch, num_heads = q.shape[:2]
+    batch = q.shape[0]
     bs = kc.shape[1]
     empty = torch.empty(0, dtype=torch.int64, device=q.device)
     if causal:
@@ -261,19 +263,9 @@ def _flex_decode(q, kc, vc, tables, kv_len, causal, scale, expected):
         )
     try:
         p = flex_plan(q, None, None, (kc, vc), md, kind, kv_tile=kv_tile_for(bs))
-        flex = _compiled_flex()
-        torch._dynamo.mark_static(p["q"], 0)  # the decode kernel needs a static batch/heads
-        torch._dynamo.mark_static(p["q"], 1)
-        gqa = num_heads != kc.shape[2]
-        call = lambda: flex(
-            p["q"],
-            p["k"],
-            p["v"],
-            block_mask=p["block_mask"],
-            scale=scale,
-            enable_gqa=gqa,
-            kernel_options=p["kernel_options"] or None,
-        )
+        _dynamo.mark_static(p["q"], 0)  # the decode kernel needs a static batch/heads
+        _dynamo.mark_static(p["q"], 1)
+        call = lambda: flex_attend(p, scale)
         got = call()[:, :, 0].to(torch.float32)  # [batch, heads, head_size]
     except Exception as e:  # a shape FlexAttention refuses: no row, said on stdout
         print(f"# flex: no row ({type(e).__name__}: {str(e).splitlines()[0][:120]})")

@@ -237,19 +237,24 @@ def flex_plan(
     )
 
 
-def flex_forward(query, key, value, kv_cache, md: StepMetadata, kind: AttnKind) -> torch.Tensor:
-    """Cache write (ours), then one FlexAttention call over the physical pool."""
-    p = flex_plan(query, key, value, kv_cache, md, kind)
+def flex_attend(p: dict, scale: float) -> torch.Tensor:
+    """The FlexAttention call a `flex_plan` describes: [num_seqs, num_heads, max_q, head_size]."""
     q, k = p["q"], p["k"]
-    o = _flex(query.device)(
+    return _flex(q.device)(
         q,
         k,
         p["v"],
         block_mask=p["block_mask"],
-        scale=md.scale_for(query.shape[-1]),
+        scale=scale,
         enable_gqa=q.shape[1] != k.shape[1],
         kernel_options=p["kernel_options"] or None,
     )
+
+
+def flex_forward(query, key, value, kv_cache, md: StepMetadata, kind: AttnKind) -> torch.Tensor:
+    """Cache write (ours), then one FlexAttention call over the physical pool."""
+    p = flex_plan(query, key, value, kv_cache, md, kind)
+    o = flex_attend(p, md.scale_for(query.shape[-1]))
     out = torch.zeros_like(query)
     out[p["q_index"][p["q_valid"]]] = o.permute(0, 2, 1, 3)[p["q_valid"]].to(query.dtype)
     return out
