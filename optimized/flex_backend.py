@@ -143,11 +143,25 @@ def kv_tile_for(block_size: int) -> int:
     return max(16, min(TILE, 1 << (max(block_size, 1).bit_length() - 1)))
 
 
-def kernel_options(max_q: int, num_heads: int, num_kv_heads: int) -> dict:
-    """FlexAttention picks its decode kernel for short queries of a static batch and sizes its
-    row block as next_pow2(queries × group) from the first shape it compiles; past the 128-row
-    query tile no configuration is left (inductor: NoValidChoicesError). Force the main kernel
-    there (measured on the H100: single-sequence prefill steps of 19-37 tokens with GQA 4:1/8:1)."""
+# fp32 steps of one sequence: FlexAttention's kernel choice with default blocks left ptxas
+# compiling for > 230 s (H100, torch 2.11: cross-prefill-single-...-d80-fp32 and
+# encoder-prefill-single-...-d256-fp32; the stack sat in triton's make_cubin), where the main
+# kernel with 32 x 32 blocks and one stage compiled in 14-21 s.
+FP32_ONE_SEQUENCE = {"FORCE_USE_FLEX_ATTENTION": True, "BLOCK_M": 32, "BLOCK_N": 32}
+FP32_ONE_SEQUENCE |= {"num_stages": 1, "num_warps": 4}
+
+
+def kernel_options(
+    max_q: int, num_heads: int, num_kv_heads: int, num_seqs: int = 2, fp32: bool = False
+) -> dict:
+    """FlexAttention picks its decode kernel for short queries of a static batch (here: one
+    sequence, the one batch size a dynamic-shape compile specializes) and sizes its row block as
+    next_pow2(queries × group) from the first shape it compiles; past the 128-row query tile no
+    configuration is left (inductor: NoValidChoicesError). Force the main kernel there
+    (measured on the H100: single-sequence prefill steps of 19-37 tokens with GQA 4:1/8:1), and
+    give one-sequence fp32 steps the main kernel with small blocks (`FP32_ONE_SEQUENCE`)."""
+    if fp32 and num_seqs == 1:
+        return dict(FP32_ONE_SEQUENCE)
     group = num_heads // num_kv_heads
     rows = max_q * (1 << (group - 1).bit_length())
     return {"FORCE_USE_FLEX_ATTENTION": True} if rows > TILE else {}
@@ -224,7 +238,9 @@ def flex_plan(
     k = pool_k.permute(1, 0, 2).unsqueeze(0)  # [1, num_kv_heads, pool, head_size], a view
     v = pool_v.permute(1, 0, 2).unsqueeze(0)
     mask = _block_mask(mask_mod, kv_slots, kv_valid, kv_always, q.shape[2], k.shape[2], kv_tile)
-    options = kernel_options(q.shape[2], q.shape[1], k.shape[1])
+    options = kernel_options(
+        q.shape[2], q.shape[1], k.shape[1], q.shape[0], q.dtype == torch.float32
+    )
     return dict(
         q=q,
         k=k,

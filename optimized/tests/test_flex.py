@@ -106,3 +106,8 @@ def test_kernel_options_force_the_main_kernel_past_one_query_tile():
     assert kernel_options(37, 8, 2) == {"FORCE_USE_FLEX_ATTENTION": True}
     assert kernel_options(127, 4, 4) == {}
     assert kernel_options(129, 4, 4) == {"FORCE_USE_FLEX_ATTENTION": True}
+    # One fp32 sequence: the main kernel with small blocks (ptxas stalled on the default).
+    small = kernel_options(19, 8, 2, num_seqs=1, fp32=True)
+    assert small["FORCE_USE_FLEX_ATTENTION"] and small["BLOCK_M"] == small["BLOCK_N"] == 32
+    assert kernel_options(19, 8, 2, num_seqs=2, fp32=True) == {}
+    assert kernel_options(19, 8, 2, num_seqs=1, fp32=False) == {}
