@@ -1,6 +1,6 @@
 """Sweeps that picked the launch parameters of our kernels (GPU), and the shapes `ncu` profiles.
 
-    python -m bench tune [--only decode splits cache chunk short weak d64 host few fused prefetch]
+    python -m bench tune [--only decode splits cache chunk short weak d64 host few fused]
     python -m bench profile          (each default kernel once: run it under ncu)
 
 `decode`: tile size × warps × stages, then split counts, on decode shapes with many programs;
@@ -10,11 +10,11 @@ prefill, short chunks); `weak`: register caps, splits and stages on the decode s
 H100 targets; `d64`: small-tile launches on the named models' decode shapes; `host`: host time
 per call of the default and an explicit launch; `few`: splits and tiles for short contexts with
 few programs, timed from CUDA graphs; `fused`: the split-K merge in the main kernel against the
-separate reduce launch (kernel time); `prefetch`: block numbers loaded a K/V tile ahead.
-Their output picked `launch_candidates` and `choose_num_splits` in optimized/ops/plan.py and
-`TOKENS_PER_PROGRAM` in optimized/ops/reshape_and_cache.py. (An earlier sweep also tried
-CUDA-core products on one row per program for MHA decode instead of 16-row tl.dot tiles:
-1.5-2.5x slower on every shape, so it is gone.)
+separate reduce launch (kernel time). Their output picked `launch_candidates` and
+`choose_num_splits` in optimized/ops/plan.py and `TOKENS_PER_PROGRAM` in optimized/ops/
+reshape_and_cache.py. (An earlier sweep also tried CUDA-core products on
+one row per program for MHA decode instead of 16-row tl.dot tiles: 1.5-2.5x slower on every
+shape, so it is gone.)
 """
 
 from __future__ import annotations
@@ -285,25 +285,6 @@ def tune_fused() -> None:
             print(f"{name:26s} {cfg} {regs} {ms:.4f} ms {nbytes / ms / 1e6:.0f} GB/s", flush=True)
 
 
-def tune_prefetch() -> None:
-    """The next K/V tile's block numbers loaded one iteration ahead (`prefetch_table`) against
-    loading them in the iteration that uses them, with the default launch and 3-stage ones;
-    kernel time from CUDA graphs."""
-    seen = set()
-    for name, *shape in FEW + WEAK + DECODE:
-        if tuple(shape) in seen:
-            continue
-        seen.add(tuple(shape))
-        run, nbytes = _setup(*shape)
-        configs = [
-            dict(prefetch_table=p, **extra)
-            for extra in ({}, dict(tile_n=32, num_warps=4, num_stages=3), dict(num_stages=3))
-            for p in (False, True)
-        ]
-        for ms, cfg, regs in _sweep(run, configs, measure=graph_ms):
-            print(f"{name:26s} {cfg} {regs} {ms:.4f} ms {nbytes / ms / 1e6:.0f} GB/s", flush=True)
-
-
 def tune_host() -> None:
     """Host time per call (a grid so small that the GPU waits on the host): the default launch
     (memoized choice among candidates) against an explicit one."""
@@ -337,7 +318,6 @@ SECTIONS = {
     "host": tune_host,
     "few": tune_few,
     "fused": tune_fused,
-    "prefetch": tune_prefetch,
 }
 
 

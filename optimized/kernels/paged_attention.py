@@ -103,7 +103,6 @@ def _paged_attention_kernel(
     WINDOW: tl.constexpr,
     UPCAST_DOT: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
-    PREFETCH_TABLE: tl.constexpr = False,
 ):
     BLOCK_Q: tl.constexpr = BLOCK_M // GROUP_PAD
     tile = tl.program_id(0)
@@ -151,15 +150,6 @@ def _paged_attention_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_PAD], tl.float32)
-    table_row = block_tables_ptr + seq * stride_bt_seq
-    if PAGED and PREFETCH_TABLE:
-        # The first tile's block numbers; each iteration then loads the next tile's, so no K/V
-        # address waits on a block-table load inside the loop.
-        n_next = t_begin * TILE_N + tl.arange(0, TILE_N)
-        if POW2_BLOCK:
-            block_next = tl.load(table_row + (n_next >> block_shift), mask=n_next < kv_end, other=0)
-        else:
-            block_next = tl.load(table_row + n_next // block_size, mask=n_next < kv_end, other=0)
     for t in range(t_begin, t_end):
         n = t * TILE_N + tl.arange(0, TILE_N)
         n_valid = n < kv_end
@@ -168,16 +158,9 @@ def _paged_attention_kernel(
                 logical, offset = n >> block_shift, n & (block_size - 1)
             else:
                 logical, offset = n // block_size, n % block_size
-            if PREFETCH_TABLE:
-                block = block_next.to(tl.int64)
-                n_next = n + TILE_N
-                if POW2_BLOCK:
-                    logical_next = n_next >> block_shift
-                else:
-                    logical_next = n_next // block_size
-                block_next = tl.load(table_row + logical_next, mask=n_next < kv_end, other=0)
-            else:
-                block = tl.load(table_row + logical, mask=n_valid, other=0).to(tl.int64)
+            block = tl.load(
+                block_tables_ptr + seq * stride_bt_seq + logical, mask=n_valid, other=0
+            ).to(tl.int64)
             k_row = block * stride_kc_block + offset * stride_kc_tok
             v_row = block * stride_vc_block + offset * stride_vc_tok
         else:

@@ -100,7 +100,6 @@ def paged_attention(
     reduce_rows: int | None = None,
     maxnreg: int | None = None,
     fused_reduce: bool | None = None,
-    prefetch_table: bool = False,
 ) -> torch.Tensor:
     """Attention of packed `query` over paged (or packed, `paged=False`) K/V; returns `out`.
 
@@ -183,7 +182,6 @@ def paged_attention(
         UPCAST_DOT=interpreting() and query.dtype == torch.bfloat16,
         # fp32 inputs get true fp32 products (no TF32): the fp32 tolerance assumes it.
         DOT_PRECISION="ieee" if fp32 else "tf32",
-        PREFETCH_TABLE=paged and prefetch_table,
     )
 
     def kernel_args(

@@ -18,18 +18,16 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 @pytest.mark.parametrize(
-    "num_splits,reduce_rows,fused,prefetch",
+    "num_splits,reduce_rows,fused",
     [
-        (1, None, True, False),
-        (2, None, True, False),
-        (7, None, True, False),
-        (2, None, False, False),
-        (7, None, False, False),
-        (3, 1, False, False),
-        (1, None, True, True),
-        (7, None, True, True),
+        (1, None, True),
+        (2, None, True),
+        (7, None, True),
+        (2, None, False),
+        (7, None, False),
+        (3, 1, False),
     ],
-    ids=["1", "2-fused", "7-fused", "2-reduce", "7-reduce", "3-reduce-row", "1-pf", "7-fused-pf"],
+    ids=["1", "2-fused", "7-fused", "2-reduce", "7-reduce", "3-reduce-row"],
 )
 @pytest.mark.parametrize("block_size", [1, 8, 32])
 @pytest.mark.parametrize(
@@ -39,7 +37,7 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 )
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_decode_variants_match_reference(
-    heads, kv_heads, head_size, window, block_size, num_splits, reduce_rows, fused, prefetch, dtype
+    heads, kv_heads, head_size, window, block_size, num_splits, reduce_rows, fused, dtype
 ):
     step = build_step(
         "decoder",
@@ -74,7 +72,6 @@ def test_decode_variants_match_reference(
         tile_n=16,
         reduce_rows=reduce_rows,  # 1: the GPU's one row per reduce program
         fused_reduce=fused,
-        prefetch_table=prefetch,
     )
     comp = compare_output(step, out.cpu(), ref)
     assert comp.ok, comp.reason
