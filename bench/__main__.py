@@ -4,6 +4,8 @@ CPU benchmarks of the reference and torch backend (pytest-benchmark), also to be
     python -m bench [--out reports/out/bench.csv] [--quick] [--only WORKLOAD ...]
     python -m bench tune [--only SECTION ...]   (launch-parameter sweeps, see bench/tune.py)
     python -m bench profile   (the weak-spot kernels once each, to run under ncu)
+    python -m bench limits [--bench reports/out/bench.csv] [--out reports/out/limits.csv]
+                              (each row short of a target: our kernel under ncu, bench/limits.py)
 """
 
 from __future__ import annotations
@@ -223,12 +225,24 @@ def cpu_rows() -> list[dict]:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench")
-    p.add_argument("mode", nargs="?", default="grid", choices=["grid", "tune", "profile"])
-    p.add_argument("--out", default="reports/out/bench.csv")
+    modes = ["grid", "tune", "profile", "limits", "limits-child"]
+    p.add_argument("mode", nargs="?", default="grid", choices=modes)
+    p.add_argument("rows", nargs="?", help=argparse.SUPPRESS)  # limits-child: its rows file
+    p.add_argument("--out", default=None, help="default: reports/out/<mode's file>.csv")
+    p.add_argument("--bench", default="reports/out/bench.csv", help="limits: the bench CSV")
     p.add_argument("--quick", action="store_true")
     p.add_argument("--only", nargs="*", default=None)
     args = p.parse_args(argv)
     t0 = time.time()
+    if args.mode == "limits":
+        from bench.limits import run
+
+        return run(args.bench, args.out or "reports/out/limits.csv")
+    if args.mode == "limits-child":
+        from bench.limits import profile_rows
+
+        return profile_rows(args.rows)
+    args.out = args.out or "reports/out/bench.csv"
     if args.mode in ("tune", "profile") and not torch.cuda.is_available():
         print(f"python -m bench {args.mode}: needs a CUDA device (none here)", file=sys.stderr)
         return 2

@@ -8,13 +8,14 @@ same bytes for memory-bound work, the bf16 matmul rate for prefill.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import triton
 import triton.testing
 
 from optimized.ops.paged_attention import paged_attention
-from optimized.ops.plan import make_schedule
+from optimized.ops.plan import Schedule, make_schedule
 from optimized.ops.reshape_and_cache import reshape_and_cache
 from reports.schema import BenchRow as Row
 
@@ -129,6 +130,60 @@ def _paged_kv(batch, kv_len, num_kv_heads, head_size, block_size, dtype, gen_see
     return key_cache, value_cache, tables.to(torch.int32)
 
 
+@dataclass(frozen=True, eq=False)
+class OursCall:
+    """Our paged attention on one benchmark shape, ready to call (the grid times it, `bench
+    limits` profiles it).
+
+    q:                      [num_tokens, num_heads, head_size]
+    key_cache, value_cache: [num_blocks, block_size, num_kv_heads, head_size], shuffled pages
+    tables:                 [num_seqs, max_blocks_per_seq]
+    """
+
+    q: torch.Tensor
+    key_cache: torch.Tensor
+    value_cache: torch.Tensor
+    tables: torch.Tensor
+    schedule: Schedule
+    out: torch.Tensor
+    causal: bool
+    scale: float
+
+    def __call__(self) -> torch.Tensor:
+        return paged_attention(
+            self.q,
+            self.key_cache,
+            self.value_cache,
+            self.tables,
+            self.schedule,
+            causal=self.causal,
+            scale=self.scale,
+            out=self.out,
+        )
+
+
+def prefill_call(
+    q_lens: list[int],
+    kv_lens: list[int],
+    context_lens: list[int],
+    num_heads: int,
+    num_kv_heads: int,
+    head_size: int,
+    block_size: int,
+    dtype: str,
+    causal: bool,
+) -> OursCall:
+    """Our kernel over `len(q_lens)` sequences of a shuffled paged cache (decode: q_lens all 1)."""
+    dt = DT[dtype]
+    batch = len(q_lens)
+    kc, vc, tables = _paged_kv(batch, max(kv_lens), num_kv_heads, head_size, block_size, dt)
+    q = torch.randn(sum(q_lens), num_heads, head_size, device="cuda", dtype=dt)
+    group = num_heads // num_kv_heads
+    sched = make_schedule(tuple(q_lens), tuple(kv_lens), tuple(context_lens), group, "cuda")
+    out = torch.empty_like(q)
+    return OursCall(q, kc, vc, tables, sched, out, causal, head_size**-0.5)
+
+
 def decode_rows(
     limits: Limits,
     workload: str,
@@ -145,18 +200,18 @@ def decode_rows(
     """One decode token per sequence over `kv_len` cached tokens: ours, xFormers split-K,
     SDPA on contiguous K/V, FlexAttention on the same paged cache, and the copy limit."""
     dt = DT[dtype]
-    kc, vc, tables = _paged_kv(batch, kv_len, num_kv_heads, head_size, block_size, dt)
-    q = torch.randn(batch, num_heads, head_size, device="cuda", dtype=dt)
-    group = num_heads // num_kv_heads
-    sched = make_schedule(
-        (1,) * batch,
-        (kv_len,) * batch,
-        (kv_len - 1,) * batch if causal else (0,) * batch,
-        group,
-        "cuda",
+    ours = prefill_call(
+        [1] * batch,
+        [kv_len] * batch,
+        [kv_len - 1] * batch if causal else [0] * batch,
+        num_heads,
+        num_kv_heads,
+        head_size,
+        block_size,
+        dtype,
+        causal,
     )
-    scale = head_size**-0.5
-    out = torch.empty_like(q)
+    q, kc, vc, tables, scale = ours.q, ours.key_cache, ours.value_cache, ours.tables, ours.scale
     kv_bytes = 2 * batch * kv_len * num_kv_heads * head_size * q.element_size()
     limit = limits.copy_gbps(kv_bytes)
     base = dict(
@@ -186,12 +241,7 @@ def decode_rows(
             **base,
         )
 
-    rows = [
-        row(
-            "triton",
-            lambda: paged_attention(q, kc, vc, tables, sched, causal=causal, scale=scale, out=out),
-        )
-    ]
+    rows = [row("triton", ours)]
     if not peers:
         return rows
     rows.append(
@@ -219,8 +269,7 @@ def decode_rows(
     xf = _xformers_splitk(q, kc, vc, tables, kv_len, block_size, scale)
     if xf is not None:
         rows.append(row("xformers-splitk", xf))
-    ours = paged_attention(q, kc, vc, tables, sched, causal=causal, scale=scale)
-    fx = _flex_decode(q, kc, vc, tables, kv_len, causal, scale, ours)
+    fx = _flex_decode(q, kc, vc, tables, kv_len, causal, scale, ours().clone())
     if fx is not None:
         rows.append(row("flex", fx))
     return rows
@@ -324,13 +373,20 @@ def prefill_rows(
     on the same tokens unpaged. TFLOP/s counts the visible score and P·V products only."""
     dt = DT[dtype]
     batch = len(q_lens)
-    kc, vc, tables = _paged_kv(batch, max(kv_lens), num_kv_heads, head_size, block_size, dt)
+    ours = prefill_call(
+        q_lens,
+        kv_lens,
+        context_lens,
+        num_heads,
+        num_kv_heads,
+        head_size,
+        block_size,
+        dtype,
+        causal,
+    )
+    q, scale = ours.q, ours.scale
     nq = sum(q_lens)
-    q = torch.randn(nq, num_heads, head_size, device="cuda", dtype=dt)
     group = num_heads // num_kv_heads
-    sched = make_schedule(tuple(q_lens), tuple(kv_lens), tuple(context_lens), group, "cuda")
-    scale = head_size**-0.5
-    out = torch.empty_like(q)
     visible = 0
     for ql, kl, c in zip(q_lens, kv_lens, context_lens):
         visible += sum(min(c + j + 1, kl) for j in range(ql)) if causal else ql * kl
@@ -369,12 +425,7 @@ def prefill_rows(
             )
         return matmul_bound_row(limits, backend, ms, tflops, base, gbps=gbps, **graph)
 
-    rows = [
-        row(
-            "triton",
-            lambda: paged_attention(q, kc, vc, tables, sched, causal=causal, scale=scale, out=out),
-        )
-    ]
+    rows = [row("triton", ours)]
     # Peers on the same tokens without paging: contiguous packed K/V.
     k_packed = torch.randn(sum(kv_lens), num_kv_heads, head_size, device="cuda", dtype=dt)
     v_packed = torch.randn_like(k_packed)
