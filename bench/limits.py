@@ -36,6 +36,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from reports.schema import BENCH_SHAPE as SHAPE
+
 KERNEL = "_paged_attention_kernel"
 DECODE_FAMILIES = ("decode-self", "cross-decode", "self-decode")
 GQA_COPY_TARGET = 0.60
@@ -105,17 +107,6 @@ def short_rows(bench: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(out, columns=[*SHAPE, *RATIOS])
 
 
-SHAPE = [
-    "workload",
-    "batch",
-    "context_len",
-    "query_len",
-    "num_heads",
-    "num_kv_heads",
-    "head_size",
-    "block_size",
-    "dtype",
-]
 RATIOS = ["ours_gbps", "frac_of_copy", "ours_vs_sdpa", "best_peer", "ours_vs_best_peer", "missed"]
 
 

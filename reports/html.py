@@ -22,7 +22,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
-from reports.schema import BENCH_COLUMNS, BENCH_KEY, Status, rerun_command
+from reports.schema import BENCH_COLUMNS, BENCH_SHAPE, Status, rerun_command
 
 STATUS_COLOURS = {
     Status.PASS: "#c8e6c9",
@@ -166,7 +166,7 @@ def family_tables(bench: pd.DataFrame) -> dict[str, pd.DataFrame]:
     b["kernel"] = (b.do_bench * b.median_ms / graph).where(graph.notna() & (graph > 0))
     b["best"] = b.kernel.fillna(b.do_bench)
     b["timed"] = np.where(b.kernel.notna(), "graph", "do_bench")
-    config = [k for k in BENCH_KEY if k != "backend"]
+    config = BENCH_SHAPE
     out = {}
     for fam, g in b.groupby(b.workload.str.split(":").str[0], sort=False):
         rows = []
@@ -238,20 +238,44 @@ def _family_chart(fam: str, t: pd.DataFrame) -> str:
     return _png(fig)
 
 
-def performance_section(bench: pd.DataFrame, csv_link: str | None = None) -> str:
+LIMIT_COLUMN = "why short (ncu)"
+
+
+def with_limits(t: pd.DataFrame, limits: pd.DataFrame | None) -> pd.DataFrame:
+    """A family table with the `bench limits` reading of each row that misses a target (the
+    targets missed, then what ncu measured), empty for rows that miss none."""
+    if limits is None or not len(limits):
+        return t
+    lim = limits[[*BENCH_SHAPE, "missed", "limit"]].drop_duplicates(BENCH_SHAPE)
+    lim = lim.assign(**{LIMIT_COLUMN: lim.missed.astype(str) + " — " + lim.limit.astype(str)})
+    merged = t.merge(lim[[*BENCH_SHAPE, LIMIT_COLUMN]], on=BENCH_SHAPE, how="left")
+    return merged.assign(**{LIMIT_COLUMN: merged[LIMIT_COLUMN].fillna("")})
+
+
+def performance_section(
+    bench: pd.DataFrame, csv_link: str | None = None, limits: pd.DataFrame | None = None
+) -> str:
     """Per workload family: a chart and a table of ours vs the best peer, SDPA on contiguous
-    K/V and the limit (kernel time, do_bench beside it as host-inclusive). The full row list
-    stays in the CSV."""
+    K/V and the limit (kernel time, do_bench beside it as host-inclusive), and, with `limits`
+    (`python -m bench limits`), what Nsight Compute measured on each row that misses a target.
+    The full row list stays in the CSV."""
     parts = [
         "<p class='note'>Kernel time from CUDA-graph replay (do_bench, which includes the host's "
         "launch time, in its own column). Ratios: ≥ 1 green, ≥ 0.95 yellow, below red."
         + (f" Every row: <a href='{html.escape(csv_link)}'>bench.csv</a>." if csv_link else "")
+        + (
+            f" {len(limits)} rows miss a target (bench/limits.py); their last column says what "
+            "ncu measured on our kernel there."
+            if limits is not None and len(limits)
+            else ""
+        )
         + "</p>"
     ]
     for fam, t in family_tables(bench).items():
         unit = t.unit.iloc[0]
         parts.append(f"<h3>{html.escape(fam)} ({unit})</h3><div class='perf'>")
         parts.append(_family_chart(fam, t) + "</div>")
+        t = with_limits(t, limits)
         shown = t.drop(columns=["workload", "unit"]).reset_index(drop=True)
         styler = (
             shown.style.format(precision=3, na_rep="")
@@ -271,6 +295,7 @@ def render(
     bench: pd.DataFrame | None = None,
     run_info: dict | None = None,
     title: str = "encdec-attn conformance report",
+    limits: pd.DataFrame | None = None,
 ) -> str:
     """The whole page as one string."""
     run_info = run_info or {}
@@ -387,7 +412,7 @@ def render(
 
     body.append("<h2 id='performance'>Performance</h2>")
     if bench is not None and len(bench):
-        body.append(performance_section(bench, run_info.get("bench_csv")))
+        body.append(performance_section(bench, run_info.get("bench_csv"), limits))
     else:
         body.append(
             "<p class='note'>No benchmark results (run <code>make bench</code> on a GPU,"
@@ -410,11 +435,15 @@ def write_report(
 
     df = pd.concat([read_csv(p) for p in results], ignore_index=True)
     bench_df = pd.read_csv(bench) if bench and Path(bench).exists() else None
+    # `python -m bench limits` writes limits.csv beside the bench file it read.
+    limits_path = Path(bench).parent / "limits.csv" if bench_df is not None else None
+    limits_df = pd.read_csv(limits_path) if limits_path and limits_path.exists() else None
     info_path = Path(results[0]).parent / "run.json"
     run_info = json.loads(info_path.read_text()) if info_path.exists() else {}
     out = Path(out)
     if bench_df is not None:
         run_info["bench_csv"] = os.path.relpath(Path(bench).resolve(), out.resolve().parent)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(render(df, bench_df, run_info, title or "encdec-attn conformance report"))
+    title = title or "encdec-attn conformance report"
+    out.write_text(render(df, bench_df, run_info, title, limits_df))
     return out

@@ -107,6 +107,7 @@ class BenchRow:
 
 BENCH_COLUMNS = [f.name for f in fields(BenchRow)]
 BENCH_KEY = BENCH_COLUMNS[:10]
+BENCH_SHAPE = [k for k in BENCH_KEY if k != "backend"]  # a shape, whichever backend ran it
 
 
 def environment() -> dict[str, str]:

@@ -11,7 +11,7 @@ import pytest
 from reports import gate
 from reports.html import render
 from reports.merge import merge
-from reports.schema import read_csv, write_csv
+from reports.schema import BENCH_SHAPE, read_csv, write_csv
 from reports.tests.known import BENCH_KEY_VALUES, known_rows
 
 REQUIRED = [
@@ -324,3 +324,27 @@ def test_skip_reasons_are_counted_per_single_reason():
     )
     counts = single_reasons(skips).value_counts().to_dict()
     assert counts == {("x", "a"): 2, ("x", "b"): 1, ("y", "b"): 1}
+
+
+def test_performance_tables_show_why_a_short_row_is_short(results_csv):
+    """`bench limits` readings join their rows by shape; rows that miss nothing stay empty."""
+    from reports.html import LIMIT_COLUMN, family_tables, with_limits
+
+    bench = _bench_rows()
+    shape = bench[bench.workload == "decode-self"].iloc[0]
+    limits = pd.DataFrame(
+        [
+            {
+                **{k: shape[k] for k in BENCH_SHAPE},
+                "missed": "ours/sdpa 0.97 < 1",
+                "limit": "memory roof: DRAM 85% busy",
+            }
+        ]
+    )
+    tables = {f: with_limits(t, limits) for f, t in family_tables(bench).items()}
+    assert tables["decode-self"][LIMIT_COLUMN].tolist() == [
+        "ours/sdpa 0.97 < 1 — memory roof: DRAM 85% busy"
+    ]
+    assert tables["encoder-prefill"][LIMIT_COLUMN].tolist() == [""]
+    page = render(read_csv(results_csv), bench=bench, limits=limits)
+    assert "memory roof: DRAM 85% busy" in page and "1 rows miss a target" in page
