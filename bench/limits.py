@@ -149,9 +149,9 @@ def _number(cell: str) -> float:
 
 
 def limit_reading(m: dict[str, float]) -> str:
-    """One line on what limits a kernel, from its counters: at >= 80% DRAM busy the memory roof;
-    with the grid well under one wave (< FEW_WAVES) latency, too few programs in flight; at its
-    occupancy cap, memory latency at that occupancy; otherwise the occupancy and top stall."""
+    """One line on what limits a kernel, from its counters: at >= 80% DRAM busy, near the memory
+    roof; with the grid well under one wave (< FEW_WAVES), latency: too few programs in flight;
+    at its occupancy cap, memory latency at that occupancy; otherwise occupancy and top stall."""
     stalls = {k.removeprefix("stall_"): v for k, v in m.items() if k.startswith("stall_")}
     total = sum(v for v in stalls.values() if v == v)
     top, share = "", math.nan
@@ -165,7 +165,7 @@ def limit_reading(m: dict[str, float]) -> str:
         m.get("theoretical_occupancy_pct", math.nan),
     )
     if dram >= 80:
-        return f"memory roof: DRAM {dram:.0f}% busy ({waves:.2f} waves), {top_text}"
+        return f"near the memory roof: DRAM {dram:.0f}% busy ({waves:.2f} waves), {top_text}"
     if waves < FEW_WAVES:
         return (
             f"latency: {waves:.2f} waves, occupancy {ach:.0f}% of {theo:.0f}%, "

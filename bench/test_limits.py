@@ -96,7 +96,7 @@ def test_limit_reading_names_the_limit():
     k = parse_ncu_raw(NCU)
     assert limit_reading(k[0]).startswith("latency: 0.48 waves, occupancy 12% of 25%")
     assert "top stall long_scoreboard 83%" in limit_reading(k[0])
-    assert limit_reading(k[1]).startswith("memory roof: DRAM 90% busy")
+    assert limit_reading(k[1]).startswith("near the memory roof: DRAM 90% busy")
     capped = dict(k[1], dram_pct=70.0)
     assert limit_reading(capped).startswith("memory latency at the occupancy cap: 24% of 25%")
     assert "no stall counters" in limit_reading({"waves": 2.0, "dram_pct": 85.0})
