@@ -1,6 +1,6 @@
 """Sweeps that picked the launch parameters of our kernels (GPU), and the shapes `ncu` profiles.
 
-    python -m bench tune [--only decode splits cache chunk short weak d64 host few fused]
+    python -m bench tune [--only decode splits cache chunk short weak d64 host few fused heads]
     python -m bench profile          (each default kernel once: run it under ncu)
 
 `decode`: tile size × warps × stages, then split counts, on decode shapes with many programs;
@@ -10,11 +10,11 @@ prefill, short chunks); `weak`: register caps, splits and stages on the decode s
 H100 targets; `d64`: small-tile launches on the named models' decode shapes; `host`: host time
 per call of the default and an explicit launch; `few`: splits and tiles for short contexts with
 few programs, timed from CUDA graphs; `fused`: the split-K merge in the main kernel against the
-separate reduce launch (kernel time). Their output picked `launch_candidates` and
-`choose_num_splits` in optimized/ops/plan.py and `TOKENS_PER_PROGRAM` in optimized/ops/
-reshape_and_cache.py. (An earlier sweep also tried CUDA-core products on
-one row per program for MHA decode instead of 16-row tl.dot tiles: 1.5-2.5x slower on every
-shape, so it is gone.)
+separate reduce launch (kernel time); `heads`: adjacent kv heads per decode program. Their
+output picked `launch_candidates` and `choose_num_splits` in optimized/ops/plan.py and
+`TOKENS_PER_PROGRAM` in optimized/ops/reshape_and_cache.py. (An earlier sweep also tried
+CUDA-core products on one row per program for MHA decode instead of 16-row tl.dot tiles:
+1.5-2.5x slower on every shape, so it is gone.)
 """
 
 from __future__ import annotations
@@ -285,6 +285,35 @@ def tune_fused() -> None:
             print(f"{name:26s} {cfg} {regs} {ms:.4f} ms {nbytes / ms / 1e6:.0f} GB/s", flush=True)
 
 
+# Decode shapes of the grid's model rows (MHA, head size 64) for `heads`.
+MODEL_DECODE = [
+    ("whisper-cross-b64-bs16", 64, 1500, 20, 20, 64, 16, 1, False),
+    ("bart-self-b64-bs16", 64, 1024, 16, 16, 64, 16, 1, True),
+    ("t5xl-self-b256-bs16", 256, 512, 32, 32, 64, 16, 1, True),
+    ("mha-d64-b64-c1k-bs16", 64, 1024, 32, 32, 64, 16, 1, True),
+    ("mha-d128-b64-c1k-bs16", 64, 1024, 32, 32, 128, 16, 1, True),
+    ("gqa4-b64-c4k-bs16", 64, 4096, 32, 8, 128, 16, 1, True),
+]
+
+
+def tune_heads() -> None:
+    """Adjacent kv heads per decode program (each token's K/V of those heads one contiguous run,
+    fewer programs), default launch choice and a 32-token tile; kernel time from CUDA graphs."""
+    seen = set()
+    for name, *shape in FEW + WEAK + DECODE + MODEL_DECODE:
+        if tuple(shape) in seen:
+            continue
+        seen.add(tuple(shape))
+        run, nbytes = _setup(*shape)
+        h, kvh, d = shape[2:5]
+        group_pad = triton.next_power_of_2(h // kvh)
+        counts = [n for n in (1, 2, 4, 8) if kvh % n == 0 and n * group_pad <= 16 and n * d <= 512]
+        configs = [dict(heads_per_program=n) for n in counts]
+        configs += [dict(heads_per_program=n, tile_n=32, num_warps=4) for n in counts if n > 1]
+        for ms, cfg, regs in _sweep(run, configs, measure=graph_ms):
+            print(f"{name:26s} {cfg} {regs} {ms:.4f} ms {nbytes / ms / 1e6:.0f} GB/s", flush=True)
+
+
 def tune_host() -> None:
     """Host time per call (a grid so small that the GPU waits on the host): the default launch
     (memoized choice among candidates) against an explicit one."""
@@ -318,6 +347,7 @@ SECTIONS = {
     "host": tune_host,
     "few": tune_few,
     "fused": tune_fused,
+    "heads": tune_heads,
 }
 
 

@@ -103,10 +103,12 @@ def _paged_attention_kernel(
     WINDOW: tl.constexpr,
     UPCAST_DOT: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    HEADS: tl.constexpr = 1,
 ):
-    BLOCK_Q: tl.constexpr = BLOCK_M // GROUP_PAD
+    BLOCK_Q: tl.constexpr = BLOCK_M // (GROUP_PAD * HEADS)
+    WIDE: tl.constexpr = HEADS * HEAD_PAD  # columns of a K/V row: HEADS adjacent kv heads
     tile = tl.program_id(0)
-    kv_head = tl.program_id(1)
+    head_block = tl.program_id(1)  # kv heads head_block * HEADS ...
     split = tl.program_id(2)
     seq = tl.load(tile_seq_ptr + tile)
     q_first = tl.load(tile_q_first_ptr + tile)
@@ -116,17 +118,37 @@ def _paged_attention_kernel(
     context = tl.load(context_lens_ptr + seq)
 
     rows = tl.arange(0, BLOCK_M)
-    q_idx = q_first + rows // GROUP_PAD
-    g = rows % GROUP_PAD
+    # row = (head of the program * BLOCK_Q + token) * GROUP_PAD + head-in-group
+    in_head = rows % (BLOCK_Q * GROUP_PAD)
+    q_idx = q_first + in_head // GROUP_PAD
+    g = in_head % GROUP_PAD
     row_valid = (q_idx < q_len) & (g < group)
-    head = kv_head * group + g
-    d = tl.arange(0, HEAD_PAD)
+    if HEADS == 1:
+        kv_head = head_block
+        head = kv_head * group + g
+        d = tl.arange(0, HEAD_PAD)
+        k_cols = kv_head * stride_kc_head + d
+        v_cols = kv_head * stride_vc_head + d
+        own = row_valid[:, None]
+    else:
+        # Several kv heads per program: a K/V row is HEADS heads side by side (one contiguous
+        # run when the heads are adjacent in memory). Row r's query sits in its own head's
+        # columns and is zero elsewhere, so q·k and p·v of that row only mix its own head's
+        # columns into the ones it stores (`own`); the others are never written.
+        row_head = head_block * HEADS + rows // (BLOCK_Q * GROUP_PAD)
+        head = row_head * group + g
+        c = tl.arange(0, WIDE)
+        d = c % HEAD_PAD
+        col_head = head_block * HEADS + c // HEAD_PAD
+        k_cols = col_head * stride_kc_head + d
+        v_cols = col_head * stride_vc_head + d
+        own = row_valid[:, None] & (col_head[None, :] == row_head[:, None])
     if EVEN_D:  # a power-of-two head size: no mask along d, so loads vectorize
         d_valid = d < HEAD_PAD
     else:
         d_valid = d < head_size
     q_offs = (q_start + q_idx)[:, None] * stride_q_tok + head[:, None] * stride_q_head + d[None, :]
-    q = tl.load(q_ptr + q_offs, mask=row_valid[:, None] & d_valid[None, :], other=0.0)
+    q = tl.load(q_ptr + q_offs, mask=own & d_valid[None, :], other=0.0)
     if UPCAST_DOT:
         q = q.to(tl.float32)
     pos = context + q_idx  # absolute position of each row's query token (causal only)
@@ -149,7 +171,7 @@ def _paged_attention_kernel(
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, HEAD_PAD], tl.float32)
+    acc = tl.zeros([BLOCK_M, WIDE], tl.float32)
     for t in range(t_begin, t_end):
         n = t * TILE_N + tl.arange(0, TILE_N)
         n_valid = n < kv_end
@@ -167,16 +189,8 @@ def _paged_attention_kernel(
             k_row = (kv_start + n) * stride_kc_tok
             v_row = (kv_start + n) * stride_vc_tok
         kv_mask = n_valid[:, None] & d_valid[None, :]
-        k = tl.load(
-            key_cache_ptr + k_row[:, None] + kv_head * stride_kc_head + d[None, :],
-            mask=kv_mask,
-            other=0.0,
-        )
-        v = tl.load(
-            value_cache_ptr + v_row[:, None] + kv_head * stride_vc_head + d[None, :],
-            mask=kv_mask,
-            other=0.0,
-        )
+        k = tl.load(key_cache_ptr + k_row[:, None] + k_cols[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(value_cache_ptr + v_row[:, None] + v_cols[None, :], mask=kv_mask, other=0.0)
         if UPCAST_DOT:
             k = k.to(tl.float32)
             v = v.to(tl.float32)
@@ -201,36 +215,33 @@ def _paged_attention_kernel(
         o_offs = (
             (q_start + q_idx)[:, None] * stride_o_tok + head[:, None] * stride_o_head + d[None, :]
         )
-        tl.store(
-            out_ptr + o_offs,
-            out.to(out_ptr.dtype.element_ty),
-            mask=row_valid[:, None] & d_valid[None, :],
-        )
+        tl.store(out_ptr + o_offs, out.to(out_ptr.dtype.element_ty), mask=own & d_valid[None, :])
     else:
-        first = ((tile * tl.num_programs(1) + kv_head) * num_splits).to(tl.int64) * BLOCK_M
+        cols = tl.arange(0, WIDE)
+        first = ((tile * tl.num_programs(1) + head_block) * num_splits).to(tl.int64) * BLOCK_M
         part = first + split * BLOCK_M
         tl.store(part_m_ptr + part + rows, m_i)
         tl.store(part_l_ptr + part + rows, l_i)
-        tl.store(part_acc_ptr + (part + rows)[:, None] * HEAD_PAD + d[None, :], acc)
+        tl.store(part_acc_ptr + (part + rows)[:, None] * WIDE + cols[None, :], acc)
         if fused_reduce != 0:
             # The last split of this (tile, kv head) to finish merges all partials, so no
             # second kernel: every thread's stores are issued (barrier) before the arrival is
             # counted with release semantics; the last arrival acquires, reads the partials
             # from L2 (.cg: never a stale L1 line) and resets the counter for the next launch.
             tl.debug_barrier()
-            arrivals = arrivals_ptr + tile * tl.num_programs(1) + kv_head
+            arrivals = arrivals_ptr + tile * tl.num_programs(1) + head_block
             arrived = tl.atomic_add(arrivals, 1, sem="acq_rel")
             if arrived == num_splits - 1:
                 tl.atomic_xchg(arrivals, 0, sem="relaxed")
                 m_o = tl.full([BLOCK_M], float("-inf"), tl.float32)
                 l_o = tl.zeros([BLOCK_M], tl.float32)
-                acc_o = tl.zeros([BLOCK_M, HEAD_PAD], tl.float32)
+                acc_o = tl.zeros([BLOCK_M, WIDE], tl.float32)
                 for sp in range(0, num_splits):  # a fixed order: the result is deterministic
                     at = first + sp * BLOCK_M + rows
                     m_s = tl.load(part_m_ptr + at, cache_modifier=".cg")
                     l_s = tl.load(part_l_ptr + at, cache_modifier=".cg")
                     acc_s = tl.load(
-                        part_acc_ptr + at[:, None] * HEAD_PAD + d[None, :], cache_modifier=".cg"
+                        part_acc_ptr + at[:, None] * WIDE + cols[None, :], cache_modifier=".cg"
                     )
                     m_new = tl.maximum(m_o, m_s)
                     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # empty so far
@@ -246,9 +257,7 @@ def _paged_attention_kernel(
                     + d[None, :]
                 )
                 tl.store(
-                    out_ptr + o_offs,
-                    out.to(out_ptr.dtype.element_ty),
-                    mask=row_valid[:, None] & d_valid[None, :],
+                    out_ptr + o_offs, out.to(out_ptr.dtype.element_ty), mask=own & d_valid[None, :]
                 )
 
 

@@ -100,6 +100,7 @@ def paged_attention(
     reduce_rows: int | None = None,
     maxnreg: int | None = None,
     fused_reduce: bool | None = None,
+    heads_per_program: int | None = None,
 ) -> torch.Tensor:
     """Attention of packed `query` over paged (or packed, `paged=False`) K/V; returns `out`.
 
@@ -113,6 +114,10 @@ def paged_attention(
     main kernel (no second launch); False runs `_split_k_reduce_kernel` after it; None (default)
     fuses up to `plan.FUSED_REDUCE_MAX_SPLITS` splits, where the last program's serial merge is
     shorter than a second launch.
+    heads_per_program: decode steps only (every query length 1): adjacent kv heads one program
+    handles, reading each token's K/V of those heads as one contiguous run (a power of two that
+    divides num_kv_heads, at most 16 // padded group rows); None lets the plan choose
+    (`plan.heads_per_program`). With split-K its partials are merged in the main kernel.
     """
     if query.dim() != 3 or query.stride(-1) != 1:
         raise ValueError(
@@ -148,21 +153,39 @@ def paged_attention(
     if num_tiles == 0:
         return out
     group_pad = next_power_of_2(group)
-    block_m = schedule.block_q * group_pad
     head_pad = max(16, next_power_of_2(head_size))
+    decode = schedule.max_query_len <= 1
+    heads = heads_per_program
+    if heads is None:
+        heads = plan.heads_per_program(num_kv_heads, group_pad, head_pad, decode)
+    if heads < 1 or heads & (heads - 1) or num_kv_heads % heads or group_pad * heads > 16:
+        raise ValueError(
+            f"heads_per_program: expected a power of two dividing num_kv_heads={num_kv_heads} "
+            f"with {group_pad} padded group rows each at most 16 rows, got {heads}"
+        )
+    if heads > 1 and not decode:
+        raise ValueError(
+            f"heads_per_program: > 1 only for decode steps, got max_query_len="
+            f"{schedule.max_query_len}"
+        )
+    if heads > 1:  # one token per sequence: as few padded token rows as a 16-row tile allows
+        block_m = max(16, group_pad * heads)
+    else:
+        block_m = schedule.block_q * group_pad
+    wide = heads * head_pad  # columns of a K/V tile row, of acc and of the partials
     # The prefill launch (bigger K/V tiles, more stages) only for 64-row tiles of many queries;
     # 16/32-row tiles of a few queries stream K/V like decode.
     prefill = schedule.max_query_len > 1 and block_m >= 64
     smem = None if interpreting() else plan.smem_limit(query.device)
-    cands = plan.launch_candidates(head_pad, prefill, block_m, query.element_size(), smem)
+    cands = plan.launch_candidates(wide, prefill, block_m, query.element_size(), smem, heads)
     if tile_n or num_warps or num_stages or maxnreg:  # an explicit launch (tuning, tests)
         d = cands[0]
         cands = (Launch(tile_n or d.tile_n, num_warps or d.num_warps, num_stages or d.num_stages),)
-    num_programs = num_tiles * num_kv_heads
+    num_programs = num_tiles * (num_kv_heads // heads)
 
     def splits_for(c: Launch) -> tuple[int, int]:
         kv_tiles = cdiv(max(schedule.max_kv_len, 1), c.tile_n)
-        n = num_splits or plan.choose_num_splits(num_programs, kv_tiles, query.device, head_pad)
+        n = num_splits or plan.choose_num_splits(num_programs, kv_tiles, query.device, wide)
         return max(1, min(n, kv_tiles)), kv_tiles
 
     fp32 = query.dtype == torch.float32
@@ -182,6 +205,7 @@ def paged_attention(
         UPCAST_DOT=interpreting() and query.dtype == torch.bfloat16,
         # fp32 inputs get true fp32 products (no TF32): the fp32 tolerance assumes it.
         DOT_PRECISION="ieee" if fp32 else "tf32",
+        HEADS=heads,
     )
 
     def kernel_args(
@@ -240,7 +264,7 @@ def paged_attention(
         if choice is None:
             unused = _unused_fp32(query.device)
             unused_i32 = _arrivals(query.device, 1)
-            tile_bytes = 2 * head_pad * query.element_size()
+            tile_bytes = 2 * wide * query.element_size()
             options = []
             for c in cands:
                 auto, _ = splits_for(c)
@@ -258,14 +282,15 @@ def paged_attention(
         part_rows = num_programs * num_splits * block_m
         part_m = torch.empty(part_rows, dtype=torch.float32, device=query.device)
         part_l = torch.empty_like(part_m)
-        part_acc = torch.empty(part_rows, head_pad, dtype=torch.float32, device=query.device)
+        part_acc = torch.empty(part_rows, wide, dtype=torch.float32, device=query.device)
     else:  # unused; fp32 like the real partials, so both cases share one compiled kernel
         part_m = part_l = part_acc = _unused_fp32(query.device)
     if fused_reduce is None:
         fused_reduce = num_splits <= plan.FUSED_REDUCE_MAX_SPLITS
-    fused_reduce = fused_reduce and num_splits > 1
+    # The separate reduce reads one head's columns per row: several heads merge in the kernel.
+    fused_reduce = (fused_reduce or heads > 1) and num_splits > 1
     arrivals = _arrivals(query.device, num_programs if fused_reduce else 1)
-    grid = (num_tiles, num_kv_heads, num_splits)
+    grid = (num_tiles, num_kv_heads // heads, num_splits)
     _paged_attention_kernel[grid](
         *kernel_args(num_splits, tiles_per_split, part_m, part_l, part_acc, arrivals, fused_reduce),
         **meta,

@@ -18,16 +18,19 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 @pytest.mark.parametrize(
-    "num_splits,reduce_rows,fused",
+    "num_splits,reduce_rows,fused,heads_pp",
     [
-        (1, None, True),
-        (2, None, True),
-        (7, None, True),
-        (2, None, False),
-        (7, None, False),
-        (3, 1, False),
+        (1, None, True, 1),
+        (2, None, True, 1),
+        (7, None, True, 1),
+        (2, None, False, 1),
+        (7, None, False, 1),
+        (3, 1, False, 1),
+        (1, None, True, 2),
+        (7, None, True, 2),
+        (2, None, False, 2),  # several heads per program merge in the kernel regardless
     ],
-    ids=["1", "2-fused", "7-fused", "2-reduce", "7-reduce", "3-reduce-row"],
+    ids=["1", "2-fused", "7-fused", "2-reduce", "7-reduce", "3-reduce-row", "1-h2", "7-h2", "2-h2"],
 )
 @pytest.mark.parametrize("block_size", [1, 8, 32])
 @pytest.mark.parametrize(
@@ -37,7 +40,7 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 )
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_decode_variants_match_reference(
-    heads, kv_heads, head_size, window, block_size, num_splits, reduce_rows, fused, dtype
+    heads, kv_heads, head_size, window, block_size, num_splits, reduce_rows, fused, heads_pp, dtype
 ):
     step = build_step(
         "decoder",
@@ -72,6 +75,7 @@ def test_decode_variants_match_reference(
         tile_n=16,
         reduce_rows=reduce_rows,  # 1: the GPU's one row per reduce program
         fused_reduce=fused,
+        heads_per_program=heads_pp,
     )
     comp = compare_output(step, out.cpu(), ref)
     assert comp.ok, comp.reason
@@ -146,6 +150,10 @@ def test_shared_memory_model_and_every_launch_config_fits(monkeypatch):
                     for c in pa.launch_candidates(head_pad, prefill, block_m, elem_bytes, smem):
                         used = pa.smem_bytes(block_m, c.tile_n, head_pad, elem_bytes, c.num_stages)
                         assert used <= smem, (head_size, elem_bytes, prefill, c, smem)
+    # two d64 heads a program (128 K/V columns, 16 rows): both launches fit, fp32 too
+    for elem_bytes in (2, 4):
+        for c in pa.launch_candidates(128, False, 16, elem_bytes, H100_SMEM, heads=2):
+            assert pa.smem_bytes(16, c.tile_n, 128, elem_bytes, c.num_stages) <= H100_SMEM
     # the configurations that fit already are the tuned ones, unchanged
     assert pa.launch_candidates(128, True, 64, 2, H100_SMEM) == (pa.Launch(64, 4, 3),)
     assert pa.launch_candidates(256, True, 64, 4, H100_SMEM)[0].num_stages == 2
@@ -230,6 +238,75 @@ def test_cross_prefill_any_query_tile_matches_reference(heads, kv_heads, block_q
     )
     comp = compare_output(step, out.cpu(), ref)
     assert comp.ok, comp.reason
+
+
+@pytest.mark.parametrize("heads_pp", [1, 2, 4, 8])
+def test_cross_decode_several_heads_per_program_matches_reference(heads_pp):
+    """One decoder token per sequence against the cross cache with 1-8 adjacent kv heads per
+    program (MHA 8 heads, head size 32: up to 256 K/V columns a row), with a head-strided cache
+    view too (heads not adjacent in memory)."""
+    step = build_step(
+        "encoder_decoder",
+        (1, 1, 1),
+        encoder_seq_lens=(40, 7, 65),
+        block_size=8,
+        num_heads=8,
+        num_kv_heads=8,
+        head_size=32,
+        layout="shuffled",
+        seed=9,
+    )
+    ref_step = step.with_fresh_cache()
+    ref = attention(*ref_step.args())
+    md = step.metadata
+    tables, _ = md.tables_for("encoder_decoder")
+    schedule = make_schedule((1, 1, 1), md.kv_lens_for("encoder_decoder"), (0, 0, 0), 1, DEVICE)
+    for strided in (False, True):
+        key_cache, value_cache = (c.to(DEVICE) for c in ref_step.kv_cache)
+        if strided:  # every other slot of a wider head axis
+            key_cache, value_cache = (
+                torch.stack([c, torch.full_like(c, float("nan"))], dim=3).flatten(2, 3)[:, :, ::2]
+                for c in (key_cache, value_cache)
+            )
+        out = paged_attention(
+            step.query.to(DEVICE),
+            key_cache,
+            value_cache,
+            tables.to(DEVICE),
+            schedule,
+            causal=False,
+            scale=md.scale_for(32),
+            tile_n=16,
+            heads_per_program=heads_pp,
+        )
+        comp = compare_output(step, out.cpu(), ref)
+        assert comp.ok, (strided, comp.reason)
+
+
+def test_heads_per_program_rule():
+    """Two heads a program for MHA decode at head size 64 (the measured win), one elsewhere."""
+    from optimized.ops.plan import heads_per_program
+
+    assert heads_per_program(20, 1, 64, decode=True) == 2
+    assert heads_per_program(20, 1, 64, decode=False) == 1  # prefill and chunks
+    assert heads_per_program(5, 1, 64, decode=True) == 1  # an odd kv head count
+    assert heads_per_program(8, 4, 64, decode=True) == 1  # GQA: its tile rows are full already
+    assert heads_per_program(32, 1, 128, decode=True) == 1  # 256-byte rows already
+
+
+def test_heads_per_program_is_checked():
+    step = build_step(
+        "decoder", (1, 2), (5, 9), block_size=8, num_heads=4, num_kv_heads=4, head_size=32, seed=1
+    )
+    md = step.metadata
+    key_cache, value_cache = (c.to(DEVICE) for c in step.kv_cache)
+    args = (step.query.to(DEVICE), key_cache, value_cache, md.block_tables.to(DEVICE))
+    schedule = make_schedule(md.query_lens, md.kv_lens_for("decoder"), md.context_lens, 1, DEVICE)
+    for bad in (3, 8):  # not a power of two; does not divide the 4 kv heads
+        with pytest.raises(ValueError, match="heads_per_program"):
+            paged_attention(*args, schedule, causal=True, scale=0.2, heads_per_program=bad)
+    with pytest.raises(ValueError, match="only for decode steps"):  # a 2-token query
+        paged_attention(*args, schedule, causal=True, scale=0.2, heads_per_program=2)
 
 
 def test_occupancy_model_matches_ncu_and_picks_by_the_last_wave(monkeypatch):
