@@ -16,7 +16,7 @@ else
 SETUP_DEP :=
 endif
 
-.PHONY: setup test test-fast report bench gate baseline lint format clean coverage
+.PHONY: setup test test-fast report bench limits gate baseline lint format clean coverage
 
 setup: $(SETUP_DEP)
 
@@ -44,6 +44,11 @@ coverage: $(SETUP_DEP)
 
 bench: $(SETUP_DEP)
 	$(PY) -m bench --out $(OUT)/bench.csv
+
+# The bench rows that miss a target, each profiled under ncu (GPU + Nsight Compute): limits.csv
+# beside bench.csv, which `make report` then shows.
+limits: $(SETUP_DEP)
+	$(PY) -m bench limits --bench $(OUT)/bench.csv --out $(OUT)/limits.csv
 
 gate: $(SETUP_DEP)
 	$(PY) -m reports.gate --results $(RESULTS) --baseline $(BASELINE) --summary $(OUT)/gate.md
