@@ -15,8 +15,10 @@ Shapes:
     block_tables:            [num_seqs, max_blocks_per_seq]
     out:                     [num_tokens, num_heads, head_size]
 
-A program handles BLOCK_Q query tokens × all `group` query heads of one kv head of one sequence:
-BLOCK_M = BLOCK_Q * GROUP_PAD rows, row = token * GROUP_PAD + head-in-group. It walks that
+A program handles BLOCK_Q query tokens × all `group` query heads of HEADS adjacent kv heads
+(HEADS > 1 only at decode) of one sequence: BLOCK_M = HEADS * BLOCK_Q * GROUP_PAD rows,
+row = (kv head in program * BLOCK_Q + token) * GROUP_PAD + head-in-group; its K/V rows are the
+HEADS heads side by side. It walks that
 sequence's visible K/V in tiles of TILE_N tokens, translating each position through the block
 table, so it never reads a slot its sequence does not own. Online softmax in fp32 (exp2), fp32
 accumulation. With split-K (num_splits > 1) each program handles a contiguous range of kv tiles
@@ -224,7 +226,7 @@ def _paged_attention_kernel(
         tl.store(part_l_ptr + part + rows, l_i)
         tl.store(part_acc_ptr + (part + rows)[:, None] * WIDE + cols[None, :], acc)
         if fused_reduce != 0:
-            # The last split of this (tile, kv head) to finish merges all partials, so no
+            # The last split of this (tile, kv heads) to finish merges all partials, so no
             # second kernel: every thread's stores are issued (barrier) before the arrival is
             # counted with release semantics; the last arrival acquires, reads the partials
             # from L2 (.cg: never a stale L1 line) and resets the counter for the next launch.
