@@ -438,6 +438,10 @@ def write_report(
     # `python -m bench limits` writes limits.csv beside the bench file it read.
     limits_path = Path(bench).parent / "limits.csv" if bench_df is not None else None
     limits_df = pd.read_csv(limits_path) if limits_path and limits_path.exists() else None
+    if limits_df is not None:
+        lacking = [c for c in [*BENCH_SHAPE, "missed", "limit"] if c not in limits_df]
+        if lacking:
+            raise ValueError(f"{limits_path}: not a `bench limits` file (lacks {lacking})")
     info_path = Path(results[0]).parent / "run.json"
     run_info = json.loads(info_path.read_text()) if info_path.exists() else {}
     out = Path(out)

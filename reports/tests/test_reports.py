@@ -348,3 +348,14 @@ def test_performance_tables_show_why_a_short_row_is_short(results_csv):
     assert tables["encoder-prefill"][LIMIT_COLUMN].tolist() == [""]
     page = render(read_csv(results_csv), bench=bench, limits=limits)
     assert "memory roof: DRAM 85% busy" in page and "1 rows miss a target" in page
+
+
+def test_a_limits_file_that_is_not_one_is_the_users_mistake(results_csv, tmp_path, capsys):
+    from reports.__main__ import main
+
+    _bench_rows().to_csv(tmp_path / "bench.csv", index=False)
+    pd.DataFrame({"x": [1]}).to_csv(tmp_path / "limits.csv", index=False)
+    out = tmp_path / "r.html"
+    args = ["render", str(results_csv), "--bench", str(tmp_path / "bench.csv"), "--out", str(out)]
+    assert main(args) == 2
+    assert "not a `bench limits` file" in capsys.readouterr().err and not out.exists()
