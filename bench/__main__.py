@@ -178,7 +178,7 @@ def gpu_grid(quick: bool, only: list[str] | None, out: str | None = None):
 
 
 def write_rows(path: str, rows: list[dict]) -> None:
-    from reports.schema import BENCH_COLUMNS
+    from conformance.schema import BENCH_COLUMNS
 
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", newline="") as f:

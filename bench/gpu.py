@@ -14,10 +14,10 @@ import torch
 import triton
 import triton.testing
 
+from conformance.schema import BenchRow as Row
 from optimized.ops.paged_attention import paged_attention
 from optimized.ops.plan import Schedule, make_schedule
 from optimized.ops.reshape_and_cache import reshape_and_cache
-from reports.schema import BenchRow as Row
 
 DT = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 

@@ -36,7 +36,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from reports.schema import BENCH_SHAPE as SHAPE
+from conformance.schema import BENCH_SHAPE as SHAPE
 
 KERNEL = "_paged_attention_kernel"
 DECODE_FAMILIES = ("decode-self", "cross-decode", "self-decode")
@@ -69,7 +69,7 @@ def short_rows(bench: pd.DataFrame) -> pd.DataFrame:
     """Ours on every shape that misses a target, with `missed` (the targets, '; '-joined) and the
     ratios: the shape columns, ours_gbps (kernel time), frac_of_copy, ours_vs_sdpa, best_peer,
     ours_vs_best_peer."""
-    from reports.html import family_tables
+    from bench.analysis import family_tables
 
     out = []
     for fam, t in family_tables(bench).items():

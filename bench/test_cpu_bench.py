@@ -53,6 +53,6 @@ def test_gpu_rows_have_the_bench_columns():
     from dataclasses import fields
 
     from bench.gpu import Row
-    from reports.schema import BENCH_COLUMNS
+    from conformance.schema import BENCH_COLUMNS
 
     assert [f.name for f in fields(Row)] == BENCH_COLUMNS

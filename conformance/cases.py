@@ -151,7 +151,7 @@ class Case:
         return case
 
     def columns(self) -> dict:
-        """The result columns that describe the case (reports.schema.result_row)."""
+        """The result columns that describe the case (conformance.schema.result_row)."""
         return dict(
             case_id=self.id,
             attn_kind=self.attn_kind,

@@ -12,8 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
+from conformance.schema import Status
 from conformance.tolerance import PRECISION_LIMIT, baseline_attention, rms_ratio, tolerance
-from reports.schema import Status
 
 
 @dataclass(frozen=True)

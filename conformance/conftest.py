@@ -194,7 +194,7 @@ def pytest_xdist_node_collection_finished(node, ids):
 def _record_crash(config, report) -> None:
     """A worker that died (segfault, a hung kernel killed by pytest-timeout, os._exit) wrote no
     row for its test: the controller records one, so the result set says what happened."""
-    from reports.schema import result_row
+    from conformance.schema import result_row
 
     case_id, backend = _param(report.nodeid)
     try:

@@ -19,8 +19,7 @@ import time
 from pathlib import Path
 
 from conformance.cases import Case
-from conformance.shapes import Shape
-from reports.schema import (
+from conformance.schema import (
     STATUSES,
     environment,
     read_jsonl,
@@ -28,6 +27,7 @@ from reports.schema import (
     to_result_row,
     write_csv,
 )
+from conformance.shapes import Shape
 
 RUN_ID_ENV = "CONFORMANCE_RUN_ID"  # set by `python -m conformance run` for its engine process
 

@@ -24,10 +24,10 @@ import torch
 
 from conformance.cases import Case, build_inputs
 from conformance.compare import bitwise_equal, compare_caches, compare_output, nonfinite_count
+from conformance.schema import result_row
 from conformance.tolerance import baseline_attention
 from conformance.workloads import Episode, Step
 from reference.attention import attention
-from reports.schema import result_row
 
 DEFAULT_TIMEOUT_S = 300.0
 

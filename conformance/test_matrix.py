@@ -5,7 +5,7 @@ import os
 import pytest
 
 from conformance.runner import error_reason, run_case
-from reports.schema import rerun_command, result_row
+from conformance.schema import rerun_command, result_row
 
 
 def test_case(case, backend_name, matrix, request):

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from reports.schema import BENCH_KEY, STATUSES, check_numeric
+from conformance.schema import BENCH_KEY, STATUSES, check_numeric
 
 KEY = ["case_id", "backend", "step"]
 BASELINE_COLUMNS = [*KEY, "status", "reason", "err_ratio"]
@@ -140,7 +140,7 @@ def _read(path: str, what: str) -> pd.DataFrame:
 
 def load_results(path: str) -> pd.DataFrame:
     """The result set to judge, refused (ValueError) unless it is complete and well formed."""
-    from reports.schema import read_csv
+    from conformance.schema import read_csv
 
     try:
         results = read_csv(path)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from reports.schema import COLUMNS, read_csv, read_jsonl, to_result_row, write_csv
+from conformance.schema import COLUMNS, read_csv, read_jsonl, to_result_row, write_csv
 
 # What a results.jsonl row must hold to become a CSV row.
 RUNNER_FIELDS = ("case_id", "backend", "step", "status", "attn_kind", "num_heads")
@@ -21,7 +21,7 @@ def load_rows(path: str | Path, overrides: dict | None = None) -> list[dict]:
     if unknown:
         raise ValueError(f"--set: unknown column(s) {sorted(unknown)}; columns: {COLUMNS}")
     if path.suffix == ".jsonl":
-        from reports.schema import environment
+        from conformance.schema import environment
 
         env = {**environment(), **{k: v for k, v in overrides.items() if k != "tier"}}
         tier = overrides.get("tier", "")

@@ -233,8 +233,8 @@ def test_an_engine_that_dies_without_workers_still_leaves_its_csv(tmp_path):
     assert all(row["status"] == "error" and "recorded no row" in row["reason"] for row in missing)
     # the re-run command of an external backend names its module, in the HTML report too
     assert all(row["backend_module"].startswith(FAULTY) for row in rows)
+    from conformance.schema import read_csv
     from reports.html import render
-    from reports.schema import read_csv
 
     page = render(read_csv(out / "results.csv"))
     assert f"--backend-module {FAULTY}:Raises" in page

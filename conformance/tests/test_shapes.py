@@ -11,11 +11,11 @@ import pytest
 
 from conformance.cases import build_inputs, read_cases_file, select_cases
 from conformance.results import finalize_run, start_run
+from conformance.schema import rerun_command
 from conformance.shapes import Shape
 from conformance.tests.test_cli import ROOT, _cli
 from conformance.workloads import Episode
 from reference.validation import check_inputs
-from reports.schema import rerun_command
 
 SHIPPED = sorted((ROOT / "conformance" / "explicit").glob("*.jsonl"))
 ODD = "conformance/explicit/odd_shapes.jsonl"

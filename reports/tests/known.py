@@ -3,7 +3,7 @@
 from types import SimpleNamespace
 
 from conformance.cases import Case
-from reports.schema import result_row, to_result_row
+from conformance.schema import result_row, to_result_row
 
 ENV = dict(
     device="cpu (test)",

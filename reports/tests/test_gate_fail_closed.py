@@ -4,8 +4,8 @@ every input it cannot judge, never a traceback and never a silent 0."""
 import pandas as pd
 import pytest
 
+from conformance.schema import read_csv, write_csv
 from reports import gate
-from reports.schema import read_csv, write_csv
 from reports.tests.known import BENCH_KEY_VALUES, known_rows
 
 

@@ -8,10 +8,10 @@ import subprocess
 import pandas as pd
 import pytest
 
+from conformance.schema import BENCH_SHAPE, read_csv, write_csv
 from reports import gate
 from reports.html import render
 from reports.merge import merge
-from reports.schema import BENCH_SHAPE, read_csv, write_csv
 from reports.tests.known import BENCH_KEY_VALUES, known_rows
 
 REQUIRED = [
@@ -292,7 +292,7 @@ def _bench_rows():
 
 
 def test_performance_section_compares_kernel_times_per_family():
-    from reports.html import family_tables
+    from bench.analysis import family_tables
 
     tables = family_tables(_bench_rows())
     assert set(tables) == {"decode-self", "encoder-prefill"}
@@ -328,7 +328,8 @@ def test_skip_reasons_are_counted_per_single_reason():
 
 def test_performance_tables_show_why_a_short_row_is_short(results_csv):
     """`bench limits` readings join their rows by shape; rows that miss nothing stay empty."""
-    from reports.html import LIMIT_COLUMN, family_tables, with_limits
+    from bench.analysis import family_tables
+    from reports.html import LIMIT_COLUMN, with_limits
 
     bench = _bench_rows()
     shape = bench[bench.workload == "decode-self"].iloc[0]

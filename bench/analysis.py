@@ -1,0 +1,72 @@
+"""Bench analysis shared by the HTML report and `bench limits`: per workload family, our kernel
+beside the best peer, SDPA on contiguous K/V and the measured limit, in kernel time."""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pandas as pd
+
+from conformance.schema import BENCH_COLUMNS, BENCH_SHAPE
+
+OURS = "triton"
+LIMIT_BACKEND = "copy"  # the measured limit's own rows
+CONTIGUOUS = "sdpa-contiguous"  # SDPA on contiguous K/V: what a paged kernel can hope to match
+
+
+def _limit_value(text: str) -> float:
+    """The number of a limit cell such as 'copy 2941 GB/s' or 'bf16 matmul 799 TFLOP/s'."""
+    m = re.search(r"([0-9][0-9,.]*)\s*(GB/s|TFLOP/s)", str(text))
+    return float(m.group(1).replace(",", "")) if m else float("nan")
+
+
+def family_tables(bench: pd.DataFrame) -> dict[str, pd.DataFrame]:
+    """Per workload family (the workload before ':'), one row per configuration: our kernel, the
+    best peer (named), SDPA on contiguous K/V and the measured limit, in kernel time (CUDA-graph
+    replay; do_bench where a call could not be captured), with ratio columns. GB/s for
+    memory-bound families, TFLOP/s for compute-bound ones, never mixed."""
+    b = bench.copy()
+    for c in BENCH_COLUMNS:  # an older or partial bench file: absent columns are empty
+        if c not in b:
+            b[c] = "" if c in ("limit", "device") else np.nan
+    tflop = b["limit"].astype(str).str.contains("TFLOP") | (b.gbps.isna() & b.tflops.notna())
+    b["unit"] = np.where(tflop, "TFLOP/s", "GB/s")
+    b["do_bench"] = np.where(b.unit == "GB/s", b.gbps, b.tflops)
+    graph = b.graph_ms
+    b["kernel"] = (b.do_bench * b.median_ms / graph).where(graph.notna() & (graph > 0))
+    b["best"] = b.kernel.fillna(b.do_bench)
+    b["timed"] = np.where(b.kernel.notna(), "graph", "do_bench")
+    config = BENCH_SHAPE
+    out = {}
+    for fam, g in b.groupby(b.workload.str.split(":").str[0], sort=False):
+        rows = []
+        for _, gg in g.groupby(config, dropna=False, sort=False):
+            o = gg[gg.backend == OURS]
+            if o.empty:
+                continue
+            o = o.iloc[0]
+            peers = gg[~gg.backend.isin([OURS, LIMIT_BACKEND, CONTIGUOUS])]
+            peer = peers.loc[peers.best.idxmax()] if len(peers) else None
+            sdpa = gg[gg.backend == CONTIGUOUS]
+            sdpa_v = sdpa.best.iloc[0] if len(sdpa) else np.nan
+            limit = _limit_value(o["limit"])
+            rows.append(
+                {
+                    **{k: o[k] for k in config},
+                    "unit": o.unit,
+                    "ours": o.best,
+                    "ours (do_bench)": o.do_bench,
+                    "timed": o.timed,
+                    "best peer": peer.backend if peer is not None else "",
+                    "peer": peer.best if peer is not None else np.nan,
+                    "sdpa contiguous": sdpa_v,
+                    "limit": limit,
+                    "ours ÷ peer": o.best / peer.best if peer is not None else np.nan,
+                    "ours ÷ sdpa": o.best / sdpa_v,
+                    "ours ÷ limit": o.best / limit,
+                }
+            )
+        if rows:
+            out[fam] = pd.DataFrame(rows)
+    return out
