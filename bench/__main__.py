@@ -54,7 +54,10 @@ def gpu_grid(quick: bool, only: list[str] | None, out: str | None = None):
                                 ),
                             )
                         )
-    for model, m in gpu.MODELS.items():
+    from conformance.models import MODELS
+
+    for model in gpu.BENCH_MODELS:
+        m = MODELS[model]
         for batch in (64, 256):
             for bs in (16, 32, 64, 256):
                 jobs.append(
@@ -64,10 +67,10 @@ def gpu_grid(quick: bool, only: list[str] | None, out: str | None = None):
                             limits,
                             f"cross-decode:{n}",
                             b,
-                            m["encoder_len"],
-                            m["num_heads"],
-                            m["num_heads"],
-                            m["head_size"],
+                            m.encoder_len,
+                            m.num_heads,
+                            m.num_heads,
+                            m.head_size,
                             s,
                             "bfloat16",
                             False,
@@ -81,10 +84,10 @@ def gpu_grid(quick: bool, only: list[str] | None, out: str | None = None):
                             limits,
                             f"self-decode:{n}",
                             b,
-                            m["decoder_len"],
-                            m["num_heads"],
-                            m["num_heads"],
-                            m["head_size"],
+                            m.decoder_max,
+                            m.num_heads,
+                            m.num_heads,
+                            m.head_size,
                             s,
                             "bfloat16",
                             True,
@@ -98,23 +101,23 @@ def gpu_grid(quick: bool, only: list[str] | None, out: str | None = None):
                         limits,
                         f"cross-prefill:{n}",
                         [4] * b,
-                        [m["encoder_len"]] * b,
+                        [m.encoder_len] * b,
                         [0] * b,
-                        m["num_heads"],
-                        m["num_heads"],
-                        m["head_size"],
+                        m.num_heads,
+                        m.num_heads,
+                        m.head_size,
                         16,
                         "bfloat16",
                         False,
                     ),
                 )
             )
-        lens = [m["encoder_len"] - (37 * i) % 200 for i in range(16)]  # ragged encoder batch
+        lens = [m.encoder_len - (37 * i) % 200 for i in range(16)]  # ragged encoder batch
         jobs.append(
             (
                 f"encoder-prefill:{model}",
                 lambda lens=lens, m=m, n=model: gpu.encoder_rows(
-                    limits, f"encoder-prefill:{n}", lens, m["num_heads"], m["head_size"], "bfloat16"
+                    limits, f"encoder-prefill:{n}", lens, m.num_heads, m.head_size, "bfloat16"
                 ),
             )
         )

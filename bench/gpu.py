@@ -15,18 +15,15 @@ import triton
 import triton.testing
 
 from conformance.schema import BenchRow as Row
+from conformance.shapes import DTYPES
 from optimized.ops.paged_attention import paged_attention
 from optimized.ops.plan import Schedule, make_schedule
 from optimized.ops.reshape_and_cache import reshape_and_cache
 
-DT = {"bfloat16": torch.bfloat16, "float16": torch.float16}
-
-# Named encoder/decoder shapes: heads, head size, encoder length, decoder length.
-MODELS = {
-    "whisper-large-v3": dict(num_heads=20, head_size=64, encoder_len=1500, decoder_len=448),
-    "bart-large": dict(num_heads=16, head_size=64, encoder_len=1024, decoder_len=1024),
-    "flan-t5-xl": dict(num_heads=32, head_size=64, encoder_len=512, decoder_len=512),
-}
+DT = DTYPES
+# The model presets (conformance/models.py) whose decode, cross-prefill and encoder shapes the
+# grid times at their real lengths.
+BENCH_MODELS = ("whisper-large-v3", "bart-large", "flan-t5-xl")
 
 
 def median_ms(fn) -> float:

@@ -14,8 +14,8 @@ from pathlib import Path
 import torch
 
 from conformance.models import MODELS, SMOKE_SCALE
-from conformance.shapes import Shape
-from conformance.workloads import Episode, Layout, Step, build_episode, build_step
+from conformance.shapes import SHORT_DTYPE, Shape
+from conformance.workloads import Episode, Layout, Step
 
 # Each axis and its values, in id order. Every value is a real need (see the matrix issue).
 AXES: dict[str, tuple] = {
@@ -34,8 +34,6 @@ AXES: dict[str, tuple] = {
     "size": ("small", "large", "long"),
 }
 PAIRWISE_SIZES = ("small", "large")
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-SHORT_DTYPE = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
 KIND_TO_ATTN = {"encoder": "encoder", "decoder": "decoder", "cross": "encoder_decoder"}
 _BATCH_BY_ID = {b.replace("_", ""): b for b in AXES["batch"]}
 _DTYPE_BY_SHORT = {v: k for k, v in SHORT_DTYPE.items()}
@@ -412,26 +410,57 @@ def split_phase(case: Case, totals: list[int]) -> tuple[tuple[int, ...], tuple[i
     return tuple(q), tuple(c)
 
 
-def build_inputs(case: Case | Shape, device: torch.device | str = "cpu") -> Step | Episode:
-    """The deterministic step (or episode) of a case; caches hold NaN wherever unwritten."""
-    if isinstance(case, Shape):
-        return case.build(device)
+def lower(case: Case) -> Shape:
+    """The explicit shape a preset case stands for: its lengths (from the batch shape, phase and
+    size), geometry, layout, window, scale and seed, labelled with the case's id and columns.
+    The runner, the results and the report see only shapes."""
     dec = decoder_lengths(case)
     enc = encoder_lengths(case, dec)
     common = dict(
-        block_size=case.block_size,
         num_heads=case.num_heads,
         num_kv_heads=case.num_kv_heads,
         head_size=case.head_size,
-        dtype=DTYPES[case.dtype],
+        block_size=case.block_size,
+        dtype=case.dtype,
         layout=case.layout,
         scale=case.softmax_scale,
-        sliding_window=case.window_size,
         seed=case.seed,
-        device=device,
+        name=case.id,
+        labels=tuple(case.columns().items()),
     )
     if case.kind == "episode":
-        return build_episode(tuple(enc), tuple(dec), EPISODE_DECODE_STEPS[case.size], **common)
+        steps = EPISODE_DECODE_STEPS[case.size]
+        return Shape(
+            "episode",
+            query_lens=tuple(dec),
+            encoder_seq_lens=tuple(enc),
+            sliding_window=case.window_size,
+            decode_steps=steps,
+            **common,
+        )
+    if case.kind == "encoder":
+        return Shape("encoder", encoder_seq_lens=tuple(enc), **common)
     q, c = split_phase(case, dec)
     pad = 2 if case.layout in ("nullblock", "fragmented") else 0  # CUDA-graph style padding
-    return build_step(KIND_TO_ATTN[case.kind], q, c, tuple(enc), num_padding_tokens=pad, **common)
+    if case.kind == "decoder":
+        return Shape(
+            "decoder",
+            query_lens=q,
+            context_lens=c,
+            sliding_window=case.window_size,
+            padding_tokens=pad,
+            **common,
+        )
+    return Shape(
+        "encoder_decoder",
+        query_lens=q,
+        context_lens=c,
+        encoder_seq_lens=tuple(enc),
+        padding_tokens=pad,
+        **common,
+    )
+
+
+def build_inputs(case: Case | Shape, device: torch.device | str = "cpu") -> Step | Episode:
+    """The deterministic step (or episode) of a case; caches hold NaN wherever unwritten."""
+    return (lower(case) if isinstance(case, Case) else case).build(device)

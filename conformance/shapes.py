@@ -40,10 +40,12 @@ import torch
 from conformance.workloads import Episode, Layout, Step, build_episode, build_step
 
 ATTN_KINDS = ("encoder", "decoder", "encoder_decoder", "episode")
+# Ids abbreviate the kind: encoder_decoder (the AttnKind value every row and API uses) is "cross".
 _KIND_SHORT = {"encoder": "enc", "decoder": "dec", "encoder_decoder": "cross", "episode": "episode"}
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-_DTYPE_ALIASES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
-_SHORT = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
+# The model dtypes a workload can have (the one table: cases, shapes, models and the bench).
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+SHORT_DTYPE = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
+_DTYPE_ALIASES = {v: k for k, v in SHORT_DTYPE.items()}
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]*")
 DEFAULT_DECODE_STEPS = 2
 # What each kind needs (N) and must not have (X); everything else is optional.
@@ -82,11 +84,14 @@ class Shape:
     padding_tokens: int = 0
     name: str = ""
     source: str = field(default="", compare=False)  # the cases file it was read from
+    # A preset case lowered to this shape (`Case.shape()`) keeps its axis values here (the
+    # result columns: batch shape, size, model, ...); empty for an explicit shape.
+    labels: tuple[tuple[str, object], ...] = field(default=(), compare=False)
 
     # ---- identity ------------------------------------------------------------------------
     def content(self) -> dict:
-        """The fields that define the shape (not its name or file), for the id's hash."""
-        return {k: v for k, v in asdict(self).items() if k not in ("name", "source")}
+        """The fields that define the shape (not its name, file or labels), for the id's hash."""
+        return {k: v for k, v in asdict(self).items() if k not in ("name", "source", "labels")}
 
     @property
     def content_hash(self) -> str:
@@ -104,7 +109,7 @@ class Shape:
             f"h{self.num_heads}kv{self.num_kv_heads}",
             f"d{self.head_size}",
             f"bs{self.block_size}",
-            _SHORT[self.dtype],
+            SHORT_DTYPE[self.dtype],
             self.layout,
             self.content_hash,
         ]
@@ -126,10 +131,13 @@ class Shape:
 
     @property
     def model(self) -> str:
-        return ""
+        return dict(self.labels).get("model", "")
 
     def columns(self) -> dict:
-        """The result columns that describe the case (conformance.schema.result_row)."""
+        """The result columns that describe the workload (conformance.schema.result_row): a
+        lowered preset case's own axis values, else what the explicit fields say."""
+        if self.labels:
+            return dict(self.labels)
         return dict(
             case_id=self.id,
             attn_kind=self.attn_kind,
@@ -158,13 +166,14 @@ class Shape:
         return {
             k: list(v) if isinstance(v, tuple) else v
             for k, v in asdict(self).items()
-            if k != "source" and (v != defaults[k] or k in ("attn_kind", "num_heads", "head_size"))
+            if k not in ("source", "labels")
+            and (v != defaults[k] or k in ("attn_kind", "num_heads", "head_size"))
         }
 
     @classmethod
     def from_dict(cls, obj: dict, source: str = "") -> Shape:
         """A shape from a cases-file object; ValueError naming the field otherwise."""
-        known = [f.name for f in fields(cls) if f.name != "source"]
+        known = [f.name for f in fields(cls) if f.name not in ("source", "labels")]
         unknown = sorted(set(obj) - set(known))
         if unknown:
             raise ValueError(f"unknown field(s) {unknown}; an explicit shape has {known}")
@@ -203,8 +212,8 @@ class Shape:
             raise ValueError(f"lengths disagree on the number of sequences: {n}")
         given = v.get("dtype", "bfloat16")
         dtype = _DTYPE_ALIASES.get(given, given)
-        if dtype not in _DTYPES:
-            raise ValueError(f"dtype: expected one of {list(_DTYPES)}, got {v.get('dtype')!r}")
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype: expected one of {list(DTYPES)}, got {v.get('dtype')!r}")
         v["dtype"] = dtype
         layouts = [x.value for x in Layout]
         if v.get("layout", "contiguous") not in layouts:
@@ -237,7 +246,7 @@ class Shape:
             num_heads=self.num_heads,
             num_kv_heads=self.num_kv_heads,
             head_size=self.head_size,
-            dtype=_DTYPES[self.dtype],
+            dtype=DTYPES[self.dtype],
             layout=self.layout,
             scale=self.scale,
             sliding_window=self.sliding_window,
