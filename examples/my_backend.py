@@ -3,7 +3,9 @@
     python -m conformance run --backend-module examples.my_backend:MyBackend
 
 It computes each sequence in fp32 with plain torch over the paged cache (the reference's own
-helpers do the paging), so it passes; replace `forward` with your kernel's call.
+helpers do the paging), so it passes; replace `attend` with your kernel's call. `BaseBackend`'s
+`forward` validates the step first (a ValueError naming the argument, before anything is
+written) and hands `attend` contiguous query/key/value.
 """
 
 from __future__ import annotations
@@ -12,7 +14,6 @@ import torch
 
 from optimized.backend import BaseBackend
 from reference.paged_cache import gather_sequence, write_to_cache
-from reference.validation import check_inputs
 
 
 class MyBackend(BaseBackend):
@@ -22,8 +23,7 @@ class MyBackend(BaseBackend):
     def device(self) -> torch.device:
         return torch.device("cpu")  # where the runner puts the inputs
 
-    def forward(self, query, key, value, kv_cache, metadata, attn_kind) -> torch.Tensor:
-        kind = check_inputs(query, key, value, kv_cache, metadata, attn_kind)  # before any write
+    def attend(self, query, key, value, kv_cache, metadata, kind) -> torch.Tensor:
         md, out = metadata, torch.zeros_like(query)  # padding rows stay zero
         tables, slots = md.tables_for(kind)
         if kv_cache is not None and key is not None:

@@ -11,7 +11,11 @@ backend on this machine (no CUDA, xFormers' extension not loaded, ...), and
 head size, block size, kind, phase, ...): the same arguments as `forward`, nothing else (a
 backend never sees the expected answer). The runner records a step with reasons as `skip` with
 those reasons; an exception raised by any of these methods is an `error` row, never a skip.
-A backend validates its inputs before it writes anything (`reference.validation.check_inputs`).
+
+`BaseBackend.forward` validates once for every backend built on it, before anything is written:
+`reference.validation.check_inputs`, then the cache layout the backend declares
+(`cache_layout`), then it hands contiguous query/key/value to the backend's `attend`. A backend
+that overrides `forward` itself calls `check_inputs` first.
 
 Two optional class attributes relax what the matrix assumes, for kernels built that way (flex):
 `finite_unowned_slots = True` (the kernel multiplies zero weights into slots it does not own:
@@ -24,12 +28,14 @@ of bit for bit). Both default to the strict behaviour.
 from __future__ import annotations
 
 import importlib
+from enum import StrEnum
 from importlib.metadata import entry_points
 from typing import Protocol, runtime_checkable
 
 import torch
 
 from reference.metadata import AttnKind
+from reference.validation import check_inputs
 
 ENTRY_POINT_GROUP = "encdec_attn.backends"
 
@@ -50,14 +56,42 @@ class Backend(Protocol):
     def forward(self, query, key, value, kv_cache, metadata, attn_kind) -> torch.Tensor: ...
 
 
+class CacheLayout(StrEnum):
+    """Which strides of `key_cache`/`value_cache` a backend reads correctly."""
+
+    ANY = "any"  # any strides (indexes the cache by (block, offset, head))
+    UNIT_LAST_DIM = "unit_last_dim"  # any strides except along head_size, which must be 1
+    CONTIGUOUS = "contiguous"  # a dense [num_blocks, block_size, num_kv_heads, head_size] tensor
+
+
+def cache_layout_reasons(kv_cache, layout: CacheLayout) -> list[str]:
+    """Why `kv_cache` does not have `layout` (empty: it does, or there is no cache)."""
+    if kv_cache is None or layout == CacheLayout.ANY:
+        return []
+    caches = [(n, c) for n, c in zip(("key_cache", "value_cache"), kv_cache) if c.dim() == 4]
+    if layout == CacheLayout.CONTIGUOUS:
+        return [
+            f"{n}: needs a contiguous cache, got strides {c.stride()}"
+            for n, c in caches
+            if not c.is_contiguous()
+        ]
+    return [
+        f"{n}: needs a contiguous last dim (stride 1), got stride {c.stride(-1)}"
+        for n, c in caches
+        if c.stride(-1) != 1
+    ]
+
+
 class BaseBackend:
-    """Declarative support limits shared by the built-in backends; subclasses narrow them."""
+    """Declarative support limits shared by the built-in backends (subclasses narrow them), and
+    `forward` = validate once, then `attend`."""
 
     name = "base"
     dtypes: tuple[torch.dtype, ...] = (torch.float32, torch.float16, torch.bfloat16)
     attn_kinds: tuple[AttnKind, ...] = tuple(AttnKind)
     head_sizes: tuple[int, int] = (16, 256)  # inclusive range
     max_block_size: int = 256
+    cache_layout: CacheLayout = CacheLayout.ANY
 
     def unavailable_reason(self) -> str | None:
         return None
@@ -79,9 +113,22 @@ class BaseBackend:
             reasons.append(f"attention kind {AttnKind(attn_kind).value} not supported")
         if metadata.block_size > self.max_block_size:
             reasons.append(f"block_size {metadata.block_size} > {self.max_block_size}")
+        reasons += cache_layout_reasons(kv_cache, self.cache_layout)
         return reasons
 
     def forward(self, query, key, value, kv_cache, metadata, attn_kind) -> torch.Tensor:
+        """Validate (ValueError naming the argument, before anything is written), then `attend`
+        on contiguous query/key/value."""
+        kind = check_inputs(query, key, value, kv_cache, metadata, attn_kind)
+        problems = cache_layout_reasons(kv_cache, self.cache_layout)
+        if problems:
+            raise ValueError(problems[0])
+        query, key, value = contiguous(query, key, value)
+        return self.attend(query, key, value, kv_cache, metadata, kind)
+
+    def attend(self, query, key, value, kv_cache, metadata, kind: AttnKind) -> torch.Tensor:
+        """The step on validated inputs: write the new K/V into `kv_cache`, return the output
+        [num_tokens, num_heads, head_size] (padding rows zero). Backends implement this."""
         raise NotImplementedError
 
     def __repr__(self) -> str:
@@ -110,10 +157,10 @@ class ReferenceBackend(BaseBackend):
     def device(self) -> torch.device:
         return torch.device("cpu")
 
-    def forward(self, query, key, value, kv_cache, metadata, attn_kind) -> torch.Tensor:
+    def attend(self, query, key, value, kv_cache, metadata, kind) -> torch.Tensor:
         from reference.attention import attention
 
-        return attention(query, key, value, kv_cache, metadata, attn_kind)
+        return attention(query, key, value, kv_cache, metadata, kind)
 
 
 # name -> "module:Class"; imported lazily so one broken backend never hides the others.

@@ -10,7 +10,6 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from optimized.backend import BaseBackend
 from reference.metadata import AttnKind, StepMetadata
-from reference.validation import check_inputs
 
 
 def _padded_index(lens: tuple[int, ...], device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -42,8 +41,7 @@ class TorchBackend(BaseBackend):
     def device(self):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
-    def forward(self, query, key, value, kv_cache, metadata: StepMetadata, attn_kind):
-        kind = check_inputs(query, key, value, kv_cache, metadata, attn_kind)
+    def attend(self, query, key, value, kv_cache, metadata: StepMetadata, kind):
         md, dev = metadata, query.device
         q_lens, kv_lens = md.query_lens_for(kind), md.kv_lens_for(kind)
         if kind == AttnKind.ENCODER:

@@ -8,10 +8,9 @@ from __future__ import annotations
 
 import torch
 
-from optimized.backend import BaseBackend, contiguous
+from optimized.backend import BaseBackend, CacheLayout
 from optimized.kernels import interpreting
 from reference.metadata import AttnKind, StepMetadata
-from reference.validation import check_inputs
 
 
 def triton_forward(
@@ -78,45 +77,15 @@ def triton_unavailable_reason() -> str | None:
     return None
 
 
-def strided_cache_reasons(kv_cache) -> list[str]:
-    """Our kernels address a cache by its strides, but need its head_size dim contiguous."""
-    if kv_cache is None:
-        return []
-    return [
-        f"{name}: needs a contiguous last dim (stride 1), got stride {c.stride(-1)}"
-        for name, c in zip(("key_cache", "value_cache"), kv_cache)
-        if c.dim() == 4 and c.stride(-1) != 1
-    ]
-
-
-def check_cache_layout(kv_cache) -> None:
-    """Raise (before anything is written) what `strided_cache_reasons` finds."""
-    problems = strided_cache_reasons(kv_cache)
-    if problems:
-        raise ValueError(problems[0])
-
-
 class TritonBackend(BaseBackend):
     name = "triton"
+    cache_layout = CacheLayout.UNIT_LAST_DIM  # addressed by strides; head_size dim dense
     num_splits: int | None = None  # None: split-K chosen by occupancy
 
     def unavailable_reason(self) -> str | None:
         return triton_unavailable_reason()
 
-    def not_supported_reasons(self, query, key, value, kv_cache, metadata, attn_kind):
-        return [
-            *super().not_supported_reasons(query, key, value, kv_cache, metadata, attn_kind),
-            *strided_cache_reasons(kv_cache),
-        ]
-
-    def forward(self, query, key, value, kv_cache, metadata, attn_kind):
-        kind = check_inputs(query, key, value, kv_cache, metadata, attn_kind)
-        check_cache_layout(kv_cache)
-        query, key, value = contiguous(query, key, value)
-        return self.attend(query, key, value, kv_cache, metadata, kind)
-
     def attend(self, query, key, value, kv_cache, metadata, kind) -> torch.Tensor:
-        """Cache write and attention on validated, contiguous inputs (subclasses swap this)."""
         return triton_forward(query, key, value, kv_cache, metadata, kind, self.num_splits)
 
 

@@ -14,15 +14,9 @@ from __future__ import annotations
 
 import torch
 
-from optimized.backend import BaseBackend, contiguous
-from optimized.triton_backend import (
-    check_cache_layout,
-    strided_cache_reasons,
-    triton_forward,
-    triton_unavailable_reason,
-)
+from optimized.backend import BaseBackend, CacheLayout
+from optimized.triton_backend import triton_forward, triton_unavailable_reason
 from reference.metadata import AttnKind, StepMetadata
-from reference.validation import check_inputs
 
 
 def xformers_unavailable_reason() -> str | None:
@@ -49,20 +43,12 @@ def _gqa_view(t: torch.Tensor, num_kv_heads: int, group: int, expand: bool) -> t
 
 class XFormersBackend(BaseBackend):
     name = "xformers"
+    cache_layout = CacheLayout.UNIT_LAST_DIM  # our Triton kernels write and read the caches
 
     def unavailable_reason(self) -> str | None:
         return xformers_unavailable_reason()
 
-    def not_supported_reasons(self, query, key, value, kv_cache, metadata, attn_kind):
-        return [
-            *super().not_supported_reasons(query, key, value, kv_cache, metadata, attn_kind),
-            *strided_cache_reasons(kv_cache),
-        ]
-
-    def forward(self, query, key, value, kv_cache, metadata: StepMetadata, attn_kind):
-        kind = check_inputs(query, key, value, kv_cache, metadata, attn_kind)
-        check_cache_layout(kv_cache)
-        query, key, value = contiguous(query, key, value)
+    def attend(self, query, key, value, kv_cache, metadata: StepMetadata, kind):
         if kind != AttnKind.ENCODER and not metadata.is_prefill_only():
             return triton_forward(query, key, value, kv_cache, metadata, kind)
         from xformers.ops import fmha
@@ -100,6 +86,7 @@ class XFormersBackend(BaseBackend):
 class XFormersPagedBackend(BaseBackend):
     name = "xformers-paged"
     attn_kinds = (AttnKind.DECODER, AttnKind.ENCODER_DECODER)
+    cache_layout = CacheLayout.CONTIGUOUS  # the paged bias views the pool as tokens
 
     def unavailable_reason(self) -> str | None:
         return xformers_unavailable_reason()
@@ -116,8 +103,6 @@ class XFormersPagedBackend(BaseBackend):
             reasons.append("decode only (one query token per sequence on a cached context)")
         if md.sliding_window is not None and kind == AttnKind.DECODER:
             reasons.append("sliding window not supported by the paged bias")
-        if any(not c.is_contiguous() for c in kv_cache or ()):
-            reasons.append("the paged bias needs contiguous caches (it views them as tokens)")
         if reasons:
             return reasons
         from xformers.ops.fmha import triton_splitk
@@ -152,11 +137,7 @@ class XFormersPagedBackend(BaseBackend):
             bias,
         )
 
-    def forward(self, query, key, value, kv_cache, metadata: StepMetadata, attn_kind):
-        kind = check_inputs(query, key, value, kv_cache, metadata, attn_kind)
-        if any(not c.is_contiguous() for c in kv_cache):
-            raise ValueError("key_cache/value_cache: xformers-paged needs contiguous caches")
-        query, key, value = contiguous(query, key, value)
+    def attend(self, query, key, value, kv_cache, metadata: StepMetadata, kind):
         from xformers.ops import fmha
 
         if key is not None:
