@@ -4,11 +4,13 @@ PY ?= .venv/bin/python
 SETUP ?= 1
 TIER ?= smoke
 OUT ?= reports/out
-DEVICE ?= $(shell $(PY) -c "import torch;print('h100' if torch.cuda.is_available() else 'cpu')" 2>/dev/null)
+# cpu, or the GPU model (h100, h200, ...): baselines and committed results are named after it.
+DEVICE ?= $(shell $(PY) -c "import torch; from conformance.schema import device_kind; print(device_kind(torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'cpu'))" 2>/dev/null)
 RESULTS ?= $(OUT)/results.csv
 BASELINE ?= conformance/baselines/$(TIER)-$(DEVICE).csv
 PYTEST_ARGS ?=
 WORKERS ?= 2
+BACKEND_MODULE ?=
 
 ifeq ($(SETUP),1)
 SETUP_DEP := .venv/.stamp
@@ -16,7 +18,7 @@ else
 SETUP_DEP :=
 endif
 
-.PHONY: setup test test-fast report bench limits gate baseline lint format clean coverage
+.PHONY: setup test report bench limits gate baseline lint format clean coverage
 
 setup: $(SETUP_DEP)
 
@@ -26,24 +28,32 @@ setup: $(SETUP_DEP)
 	.venv/bin/python tools/install_deps.py
 	touch $@
 
-# Unit tests of every folder, then the conformance matrix of $(TIER) (smoke on the CPU).
+# Unit tests of every folder, then the conformance matrix of $(TIER) (smoke on the CPU), which
+# also writes $(OUT)/results.csv and $(OUT)/index.html.
 test: $(SETUP_DEP)
 	$(PY) -m pytest -q -n $(WORKERS) reference optimized conformance/tests reports bench examples $(PYTEST_ARGS)
 	$(PY) -m conformance run --tier $(TIER) --out $(OUT) -n $(WORKERS)
 
+# The report of $(TIER): the result set `make test` left is rendered again (with bench.csv where
+# one exists); the tier runs only when there is none of that tier.
 report: $(SETUP_DEP)
-	-$(PY) -m conformance run --tier $(TIER) --out $(OUT) -n $(WORKERS)
-	$(PY) -m reports render $(OUT)/results.csv --bench $(wildcard $(OUT)/bench.csv) --out $(OUT)/index.html
+	@$(PY) -c "import json,sys; sys.exit(json.load(open('$(OUT)/run.json')).get('tier') != '$(TIER)')" 2>/dev/null \
+		|| $(PY) -m conformance run --tier $(TIER) --out $(OUT) -n $(WORKERS) || true
+	$(PY) -m reports render $(OUT)/results.csv $(if $(wildcard $(OUT)/bench.csv),--bench $(OUT)/bench.csv) --out $(OUT)/index.html
 
 # Line and branch coverage of optimized/ under the smoke tier (the interpreter runs the Triton
 # kernels as Python, so kernel lines count too). Writes $(OUT)/coverage/ (HTML) and a summary.
 coverage: $(SETUP_DEP)
-	$(PY) -m pytest conformance/test_matrix.py --tier $(TIER) --out $(OUT)/coverage-run \
-		-n $(WORKERS) -q -o addopts= -p no:cacheprovider --cov=optimized --cov-branch \
-		--cov-report=term-missing:skip-covered --cov-report=html:$(OUT)/coverage
+	rm -f .coverage .coverage.*
+	-$(PY) -m coverage run --branch --concurrency=multiprocessing --parallel-mode --source=optimized \
+		-m conformance run --tier $(TIER) --out $(OUT)/coverage-run -n $(WORKERS)
+	$(PY) -m coverage combine -q
+	$(PY) -m coverage report --skip-covered --show-missing
+	$(PY) -m coverage html -q -d $(OUT)/coverage
 
+# GPU: the benchmark grid (and, with BACKEND_MODULE=pkg.mod:Class, your backend beside ours).
 bench: $(SETUP_DEP)
-	$(PY) -m bench --out $(OUT)/bench.csv
+	$(PY) -m bench --out $(OUT)/bench.csv $(if $(BACKEND_MODULE),--backend-module $(BACKEND_MODULE))
 
 # The bench rows that miss a target, each profiled under ncu (GPU + Nsight Compute): limits.csv
 # beside bench.csv, which `make report` then shows.
@@ -65,5 +75,5 @@ format: $(SETUP_DEP)
 	$(PY) -m ruff check --fix .
 
 clean:
-	rm -rf .venv $(OUT) .pytest_cache .hypothesis .benchmarks
+	rm -rf .venv $(OUT) .pytest_cache .hypothesis .benchmarks .coverage .coverage.*
 	find . -name __pycache__ -prune -exec rm -rf {} +

@@ -15,11 +15,10 @@ from __future__ import annotations
 import argparse
 import contextlib
 import csv
-import importlib.util
 import json
+import math
 import os
 import signal
-import subprocess
 import sys
 import uuid
 from dataclasses import asdict
@@ -32,6 +31,10 @@ from optimized.kernels import interpret_without_cuda
 interpret_without_cuda()  # before Triton is imported
 
 from conformance.runner import DEFAULT_TIMEOUT_S
+from optimized.backend import backend_names
+
+DEFAULT_OUT = "reports/out"
+USER_OUT = "reports/out/backends"  # a --backend-module run's default: USER_OUT/<its name>
 
 
 def cmd_list(args) -> int:
@@ -92,52 +95,48 @@ def _check_out_dir(out: str) -> None:
         raise ValueError(f"--out: {out!r} is not writable")
 
 
-def _check_run_args(args) -> None:
-    """Bad usage is caught here, before anything in --out is touched (exit 2, one line)."""
-    from _pytest.mark.expression import Expression
+def positive_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"expected seconds > 0, got {text!r}")
+    return value
 
-    from conformance.cases import select_cases
-    from conformance.conftest import positive_seconds
-    from conformance.generate import TIERS, shard
-    from optimized.backend import backend_names, load_backend
+
+def resolve_run(args):
+    """The run's plan, resolved once (ValueError naming the option: exit 2, nothing touched)."""
+    from conformance import selection
+    from conformance.engine import Plan
+    from conformance.generate import TIERS
 
     if args.tier not in TIERS:
         raise ValueError(f"--tier: expected one of {TIERS}, got {args.tier!r}")
-    shard([], args.shard)
-    if args.model:
-        from conformance.generate import generate_for_models
-
-        generate_for_models(args.tier, args.model)  # names and tier checked
-    known = backend_names()
-    for b in args.backend or []:
-        if b not in known:
-            raise ValueError(f"--backend: unknown backend {b!r}; known: {known}")
-    for spec in args.backend_module or []:
-        try:
-            load_backend(spec)
-        except ValueError:
-            raise
-        except Exception as e:  # an import error, or the class's constructor failed
-            first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-            raise ValueError(f"--backend-module {spec}: {type(e).__name__}: {first}") from None
     if args.cases and not Path(args.cases).is_file():
         raise ValueError(f"--cases: no such file {args.cases!r}")
-    if select_cases(args.case, args.cases) == []:
-        raise ValueError(f"no cases selected: --cases {args.cases} holds no case")
-    if args.k:
-        try:
-            Expression.compile(args.k)
-        except SyntaxError as e:
-            raise ValueError(f"-k: not a valid expression ({e.msg}): {args.k!r}") from None
     try:
-        args.case_timeout = positive_seconds(str(args.case_timeout))
-    except argparse.ArgumentTypeError as e:
+        timeout = positive_seconds(str(args.case_timeout))
+    except ValueError as e:
         raise ValueError(f"--case-timeout: {e}") from None
-    if args.workers != "auto" and not (args.workers.isdigit()):
+    if args.workers != "auto" and not args.workers.isdigit():
         raise ValueError(f"-n: expected 'auto' or a number of workers, got {args.workers!r}")
-    _check_out_dir(args.out)
+    from conformance.engine import auto_workers
+
+    workers = auto_workers() if args.workers == "auto" else max(1, int(args.workers))
     if args.gpus is not None:
         args.gpus = parse_gpus(args.gpus, torch.cuda.device_count())
+    shapes = selection.workloads(args.tier, args.model, args.cases, args.case, args.shard)
+    picked = selection.backends(args.backend, args.backend_module)
+    tests = selection.tests(shapes, picked, args.k)
+    if not tests:
+        why = f" (-k {args.k!r} matches no CASE_ID::BACKEND)" if args.k else ""
+        raise ValueError(f"no cases selected{why}")
+    if args.out is None:  # a user's backend never overwrites the project's own result set
+        mine = [b.name for b, spec in picked if spec]
+        args.out = f"{USER_OUT}/{mine[0]}" if mine and not args.backend else DEFAULT_OUT
+    _check_out_dir(args.out)
+    return Plan(tuple(tests), args.out, args.tier, workers, timeout, uuid.uuid4().hex)
 
 
 def parse_gpus(text: str, available: int) -> str:
@@ -159,126 +158,69 @@ def parse_gpus(text: str, available: int) -> str:
     return ",".join(names[i] for i in ids)
 
 
-def _engine_argv(args) -> list[str]:
-    here = Path(__file__).parent
-    argv = [
-        str(here / "test_matrix.py"),
-        "-q",
-        "-p",
-        "no:cacheprovider",
-        "-p",
-        "no:benchmark",  # not used by the matrix; its xdist warning is noise on stderr
-        "--tier",
-        args.tier,
-        "--out",
-        args.out,
-        "--rootdir",
-        str(here.parent),
-        "-o",
-        "addopts=",
-        "--case-timeout",
-        str(args.case_timeout),
-    ]
-    for b in args.backend or []:
-        argv += ["--backend", b]
-    for m in args.backend_module or []:
-        argv += ["--backend-module", m]
-    for c in args.case or []:
-        argv += ["--case", c]
-    if args.k:
-        argv += ["-k", args.k]
-    if args.shard:
-        argv += ["--shard", args.shard]
-    if args.model:
-        argv += ["--model", args.model]
-    if args.cases:
-        argv += ["--cases", args.cases]
-    if args.workers and args.workers != "0":
-        # Every crashed worker is replaced (xdist's default stops after 4 per worker, and the
-        # tests still queued would then never run).
-        argv += ["-n", args.workers, "--dist", "load", "--max-worker-restart", "100000"]
-        if importlib.util.find_spec("pytest_timeout"):
-            # Backstop for what SIGALRM cannot stop (a hung kernel blocks in C): pytest-timeout
-            # ends the worker, xdist starts another, the controller records the crash row.
-            argv += [
-                "-p",
-                "timeout",
-                "--timeout",
-                str(3 * args.case_timeout),
-                "--timeout-method",
-                "thread",
-            ]
-    return argv
-
-
-SIGNAL_EXIT = {signal.SIGINT: 130, signal.SIGTERM: 143}
-
-
-def _die_with_parent() -> None:
-    """In the engine process: a SIGTERM when `run` itself dies (even by SIGKILL), so the engine
-    never runs on as an orphan; it then stops like any interrupted run (Linux; elsewhere a
-    no-op)."""
-    with contextlib.suppress(Exception):
-        import ctypes
-
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-
-
 def cmd_run(args) -> int:
-    """Validate, then run the engine (pytest) in a child process and supervise it: signals are
-    passed on, and whatever happens to the child (a backend calling os._exit, a segfault
-    without workers), results.csv is written from what finished, every test that left no row
-    is an error row, and an interrupted run is marked so."""
-    from conformance.results import RUN_ID_ENV, finalize_run, read_run, summary_line
+    """Resolve the plan, then run the engine (conformance/engine.py) in a process of its own and
+    supervise it: signals are passed on, and whatever happens to it (killed, a crash of its own),
+    results.csv is written from what finished, every test that left no row an error row."""
+    from conformance import engine
+    from conformance.results import finalize_run, read_run, summary_lines
 
-    _check_run_args(args)
-    run_id = uuid.uuid4().hex
-    env = dict(os.environ, **{RUN_ID_ENV: run_id})
+    plan = resolve_run(args)
     if args.gpus is not None:
-        env["CUDA_VISIBLE_DEVICES"] = args.gpus
-    child = subprocess.Popen(
-        [sys.executable, "-m", "pytest", *_engine_argv(args)], env=env, preexec_fn=_die_with_parent
+        os.environ["CUDA_VISIBLE_DEVICES"] = args.gpus
+    cases = len({t.shape.id for t in plan.tests})
+    backends = len({t.backend for t in plan.tests})
+    print(
+        f"[conformance] {len(plan.tests)} tests ({cases} cases x {backends} backends), "
+        f"{plan.workers} worker(s) -> {plan.out}",
+        flush=True,
     )
+    child = engine.context().Process(target=engine.engine_main, args=(plan,))
     received: list[int] = []
 
     def pass_on(signum, frame):
         received.append(signum)
-        with contextlib.suppress(ProcessLookupError):
-            child.send_signal(signum)
+        if child.pid:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(child.pid, signum)
 
-    old = {s: signal.signal(s, pass_on) for s in SIGNAL_EXIT}
+    old = {s: signal.signal(s, pass_on) for s in engine.SIGNAL_EXIT}
     try:
-        while True:
-            try:
-                code = child.wait()
-                break
-            except KeyboardInterrupt:  # a signal between handlers: keep waiting for the child
-                continue
+        child.start()
+        while child.exitcode is None:
+            child.join(0.5)
     finally:
         for s, h in old.items():
             signal.signal(s, h)
+    code = child.exitcode
     info = read_run(Path(args.out))
-    if info.get("run_id") != run_id:  # the engine never started a result set
-        if code == 5:
-            print("error: no cases selected (check -k, --shard, --case, --cases)", file=sys.stderr)
-            return 2
-        if received:
-            return SIGNAL_EXIT[received[0]]
-        print(f"error: the matrix did not start (engine exit code {code})", file=sys.stderr)
-        return 2
-    interrupted = bool(received) or code == 2 or info.get("state") == "interrupted"
-    state = "interrupted" if interrupted else "complete"
-    if info.get("state") != state or code not in (0, 1, 2):
-        # The engine died (or was killed) before it wrote its CSV: write it here.
-        counts = finalize_run(Path(args.out), state)
-        print(summary_line(Path(args.out), counts, state))
-    else:
-        counts = read_run(Path(args.out)).get("counts", {})
-    if received:
-        return SIGNAL_EXIT[received[0]]
-    if interrupted:
-        return SIGNAL_EXIT[signal.SIGINT]
-    return 1 if counts.get("fail", 0) or counts.get("error", 0) or code not in (0, 1) else 0
+    final = info.get("run_id") == plan.run_id and info.get("state") in ("complete", "interrupted")
+    if not final or code not in (0, 1, 130, 143):
+        # The engine died (or was killed) before it finished the result set: finish it here.
+        state = "interrupted" if received else "complete"
+        counts = finalize_run(Path(args.out), state, plan)
+        print(f"[conformance] the engine ended with exit code {code}", flush=True)
+        for line in summary_lines(Path(args.out), counts, state):
+            print(line, flush=True)
+        _render(Path(args.out))
+        return engine.SIGNAL_EXIT[received[0]] if received else 1
+    _render(Path(args.out))
+    return engine.SIGNAL_EXIT[received[0]] if received else code
+
+
+def _render(out: Path) -> None:
+    """index.html beside results.csv (one command gives the report); a report that cannot be
+    written is said, never a change of the run's verdict."""
+    from reports.html import write_report
+
+    bench = out / "bench.csv"
+    try:
+        page = write_report(
+            [out / "results.csv"], out / "index.html", bench if bench.exists() else None
+        )
+        print(f"[conformance] report: {page}", flush=True)
+    except Exception as e:  # the rows are the result; the page is a view of them
+        print(f"[conformance] no report: {type(e).__name__}: {e}", flush=True)
 
 
 def cmd_dump(args) -> int:
@@ -349,31 +291,63 @@ def main(argv=None) -> int:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     sub = p.add_subparsers(dest="cmd", required=True)
+    tiers = "smoke (CPU, CI), full (GPU), exhaustive (kind x phase x block x dtype x layout)"
+
+    def workload_options(parser):
+        parser.add_argument("--tier", default="smoke", help=f"the generated matrix: {tiers}")
+        parser.add_argument(
+            "--model", default=None, help="the cases around a model preset (NAME or all)"
+        )
+        parser.add_argument(
+            "--cases", default=None, help="a JSON-lines file of explicit shapes or axis rows"
+        )
+        parser.add_argument(
+            "--shard", default=None, help="i/n: the i-th of n deterministic slices (by case id)"
+        )
+
     pl = sub.add_parser("list", help="print the cases of a tier and its pair coverage")
-    pl.add_argument("--tier", default="smoke")
+    workload_options(pl)
     pl.add_argument("--format", choices=["text", "csv"], default="text")
-    pl.add_argument("--shard", default=None)
-    pl.add_argument("--model", default=None, help="a model preset, or all")
-    pl.add_argument("--cases", default=None, help="a cases file (axis rows, explicit shapes)")
-    pr = sub.add_parser("run", help="run the matrix (pytest underneath)")
-    pr.add_argument("--tier", default="smoke")
-    pr.add_argument("--backend", action="append")
-    pr.add_argument("--backend-module", action="append")
-    pr.add_argument("-k", default=None, help="pytest -k expression over 'CASE_ID::BACKEND'")
-    pr.add_argument("--shard", default=None)
-    pr.add_argument("--model", default=None, help="a model preset, or all (conformance/models.py)")
-    pr.add_argument("--out", default="reports/out")
-    pr.add_argument(
-        "--cases", default=None, help="JSON lines: axis rows or explicit shapes (--case filters)"
+    pr = sub.add_parser(
+        "run",
+        help="run the matrix: every selected case against every selected backend",
+        description="Run the matrix. Exit 0: nothing failed or errored; 1: something did; "
+        "2: a usage mistake (one line, nothing in --out touched); 130/143: interrupted.",
     )
+    workload_options(pr)
+    pr.add_argument(
+        "--backend",
+        action="append",
+        metavar="NAME",
+        help="a registered backend (repeatable; default: all but the reference): "
+        + ", ".join(backend_names()),
+    )
+    pr.add_argument(
+        "--backend-module",
+        action="append",
+        metavar="SPEC",
+        help="your backend: package.module:Class or path/to/file.py:Class (repeatable); its "
+        f"results go to {USER_OUT}/<name>/ unless --out says otherwise",
+    )
+    pr.add_argument("-k", default=None, help="a pytest-style -k expression over CASE_ID::BACKEND")
     pr.add_argument("--case", action="append", help="one case id (repeatable)")
+    pr.add_argument(
+        "--out",
+        default=None,
+        help="results folder (results.csv, index.html, run.json); default reports/out, or "
+        f"{USER_OUT}/<name> for a --backend-module run",
+    )
     pr.add_argument(
         "-n",
         dest="workers",
-        default=os.environ.get("CONFORMANCE_WORKERS", "0"),
-        help="pytest-xdist workers ('auto', N, or 0 for none)",
+        default=os.environ.get("CONFORMANCE_WORKERS", "1"),
+        help="worker processes (default 1; 'auto': one per core on the CPU, six per GPU)",
     )
-    pr.add_argument("--case-timeout", default=str(DEFAULT_TIMEOUT_S), help="seconds per call (> 0)")
+    pr.add_argument(
+        "--case-timeout",
+        default=str(DEFAULT_TIMEOUT_S),
+        help="seconds one backend call may take (> 0)",
+    )
     pr.add_argument(
         "--gpus", default=None, help="GPU indices the workers use, e.g. 0,1 (default: all visible)"
     )

@@ -353,10 +353,11 @@ def decoder_lengths(case: Case) -> list[int]:
     if case.model:
         return _model_decoder_lengths(case)
     bs, small = case.block_size, case.size != "large"
+    # long: 32 and 16 split-K splits under the interpreter (64-token tiles, 4 SMs assumed)
     if case.size == "long" and case.batch == "single":
-        return [2053]
+        return [8203]
     if case.size == "long" and case.batch == "few_long":
-        return [1100, 2060]
+        return [2200, 4100]
     if case.batch == "single":
         return [bs + 3 if small and bs < 40 else (37 if small else 1000)]
     if case.batch == "uniform":

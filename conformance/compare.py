@@ -39,8 +39,12 @@ def nonfinite_count(t: torch.Tensor) -> int:
     return int((~torch.isfinite(t)).sum())
 
 
-def compare_output(step, out, ref: torch.Tensor, baseline_err: float | None = None) -> Comparison:
-    """`out` (any dtype) against `ref` (float64) for `step`, under the tolerance policy."""
+def compare_output(
+    step, out, ref: torch.Tensor, baseline_err: float | None = None, backend=None
+) -> Comparison:
+    """`out` against `ref` (float64) for `step`, under the tolerance policy. `out` must have the
+    query's dtype (a low-precision kernel must not hide behind an upcast), or float64 where the
+    backend declares `float64_output` (the reference)."""
     if not isinstance(out, torch.Tensor):
         return Comparison(Status.ERROR, f"forward returned {type(out).__name__}, expected a tensor")
     bad_ref = nonfinite_count(ref)
@@ -66,6 +70,11 @@ def compare_output(step, out, ref: torch.Tensor, baseline_err: float | None = No
     ref_scale = ref.abs().max().item() if ref.numel() else 0.0
     dtype = step.query.dtype
     tol = tolerance(dtype, baseline_err, ref_scale)
+    if not (math.isfinite(tol) and tol > 0):  # never judge against a NaN or infinite bound
+        return Comparison(
+            Status.ERROR,
+            f"tolerance is {tol} (baseline error {baseline_err}): the comparison cannot judge",
+        )
     bad = ~torch.isfinite(got)
     nan_count = int(bad.sum())
     err = (got - ref).abs().where(~bad, torch.full((), math.inf, dtype=torch.float64))
@@ -83,7 +92,8 @@ def compare_output(step, out, ref: torch.Tensor, baseline_err: float | None = No
     )
     if nan_count:
         return Comparison(Status.FAIL, f"NaN/Inf: {nan_count} non-finite outputs", **comp)
-    if out.dtype not in (dtype, torch.float64):
+    wide = bool(getattr(backend, "float64_output", False))
+    if out.dtype != dtype and not (wide and out.dtype == torch.float64):
         return Comparison(Status.FAIL, f"dtype mismatch: output {out.dtype}, query {dtype}", **comp)
     if not max_abs <= tol:  # `not <=`: a NaN metric fails too
         return Comparison(

@@ -189,10 +189,10 @@ EDGE_CASES = [
 ]
 
 
-# Paths the GPU takes that small shapes never reach (the fail-closed issue measured them): one
-# sequence of 2,053 tokens in 257 blocks of 8 (32 split-K splits even under the interpreter,
-# whose launch model assumes 4 SMs), two of 1,100 and 2,060 tokens (16 splits), a cross cache
-# of 2,055 one-token blocks. Few heads and a small head size keep them cheap on the CPU.
+# Paths the GPU takes that small shapes never reach: one sequence of 8,203 tokens in 1,026
+# blocks of 8 (32 split-K splits even under the interpreter, whose launch model assumes 4 SMs),
+# two of 2,200 and 4,100 tokens (16 splits), a cross cache of 2,055 one-token blocks. Few heads
+# and a small head size keep them cheap on the CPU.
 LONG_EDGE_CASES = [
     dict(
         kind="decoder",

@@ -1,14 +1,16 @@
 """A run's result set on disk, and how a run ends.
 
     DIR/results.jsonl   rows streamed as tests finish (an interrupted or crashed run keeps them)
-    DIR/run.json        the run: id, tier, state (running / complete / interrupted), the planned
-                        tests (case × backend), and at the end wall time and counts
+    DIR/run.json        the run: id, tier, state (running / complete / interrupted), the number
+                        of planned tests, and at the end wall time and counts
     DIR/results.csv     written at the end (`finalize_run`), also after an interruption
 
-`start_run` is called once the selection is known (never before: a run that fails to start
-leaves the last results alone). `finalize_run` turns every planned test without a row into an
-`error` row ("not run" after an interruption, "missing" otherwise), so a result set always
-says what did not happen; both files are written to a temporary name and renamed.
+`start_run` is called once the selection is known and valid (a run that fails to start leaves
+the last results alone). Rows arrive with every column but `run_state` (the runner builds them
+once, `conformance.schema.result_row`, and the worker adds the run's environment);
+`finalize_run` adds `run_state`, turns every planned test without a row into an `error` row
+("not run" after an interruption, "missing" otherwise) and writes the CSV, so a result set
+always says what did not happen. Files are written to a temporary name and renamed.
 """
 
 from __future__ import annotations
@@ -18,18 +20,18 @@ import os
 import time
 from pathlib import Path
 
-from conformance.cases import Case
 from conformance.schema import (
     STATUSES,
+    Status,
     environment,
     read_jsonl,
+    rerun_command,
     result_row,
     to_result_row,
     write_csv,
 )
-from conformance.shapes import Shape
 
-RUN_ID_ENV = "CONFORMANCE_RUN_ID"  # set by `python -m conformance run` for its engine process
+FAILURES_SHOWN = 10
 
 
 def write_atomic(path: Path, text: str) -> None:
@@ -45,53 +47,42 @@ def read_run(out: Path) -> dict:
         return {}
 
 
-def start_run(
-    out: Path, tier: str, planned: list[tuple[str, str, str]], shapes: dict | None = None
-) -> None:
-    """A new result set: an empty results.jsonl and run.json in state `running`. `shapes`:
-    the explicit shapes among the planned cases (id -> Shape.to_dict() plus `source`), which
-    no id alone can rebuild, for the rows of tests that never report."""
+def start_run(out: Path, plan) -> None:
+    """A new result set for `plan` (engine.Plan): an empty results.jsonl and run.json in state
+    `running`."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.jsonl").write_text("")
+    (out / "results.csv").unlink(missing_ok=True)  # never a stale CSV beside a new run
     info = dict(
-        run_id=os.environ.get(RUN_ID_ENV, ""),
-        tier=tier,
+        run_id=plan.run_id,
+        tier=plan.tier,
         state="running",
         start=time.time(),
-        planned=[list(p) for p in planned],
-        shapes=shapes or {},
+        tests=len(plan.tests),
     )
     write_atomic(out / "run.json", json.dumps(info))
 
 
-def _planned_case(info: dict, case_id: str) -> Case | Shape:
-    shape = info.get("shapes", {}).get(case_id)
-    if shape is not None:
-        fields = dict(shape)
-        return Shape.from_dict(fields, source=fields.pop("source", ""))
-    return Case.from_id(case_id)
-
-
-def finalize_run(out: Path, state: str) -> dict[str, int]:
+def finalize_run(out: Path, state: str, plan) -> dict[str, int]:
     """results.csv and run.json from results.jsonl and the plan; returns the status counts."""
     out = Path(out)
     info = read_run(out)
     raw = read_jsonl(out / "results.jsonl") if (out / "results.jsonl").exists() else []
     have = {(r.get("case_id"), r.get("backend")) for r in raw}
-    for case_id, backend, module in info.get("planned", []):
-        if (case_id, backend) in have:
+    env = None
+    for test in plan.tests:
+        if test.key in have:
             continue
         reason = (
             "not run: the run was interrupted before this test finished"
             if state == "interrupted"
             else "missing: the test recorded no row (its process died?)"
         )
-        row = result_row(_planned_case(info, case_id), backend, "missing", "error", reason)
-        raw.append({**row, "backend_module": module})
-    env = environment()
-    tier = info.get("tier", "")
-    rows = [to_result_row(r, env, tier, state) for r in raw]
+        env = env or dict(environment(), tier=plan.tier)
+        row = result_row(test.shape, test.backend, "missing", Status.ERROR, reason)
+        raw.append({**row, **env, "backend_module": test.module})
+    rows = [to_result_row(r, state) for r in raw]
     rows.sort(key=lambda r: (r["case_id"], r["backend"], r["step"]))
     tmp = out / ".results.csv.tmp"
     write_csv(rows, tmp)
@@ -107,7 +98,29 @@ def finalize_run(out: Path, state: str) -> dict[str, int]:
     return counts
 
 
-def summary_line(out: Path, counts: dict[str, int], state: str) -> str:
-    rows = sum(counts.values())
-    head = "[conformance] INTERRUPTED: partial result set, " if state == "interrupted" else ""
-    return f"{head or '[conformance] '}{rows} rows -> {Path(out) / 'results.csv'}: {counts}"
+def summary_lines(out: Path, counts: dict[str, int], state: str) -> list[str]:
+    """What a run prints at its end: its first failures and errors, each with the command that
+    re-runs it alone, then one summary line."""
+    out = Path(out)
+    lines = []
+    try:
+        rows = read_jsonl(out / "results.jsonl")
+    except OSError:
+        rows = []
+    bad = [r for r in rows if r.get("status") in (Status.FAIL, Status.ERROR)]
+    for r in bad[:FAILURES_SHOWN]:
+        lines.append(
+            f"{r['status'].upper()} {r['case_id']} {r['backend']} {r['step']}: {r['reason']}"
+        )
+        lines.append(f"  re-run alone: {rerun_command(r)}")
+    if len(bad) > FAILURES_SHOWN:
+        lines.append(f"... and {len(bad) - FAILURES_SHOWN} more (results.csv, the HTML report)")
+    total = sum(counts.values())
+    parts = ", ".join(f"{counts.get(s, 0)} {s}" for s in STATUSES)
+    head = (
+        "[conformance] INTERRUPTED: partial result set: "
+        if state == "interrupted"
+        else ("[conformance] ")
+    )
+    lines.append(f"{head}{total} rows ({parts}) -> {out / 'results.csv'}")
+    return lines

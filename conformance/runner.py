@@ -24,7 +24,7 @@ import torch
 
 from conformance.cases import Case, build_inputs
 from conformance.compare import bitwise_equal, compare_caches, compare_output, nonfinite_count
-from conformance.schema import result_row
+from conformance.schema import Status, result_row
 from conformance.tolerance import baseline_attention
 from conformance.workloads import Episode, Step
 from reference.attention import attention
@@ -237,17 +237,22 @@ def run_case(
     timeout_s: float | None = DEFAULT_TIMEOUT_S,
     metamorphic: bool = True,
     rerun: bool | None = None,
+    module: str = "",
 ) -> list[dict]:
     """All rows of `case` × `backend`: one per step, plus `permuted` (block permutation must not
-    change the output) and, on CUDA, `rerun` (a second run must be bitwise identical)."""
+    change the output) and, on CUDA, `rerun` (a second run must be bitwise identical).
+    `module`: the backend's --backend-module spec ('' for a registered one), for its rows."""
     name = str(getattr(backend, "name", type(backend).__name__))
-    row = lambda sname, status, reason="", *a: result_row(case, name, sname, status, reason, *a)
+
+    def row(sname, status, reason="", *a):
+        return result_row(case, name, sname, status, reason, *a, backend_module=module)
+
     try:
         inputs, expected = expected_for(case)
     except KeyboardInterrupt:
         raise
     except BaseException as e:
-        return [row("build", "error", f"case could not be built: {error_reason(e)}")]
+        return [row("build", Status.ERROR, f"case could not be built: {error_reason(e)}")]
     steps = _steps(inputs)
     snames = [_step_name(i, s) for i, s in enumerate(steps)]
 
@@ -255,13 +260,12 @@ def run_case(
     if not problem and why is not None and not isinstance(why, str):
         problem = f"unavailable_reason() returned {type(why).__name__}, expected str or None"
     if problem:
-        return [row(s, "error", problem) for s in snames]
+        return [row(s, Status.ERROR, problem) for s in snames]
     if why:
-        return [row(s, "skip", f"not supported: {why}") for s in snames]
+        return [row(s, Status.SKIP, f"not supported: {why}") for s in snames]
     device, problem = guarded(lambda: torch.device(backend.device()), what="device()")
     if problem:
-        return [row(s, "error", problem) for s in snames]
-    rerun = device.type == "cuda" if rerun is None else rerun
+        return [row(s, Status.ERROR, problem) for s in snames]
     # A backend that reads whole tiles of the pool (weighting other slots by zero) declares
     # `finite_unowned_slots`: its copy holds POISON instead of NaN where nothing was written.
     finite = bool(getattr(backend, "finite_unowned_slots", False))
@@ -274,7 +278,8 @@ def run_case(
     mine, problem = guarded(lambda: retry_on_oom(fresh, device))
     if problem:
         return [
-            row(s, "error", f"inputs could not be moved to {device}: {problem}") for s in snames
+            row(s, Status.ERROR, f"inputs could not be moved to {device}: {problem}")
+            for s in snames
         ]
 
     rows, last = [], None
@@ -283,36 +288,40 @@ def run_case(
         after = pool.advance(exp)
         v = judge_step(backend, step, pristine, exp, after, device, timeout_s)
         rows.append(row(sname, v.status, v.reason, v.comparison, exp.ref_ms, v.backend_ms))
-        if v.status != "pass" and step.kv_cache is not None:
+        if v.status != Status.PASS and step.kv_cache is not None:
             _take_expected_cache(step, after)  # later steps read what this one should have written
-        last = (step, v.output) if v.status == "pass" else None
+        last = (step, v.output) if v.status == Status.PASS else None
     del pool
     if isinstance(inputs, Step) and last is not None:
+        # The same call again must give the same bits (everywhere it can run: a kernel wrong
+        # from its second call on, or racy, shows here under its own name); then the same step
+        # with its blocks shuffled.
+        again = None
+        if rerun is not False:
+            again = _check_same(
+                row,
+                "rerun",
+                backend,
+                fresh,
+                last[1],
+                timeout_s,
+                "nondeterministic: a second run of the same step differs",
+            )
+            rows.append(again)
         if metamorphic and inputs.kv_cache is not None:
+            what = "block permutation changed the output"
+            if again is not None and again["status"] != Status.PASS:
+                what += " (the backend is not deterministic either: see its rerun row)"
             rows.append(
                 _check_same(
-                    case,
-                    name,
+                    row,
                     "permuted",
                     backend,
                     lambda: permute_blocks(fresh(), case.seed),
                     last[1],
                     timeout_s,
-                    "block permutation changed the output",
+                    what,
                     None if exact else expected[0],
-                )
-            )
-        if rerun:
-            rows.append(
-                _check_same(
-                    case,
-                    name,
-                    "rerun",
-                    backend,
-                    fresh,
-                    last[1],
-                    timeout_s,
-                    "nondeterministic: a second run differs",
                 )
             )
     _recover(device)  # free this case's memory before the next one (workers share the GPU)
@@ -321,7 +330,7 @@ def run_case(
 
 @dataclass(frozen=True)
 class StepVerdict:
-    status: str
+    status: Status
     reason: str
     comparison: object = None  # a compare.Comparison where the output was compared
     backend_ms: float = math.nan
@@ -351,25 +360,27 @@ def judge_step(
     if exp.nonfinite:
         problem = f"reference produced {exp.nonfinite} non-finite values"
     if problem:
-        return StepVerdict("error", problem)
+        return StepVerdict(Status.ERROR, problem)
     if reasons:
-        return StepVerdict("skip", "not supported: " + "; ".join(reasons))
+        return StepVerdict(Status.SKIP, "not supported: " + "; ".join(reasons))
     (out, backend_ms), problem = _forward(backend, step, device, timeout_s)
     if problem:
         _recover(device)
-        return StepVerdict("error", problem)
-    comp, problem = guarded(lambda: compare_output(step, out, exp.output, exp.baseline_err))
+        return StepVerdict(Status.ERROR, problem)
+    comp, problem = guarded(
+        lambda: compare_output(step, out, exp.output, exp.baseline_err, backend=backend)
+    )
     if problem:
-        return StepVerdict("error", f"comparison failed: {problem}", None, backend_ms, out)
+        return StepVerdict(Status.ERROR, f"comparison failed: {problem}", None, backend_ms, out)
     status, reason = comp.status, comp.reason
-    if status == "pass":
+    if status == Status.PASS:
         touched = changed_inputs(step, pristine)
         if touched:
-            status, reason = "fail", f"backend modified its inputs: {', '.join(touched)}"
-    if status == "pass":
+            status, reason = Status.FAIL, f"backend modified its inputs: {', '.join(touched)}"
+    if status == Status.PASS:
         cache_problem = compare_caches(step.kv_cache, expected_caches)
         if cache_problem:
-            status, reason = "fail", cache_problem
+            status, reason = Status.FAIL, cache_problem
     return StepVerdict(status, reason, comp, backend_ms, out)
 
 
@@ -415,12 +426,10 @@ def _forward(backend, step: Step, device: torch.device, timeout_s: float | None)
     return (result if result is not None else (None, math.nan)), problem
 
 
-def _check_same(
-    case, name, sname, backend, make_step, first_out, timeout_s, what, exp=None
-) -> dict:
+def _check_same(row, sname, backend, make_step, first_out, timeout_s, what, exp=None) -> dict:
     """Run the step `make_step()` builds; its output must equal `first_out` bit for bit (with
     `exp`, for a backend whose summation order follows the physical blocks: it must agree with
-    the reference within the tolerance instead)."""
+    the reference within the tolerance instead). `row` builds the result row."""
     device = first_out.device
     step, problem = guarded(lambda: retry_on_oom(make_step, device))
     if not problem:
@@ -429,20 +438,20 @@ def _check_same(
         problem = f"forward returned {type(out).__name__}, expected a tensor"
     if problem:
         _recover(device)
-        return result_row(case, name, sname, "error", problem)
+        return row(sname, Status.ERROR, problem)
     if out.shape != first_out.shape or out.dtype != first_out.dtype:
         why = (
             f"output {out.dtype} {list(out.shape)}, first {first_out.dtype} {list(first_out.shape)}"
         )
-        return result_row(case, name, sname, "fail", f"metamorphic: {what} ({why})")
+        return row(sname, Status.FAIL, f"metamorphic: {what} ({why})")
     if exp is not None:
-        comp = compare_output(step, out, exp.output, exp.baseline_err)
-        reason = "" if comp.status == "pass" else f"metamorphic: {what} ({comp.reason})"
-        return result_row(case, name, sname, comp.status, reason, comp)
+        comp = compare_output(step, out, exp.output, exp.baseline_err, backend=backend)
+        reason = "" if comp.status == Status.PASS else f"metamorphic: {what} ({comp.reason})"
+        return row(sname, comp.status, reason, comp)
     if bitwise_equal(out, first_out).all():
-        return result_row(case, name, sname, "pass")
+        return row(sname, Status.PASS)
     diff = (out.double().cpu() - first_out.double().cpu()).abs().max().item()
-    return result_row(case, name, sname, "fail", f"metamorphic: {what} (max diff {diff:.3g})")
+    return row(sname, Status.FAIL, f"metamorphic: {what} (max diff {diff:.3g})")
 
 
 POISON = 1000.0  # what unwritten slots hold for a backend with `finite_unowned_slots`

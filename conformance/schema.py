@@ -10,6 +10,7 @@ import json
 import math
 import os
 import platform
+import re
 import subprocess
 from dataclasses import dataclass, fields
 from enum import StrEnum
@@ -146,6 +147,15 @@ def environment() -> dict[str, str]:
     )
 
 
+def device_kind(device: str) -> str:
+    """A short name for a device, for file names and baselines: `cpu`, else the GPU model
+    (`NVIDIA H100 80GB HBM3` -> `h100`, `NVIDIA H200` -> `h200`)."""
+    if not device or str(device).startswith("cpu"):
+        return "cpu"
+    tokens = re.findall(r"[A-Za-z]*\d+[A-Za-z]*", str(device))
+    return (tokens[0] if tokens else re.sub(r"\W+", "-", str(device)).strip("-")).lower()
+
+
 def rerun_command(row) -> str:
     """The one command that re-runs a row's case alone with its backend."""
     get = row.get if isinstance(row, dict) else lambda k, d="": getattr(row, k, d)
@@ -192,9 +202,10 @@ def result_row(
     return row
 
 
-def to_result_row(row: dict, env: dict, tier: str, run_state: str = "complete") -> dict:
-    """A streamed row with the run's environment, in the CSV's columns and order."""
-    full = dict(row, tier=tier, run_state=run_state, **env)
+def to_result_row(row: dict, run_state: str = "complete") -> dict:
+    """A streamed row (with the run's environment and tier) with its `run_state`, in the CSV's
+    columns and order."""
+    full = dict(row, run_state=run_state)
     return {c: full.get(c, "") for c in COLUMNS}
 
 

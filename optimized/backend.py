@@ -28,8 +28,10 @@ of bit for bit). Both default to the strict behaviour.
 from __future__ import annotations
 
 import importlib
+import sys
 from enum import StrEnum
 from importlib.metadata import entry_points
+from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 import torch
@@ -150,6 +152,7 @@ class ReferenceBackend(BaseBackend):
     dtype the spec accepts (float64 included), any head and block size, on the CPU."""
 
     name = "reference"
+    float64_output = True  # the spec's own output; every other backend returns the query dtype
     dtypes = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
     head_sizes = (1, 1 << 16)
     max_block_size = 1 << 30
@@ -185,12 +188,29 @@ class UnavailableBackend(BaseBackend):
         return self._reason
 
 
+def _import(module_name: str):
+    """A module by dotted name, or by file path (`path/to/kernel.py`): the file's folder goes on
+    sys.path first, so the file can import its neighbours."""
+    if not module_name.endswith(".py"):
+        return importlib.import_module(module_name)
+    path = Path(module_name).expanduser().resolve()
+    if not path.is_file():
+        raise ModuleNotFoundError(f"no such file {module_name!r}")
+    if str(path.parent) not in sys.path:
+        sys.path.insert(0, str(path.parent))
+    return importlib.import_module(path.stem)
+
+
 def load_backend(spec: str) -> Backend:
-    """`module.path:ClassName` → an instance implementing the protocol (clear error otherwise)."""
-    if ":" not in spec:
-        raise ValueError(f"--backend-module: expected 'package.module:ClassName', got {spec!r}")
-    module_name, class_name = spec.split(":", 1)
-    cls = getattr(importlib.import_module(module_name), class_name, None)
+    """`package.module:ClassName` or `path/to/file.py:ClassName` → an instance implementing the
+    protocol (a clear ValueError otherwise)."""
+    if ":" not in spec.lstrip("/"):
+        raise ValueError(
+            f"--backend-module: expected 'package.module:ClassName' or "
+            f"'path/to/file.py:ClassName', got {spec!r}"
+        )
+    module_name, class_name = spec.rsplit(":", 1)
+    cls = getattr(_import(module_name), class_name, None)
     if cls is None:
         raise ValueError(f"--backend-module: {module_name} has no attribute {class_name!r}")
     backend = cls()
@@ -202,6 +222,24 @@ def load_backend(spec: str) -> Backend:
     if missing:
         raise ValueError(f"--backend-module: {spec} lacks {missing} of the Backend protocol")
     return backend
+
+
+def canonical_spec(spec: str) -> str:
+    """The spec of a loaded backend as it re-runs from anywhere: a file path made absolute; a
+    single-file module found outside this project and site-packages (e.g. through PYTHONPATH) as
+    its absolute file path. Other specs stay as given."""
+    module_name, class_name = spec.rsplit(":", 1)
+    if module_name.endswith(".py"):
+        return f"{Path(module_name).expanduser().resolve()}:{class_name}"
+    module = sys.modules.get(module_name)
+    origin = getattr(module, "__file__", None)
+    if "." in module_name or not origin:
+        return spec
+    where = Path(origin).resolve().parent
+    here = Path(__file__).resolve().parents[1]
+    if where == here or "site-packages" in where.parts:
+        return spec
+    return f"{Path(origin).resolve()}:{class_name}"
 
 
 def get_backend(name: str) -> Backend:

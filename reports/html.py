@@ -370,9 +370,10 @@ def write_report(
     title: str | None = None,
 ) -> Path:
     from conformance.schema import read_csv
+    from reports.gate import load_bench
 
     df = pd.concat([read_csv(p) for p in results], ignore_index=True)
-    bench_df = pd.read_csv(bench) if bench and Path(bench).exists() else None
+    bench_df = load_bench(str(bench), "--bench") if bench else None
     # `python -m bench limits` writes limits.csv beside the bench file it read.
     limits_path = Path(bench).parent / "limits.csv" if bench_df is not None else None
     limits_df = pd.read_csv(limits_path) if limits_path and limits_path.exists() else None

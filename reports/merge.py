@@ -23,14 +23,15 @@ def load_rows(path: str | Path, overrides: dict | None = None) -> list[dict]:
     if path.suffix == ".jsonl":
         from conformance.schema import environment
 
-        env = {**environment(), **{k: v for k, v in overrides.items() if k != "tier"}}
-        tier = overrides.get("tier", "")
+        env = {**environment(), **overrides}
         rows = []
         for n, r in enumerate(read_jsonl(path), 1):
             lacking = [k for k in RUNNER_FIELDS if k not in r]
             if lacking:
                 raise ValueError(f"{path}: row {n} is not a runner row (lacks {lacking})")
-            rows.append(to_result_row(r, env, tier, overrides.get("run_state", "complete")))
+            rows.append(
+                to_result_row({**env, **r, **overrides}, overrides.get("run_state", "complete"))
+            )
         return rows
     return [{**r, **overrides} for r in read_csv(path).to_dict("records")]
 

@@ -219,3 +219,22 @@ class KillsItsProcess(TorchBackend):
         if metadata.block_size == 8:
             os._exit(11)
         return super().forward(query, key, value, kv_cache, metadata, attn_kind)
+
+
+class KillsTheEngine(TorchBackend):
+    """Kills the engine process itself (its worker's parent) on block size 8: `run` must still
+    leave results.csv, every test the engine did not finish an error row."""
+
+    name = "fault-kills-engine"
+
+    def forward(self, query, key, value, kv_cache, metadata, attn_kind):
+        if metadata.block_size == 8:
+            os.kill(os.getppid(), 9)
+            time.sleep(30)
+        return super().forward(query, key, value, kv_cache, metadata, attn_kind)
+
+
+class TritonImpostor(TorchBackend):
+    """Named like a built-in: a run with both must refuse (exit 2), never let it stand in."""
+
+    name = "triton"

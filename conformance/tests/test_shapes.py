@@ -13,13 +13,12 @@ from conformance.cases import build_inputs, read_cases_file, select_cases
 from conformance.results import finalize_run, start_run
 from conformance.schema import rerun_command
 from conformance.shapes import Shape
-from conformance.tests.test_cli import ROOT, _cli
+from conformance.tests.cli import FAULTY, ROOT, cli
 from conformance.workloads import Episode
 from reference.validation import check_inputs
 
 SHIPPED = sorted((ROOT / "conformance" / "explicit").glob("*.jsonl"))
 ODD = "conformance/explicit/odd_shapes.jsonl"
-FAULTY = "conformance.tests.faulty"
 
 
 def _rows(out: Path) -> list[dict]:
@@ -90,7 +89,7 @@ def test_a_bad_row_is_one_line_naming_the_field(tmp_path, change, message):
     cases = tmp_path / "cases.jsonl"
     cases.write_text(json.dumps(good) + "\n" + json.dumps(row) + "\n")
     out = tmp_path / "out"
-    r = _cli("run", "--cases", str(cases), "--out", str(out), tmp_path=tmp_path)
+    r = cli("run", "--cases", cases, "--out", out)
     assert r.returncode == 2
     assert r.stderr.count("\n") == 1 and "line 2:" in r.stderr and message in r.stderr, r.stderr
     assert not (out / "results.csv").exists()
@@ -113,7 +112,7 @@ def test_a_shape_runs_through_the_matrix_report_and_gate(tmp_path):
     ids = ["odd-dec-decode-block-plus-one", "odd-cross-decode-enc-1-129"]
     args = ["run", "--cases", ODD, "--backend", "triton", "--backend", "torch"]
     picks = [a for i in ids for a in ("--case", i)]
-    r = _cli(*args, *picks, "--out", str(out), tmp_path=tmp_path)
+    r = cli(*args, *picks, "--out", out)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
     rows = _rows(out)
     assert {row["case_id"] for row in rows} == set(ids)
@@ -126,7 +125,7 @@ def test_a_shape_runs_through_the_matrix_report_and_gate(tmp_path):
     assert decode["num_kv_heads"] == "1"
     cmd = rerun_command(decode)
     assert cmd == f"python -m conformance run --cases {ODD} --case {ids[0]} --backend triton"
-    again = _cli(*cmd.split()[3:], "--out", str(tmp_path / "again"), tmp_path=tmp_path)
+    again = cli(*cmd.split()[3:], "--out", tmp_path / "again")
     assert again.returncode == 0 and len(_rows(tmp_path / "again")) == sum(
         r["case_id"] == ids[0] and r["backend"] == "triton" for r in rows
     )
@@ -141,14 +140,13 @@ def test_a_shape_runs_through_the_matrix_report_and_gate(tmp_path):
 
 
 def test_tests_that_never_report_keep_their_shape(tmp_path):
-    """The engine dies (no workers) on block size 8: the shapes it never finished are error
-    rows with their shape columns, rebuilt from run.json (no id alone can rebuild them)."""
+    """The engine dies on block size 8: the shapes it never finished are error rows with their
+    shape columns (the plan holds the shapes; no id alone can rebuild them)."""
     common = dict(attn_kind="decoder", query_lens=[1], context_lens=[9], num_heads=2, head_size=8)
     cases = tmp_path / "cases.jsonl"
     cases.write_text("".join(json.dumps({**common, "block_size": b}) + "\n" for b in (16, 8, 32)))
     out = tmp_path / "out"
-    r = _cli("run", "--cases", str(cases), "--backend-module", f"{FAULTY}:KillsItsProcess",
-             "--out", str(out), tmp_path=tmp_path)  # fmt: skip
+    r = cli("run", "--cases", cases, "--backend-module", f"{FAULTY}:KillsTheEngine", "--out", out)
     assert r.returncode == 1, r.stdout[-2000:]
     missing = [row for row in _rows(out) if row["step"] == "missing"]
     assert {row["block_size"] for row in missing} == {"8", "32"}
@@ -157,10 +155,12 @@ def test_tests_that_never_report_keep_their_shape(tmp_path):
 
 
 def test_finalize_rebuilds_planned_shapes(tmp_path):
+    from conformance.engine import Plan, Test
+
     shape = read_cases_file(ODD)[0]
-    planned_shapes = {shape.id: {**shape.to_dict(), "source": ODD}}
-    start_run(tmp_path, "", [(shape.id, "triton", "")], planned_shapes)
-    counts = finalize_run(tmp_path, "interrupted")
+    plan = Plan((Test(shape, "triton"),), str(tmp_path), "")
+    start_run(tmp_path, plan)
+    counts = finalize_run(tmp_path, "interrupted", plan)
     assert counts["error"] == 1
     (row,) = _rows(tmp_path)
     assert (row["shape"], row["cases_file"], row["num_kv_heads"]) == (shape.id, ODD, "4")

@@ -140,8 +140,8 @@ def launch_candidates(
     shrunk to fit shared memory: fp32 with head size 256 at prefill asked for 344 KB and failed
     to launch (found by the full conformance tier on the H100). `head_pad` is the K/V columns
     a program reads per token: padded head size × `heads` (kv heads per program)."""
-    if interpreting():
-        return (Launch(16, 4, 1),)
+    if interpreting():  # the interpreter pays per loop iteration, not per element: wide tiles
+        return (Launch(64, 4, 1),)
     if smem is None:
         smem = smem_limit(torch.device("cuda", torch.cuda.current_device()))
     return _gpu_launch_candidates(head_pad, prefill, block_m, elem_bytes, smem, heads)

@@ -93,7 +93,7 @@ def test_strided_caches_and_query(backend_name, kind):
         assert compare_caches(caches, step.kv_cache) == ""
         pytest.skip("; ".join(reasons))
     out = backend.forward(*args)
-    comp = compare_output(step, out, ref)
+    comp = compare_output(step, out, ref, backend=backend)
     assert comp.ok, comp.reason
     assert compare_caches(tuple(c.contiguous() for c in caches), ref_step.kv_cache) == ""
 

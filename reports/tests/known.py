@@ -37,7 +37,7 @@ def known_rows() -> list[dict]:
     wrong = SimpleNamespace(**{**vars(metrics), "err_ratio": 3.5})
     reason = "numerical mismatch: max_abs_err 0.1 > tolerance 0.03"
     rows.append(result_row(cases[1], "torch", f"0:{cases[1].attn_kind}", "fail", reason, wrong))
-    return [to_result_row(r, ENV, "smoke") for r in rows]
+    return [to_result_row({**r, **ENV, "tier": "smoke"}) for r in rows]
 
 
 # One benchmark configuration (the bench.csv key columns).
