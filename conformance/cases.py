@@ -439,8 +439,9 @@ def lower(case: Case) -> Shape:
             decode_steps=steps,
             **common,
         )
-    if case.kind == "encoder":
-        return Shape("encoder", encoder_seq_lens=tuple(enc), **common)
+    if case.kind == "encoder":  # a padded encoder batch: rows past the last token (NaN)
+        pad = 2 if case.batch in ("ragged", "many_short") else 0
+        return Shape("encoder", encoder_seq_lens=tuple(enc), padding_tokens=pad, **common)
     q, c = split_phase(case, dec)
     pad = 2 if case.layout in ("nullblock", "fragmented") else 0  # CUDA-graph style padding
     if case.kind == "decoder":

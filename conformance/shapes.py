@@ -19,7 +19,8 @@ Fields (only `attn_kind`, `num_heads`, `head_size` and the lengths its kind need
     block_size (16), dtype (bfloat16; float16, float32, or fp16/bf16/fp32), layout (contiguous;
     see workloads.Layout), sliding_window (decoder, episode), scale (default 1/sqrt(head_size)),
     seed (0), decode_steps (episode: decode steps after the prefill, default 2),
-    padding_tokens (trailing slot -1 rows, as CUDA graphs pad; decoder and encoder_decoder)
+    padding_tokens (trailing rows past the last real token, as CUDA graphs pad; slot -1; not
+                    for episodes)
     name              the shape's id (letters, digits, . _ + -); default: a readable id with a
                       short hash of the content, `shape~cross-b2-h16kv16-d64-bs16-fp16-1a2b3c4d`
 
@@ -56,7 +57,7 @@ _NEEDS = {
     "episode": ("query_lens", "encoder_seq_lens"),
 }
 _FORBIDS = {
-    "encoder": ("query_lens", "context_lens", "sliding_window", "decode_steps", "padding_tokens"),
+    "encoder": ("query_lens", "context_lens", "sliding_window", "decode_steps"),
     "decoder": ("encoder_seq_lens", "decode_steps"),
     "encoder_decoder": ("sliding_window", "decode_steps"),
     "episode": ("context_lens", "padding_tokens"),

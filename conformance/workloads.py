@@ -2,7 +2,9 @@
 caches) built from a seed. Not the spec (that is `reference/`): what the matrix, the tests and
 the benchmarks feed it.
 
-Steps: metadata, tensors and pre-filled paged caches built from a seed.
+Steps: metadata, tensors and pre-filled paged caches built from a seed. Whatever the spec lets
+hold anything is non-finite: unwritten cache slots (NaN) and padding rows of query (NaN), key
+(Inf) and value (NaN).
 
 `build_step(...)` is what tests, the conformance matrix and benchmarks use to get a valid step for
 given lengths and a block-table layout. The caches hold NaN everywhere nothing was written, so any
@@ -188,15 +190,21 @@ def build_step(
 
     num_q = sum(md.query_lens_for(kind)) + num_padding_tokens
     query = randn(num_q, num_heads, head_size)
+    # Padding rows may hold anything (the spec ignores them): give them NaN and Inf, so a kernel
+    # that lets one leak into a real row (even with weight zero: 0 * NaN) fails. Drawn first and
+    # overwritten, so every other tensor stays what the seed gives.
+    query[num_q - num_padding_tokens :] = float("nan")
     new_lens = md.new_kv_lens_for(kind)
     first_new = context_lens if kind == AttnKind.DECODER else (0,) * num_seqs
     new_k = [key_history[i][first_new[i] : first_new[i] + new_lens[i]] for i in range(num_seqs)]
     new_v = [value_history[i][first_new[i] : first_new[i] + new_lens[i]] for i in range(num_seqs)]
     num_kv_pad = num_padding_tokens if kind != AttnKind.ENCODER_DECODER or sum(new_lens) else 0
-    pad = randn(num_kv_pad, num_kv_heads, head_size)
+    pad = randn(num_kv_pad, num_kv_heads, head_size).fill_(float("inf"))
     key = torch.cat([*new_k, pad]) if kind != AttnKind.ENCODER_DECODER or sum(new_lens) else None
     value = (
-        torch.cat([*new_v, randn(num_kv_pad, num_kv_heads, head_size)]) if key is not None else None
+        torch.cat([*new_v, randn(num_kv_pad, num_kv_heads, head_size).fill_(float("nan"))])
+        if key is not None
+        else None
     )
     if kind == AttnKind.ENCODER:
         step = Step(kind, md, query, key, value, None, tuple(key_history), tuple(value_history))

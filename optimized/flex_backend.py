@@ -187,7 +187,10 @@ def flex_plan(
         # The packed K/V is the "pool": sequence b owns rows start_b .. start_b + len_b.
         kv_index, kv_valid = _token_index(md.encoder_seq_lens, device)
         starts = kv_index[:, 0]
-        pool_k, pool_v = key, value
+        # Only the real rows: FlexAttention weights masked keys of a visited tile by zero, and a
+        # padding row may hold NaN (0 * NaN poisons the row).
+        n_real = sum(md.encoder_seq_lens)
+        pool_k, pool_v = key[:n_real], value[:n_real]
 
         def mask_mod(b, h, j, slot):
             pos = slot - starts[b]
