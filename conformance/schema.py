@@ -28,7 +28,10 @@ class Status(StrEnum):
 
 
 STATUSES = tuple(s.value for s in Status)
-RUN_STATES = ("complete", "interrupted")
+# A result set's state: `complete`, `interrupted` (stopped by a signal), or `unknown` (rows
+# whose run nobody recorded, e.g. an older CSV or a JSONL merged without its run.json). Only
+# `complete` can be judged by the gate.
+RUN_STATES = ("complete", "interrupted", "unknown")
 
 
 @dataclass(frozen=True)
@@ -52,7 +55,7 @@ class ResultRow:
     scale: str
     size: str
     seed: int
-    status: str  # pass / fail / error / skip
+    status: Status
     reason: str
     max_abs_err: float
     max_rel_err: float
@@ -236,12 +239,11 @@ def write_csv(rows: list[dict], path: str | Path) -> None:
 LATER_COLUMNS = {
     "rms_ratio": float("nan"),
     "backend_module": "",
-    "run_state": "complete",
+    "run_state": "unknown",  # an older file: nobody recorded whether its run finished
     "model": "",
     "shape": "",
     "cases_file": "",
 }
-NUMERIC = METRICS
 
 
 def check_numeric(df, columns, where: str) -> None:
@@ -276,9 +278,51 @@ def read_csv(path: str | Path):
     unknown = sorted(set(df["status"].astype(str)) - set(STATUSES))
     if unknown:
         raise ValueError(f"{path}: column status holds {unknown}; expected one of {STATUSES}")
-    check_numeric(df, NUMERIC, str(path))
-    for c in ("reason", "backend_module", "model", "shape", "cases_file"):
+    check_numeric(df, METRICS, str(path))
+    for c in ("reason", "backend_module", "model", "shape", "cases_file", "run_state"):
         df[c] = df[c].fillna("").astype(str)
+    states = sorted(set(df.run_state) - set(RUN_STATES))
+    if states:
+        raise ValueError(f"{path}: column run_state holds {states}; expected one of {RUN_STATES}")
+    check_verdicts(df, str(path))
     df = df[COLUMNS]
     df.attrs["older_columns"] = older
     return df
+
+
+def check_verdicts(df, where: str) -> None:
+    """Every row's status must agree with its own numbers (ValueError naming the first that
+    does not): a `pass` that was compared (a step row; a metamorphic row judged against the
+    reference) has err_ratio <= 1, no non-finite outputs and, in fp16/bf16, rms_ratio within
+    the precision limit; a step row's `pass` was compared at all (err_ratio present); `fail`,
+    `error` and `skip` say why."""
+    from conformance.tolerance import PRECISION_LIMIT_BY_NAME
+
+    step_row = df.step.astype(str).str.match(r"^\d+:")
+    passed = df.status == Status.PASS
+    limit = df.dtype.astype(str).map(PRECISION_LIMIT_BY_NAME)
+    checks = [
+        (
+            passed & step_row & df.err_ratio.isna(),
+            "says pass but was never compared (no err_ratio)",
+        ),
+        (
+            passed & ~(df.err_ratio.isna() | (df.err_ratio <= 1)),
+            "says pass but its err_ratio is over 1",
+        ),
+        (passed & (df.nan_count.fillna(0) != 0), "says pass but has non-finite outputs"),
+        (
+            passed & limit.notna() & (df.rms_ratio > limit),
+            "says pass but its rms_ratio is over the precision limit",
+        ),
+        (~passed & (df.reason.astype(str).str.strip() == ""), "is not a pass and gives no reason"),
+    ]
+    for bad, what in checks:
+        if bad.any():
+            i = bad.idxmax()
+            r = df.loc[i]
+            raise ValueError(
+                f"{where}: row {int(i) + 2} ({r.case_id} {r.backend} {r.step}) {what} "
+                f"(status {r.status}, err_ratio {r.err_ratio}, nan_count {r.nan_count}, "
+                f"rms_ratio {r.rms_ratio})"
+            )

@@ -76,6 +76,7 @@ def baseline_attention(step) -> torch.Tensor:
 # with a margin; a planted kernel that keeps its running output/sum in bf16 or fp16 exceeds it
 # on long K/V walks (conformance/tests/faulty.py: LowPrecisionAccumulator).
 PRECISION_LIMIT = {torch.float16: 4.0, torch.bfloat16: 4.0}
+PRECISION_LIMIT_BY_NAME = {str(k).removeprefix("torch."): v for k, v in PRECISION_LIMIT.items()}
 
 
 def rms_ratio(got: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype) -> float:

@@ -16,9 +16,11 @@ New rows and fixed failures are reported, never failed. Deliberate changes go th
 `make baseline` (the diff of the baseline file is the review).
 
 Exit 2, with one line, when the gate cannot judge: a file missing or not of its kind (columns
-missing, a status outside the vocabulary, a non-numeric metric, duplicate rows), a result set
-from an interrupted run or from an older version without `run_state`, `--bench` without
-`--bench-baseline` (or the reverse). Exit 1 means "regression" and nothing else.
+missing, a status outside the vocabulary, a non-numeric metric, duplicate rows, a row whose
+status disagrees with its own numbers), a result set from an interrupted run or one whose state
+is unknown (an older file, a merge without run.json), results of another tier or device than the
+baseline (a baseline records both), `--bench` without `--bench-baseline` (or the reverse).
+Exit 1 means "regression" and nothing else.
 """
 
 from __future__ import annotations
@@ -30,10 +32,11 @@ from pathlib import Path
 
 import pandas as pd
 
-from conformance.schema import BENCH_KEY, STATUSES, check_numeric
+from conformance.schema import BENCH_KEY, STATUSES, check_numeric, device_kind
 
 KEY = ["case_id", "backend", "step"]
-BASELINE_COLUMNS = [*KEY, "status", "reason", "err_ratio"]
+BASELINE_COLUMNS = [*KEY, "status", "reason", "err_ratio", "tier", "device"]
+JUDGED = [*KEY, "status", "reason", "err_ratio"]
 RATIO_GROWTH = 2.0
 RATIO_FLOOR = 0.25
 THROUGHPUT_DROP = 0.20
@@ -42,7 +45,7 @@ THROUGHPUT_DROP = 0.20
 def compare(results: pd.DataFrame, baseline: pd.DataFrame) -> dict[str, pd.DataFrame]:
     """Findings by kind: regressions, disappeared, backends_missing, ratio_growth (fail the
     gate); new, fixed (reported only)."""
-    m = baseline[BASELINE_COLUMNS].merge(
+    m = baseline[JUDGED].merge(
         results[[*KEY, "status", "reason", "err_ratio"]],
         on=KEY,
         how="outer",
@@ -152,13 +155,40 @@ def load_results(path: str) -> pd.DataFrame:
         raise ValueError(
             f"--results: {path} has no run_state column (an older result set): re-run the matrix"
         )
+    if (results.run_state == "interrupted").any():
+        raise ValueError(
+            f"--results: {path} is from an interrupted run (run_state=interrupted): re-run it "
+            "to completion"
+        )
     if (results.run_state != "complete").any():
         raise ValueError(
-            f"--results: {path} is from an interrupted run (run_state="
-            f"{sorted(set(results.run_state) - {'complete'})}): re-run it to completion"
+            f"--results: {path} holds rows whose run is not known to have finished "
+            "(run_state=unknown: an older file, or a results.jsonl merged without its run.json)"
         )
     _no_duplicates(results, "--results", path)
     return results
+
+
+def baseline_of(results: pd.DataFrame) -> pd.DataFrame:
+    """The baseline rows of a result set: its verdicts, with the tier and device they hold."""
+    b = results[JUDGED].copy()
+    b["tier"] = results.tier.astype(str)
+    b["device"] = results.device.astype(str).map(device_kind)
+    return b.sort_values(KEY)
+
+
+def check_same_run_kind(results: pd.DataFrame, baseline: pd.DataFrame, path: str) -> None:
+    """Results of another tier or device than the baseline cannot be judged against it."""
+    for col, now in (
+        ("tier", set(results.tier.astype(str))),
+        ("device", set(results.device.astype(str).map(device_kind))),
+    ):
+        base = set(baseline[col].astype(str))
+        if now != base:
+            raise ValueError(
+                f"different {col}: the results are {col} {sorted(now)}, the baseline {path} "
+                f"{sorted(base)} (compare like with like; `make baseline` writes one)"
+            )
 
 
 def load_baseline(path: str) -> pd.DataFrame:
@@ -214,10 +244,11 @@ def main(argv=None) -> int:
         results = load_results(args.results)
         if args.write_baseline:
             Path(args.baseline).parent.mkdir(parents=True, exist_ok=True)
-            results[BASELINE_COLUMNS].sort_values(KEY).to_csv(args.baseline, index=False)
+            baseline_of(results).to_csv(args.baseline, index=False)
             print(f"wrote baseline {args.baseline} ({len(results)} rows)")
             return 0
         baseline = load_baseline(args.baseline)
+        check_same_run_kind(results, baseline, args.baseline)
         if bool(args.bench) != bool(args.bench_baseline):
             raise ValueError("--bench and --bench-baseline go together (one without the other)")
         bench_drops = None

@@ -244,11 +244,15 @@ def render(
     pass_rate = counts.get("pass", 0) / compared if compared else float("nan")
     tiers = ", ".join(sorted(df.tier.fillna("?").astype(str).unique())) if n else "-"
     head = [f"<h1>{html.escape(title)}</h1>"]
-    interrupted = n and (df.run_state != "complete").any()
-    if interrupted or run_info.get("state") == "interrupted":
+    if (n and (df.run_state == "interrupted").any()) or run_info.get("state") == "interrupted":
         head.append(
             '<p class="interrupted">INTERRUPTED: this run did not finish. Tests that did not '
             "run are error rows; the gate refuses this result set.</p>"
+        )
+    elif n and (df.run_state != "complete").any():
+        head.append(
+            '<p class="interrupted">UNKNOWN STATE: some rows come from a run nobody recorded as '
+            "finished (an older file, or a merge without run.json); the gate refuses them.</p>"
         )
     if env is not None:
         head.append(

@@ -122,3 +122,84 @@ def test_an_interrupted_result_set_is_not_written_as_a_baseline(files, tmp_path)
     _rewrite(results, lambda df: df.__setitem__("run_state", "interrupted"))
     assert _gate(results, tmp_path / "b2.csv", "--write-baseline") == 2
     assert not (tmp_path / "b2.csv").exists()
+
+
+@pytest.mark.parametrize(
+    "change,message",
+    [
+        (dict(err_ratio=5.0), "says pass but its err_ratio is over 1"),
+        (dict(nan_count=3), "says pass but has non-finite outputs"),
+        (dict(rms_ratio=9.0), "says pass but its rms_ratio is over the precision limit"),
+        (dict(err_ratio=float("nan")), "says pass but was never compared"),
+    ],
+    ids=["err-ratio", "nan-count", "rms-ratio", "uncompared"],
+)
+def test_a_pass_whose_own_numbers_say_fail_is_refused(files, capsys, change, message):
+    """A planted `pass` row with failing numbers: exit 2 from the gate (one line), refused by the
+    report too, never 'passed · new: 1' or 'Failures and errors (0)'."""
+    results, base = files
+    df = read_csv(results)
+    i = df.index[(df.status == "pass") & (df.dtype == "bfloat16")][0]
+    for k, v in change.items():
+        df.loc[i, k] = v
+    df.loc[i, "case_id"] = "new-" + df.loc[i, "case_id"]  # new in the results
+    df.to_csv(results, index=False)
+    capsys.readouterr()
+    assert _gate(results, base) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err
+    from reports.__main__ import main as reports_main
+
+    assert reports_main(["render", str(results), "--out", str(results.parent / "r.html")]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_a_merge_never_launders_an_unknown_or_interrupted_run(files, tmp_path, capsys):
+    """An older CSV without run_state merges as `unknown`; an interrupted run's results.jsonl
+    merges as `interrupted` (its run.json says so): the gate refuses both."""
+    from reports.merge import merge
+
+    results, base = files
+    older = tmp_path / "older.csv"
+    df = read_csv(results).drop(columns=["run_state"])
+    df.to_csv(older, index=False)
+    merged = tmp_path / "m1.csv"
+    merge([older], merged)
+    assert set(read_csv(merged).run_state) == {"unknown"}
+    capsys.readouterr()
+    assert _gate(merged, base) == 2
+    assert "run_state=unknown" in capsys.readouterr().err
+
+    run = tmp_path / "run"
+    run.mkdir()
+    rows = read_csv(results).to_dict("records")
+    (run / "results.jsonl").write_text("".join(__import__("json").dumps(r) + "\n" for r in rows))
+    (run / "run.json").write_text('{"state": "interrupted"}')
+    merge([run / "results.jsonl"], tmp_path / "m2.csv")
+    assert set(read_csv(tmp_path / "m2.csv").run_state) == {"interrupted"}
+    assert _gate(tmp_path / "m2.csv", base) == 2
+    (run / "run.json").unlink()
+    merge([run / "results.jsonl"], tmp_path / "m3.csv")
+    assert set(read_csv(tmp_path / "m3.csv").run_state) == {"unknown"}
+
+
+@pytest.mark.parametrize(
+    "column,value,message",
+    [("tier", "full", "different tier"), ("device", "NVIDIA H200", "different device")],
+)
+def test_results_of_another_tier_or_device_are_not_judged(files, capsys, column, value, message):
+    """Full-tier results against the smoke baseline (or H200 results against a CPU one): exit 2
+    with one line, not exit 1 with a table of thousands of disappeared and new rows."""
+    results, base = files
+    _rewrite(results, lambda df: df.__setitem__(column, value))
+    capsys.readouterr()
+    assert _gate(results, base) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err
+
+
+def test_a_baseline_without_tier_and_device_is_refused(files, capsys):
+    results, base = files
+    pd.read_csv(base).drop(columns=["tier", "device"]).to_csv(base, index=False)
+    assert _gate(results, base) == 2
+    assert "lacks columns ['tier', 'device']" in capsys.readouterr().err
