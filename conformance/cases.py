@@ -238,6 +238,11 @@ def read_cases_file(path: str | Path) -> list[Case | Shape]:
                 raise ValueError(f"expected a JSON object, got {type(obj).__name__}")
             if "attn_kind" in obj:
                 case = Shape.from_dict(obj, source=str(path))
+                if case.name and _is_case_id(case.name):
+                    raise ValueError(
+                        f"name: {case.name!r} is the id of a preset case (one id must mean one "
+                        "workload in every file): give the shape another name"
+                    )
             else:
                 case = Case.from_dict(obj)
         except (ValueError, TypeError) as e:
@@ -249,6 +254,14 @@ def read_cases_file(path: str | Path) -> list[Case | Shape]:
         seen[case.id] = n
         cases.append(case)
     return cases
+
+
+def _is_case_id(name: str) -> bool:
+    try:
+        Case.from_id(name)
+    except ValueError:
+        return False
+    return True
 
 
 def select_cases(ids: list[str] | None, cases_file: str | None) -> list[Case | Shape] | None:

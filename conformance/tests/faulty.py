@@ -238,3 +238,48 @@ class TritonImpostor(TorchBackend):
     """Named like a built-in: a run with both must refuse (exit 2), never let it stand in."""
 
     name = "triton"
+
+
+class Upcasts(TorchBackend):
+    """Returns float64 whatever the query dtype: a low-precision kernel hiding behind an upcast
+    must fail (only a backend that declares float64 output, the reference, may)."""
+
+    name = "fault-upcasts"
+
+    def attend(self, *args):
+        return super().attend(*args).double()
+
+
+class WrongFromItsSecondCall(TorchBackend):
+    """Right on its first call, wrong on every later one (state kept between calls)."""
+
+    name = "fault-second-call"
+
+    def __init__(self):
+        self.calls = 0
+
+    def attend(self, *args):
+        self.calls += 1
+        out = super().attend(*args)
+        return out if self.calls == 1 else out * 1.01
+
+
+class MutatesOne(TorchBackend):
+    """Computes correctly, then changes one element of one input tensor in place: `where` names
+    the tensor (query, key, value, or a metadata table) and `row` its row (-1: the last)."""
+
+    name = "fault-mutates-one"
+
+    def __init__(self, where: str = "query", row: int = 0):
+        self.where, self.row = where, row
+
+    def forward(self, query, key, value, kv_cache, metadata, attn_kind):
+        out = super().forward(query, key, value, kv_cache, metadata, attn_kind)
+        t = {"query": query, "key": key, "value": value}.get(self.where)
+        if t is None:
+            t = getattr(metadata, self.where)
+        if t.is_floating_point():
+            t[self.row].view(-1)[0] = 12345.0
+        else:
+            t[self.row].view(-1)[0] += 1
+        return out
