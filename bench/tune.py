@@ -28,7 +28,7 @@ import triton
 from bench.gpu import _paged_kv, graph_ms, median_ms
 from optimized.kernels.paged_attention import _paged_attention_kernel
 from optimized.ops.paged_attention import paged_attention
-from optimized.ops.plan import make_schedule
+from optimized.ops.plan import Launch, make_schedule
 from optimized.ops.reshape_and_cache import reshape_and_cache
 
 # name, batch, kv_len, heads, kv_heads, head_size, block_size, query_len, causal
@@ -91,11 +91,26 @@ def _report_default(name: str, run, nbytes: int, measure=median_ms) -> None:
     print(f"{name:26s} default {regs} {ms:.4f} ms {nbytes / ms / 1e6:.0f} GB/s", flush=True)
 
 
+def _overrides(cfg: dict) -> dict:
+    """A sweep's config as `paged_attention` overrides: tile/warps/stages make the plan's Launch,
+    heads_per_program its heads; everything else passes as is."""
+    cfg = dict(cfg)
+    parts = [cfg.pop(k, None) for k in ("tile_n", "num_warps", "num_stages")]
+    if any(p is not None for p in parts):
+        t, w, st = parts
+        cfg["launch"] = Launch(t or 64, w or 4, st or 2)
+    if "heads_per_program" in cfg:
+        cfg["heads"] = cfg.pop("heads_per_program")
+    return cfg
+
+
 def _sweep(run, configs, measure=median_ms) -> list:
     results = []
     for cfg in configs:
         try:
-            fn = functools.partial(run, **cfg)
+            fn = functools.partial(
+                run, **(_overrides(cfg) if getattr(run, "func", None) is paged_attention else cfg)
+            )
             regs = _registers(fn)
             results.append((measure(fn), cfg, regs))
         except Exception as e:
@@ -325,7 +340,7 @@ def tune_host() -> None:
     ):
         run, _ = _setup(*shape)
         for label, kw in (("default", {}), ("explicit", dict(tile_n=32, num_warps=2))):
-            fn = functools.partial(run, **kw)
+            fn = functools.partial(run, **_overrides(kw))
             fn()
             torch.cuda.synchronize()
             start = time.perf_counter()

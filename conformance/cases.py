@@ -2,7 +2,8 @@
 and `build_inputs(case)`: the deterministic step(s) a case runs.
 
 An id names every axis, e.g. `cross-decode-ragged-bs16-h8kv2-d80-bf16-shuffled-s3`
-(kind-phase-batch-block-heads-headsize-dtype-layout[-wN][-scale][-large]-sSEED).
+(kind-phase-batch-block-heads-headsize-dtype-layout[-wN][-sc][-large|-long][-kv8e4m3|-kv8e5m2
+[-ph]]-sSEED: `kv8...` an fp8 KV cache, `ph` its scales per kv head).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from pathlib import Path
 import torch
 
 from conformance.models import MODELS, SMOKE_SCALE
-from conformance.shapes import SHORT_DTYPE, Shape
+from conformance.shapes import SHORT_DTYPE, SHORT_KV, Shape
 from conformance.workloads import Episode, Layout, Step
 
 # Each axis and its values, in id order. Every value is a real need (see the matrix issue).
@@ -32,6 +33,9 @@ AXES: dict[str, tuple] = {
     # long: small shapes except a few very long sequences of small blocks (> 128 blocks, 16 and
     # 32 split-K splits even under the interpreter); for the edge cases only, never pairwise.
     "size": ("small", "large", "long"),
+    # How the caches store K/V (reference/fp8.py), and fp8's scale scheme (`fp8_scales`).
+    "kv_cache_dtype": ("auto", "fp8_e4m3", "fp8_e5m2"),
+    "kv_scale": ("tensor", "head"),
 }
 PAIRWISE_SIZES = ("small", "large")
 KIND_TO_ATTN = {"encoder": "encoder", "decoder": "decoder", "cross": "encoder_decoder"}
@@ -39,6 +43,19 @@ _BATCH_BY_ID = {b.replace("_", ""): b for b in AXES["batch"]}
 _DTYPE_BY_SHORT = {v: k for k, v in SHORT_DTYPE.items()}
 CUSTOM_SCALE = 0.37
 EPISODE_DECODE_STEPS = {"small": 3, "large": 8, "long": 3}
+_KV_BY_SHORT = {v: k for k, v in SHORT_KV.items()}
+# Per tensor, k_scale is small enough that standard-normal keys past ~2.7 saturate (the clamp
+# works; without it e4m3 would store NaN) and v_scale is not 1. Per kv head, every head's
+# scales differ, so a scale read with the query head's index instead of its kv head's shows.
+SATURATING_K_SCALE = {"fp8_e4m3": 0.006, "fp8_e5m2": 0.00005}
+
+
+def fp8_scales(kv_cache_dtype: str, kv_scale: str, num_kv_heads: int):
+    """(k_scale, v_scale) of the preset axes as floats: one each (tensor) or one per kv head."""
+    if kv_scale == "tensor":
+        return (SATURATING_K_SCALE[kv_cache_dtype],), (CUSTOM_SCALE,)
+    heads = range(num_kv_heads)
+    return tuple(0.3 + 0.2 * h for h in heads), tuple(1.5 / (1 + h) for h in heads)
 
 
 @dataclass(frozen=True, order=True)
@@ -56,6 +73,8 @@ class Case:
     size: str = "small"
     seed: int = 0
     model: str = ""  # a preset of conformance/models.py: its geometry, scale, dtype and lengths
+    kv_cache_dtype: str = "auto"
+    kv_scale: str = "tensor"  # fp8 only ('head': per kv head)
 
     @property
     def id(self) -> str:
@@ -75,6 +94,10 @@ class Case:
             parts.append("sc")
         if self.size != "small":
             parts.append(self.size)
+        if self.kv_cache_dtype != "auto":
+            parts.append(SHORT_KV[self.kv_cache_dtype])
+            if self.kv_scale == "head":
+                parts.append("ph")
         parts.append(f"s{self.seed}")
         return (f"{self.model}~" if self.model else "") + "-".join(parts)
 
@@ -136,6 +159,10 @@ class Case:
                     obj["scale"] = "custom"
                 elif p in ("large", "long"):
                     obj["size"] = p
+                elif p in _KV_BY_SHORT:
+                    obj["kv_cache_dtype"] = _KV_BY_SHORT[p]
+                elif p == "ph":
+                    obj["kv_scale"] = "head"
                 else:
                     raise ValueError(p)
         except (ValueError, KeyError, IndexError):
@@ -168,6 +195,8 @@ class Case:
             model=self.model,
             shape="",
             cases_file="",
+            kv_cache_dtype=self.kv_cache_dtype,
+            kv_scale=self.kv_scale if self.kv_cache_dtype != "auto" else "",
         )
 
     def to_dict(self) -> dict:
@@ -308,6 +337,11 @@ def invalid_reasons(case: Case | dict) -> list[str]:
         if v.get("batch") == "enc_shorter" and preset.encoder_fixed:
             bad.append(f"model {model} has a fixed encoder length")
     kind, phase, batch = v.get("kind"), v.get("phase"), v.get("batch")
+    kv = v.get("kv_cache_dtype", "auto")
+    if kv == "auto" and v.get("kv_scale", "tensor") != "tensor":
+        bad.append("kv_scale 'head' needs an fp8 kv_cache_dtype")
+    if kind == "encoder" and kv != "auto":
+        bad.append("the encoder has no cache: kv_cache_dtype auto only")
     if kind == "encoder":
         if phase not in (None, "prefill"):
             bad.append("the encoder has no decode or cached context: phase must be prefill")
@@ -442,6 +476,9 @@ def lower(case: Case) -> Shape:
         name=case.id,
         labels=tuple(case.columns().items()),
     )
+    if case.kv_cache_dtype != "auto":
+        k, v = fp8_scales(case.kv_cache_dtype, case.kv_scale, case.num_kv_heads)
+        common.update(kv_cache_dtype=case.kv_cache_dtype, k_scale=k, v_scale=v)
     if case.kind == "episode":
         steps = EPISODE_DECODE_STEPS[case.size]
         return Shape(

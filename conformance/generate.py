@@ -230,6 +230,81 @@ LONG_EDGE_CASES = [
 ]
 
 
+def _fp8(kind, phase, batch, block_size, heads, head_size, dtype, layout, kv, scale, **more):
+    return dict(kind=kind, phase=phase, batch=batch, block_size=block_size, heads=heads,
+                head_size=head_size, dtype=dtype, layout=layout, kv_cache_dtype=kv,
+                kv_scale=scale, **more)  # fmt: skip
+
+
+# fp8 caches on every kind x phase that has a cache, both formats, mostly per-head scales on
+# GQA geometries (a scale indexed by query head instead of kv head shows there); the pairwise
+# covering adds per-tensor ones across the other axes.
+FP8_EDGE_CASES = [
+    _fp8(
+        "decoder", "prefill", "ragged", 16, "h8kv2", 64, "bfloat16", "shuffled", "fp8_e5m2", "head"
+    ),
+    _fp8(
+        "decoder", "decode", "ragged", 8, "h8kv2", 128, "float16", "fragmented", "fp8_e4m3", "head"
+    ),
+    _fp8(
+        "decoder", "mixed", "ragged", 32, "h32kv8", 64, "bfloat16", "nullblock", "fp8_e5m2", "head"
+    ),
+    _fp8(
+        "decoder",
+        "chunked",
+        "ragged",
+        16,
+        "h8kv2",
+        80,
+        "float32",
+        "shuffled",
+        "fp8_e4m3",
+        "head",
+        window="on",
+    ),
+    _fp8(
+        "cross",
+        "prefill",
+        "enc_longer",
+        16,
+        "h8kv2",
+        64,
+        "float16",
+        "interleaved",
+        "fp8_e4m3",
+        "head",
+    ),
+    _fp8("cross", "decode", "ragged", 16, "h8kv2", 96, "bfloat16", "shuffled", "fp8_e4m3", "head"),
+    _fp8(
+        "cross",
+        "mixed",
+        "enc_longer",
+        8,
+        "h8kv2",
+        64,
+        "bfloat16",
+        "interleaved",
+        "fp8_e5m2",
+        "head",
+    ),
+    _fp8(
+        "cross", "chunked", "ragged", 64, "h4kv4", 128, "float32", "highest", "fp8_e5m2", "tensor"
+    ),
+    _fp8(
+        "episode",
+        "episode",
+        "enc_shorter",
+        16,
+        "h8kv2",
+        64,
+        "bfloat16",
+        "interleaved",
+        "fp8_e4m3",
+        "head",
+    ),
+]
+
+
 MODEL_FULL_SEEDS = 1  # pairwise coverings per model in the full tier
 
 
@@ -271,11 +346,12 @@ def generate(tier: str) -> list[Case]:
     if tier == "smoke":
         small = {k: v for k, v in AXES.items() if k != "size"}
         found = _pairwise(small, {"size": "small"}, seed=0)
-        found += [Case(**e) for e in EDGE_CASES] + [Case(**e) for e in LONG_EDGE_CASES]
+        found += [Case(**e) for e in EDGE_CASES + FP8_EDGE_CASES + LONG_EDGE_CASES]
     elif tier == "full":
         axes = {**AXES, "size": PAIRWISE_SIZES}
         found = [c for s in range(FULL_SEEDS) for c in _pairwise(axes, {}, seed=s)]
-        found += [Case(**e, size=size) for e in EDGE_CASES for size in PAIRWISE_SIZES]
+        edges = EDGE_CASES + FP8_EDGE_CASES
+        found += [Case(**e, size=size) for e in edges for size in PAIRWISE_SIZES]
         found += [Case(**e) for e in LONG_EDGE_CASES]
     else:
         sub = ("kind", "phase", "block_size", "dtype", "layout")

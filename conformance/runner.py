@@ -28,6 +28,7 @@ from conformance.schema import Status, result_row
 from conformance.tolerance import baseline_attention
 from conformance.workloads import Episode, Step
 from reference.attention import attention
+from reference.fp8 import FP8_MAX
 
 DEFAULT_TIMEOUT_S = 300.0
 
@@ -126,7 +127,7 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-_EXPECTED: OrderedDict[str, tuple[Step | Episode, list[Expected]]] = OrderedDict()
+_EXPECTED: OrderedDict[tuple, tuple[Step | Episode, list[Expected]]] = OrderedDict()
 
 
 # Several matrix workers share one GPU: an out-of-memory error is often another worker's peak,
@@ -153,25 +154,27 @@ def retry_on_oom(fn, device: torch.device):
     raise AssertionError("unreachable")
 
 
-def expected_for(case: Case) -> tuple[Step | Episode, list[Expected]]:
+def expected_for(case, reads_inputs: bool = False) -> tuple[Step | Episode, list[Expected]]:
     """Inputs (on the CPU, caches untouched; never handed to a backend) and the reference's
-    results per step; the last few cases are kept, since a case's backends usually run one
-    after another."""
-    if case.id in _EXPECTED:
-        _EXPECTED.move_to_end(case.id)
-        return _EXPECTED[case.id]
-    result = retry_on_oom(lambda: _compute_expected(case), reference_device())
-    _EXPECTED[case.id] = result
+    results per step, computed the way the backend reads an fp8 prefill (`reads_inputs`,
+    reference/fp8.py); the last few are kept, since a case's backends usually run one after
+    another."""
+    key = (case.id, reads_inputs)
+    if key in _EXPECTED:
+        _EXPECTED.move_to_end(key)
+        return _EXPECTED[key]
+    result = retry_on_oom(lambda: _compute_expected(case, reads_inputs), reference_device())
+    _EXPECTED[key] = result
     while len(_EXPECTED) > 4:
         _EXPECTED.popitem(last=False)
     return result
 
 
-def _compute_expected(case: Case) -> tuple[Step | Episode, list[Expected]]:
+def _compute_expected(case, reads_inputs: bool) -> tuple[Step | Episode, list[Expected]]:
     inputs = build_inputs(case, "cpu")
     dev = reference_device()
     ref_inputs = inputs.to(dev, copy=True)
-    results = [expect_step(step) for step in _steps(ref_inputs)]
+    results = [expect_step(step, reads_inputs) for step in _steps(ref_inputs)]
     del ref_inputs
     _recover(dev)
     return inputs, results
@@ -248,7 +251,9 @@ def run_case(
         return result_row(case, name, sname, status, reason, *a, backend_module=module)
 
     try:
-        inputs, expected = expected_for(case)
+        inputs, expected = expected_for(
+            case, bool(getattr(backend, "fp8_prefill_reads_inputs", False))
+        )
     except KeyboardInterrupt:
         raise
     except BaseException as e:
@@ -377,22 +382,31 @@ def judge_step(
         touched = changed_inputs(step, pristine)
         if touched:
             status, reason = Status.FAIL, f"backend modified its inputs: {', '.join(touched)}"
-    if status == Status.PASS:
-        cache_problem = compare_caches(step.kv_cache, expected_caches)
-        if cache_problem:
+    if status != Status.ERROR and step.kv_cache is not None:
+        written = exp.writes[0] if exp.writes is not None else None
+        ulps = int(getattr(backend, "fp8_write_ulps", 0))
+        cache_problem, problem = guarded(
+            lambda: compare_caches(step.kv_cache, expected_caches, written, ulps)
+        )
+        cache_problem = cache_problem or problem
+        if cache_problem and status == Status.PASS:
             status, reason = Status.FAIL, cache_problem
+        elif cache_problem:  # the output was wrong too: say where the cache went wrong
+            reason = f"{reason}; {cache_problem}"
     return StepVerdict(status, reason, comp, backend_ms, out)
 
 
-def expect_step(step: Step) -> Expected:
-    """The reference's view of `step`, run on the step as given (its caches are written)."""
+def expect_step(step: Step, reads_inputs: bool = False) -> Expected:
+    """The reference's view of `step`, run on the step as given (its caches are written);
+    `reads_inputs`: for a backend that attends over an fp8 prefill's new K/V as given."""
     dev = step.query.device
     _sync(dev)
     t0 = time.perf_counter()
-    out = attention(*step.args())
+    out = attention(*step.args(), prefill_reads_inputs=reads_inputs)
     _sync(dev)
     ref_ms = (time.perf_counter() - t0) * 1e3
-    base = (baseline_attention(step) - out).abs().max().item() if out.numel() else 0.0
+    base = baseline_attention(step, reads_inputs) - out
+    base = base.abs().max().item() if out.numel() else 0.0
     writes = None
     if step.kv_cache is not None:
         slots = step.metadata.tables_for(step.attn_kind)[1]
@@ -458,11 +472,18 @@ POISON = 1000.0  # what unwritten slots hold for a backend with `finite_unowned_
 
 
 def poison_finite(inputs: Step | Episode) -> Step | Episode:
-    """`inputs` (a backend's own copy) with every non-finite cache value set to POISON, in
-    place: large enough that any read with a nonzero weight still fails the comparison."""
+    """`inputs` (a backend's own copy) with every non-finite cache value set to POISON (an fp8
+    cache: the format's largest value), in place: large enough that any read with a nonzero
+    weight still fails the comparison."""
     if inputs.kv_cache is not None:
         for c in inputs.kv_cache:
-            c.nan_to_num_(nan=POISON, posinf=POISON, neginf=-POISON)
+            if c.dtype in FP8_MAX:
+                codes = c.view(torch.uint8)
+                big = torch.tensor(FP8_MAX[c.dtype]).to(c.dtype).view(torch.uint8)
+                bad = ~torch.isfinite(c.float())
+                codes[bad] = (codes[bad] & 0x80) | big
+            else:
+                c.nan_to_num_(nan=POISON, posinf=POISON, neginf=-POISON)
     return inputs
 
 

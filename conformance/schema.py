@@ -78,6 +78,8 @@ class ResultRow:
     model: str  # the model preset a case was generated around ('' for the preset axes)
     shape: str  # an explicit shape's id (conformance/shapes.py; '' for generated cases)
     cases_file: str  # the --cases file an explicit shape came from (re-running needs it)
+    kv_cache_dtype: str  # how the caches stored K/V: auto, fp8_e4m3, fp8_e5m2
+    kv_scale: str  # fp8's scale scheme: tensor (one scale) or head (per kv head); '' for auto
 
 
 COLUMNS = [f.name for f in fields(ResultRow)]
@@ -243,6 +245,8 @@ LATER_COLUMNS = {
     "model": "",
     "shape": "",
     "cases_file": "",
+    "kv_cache_dtype": "auto",  # every row before fp8 caches existed
+    "kv_scale": "",
 }
 
 
@@ -279,7 +283,7 @@ def read_csv(path: str | Path):
     if unknown:
         raise ValueError(f"{path}: column status holds {unknown}; expected one of {STATUSES}")
     check_numeric(df, METRICS, str(path))
-    for c in ("reason", "backend_module", "model", "shape", "cases_file", "run_state"):
+    for c in ("reason", "backend_module", "model", "shape", "cases_file", "run_state", "kv_scale"):
         df[c] = df[c].fillna("").astype(str)
     states = sorted(set(df.run_state) - set(RUN_STATES))
     if states:

@@ -21,6 +21,9 @@ Fields (only `attn_kind`, `num_heads`, `head_size` and the lengths its kind need
     seed (0), decode_steps (episode: decode steps after the prefill, default 2),
     padding_tokens (trailing rows past the last real token, as CUDA graphs pad; slot -1; not
                     for episodes)
+    kv_cache_dtype    auto (default: the model dtype) | fp8_e4m3 | fp8_e5m2 (reference/fp8.py)
+    k_scale, v_scale  fp8 only, both required: a number (per tensor) or a list of one number per
+                      kv head (per head); finite and > 0
     name              the shape's id (letters, digits, . _ + -); default: a readable id with a
                       short hash of the content, `shape~cross-b2-h16kv16-d64-bs16-fp16-1a2b3c4d`
 
@@ -38,7 +41,8 @@ from dataclasses import asdict, dataclass, field, fields
 
 import torch
 
-from conformance.workloads import Episode, Layout, Step, build_episode, build_step
+from conformance.workloads import Episode, KVFormat, Layout, Step, build_episode, build_step
+from reference.fp8 import KV_CACHE_DTYPES
 
 ATTN_KINDS = ("encoder", "decoder", "encoder_decoder", "episode")
 # Ids abbreviate the kind: encoder_decoder (the AttnKind value every row and API uses) is "cross".
@@ -47,6 +51,7 @@ _KIND_SHORT = {"encoder": "enc", "decoder": "dec", "encoder_decoder": "cross", "
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 SHORT_DTYPE = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
 _DTYPE_ALIASES = {v: k for k, v in SHORT_DTYPE.items()}
+SHORT_KV = {"fp8_e4m3": "kv8e4m3", "fp8_e5m2": "kv8e5m2"}  # how ids name an fp8 cache
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]*")
 DEFAULT_DECODE_STEPS = 2
 # What each kind needs (N) and must not have (X); everything else is optional.
@@ -83,6 +88,9 @@ class Shape:
     seed: int = 0
     decode_steps: int = 0
     padding_tokens: int = 0
+    kv_cache_dtype: str = "auto"
+    k_scale: tuple[float, ...] | None = None
+    v_scale: tuple[float, ...] | None = None
     name: str = ""
     source: str = field(default="", compare=False)  # the cases file it was read from
     # A preset case lowered to this shape (`Case.shape()`) keeps its axis values here (the
@@ -91,8 +99,14 @@ class Shape:
 
     # ---- identity ------------------------------------------------------------------------
     def content(self) -> dict:
-        """The fields that define the shape (not its name, file or labels), for the id's hash."""
-        return {k: v for k, v in asdict(self).items() if k not in ("name", "source", "labels")}
+        """The fields that define the shape (not its name, file or labels), for the id's hash;
+        the fp8 fields only where they are set (ids of earlier shapes stay what they were)."""
+        later = {"kv_cache_dtype": "auto", "k_scale": None, "v_scale": None}
+        return {
+            k: v
+            for k, v in asdict(self).items()
+            if k not in ("name", "source", "labels") and not (k in later and v == later[k])
+        }
 
     @property
     def content_hash(self) -> str:
@@ -112,6 +126,7 @@ class Shape:
             f"bs{self.block_size}",
             SHORT_DTYPE[self.dtype],
             self.layout,
+            *([SHORT_KV[self.kv_cache_dtype]] if self.kv_cache_dtype != "auto" else []),
             self.content_hash,
         ]
         return "shape~" + "-".join(parts)
@@ -157,7 +172,22 @@ class Shape:
             model="",
             shape=self.id,
             cases_file=self.source,
+            kv_cache_dtype=self.kv_cache_dtype,
+            kv_scale=self.kv_scale,
         )
+
+    @property
+    def kv_scale(self) -> str:
+        """The fp8 scale scheme: tensor (one scale), head (one per kv head), '' without fp8."""
+        if self.kv_cache_dtype == "auto":
+            return ""
+        return "tensor" if len(self.k_scale) == 1 else "head"
+
+    @property
+    def kv_format(self) -> KVFormat:
+        if self.kv_cache_dtype == "auto":
+            return KVFormat()
+        return KVFormat(self.kv_cache_dtype, tuple(self.k_scale), tuple(self.v_scale))
 
     # ---- reading and building ------------------------------------------------------------
     def to_dict(self) -> dict:
@@ -230,6 +260,19 @@ class Shape:
             if s <= 0:
                 raise ValueError(f"scale: expected > 0, got {s!r}")
             v["scale"] = float(s)
+        kv = v.get("kv_cache_dtype", "auto")
+        if kv not in KV_CACHE_DTYPES:
+            raise ValueError(f"kv_cache_dtype: expected one of {list(KV_CACHE_DTYPES)}, got {kv!r}")
+        if kv != "auto" and kind == "encoder":
+            raise ValueError("kv_cache_dtype: the encoder has no cache (auto only)")
+        for f in ("k_scale", "v_scale"):
+            if kv == "auto":
+                if v.get(f) is not None:
+                    raise ValueError(f"{f}: only with an fp8 kv_cache_dtype")
+                continue
+            v[f] = _scales(f, v.get(f), v["num_kv_heads"])
+        if kv != "auto" and len(v["k_scale"]) != len(v["v_scale"]):
+            raise ValueError("k_scale/v_scale: expected both per tensor or both per kv head")
         if kind == "episode" and v.get("decode_steps") is None:
             v["decode_steps"] = DEFAULT_DECODE_STEPS
         name = v.get("name", "")
@@ -253,6 +296,7 @@ class Shape:
             sliding_window=self.sliding_window,
             seed=self.seed,
             device=device,
+            kv_format=self.kv_format,
         )
         if self.attn_kind == "episode":
             return build_episode(
@@ -284,3 +328,21 @@ def _lengths(name: str, value, low: int) -> tuple[int, ...]:
         if isinstance(x, bool) or not isinstance(x, int) or x < low:
             raise ValueError(f"{name}[{i}]: expected an integer >= {low}, got {x!r}")
     return tuple(value)
+
+
+def _scales(name: str, value, num_kv_heads: int) -> tuple[float, ...]:
+    """An fp8 scale: a number (per tensor) or a list of num_kv_heads numbers (per kv head)."""
+    if value is None:
+        raise ValueError(
+            f"{name}: required with an fp8 kv_cache_dtype (a number, or a list per kv head)"
+        )
+    values = value if isinstance(value, list) else [value]
+    if isinstance(value, list) and len(values) != num_kv_heads:
+        raise ValueError(
+            f"{name}: expected a number or a list of num_kv_heads={num_kv_heads} numbers, "
+            f"got {len(values)}"
+        )
+    for i, x in enumerate(values):
+        if isinstance(x, bool) or not isinstance(x, int | float) or not math.isfinite(x) or x <= 0:
+            raise ValueError(f"{name}[{i}]: expected a finite number > 0, got {x!r}")
+    return tuple(float(x) for x in values)

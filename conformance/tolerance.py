@@ -44,23 +44,33 @@ FACTOR = 2.0
 FLOOR = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2, torch.float64: 1e-12}
 
 
-def baseline_attention(step) -> torch.Tensor:
+def baseline_attention(step, reads_inputs: bool = False) -> torch.Tensor:
     """Dense textbook attention computed entirely in the step's dtype, returned as float64.
 
-    Uses the step's contiguous K/V histories (not the cache), one sequence at a time with its
-    `sequence_mask` (memory stays per sequence, so large GPU cases fit). Computed in fp32 with
-    rounding to the dtype after every op, which is what a naive kernel in that dtype does."""
+    Uses the step's contiguous K/V histories (not the cache) as attention reads them: for an
+    fp8 cache the dequantized values (the reference attends over exactly those, so the baseline
+    charges the kernel only for computing in its dtype, never for the quantization); with
+    `reads_inputs` at an fp8 prefill step, the new K/V as given (reference/fp8.py). One sequence
+    at a time with its `sequence_mask` (memory stays per sequence, so large GPU cases fit).
+    Computed in fp32 with rounding to the dtype after every op, which is what a naive kernel in
+    that dtype does."""
     md, kind, dtype = step.metadata, step.attn_kind, step.query.dtype
     dev = step.query.device
     r = lambda t: t.to(dtype).float()
     scale = md.scale_for(step.query.shape[-1])
     out = torch.zeros(step.query.shape, dtype=torch.float64, device=dev)
     q_lens = md.query_lens_for(kind)
+    raw = reads_inputs and md.fp8 and md.is_prefill_only() and step.key is not None
+    kv_start = md.query_start_loc if kind == "decoder" else md.cross_kv_start_loc
     start = 0
     for i, n in enumerate(q_lens):
         q = r(step.query[start : start + n])
-        k = r(step.key_history[i].to(dev))
-        v = r(step.value_history[i].to(dev))
+        if raw:  # every K/V of the sequence is new at a prefill step
+            span = slice(kv_start[i], kv_start[i + 1])
+            k, v = r(step.key[span].to(dev)), r(step.value[span].to(dev))
+        else:
+            k = r(step.key_history[i].to(dev))
+            v = r(step.value_history[i].to(dev))
         group = q.shape[1] // k.shape[1]
         k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
         scores = r(r(torch.einsum("qhd,khd->hqk", q, k)) * scale)

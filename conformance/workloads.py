@@ -19,6 +19,7 @@ from enum import StrEnum
 
 import torch
 
+from reference.fp8 import cache_dtype, dequantize, quantize
 from reference.metadata import AttnKind, StepMetadata
 
 
@@ -34,6 +35,56 @@ class Layout(StrEnum):
     FRAGMENTED = "fragmented"  # a pool three times larger than needed, blocks scattered
 
 
+@dataclass(frozen=True)
+class KVFormat:
+    """How a workload's caches store K/V (reference/fp8.py): `kv_cache_dtype`, and for fp8 the
+    scales as floats (one, or one per kv head)."""
+
+    kv_cache_dtype: str = "auto"
+    k_scale: tuple[float, ...] = ()
+    v_scale: tuple[float, ...] = ()
+
+    @property
+    def fp8(self) -> bool:
+        return self.kv_cache_dtype != "auto"
+
+    def metadata(self) -> dict:
+        """The StepMetadata fields: kv_cache_dtype, k_scale, v_scale (float32 tensors)."""
+        if not self.fp8:
+            return dict(kv_cache_dtype="auto", k_scale=None, v_scale=None)
+        t = lambda xs: torch.tensor(xs, dtype=torch.float32)
+        return dict(
+            kv_cache_dtype=self.kv_cache_dtype, k_scale=t(self.k_scale), v_scale=t(self.v_scale)
+        )
+
+    def empty_cache(self, shape, dtype: torch.dtype) -> torch.Tensor:
+        """A cache of `shape` whose every slot is NaN (an unwritten slot)."""
+        if not self.fp8:
+            return torch.full(shape, float("nan"), dtype=dtype)
+        return torch.full(shape, float("nan")).to(cache_dtype(self.kv_cache_dtype, dtype))
+
+    def stored(self, x: torch.Tensor, scale) -> torch.Tensor:
+        """What a cache holds for x [tokens, num_kv_heads, head_size] (fp8: quantized)."""
+        return (
+            quantize(x, torch.tensor(scale, dtype=torch.float32), self.dtype_of())
+            if self.fp8
+            else x
+        )
+
+    def read(self, x: torch.Tensor, scale) -> torch.Tensor:
+        """The values attention reads for x once it went through the cache (fp8: quantized and
+        scaled back, float64; else x itself)."""
+        if not self.fp8:
+            return x
+        return dequantize(self.stored(x, scale), torch.tensor(scale, dtype=torch.float32))
+
+    def dtype_of(self) -> torch.dtype:
+        return cache_dtype(self.kv_cache_dtype, torch.float32)
+
+
+AUTO = KVFormat()
+
+
 @dataclass(frozen=True, eq=False)
 class Step:
     """Everything one backend call consumes, plus the histories for checking.
@@ -42,7 +93,8 @@ class Step:
     key, value:    [num_kv_tokens, num_kv_heads, head_size] or None (cross decode)
     kv_cache:      (key_cache, value_cache) [num_blocks, block_size, num_kv_heads, head_size]
                    or None (encoder)
-    key_history:   per sequence, its whole visible K/V [kv_len, num_kv_heads, head_size]
+    key_history:   per sequence, its whole visible K/V [kv_len, num_kv_heads, head_size], as
+                   attention reads it from the cache (fp8: the dequantized values, float64)
     """
 
     attn_kind: AttnKind
@@ -75,6 +127,8 @@ class Step:
             slot_mapping=mv(md.slot_mapping),
             cross_block_tables=mv(md.cross_block_tables),
             cross_slot_mapping=mv(md.cross_slot_mapping),
+            k_scale=mv(md.k_scale),
+            v_scale=mv(md.v_scale),
         )
         cache = None if self.kv_cache is None else tuple(mv(c) for c in self.kv_cache)
         return replace(
@@ -150,6 +204,7 @@ def build_step(
     extra_table_entries: int = 1,
     seed: int = 0,
     device: torch.device | str = "cpu",
+    kv_format: KVFormat = AUTO,
 ) -> Step:
     """A valid, deterministic step of `attn_kind` for the given lengths.
 
@@ -158,6 +213,8 @@ def build_step(
     encoder_seq_lens: encoder tokens per sequence (ENCODER and ENCODER_DECODER)
     num_padding_tokens: trailing padding rows (slot -1) appended to the new tokens
     extra_table_entries: padding entries appended to every block table (never read)
+    kv_format: how the caches store K/V (fp8: quantized with its scales; the cached context is
+        stored quantized, as an engine's earlier steps would have written it)
     """
     kind = AttnKind(attn_kind)
     layout = Layout(layout)
@@ -175,6 +232,7 @@ def build_step(
         block_size=block_size,
         sliding_window=sliding_window if kind == AttnKind.DECODER else None,
         scale=scale,
+        **(kv_format.metadata() if kind != AttnKind.ENCODER else {}),
     )
     kv_lens = md.kv_lens_for(kind)
     # Shared prefix: decoder sequences with context share their whole common context blocks.
@@ -213,21 +271,31 @@ def build_step(
     blocks_per_seq = [-(-n // block_size) for n in kv_lens]
     tables, num_blocks, foreign = allocate_blocks(blocks_per_seq, layout, gen, shared_blocks)
     shape = (num_blocks, block_size, num_kv_heads, head_size)
-    key_cache = torch.full(shape, float("nan"), dtype=dtype)
-    value_cache = torch.full(shape, float("nan"), dtype=dtype)
+    key_cache = kv_format.empty_cache(shape, dtype)
+    value_cache = kv_format.empty_cache(shape, dtype)
+    ks, vs = kv_format.k_scale, kv_format.v_scale
     for b in foreign:  # another layer's blocks: plausible numbers, wrong ones to read
-        key_cache[b] = randn(block_size, num_kv_heads, head_size)
-        value_cache[b] = randn(block_size, num_kv_heads, head_size)
-    slots = []
+        key_cache[b] = kv_format.stored(randn(block_size, num_kv_heads, head_size), ks)
+        value_cache[b] = kv_format.stored(randn(block_size, num_kv_heads, head_size), vs)
+    slots, cached, cached_rows = [], [], []
     for i in range(num_seqs):
         for p in range(kv_lens[i]):
             slot = tables[i][p // block_size] * block_size + p % block_size
-            is_new = first_new[i] <= p < first_new[i] + new_lens[i]
-            if is_new:
+            if first_new[i] <= p < first_new[i] + new_lens[i]:
                 slots.append(slot)
             else:  # cached before this step
-                key_cache.view(-1, num_kv_heads, head_size)[slot] = key_history[i][p]
-                value_cache.view(-1, num_kv_heads, head_size)[slot] = value_history[i][p]
+                cached.append(slot)
+                cached_rows.append((i, p))
+    if cached:  # written as the engine's earlier steps would have (fp8: quantized)
+        rows = lambda hist: torch.stack([hist[i][p] for i, p in cached_rows])
+        key_cache.view(-1, num_kv_heads, head_size)[cached] = kv_format.stored(
+            rows(key_history), ks
+        )
+        value_cache.view(-1, num_kv_heads, head_size)[cached] = kv_format.stored(
+            rows(value_history), vs
+        )
+    key_history = [kv_format.read(h, ks) for h in key_history]  # what attention reads
+    value_history = [kv_format.read(h, vs) for h in value_history]
     slots += [-1] * num_kv_pad
     table_tensor = _table_tensor(tables, max(blocks_per_seq, default=0) + extra_table_entries)
     slot_tensor = torch.tensor(slots, dtype=torch.int64)
@@ -297,6 +365,7 @@ def build_episode(
     sliding_window: int | None = None,
     seed: int = 0,
     device: torch.device | str = "cpu",
+    kv_format: KVFormat = AUTO,
 ) -> Episode:
     """A deterministic encoder/decoder episode: the ENCODER step over `encoder_seq_lens`, then
     for the decoder prefill (prompts of `prompt_lens`) and each of `num_decode_steps` decode
@@ -305,7 +374,8 @@ def build_episode(
     The cross K/V are written at the prefill step (every context_len is 0 there) and only read
     afterwards; self and cross blocks come from one pool allocated by `layout` (interleaved by
     default, so a wrong table reads the other attention's real data). Every cache slot starts
-    as NaN. Steps hold the contiguous K/V histories for the dense checks."""
+    as NaN; `kv_format` says how the pool stores K/V (the decoder and cross steps carry it).
+    Steps hold the contiguous K/V histories (as attention reads them) for the dense checks."""
     num_kv_heads = num_kv_heads or num_heads
     gen = torch.Generator().manual_seed(seed)
     randn = lambda *shape: torch.randn(*shape, generator=gen).to(dtype)
@@ -322,10 +392,11 @@ def build_episode(
     self_tables = _table_tensor(tables[:num_seqs], max(self_blocks) + 1)
     cross_tables = _table_tensor(tables[num_seqs:], max(cross_blocks) + 1)
     shape = (num_blocks, block_size, num_kv_heads, head_size)
-    pool = (
-        torch.full(shape, float("nan"), dtype=dtype),
-        torch.full(shape, float("nan"), dtype=dtype),
-    )
+    pool = (kv_format.empty_cache(shape, dtype), kv_format.empty_cache(shape, dtype))
+    read_k = lambda hist: [kv_format.read(h, kv_format.k_scale) for h in hist]
+    read_v = lambda hist: [kv_format.read(h, kv_format.v_scale) for h in hist]
+    self_read_k, self_read_v = read_k(self_k), read_v(self_v)
+    cross_read_k, cross_read_v = read_k(cross_k), read_v(cross_v)
 
     def slots(table_list, first, count):
         return torch.tensor(
@@ -375,6 +446,7 @@ def build_episode(
             ),
             sliding_window=sliding_window,
             scale=scale,
+            **kv_format.metadata(),
         )
         seq_lens = md.seq_lens
         new_k = torch.cat([self_k[i][context[i] : seq_lens[i]] for i in range(num_seqs)])
@@ -388,8 +460,8 @@ def build_episode(
                 new_k,
                 new_v,
                 pool,
-                tuple(k[:n] for k, n in zip(self_k, seq_lens)),
-                tuple(v[:n] for v, n in zip(self_v, seq_lens)),
+                tuple(k[:n] for k, n in zip(self_read_k, seq_lens)),
+                tuple(v[:n] for v, n in zip(self_read_v, seq_lens)),
             )
         )
         first = t == 0
@@ -401,8 +473,8 @@ def build_episode(
                 torch.cat(cross_k) if first else None,
                 torch.cat(cross_v) if first else None,
                 pool,
-                tuple(cross_k),
-                tuple(cross_v),
+                tuple(cross_read_k),
+                tuple(cross_read_v),
             )
         )
         context, query_lens = seq_lens, (1,) * num_seqs

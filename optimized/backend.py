@@ -17,6 +17,11 @@ those reasons; an exception raised by any of these methods is an `error` row, ne
 (`cache_layout`), then it hands contiguous query/key/value to the backend's `attend`. A backend
 that overrides `forward` itself calls `check_inputs` first.
 
+Two fp8 declarations (reference/fp8.py): `fp8_prefill_reads_inputs = True` (at a step where no
+sequence has cached context, the kernel attends over the new K/V as given, not as stored: the
+reference is computed the same way for it) and `fp8_write_ulps = 1` (its cache write multiplies
+by the reciprocal scale: written slots are judged to that many fp8 ulps, never silently).
+
 Two optional class attributes relax what the matrix assumes, for kernels built that way (flex):
 `finite_unowned_slots = True` (the kernel multiplies zero weights into slots it does not own:
 its copy of the caches holds finite poison, 1000, instead of NaN where nothing was written; a
@@ -94,6 +99,9 @@ class BaseBackend:
     head_sizes: tuple[int, int] = (16, 256)  # inclusive range
     max_block_size: int = 256
     cache_layout: CacheLayout = CacheLayout.ANY
+    # How it can store K/V (reference/fp8.py): ("auto",) means the model dtype only, so a
+    # backend written before fp8 caches declines them with a reason instead of failing.
+    kv_cache_dtypes: tuple[str, ...] = ("auto",)
 
     def unavailable_reason(self) -> str | None:
         return None
@@ -115,6 +123,11 @@ class BaseBackend:
             reasons.append(f"attention kind {AttnKind(attn_kind).value} not supported")
         if metadata.block_size > self.max_block_size:
             reasons.append(f"block_size {metadata.block_size} > {self.max_block_size}")
+        kv = getattr(metadata, "kv_cache_dtype", "auto")
+        if kv_cache is not None and kv not in self.kv_cache_dtypes:
+            reasons.append(
+                f"kv_cache_dtype {kv} not supported (supports {', '.join(self.kv_cache_dtypes)})"
+            )
         reasons += cache_layout_reasons(kv_cache, self.cache_layout)
         return reasons
 
@@ -154,6 +167,7 @@ class ReferenceBackend(BaseBackend):
     name = "reference"
     float64_output = True  # the spec's own output; every other backend returns the query dtype
     dtypes = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
+    kv_cache_dtypes = ("auto", "fp8_e4m3", "fp8_e5m2")
     head_sizes = (1, 1 << 16)
     max_block_size = 1 << 30
 

@@ -13,6 +13,9 @@ Cache writes use our `reshape_and_cache`. Attention is one `flex_attention` call
             the kernel visits only those tiles; tiles every query row sees whole are listed
             as full blocks, where the kernel skips mask_mod
 
+An fp8 cache is written quantized by our kernel, and FlexAttention reads a dequantized copy of
+the whole pool in the model dtype (it has no fp8 K/V): correct, and timed with that copy.
+
 The encoder (no cache) reads the packed K/V as one sequence per batch entry the same way, its
 "table" being the packed offsets. On CUDA `flex_attention` is compiled (Triton, by inductor,
 dynamic shapes); on the CPU it runs FlexAttention's eager path, which evaluates the same
@@ -201,10 +204,13 @@ def flex_plan(
         key_cache, value_cache = kv_cache
         tables, slots = md.tables_for(kind)
         if key is not None:
-            reshape_and_cache(key, value, key_cache, value_cache, slots)
+            reshape_and_cache(key, value, key_cache, value_cache, slots, md.k_scale, md.v_scale)
         num_blocks, bs, num_kv_heads = key_cache.shape[:3]
         pool_k = key_cache.reshape(num_blocks * bs, num_kv_heads, head_size)
         pool_v = value_cache.reshape(num_blocks * bs, num_kv_heads, head_size)
+        if md.fp8:  # FlexAttention reads the model dtype: the whole pool, dequantized first
+            pool_k = dequantized(pool_k, md.k_scale, query.dtype)
+            pool_v = dequantized(pool_v, md.v_scale, query.dtype)
         n_seqs = md.num_seqs
         used = -(-kv_lens_t // bs)  # blocks each sequence reads
         width = tables.shape[1]
@@ -270,6 +276,12 @@ def flex_attend(p: dict, scale: float) -> torch.Tensor:
     )
 
 
+def dequantized(pool: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """An fp8 pool [slots, num_kv_heads, head_size] as `dtype`: stored * scale (a pass over the
+    whole pool, which the bench times with the call)."""
+    return (pool.float() * scale.reshape(-1)[:, None].float()).to(dtype)
+
+
 def flex_forward(query, key, value, kv_cache, md: StepMetadata, kind: AttnKind) -> torch.Tensor:
     """Cache write (ours), then one FlexAttention call over the physical pool."""
     p = flex_plan(query, key, value, kv_cache, md, kind)
@@ -284,6 +296,7 @@ class FlexBackend(TritonBackend):
     validation, cache-layout rules and cache writes are the triton backend's."""
 
     name = "flex"
+    kv_cache_dtypes = ("auto", "fp8_e4m3", "fp8_e5m2")  # over a dequantized copy of the pool
     # FlexAttention's kernel multiplies the zero weights of masked slots in a visited tile by
     # their values: a NaN there poisons the row (0 * NaN). Real pools hold finite stale data;
     # the matrix gives this backend finite poison instead of NaN (a nonzero-weight read still

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from optimized.backend import BaseBackend
+from reference.fp8 import quantize
 from reference.metadata import AttnKind, StepMetadata
 
 
@@ -21,20 +22,24 @@ def _padded_index(lens: tuple[int, ...], device) -> tuple[torch.Tensor, torch.Te
     return torch.where(valid, starts[:, None] + pos[None, :], 0), valid
 
 
-def _gather_pages(cache, tables, kv_lens, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """[num_seqs, max_kv_len, num_kv_heads, head_size] from the pages, padding zeroed. Indexes
-    (block, offset) pairs, so a strided cache (e.g. a head-major view) is read in place."""
+def _gather_pages(cache, tables, kv_lens, device, scale=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """[num_seqs, max_kv_len, num_kv_heads, head_size] from the pages, padding zeroed (an fp8
+    cache's values times `scale`, float32). Indexes (block, offset) pairs, so a strided cache
+    (e.g. a head-major view) is read in place."""
     bs = cache.shape[1]
     pos = torch.arange(max(kv_lens), device=device)
     valid = pos[None, :] < torch.tensor(kv_lens, device=device)[:, None]
     logical = (pos // bs).clamp(max=tables.shape[1] - 1)
     blocks = torch.where(valid, tables[:, logical].long(), 0)
     kv = cache[blocks, (pos % bs)[None, :].expand_as(blocks)]
+    if scale is not None:  # fp8: [.., num_kv_heads, head_size] * per-head scale
+        kv = kv.float() * scale.reshape(-1)[:, None].float()
     return torch.where(valid[..., None, None], kv, 0), valid
 
 
 class TorchBackend(BaseBackend):
     name = "torch"
+    kv_cache_dtypes = ("auto", "fp8_e4m3", "fp8_e5m2")
     head_sizes = (1, 1024)
     max_block_size = 1 << 20
 
@@ -54,10 +59,15 @@ class TorchBackend(BaseBackend):
                 keep = slots >= 0
                 real = slots[keep].long()
                 block, offset = real // md.block_size, real % md.block_size
-                key_cache[block, offset] = key[: slots.shape[0]][keep]
-                value_cache[block, offset] = value[: slots.shape[0]][keep]
-            k, kv_valid = _gather_pages(key_cache, tables, kv_lens, dev)
-            v, _ = _gather_pages(value_cache, tables, kv_lens, dev)
+                k_new, v_new = key[: slots.shape[0]][keep], value[: slots.shape[0]][keep]
+                if md.fp8:  # x / scale in float32, clamp, round to nearest even
+                    k_new = quantize(k_new, md.k_scale, key_cache.dtype)
+                    v_new = quantize(v_new, md.v_scale, value_cache.dtype)
+                key_cache[block, offset] = k_new
+                value_cache[block, offset] = v_new
+            ks, vs = (md.k_scale, md.v_scale) if md.fp8 else (None, None)
+            k, kv_valid = _gather_pages(key_cache, tables, kv_lens, dev, ks)
+            v, _ = _gather_pages(value_cache, tables, kv_lens, dev, vs)
         q_idx, q_valid = _padded_index(q_lens, dev)
         q = query[q_idx]  # [num_seqs, max_q, num_heads, head_size]
         mask = q_valid[:, :, None] & kv_valid[:, None, :]

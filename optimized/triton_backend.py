@@ -44,7 +44,7 @@ def triton_forward(
     key_cache, value_cache = kv_cache
     tables, slots = md.tables_for(kind)
     if key is not None:
-        reshape_and_cache(key, value, key_cache, value_cache, slots)
+        reshape_and_cache(key, value, key_cache, value_cache, slots, md.k_scale, md.v_scale)
     causal = kind == AttnKind.DECODER
     schedule = make_schedule(
         md.query_lens,
@@ -63,6 +63,8 @@ def triton_forward(
         scale=scale,
         sliding_window=md.sliding_window if causal else None,
         out=out,
+        k_scale=md.k_scale,
+        v_scale=md.v_scale,
         num_splits=num_splits,
     )
 
@@ -80,6 +82,7 @@ def triton_unavailable_reason() -> str | None:
 class TritonBackend(BaseBackend):
     name = "triton"
     cache_layout = CacheLayout.UNIT_LAST_DIM  # addressed by strides; head_size dim dense
+    kv_cache_dtypes = ("auto", "fp8_e4m3", "fp8_e5m2")  # fp8 read in-kernel, quantized on write
     num_splits: int | None = None  # None: split-K chosen by occupancy
 
     def unavailable_reason(self) -> str | None:

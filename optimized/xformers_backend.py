@@ -6,8 +6,12 @@
 with cached context (chunked prefill, decode) by our Triton paged-attention kernel.
 
 `xformers-paged`: decode through xFormers' own paged attention (PagedBlockDiagonalPaddedKeysMask
-+ triton_splitk). Its limits (page size a multiple of 64, decode only, no window) come back as
-not-supported reasons, including xFormers' own.
++ triton_splitk). Its limits (page size a multiple of 64, decode only, no window, no fp8 cache:
+its split-K kernel reads the model dtype) come back as not-supported reasons, including
+xFormers' own.
+
+With an fp8 cache, `xformers` follows vLLM V0: steps without cached context attend over their
+new K/V as given (`fp8_prefill_reads_inputs`), decode reads the fp8 cache in our kernel.
 """
 
 from __future__ import annotations
@@ -44,6 +48,10 @@ def _gqa_view(t: torch.Tensor, num_kv_heads: int, group: int, expand: bool) -> t
 class XFormersBackend(BaseBackend):
     name = "xformers"
     cache_layout = CacheLayout.UNIT_LAST_DIM  # our Triton kernels write and read the caches
+    kv_cache_dtypes = ("auto", "fp8_e4m3", "fp8_e5m2")
+    # vLLM V0's convention: a prefill-only step attends over the new K/V as given (written to
+    # the cache quantized, read back quantized only by later steps): reference/fp8.py.
+    fp8_prefill_reads_inputs = True
 
     def unavailable_reason(self) -> str | None:
         return xformers_unavailable_reason()
@@ -58,7 +66,7 @@ class XFormersBackend(BaseBackend):
             from optimized.ops.reshape_and_cache import reshape_and_cache
 
             _, slots = md.tables_for(kind)
-            reshape_and_cache(key, value, kv_cache[0], kv_cache[1], slots)
+            reshape_and_cache(key, value, kv_cache[0], kv_cache[1], slots, md.k_scale, md.v_scale)
         q_lens, kv_lens = list(md.query_lens_for(kind)), list(md.new_kv_lens_for(kind))
         if kind == AttnKind.DECODER:
             bias = fmha.attn_bias.BlockDiagonalCausalMask.from_seqlens(q_lens)

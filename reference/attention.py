@@ -56,6 +56,8 @@ def attention(
     kv_cache: tuple[torch.Tensor, torch.Tensor] | None,
     metadata: StepMetadata,
     attn_kind: AttnKind,
+    *,
+    prefill_reads_inputs: bool = False,
 ) -> torch.Tensor:
     """One attention layer for one engine step. Writes new K/V to the cache, returns the output.
 
@@ -65,6 +67,10 @@ def attention(
     kv_cache: (key_cache, value_cache), each [num_blocks, block_size, num_kv_heads, head_size],
               updated in place; None for ENCODER
     returns   [num_tokens, num_heads, head_size] float64; padding rows are zero
+
+    Keys and values are read from the cache after this step's writes (fp8: as stored, scaled
+    back). `prefill_reads_inputs`: at a step where no sequence has cached context, attend over
+    `key`/`value` as given instead (vLLM V0's convention; reference/fp8.py).
     """
     attn_kind = check_inputs(query, key, value, kv_cache, metadata, attn_kind)
     md = metadata
@@ -73,18 +79,22 @@ def attention(
 
     tables, slots = md.tables_for(attn_kind)
     if kv_cache is not None and key is not None:
-        write_to_cache(key, value, kv_cache[0], kv_cache[1], slots)
+        write_to_cache(key, value, kv_cache[0], kv_cache[1], slots, md.k_scale, md.v_scale)
 
+    from_inputs = attn_kind == AttnKind.ENCODER or (prefill_reads_inputs and md.is_prefill_only())
     q_start = md.query_start_loc if attn_kind != AttnKind.ENCODER else md.encoder_start_loc
+    kv_start = md.encoder_start_loc if attn_kind == AttnKind.ENCODER else md.query_start_loc
+    if attn_kind == AttnKind.ENCODER_DECODER:
+        kv_start = md.cross_kv_start_loc
     q_lens, kv_lens = md.query_lens_for(attn_kind), md.kv_lens_for(attn_kind)
     for i in range(md.num_seqs):
         q = query[q_start[i] : q_start[i] + q_lens[i]]
-        if attn_kind == AttnKind.ENCODER:
-            keys = key[q_start[i] : q_start[i] + q_lens[i]]
-            values = value[q_start[i] : q_start[i] + q_lens[i]]
+        if from_inputs:  # the new tokens are all the sequence has
+            keys = key[kv_start[i] : kv_start[i] + kv_lens[i]]
+            values = value[kv_start[i] : kv_start[i] + kv_lens[i]]
         else:
-            keys = gather_sequence(kv_cache[0], tables[i], kv_lens[i])
-            values = gather_sequence(kv_cache[1], tables[i], kv_lens[i])
+            keys = gather_sequence(kv_cache[0], tables[i], kv_lens[i], md.k_scale)
+            values = gather_sequence(kv_cache[1], tables[i], kv_lens[i], md.v_scale)
         mask = md.sequence_mask(attn_kind, i).to(query.device)
         out[q_start[i] : q_start[i] + q_lens[i]] = textbook_attention(q, keys, values, mask, scale)
     return out

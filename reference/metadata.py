@@ -80,6 +80,10 @@ class StepMetadata:
     cross_slot_mapping:  [num_encoder_tokens] int, cross cache slot of each new encoder token
     sliding_window:      decoder self-attention window w (position p sees positions > p - w)
     scale:               softmax scale; None means 1/sqrt(head_size)
+    kv_cache_dtype:      how the caches store K/V: auto (the model dtype), fp8_e4m3, fp8_e5m2
+                         (reference/fp8.py: the write and read rules)
+    k_scale, v_scale:    fp8 only: float32 [1] (per tensor) or [num_kv_heads] (per kv head);
+                         stored = fp8(clamp(x / scale)), read = stored * scale
     """
 
     query_lens: tuple[int, ...]
@@ -92,6 +96,9 @@ class StepMetadata:
     cross_slot_mapping: torch.Tensor | None = None
     sliding_window: int | None = None
     scale: float | None = None
+    kv_cache_dtype: str = "auto"
+    k_scale: torch.Tensor | None = None
+    v_scale: torch.Tensor | None = None
 
     # ---- derived sizes and offsets -------------------------------------------------------
     @property
@@ -137,6 +144,11 @@ class StepMetadata:
         if kind == AttnKind.DECODER:
             return self.seq_lens
         return self.encoder_seq_lens
+
+    @property
+    def fp8(self) -> bool:
+        """The caches store K/V in fp8 (with k_scale / v_scale)."""
+        return self.kv_cache_dtype != "auto"
 
     def is_prefill_only(self) -> bool:
         """True when no sequence has cached decoder context (a first step for every sequence)."""

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import torch
 
+from reference.fp8 import FP8_MAX, dequantize, quantize
+
 
 def write_to_cache(
     key: torch.Tensor,
@@ -25,8 +27,11 @@ def write_to_cache(
     key_cache: torch.Tensor,
     value_cache: torch.Tensor,
     slot_mapping: torch.Tensor,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
 ) -> None:
-    """Store token t's K/V at slot `slot_mapping[t]`, in place; slots of -1 are skipped.
+    """Store token t's K/V at slot `slot_mapping[t]`, in place; slots of -1 are skipped. An fp8
+    cache stores them quantized with k_scale / v_scale (reference/fp8.py `quantize`).
 
     key, value:             [num_kv_tokens, num_kv_heads, head_size]
     key_cache, value_cache: [num_blocks, block_size, num_kv_heads, head_size]
@@ -35,13 +40,19 @@ def write_to_cache(
     written = slot_mapping >= 0  # -1: a padding token, never written
     slots = slot_mapping[written].long()
     block, offset = slots // key_cache.shape[1], slots % key_cache.shape[1]
+    k, v = key[written], value[written]
+    if key_cache.dtype in FP8_MAX:
+        k, v = quantize(k, k_scale, key_cache.dtype), quantize(v, v_scale, value_cache.dtype)
     # One indexed store per cache (slots are unique: `check_inputs` rejects a slot written twice).
-    key_cache[block, offset] = key[written]
-    value_cache[block, offset] = value[written]
+    key_cache[block, offset] = k
+    value_cache[block, offset] = v
 
 
-def gather_sequence(cache: torch.Tensor, block_table: torch.Tensor, seq_len: int) -> torch.Tensor:
-    """The first `seq_len` tokens of one sequence, contiguous: [seq_len, num_kv_heads, head_size].
+def gather_sequence(
+    cache: torch.Tensor, block_table: torch.Tensor, seq_len: int, scale: torch.Tensor | None = None
+) -> torch.Tensor:
+    """The first `seq_len` tokens of one sequence, contiguous: [seq_len, num_kv_heads, head_size]
+    (with `scale`, an fp8 cache's values read back: stored * scale, in float64).
 
     cache:       [num_blocks, block_size, num_kv_heads, head_size]
     block_table: [max_blocks_per_seq]; only the first ceil(seq_len / block_size) entries are read
@@ -49,4 +60,5 @@ def gather_sequence(cache: torch.Tensor, block_table: torch.Tensor, seq_len: int
     num_blocks = -(-seq_len // cache.shape[1])  # ceil: the last block may be partly filled
     blocks = block_table[:num_blocks].long()  # entries past these are padding, never read
     # [num_blocks, block_size, ...] in table order -> [num_blocks * block_size, ...] -> cut
-    return cache[blocks].flatten(0, 1)[:seq_len]
+    tokens = cache[blocks].flatten(0, 1)[:seq_len]
+    return dequantize(tokens, scale) if scale is not None else tokens

@@ -11,7 +11,11 @@ What is accepted (and so defined by `reference.attention`):
   textbook attention over real numbers, and NaN/Inf there have no agreed meaning (one kernel
   propagates NaN, another gives zeros). Padding rows may hold anything; their output is zero.
 - Caches may be strided views (any strides) of `[num_blocks, block_size, num_kv_heads,
-  head_size]`; unwritten slots may hold anything (the matrix fills them with NaN).
+  head_size]`; unwritten slots may hold anything (the matrix fills them with NaN). Their dtype
+  is the query's (`kv_cache_dtype` auto) or the fp8 dtype `kv_cache_dtype` names.
+- fp8 (`kv_cache_dtype` fp8_e4m3 / fp8_e5m2, reference/fp8.py): `k_scale` and `v_scale` are
+  float32 tensors of shape [1] or [num_kv_heads] on the query's device, finite and > 0, both of
+  one scheme; with `auto` they are None.
 - Paging (`_check_paging`): block tables and slot mappings are int32/int64 tensors; every table
   entry a sequence reads is a block of the cache; every new token's slot is where its own table
   puts it; no slot is written twice; and no slot written overwrites data that a sequence reads
@@ -24,6 +28,7 @@ import math
 
 import torch
 
+from reference.fp8 import KV_CACHE_DTYPES, cache_dtype
 from reference.metadata import AttnKind, StepMetadata
 
 # float64 is accepted (the reference computes in it); backends list what they support.
@@ -211,6 +216,39 @@ def _check_paging(md: StepMetadata, kind: AttnKind, num_blocks: int, num_new: in
             )
 
 
+def _check_scales(md: StepMetadata, num_kv_heads: int, device) -> None:
+    """kv_cache_dtype and the fp8 scales (see the module docstring)."""
+    if md.kv_cache_dtype not in KV_CACHE_DTYPES:
+        raise _err(
+            "kv_cache_dtype", f"expected one of {list(KV_CACHE_DTYPES)}, got {md.kv_cache_dtype!r}"
+        )
+    for name in ("k_scale", "v_scale"):
+        s = getattr(md, name)
+        if not md.fp8:
+            if s is not None:
+                raise _err(name, "is for an fp8 cache only (kv_cache_dtype is auto): expected None")
+            continue
+        if s is None:
+            raise _err(name, f"is required with kv_cache_dtype {md.kv_cache_dtype}")
+        if not isinstance(s, torch.Tensor) or s.dtype != torch.float32:
+            got = s.dtype if isinstance(s, torch.Tensor) else type(s).__name__
+            raise _err(name, f"expected a float32 tensor, got {got}")
+        if s.dim() > 1 or s.numel() not in (1, num_kv_heads):
+            raise _err(
+                name,
+                f"expected shape [1] (per tensor) or [num_kv_heads={num_kv_heads}] (per kv "
+                f"head), got {list(s.shape)}",
+            )
+        if s.device != device:
+            raise _err(name, f"expected device {device}, got {s.device}")
+        bad = ~(torch.isfinite(s) & (s > 0))
+        if bad.any():
+            i = int(bad.nonzero()[0][0])
+            raise _err(name, f"entry {i} is {float(s.reshape(-1)[i])!r}, expected finite and > 0")
+    if md.fp8 and md.k_scale.numel() != md.v_scale.numel():
+        raise _err("k_scale/v_scale", "expected both per tensor or both per kv head")
+
+
 def check_inputs(query, key, value, kv_cache, md: StepMetadata, kind) -> AttnKind:
     """Validate one step's tensors and metadata; raise ValueError naming the bad argument.
     Returns `kind` as an AttnKind.
@@ -299,9 +337,18 @@ def check_inputs(query, key, value, kv_cache, md: StepMetadata, kind) -> AttnKin
         if not (isinstance(kv_cache, tuple | list) and len(kv_cache) == 2):
             raise _err("kv_cache", "expected a (key_cache, value_cache) pair")
         key_cache, value_cache = kv_cache
+        if md.kv_cache_dtype not in KV_CACHE_DTYPES:
+            _check_scales(md, 1, device)  # names kv_cache_dtype
         want = (None, md.block_size, num_kv_heads, head_size)
-        _check_tensor("key_cache", key_cache, want, device, dtype=query.dtype)
-        _check_tensor("value_cache", value_cache, tuple(key_cache.shape), device, dtype=query.dtype)
+        stored = cache_dtype(md.kv_cache_dtype, query.dtype)
+        for name, c in (("key_cache", key_cache), ("value_cache", value_cache)):
+            if isinstance(c, torch.Tensor) and c.dtype != stored:
+                raise _err(
+                    name,
+                    f"expected dtype {stored} (kv_cache_dtype {md.kv_cache_dtype}), got {c.dtype}",
+                )
+        _check_tensor("key_cache", key_cache, want, device)
+        _check_tensor("value_cache", value_cache, tuple(key_cache.shape), device)
         num_kv_heads = key_cache.shape[2]
         if num_kv_heads < 1 or key_cache.shape[0] < 1:
             raise _err(
@@ -312,4 +359,5 @@ def check_inputs(query, key, value, kv_cache, md: StepMetadata, kind) -> AttnKin
         _check_paging(md, kind, key_cache.shape[0], num_kv_tokens, device)
     if num_kv_heads is not None and num_heads % num_kv_heads:
         raise _err("num_kv_heads", f"{num_kv_heads} does not divide num_heads={num_heads}")
+    _check_scales(md, num_kv_heads or 1, device)
     return kind

@@ -12,8 +12,12 @@ import time
 
 import torch
 
+from optimized.backend import BaseBackend
 from optimized.torch_backend import TorchBackend, _gather_pages, _padded_index
+from reference.attention import textbook_attention
+from reference.fp8 import FP8_MAX, per_head, quantize
 from reference.metadata import AttnKind
+from reference.paged_cache import gather_sequence
 from reference.validation import check_inputs
 
 
@@ -282,4 +286,88 @@ class MutatesOne(TorchBackend):
             t[self.row].view(-1)[0] = 12345.0
         else:
             t[self.row].view(-1)[0] += 1
+        return out
+
+
+class FP8Fault(BaseBackend):
+    """A plain fp8 backend (the spec's helpers, float64 math) with one planted fault in its fp8
+    handling; steps without fp8 are right. `fault`: forgets_scale (reads stored values
+    unscaled), scales_twice, query_head_scale (per-head scales indexed by query head, not kv
+    head), no_clamp (e4m3 overflow stores NaN), swaps_formats (quantizes in the other fp8
+    format), reads_inputs (attends over a prefill's K/V as given without declaring it), none."""
+
+    name = "fault-fp8"
+    kv_cache_dtypes = ("auto", "fp8_e4m3", "fp8_e5m2")
+    dtypes = (torch.float32, torch.float16, torch.bfloat16)
+    head_sizes = (1, 1024)
+    max_block_size = 1 << 20
+
+    def __init__(self, fault: str = "none", declares_reads_inputs: bool = False):
+        self.fault = fault
+        self.name = f"fault-fp8-{fault}"
+        self.fp8_prefill_reads_inputs = declares_reads_inputs
+
+    def device(self):
+        return torch.device("cpu")
+
+    def _store(self, x, scale, cache_dtype):
+        if self.fault == "swaps_formats":
+            other = {v: k for k, v in enumerate(FP8_MAX)}[cache_dtype]
+            other = list(FP8_MAX)[1 - other]
+            return quantize(x, scale, other).view(torch.uint8).view(cache_dtype)
+        if self.fault == "no_clamp":  # what a conversion without saturation stores: NaN
+            y = x.float() / per_head(scale, x.shape[1])[:, None]  # (e4m3) or Inf (e5m2) past max
+            over = y.abs() > FP8_MAX[cache_dtype]
+            wild = torch.full_like(y, float("nan" if cache_dtype == torch.float8_e4m3fn else "inf"))
+            return torch.where(over, wild.copysign(y), y).to(cache_dtype)
+        return quantize(x, scale, cache_dtype)
+
+    def _read(self, stored, scale, num_heads):
+        """[tokens, kv_heads, d] stored -> [tokens, num_heads, d] values (GQA expanded)."""
+        group = num_heads // stored.shape[1]
+        x = stored.double().repeat_interleave(group, 1)
+        s = per_head(scale, stored.shape[1]).double()
+        if self.fault == "forgets_scale":
+            return x
+        if self.fault == "scales_twice":
+            return x * (s * s).repeat_interleave(group)[:, None]
+        if self.fault == "query_head_scale":
+            return x * s[torch.arange(num_heads) % len(s)][:, None]
+        return x * s.repeat_interleave(group)[:, None]
+
+    def attend(self, query, key, value, kv_cache, md, kind):
+        if not md.fp8 or kv_cache is None:
+            return TorchBackend().attend(query, key, value, kv_cache, md, kind)
+        tables, slots = md.tables_for(kind)
+        key_cache, value_cache = kv_cache
+        if key is not None:
+            written = slots >= 0
+            real = slots[written].long()
+            b, o = real // md.block_size, real % md.block_size
+            key_cache[b, o] = self._store(key[: len(slots)][written], md.k_scale, key_cache.dtype)
+            value_cache[b, o] = self._store(
+                value[: len(slots)][written], md.v_scale, value_cache.dtype
+            )
+        out = torch.zeros_like(query)
+        starts, kv_starts = md.query_start_loc, md.query_start_loc
+        if kind == AttnKind.ENCODER_DECODER:
+            kv_starts = md.cross_kv_start_loc
+        q_lens, kv_lens = md.query_lens, md.kv_lens_for(kind)
+        inputs = self.fault == "reads_inputs" and md.is_prefill_only()
+        num_heads = query.shape[1]
+        for i in range(md.num_seqs):
+            q = query[starts[i] : starts[i] + q_lens[i]]
+            if inputs:
+                span = slice(kv_starts[i], kv_starts[i] + kv_lens[i])
+                k = key[span].double().repeat_interleave(num_heads // key.shape[1], 1)
+                v = value[span].double().repeat_interleave(num_heads // key.shape[1], 1)
+            else:
+                k = self._read(
+                    gather_sequence(key_cache, tables[i], kv_lens[i]), md.k_scale, num_heads
+                )
+                v = self._read(
+                    gather_sequence(value_cache, tables[i], kv_lens[i]), md.v_scale, num_heads
+                )
+            o = textbook_attention(q, k, v, md.sequence_mask(kind, i), md.scale_for(q.shape[-1]))
+            out[starts[i] : starts[i] + q_lens[i]] = o.to(query.dtype)
         return out

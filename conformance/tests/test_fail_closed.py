@@ -77,8 +77,8 @@ def test_a_fault_in_an_episode_step_does_not_cascade():
 def test_a_non_finite_reference_makes_every_row_an_error(monkeypatch):
     """A reference that produced NaN must never let anything pass (NaN > tol is False)."""
 
-    def broken_reference(*args):
-        out = attention(*args)
+    def broken_reference(*args, **kw):
+        out = attention(*args, **kw)
         out.view(-1)[5] = float("nan")
         return out
 

@@ -26,8 +26,12 @@ and writes (m, l, acc) partials; with `fused_reduce` (a runtime flag: one compil
 last split of each (tile, kv head) to finish merges them (an arrival counter per (tile, kv head),
 reset by that last program); otherwise `_split_k_reduce_kernel` merges them in a second launch.
 
+fp8 caches (KV_FP8): K/V are loaded as stored, one byte an element, widened to the query's dtype
+(exact: every e4m3/e5m2 value is a bf16, fp16 and fp32 value), and scaled back through the
+scores (k_scale per row's kv head) and the accumulator (v_scale, once, after the K/V walk).
+
 Compiles vs speed: what shapes the inner loop is a constexpr (dtype, BLOCK_M, GROUP_PAD, padded
-head size, power-of-two head size, TILE_N, paged, power-of-two block size, causal, window).
+head size, power-of-two head size, TILE_N, paged, power-of-two block size, causal, window, fp8).
 Block size, split count, group, head size and window length are runtime arguments, so one
 compiled kernel serves every block size and split count; the reduce takes the group and row
 count at runtime too (making causal/window/group padding runtime flags compiled fewer variants
@@ -55,6 +59,7 @@ import triton.language as tl
         "group",
         "head_size",
         "fused_reduce",
+        "scale_stride",
     ]
 )
 def _paged_attention_kernel(
@@ -74,6 +79,8 @@ def _paged_attention_kernel(
     part_l_ptr,
     part_acc_ptr,
     arrivals_ptr,
+    k_scale_ptr,
+    v_scale_ptr,
     scale_log2,
     sliding_window,
     block_size,
@@ -94,6 +101,7 @@ def _paged_attention_kernel(
     group,
     head_size,
     fused_reduce,
+    scale_stride,
     BLOCK_M: tl.constexpr,
     GROUP_PAD: tl.constexpr,
     HEAD_PAD: tl.constexpr,
@@ -106,6 +114,7 @@ def _paged_attention_kernel(
     UPCAST_DOT: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     HEADS: tl.constexpr = 1,
+    KV_FP8: tl.constexpr = False,
 ):
     BLOCK_Q: tl.constexpr = BLOCK_M // (GROUP_PAD * HEADS)
     WIDE: tl.constexpr = HEADS * HEAD_PAD  # columns of a K/V row: HEADS adjacent kv heads
@@ -154,6 +163,13 @@ def _paged_attention_kernel(
     if UPCAST_DOT:
         q = q.to(tl.float32)
     pos = context + q_idx  # absolute position of each row's query token (causal only)
+    qk_scale = scale_log2
+    if KV_FP8:
+        # fp8 K/V are read as stored (one byte each) and widened to the query's dtype, exactly;
+        # each row's kv-head scales fold into the score scale and, once after the K/V walk,
+        # into the accumulator: x = stored * scale (reference/fp8.py).
+        kv_head_of_row = head_block * HEADS + rows // (BLOCK_Q * GROUP_PAD)
+        qk_scale = scale_log2 * tl.load(k_scale_ptr + kv_head_of_row * scale_stride)[:, None]
 
     # The K/V range this tile can see: causal stops at its last query, a window starts late.
     kv_end = kv_len
@@ -193,10 +209,10 @@ def _paged_attention_kernel(
         kv_mask = n_valid[:, None] & d_valid[None, :]
         k = tl.load(key_cache_ptr + k_row[:, None] + k_cols[None, :], mask=kv_mask, other=0.0)
         v = tl.load(value_cache_ptr + v_row[:, None] + v_cols[None, :], mask=kv_mask, other=0.0)
-        if UPCAST_DOT:
-            k = k.to(tl.float32)
-            v = v.to(tl.float32)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2
+        if KV_FP8 or UPCAST_DOT:
+            k = k.to(q.dtype)
+            v = v.to(q.dtype)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
         # Masks as constexprs: as runtime flags the compares on every score cost prefill dearly.
         visible = n_valid[None, :]
         if CAUSAL:
@@ -211,6 +227,8 @@ def _paged_attention_kernel(
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m_i = m_new
+    if KV_FP8:
+        acc = acc * tl.load(v_scale_ptr + kv_head_of_row * scale_stride)[:, None]
 
     if num_splits == 1:
         out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]

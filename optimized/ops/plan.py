@@ -134,22 +134,33 @@ def launch_candidates(
     elem_bytes: int = 2,
     smem: int | None = None,
     heads: int = 1,
+    kv_fp8: bool = False,
 ) -> tuple[Launch, ...]:
     """The launches `pick_launch` chooses from; the first is the default. The interpreter wants
     few, small tiles; on the GPU these come from the sweeps in `bench/tune.py` (H100, bf16),
     shrunk to fit shared memory: fp32 with head size 256 at prefill asked for 344 KB and failed
     to launch (found by the full conformance tier on the H100). `head_pad` is the K/V columns
-    a program reads per token: padded head size × `heads` (kv heads per program)."""
+    a program reads per token: padded head size × `heads` (kv heads per program). An fp8 cache
+    moves half the bytes a token: decode also gets each launch with twice the K/V tile (the same
+    bytes in flight per program as the model dtype's), and the occupancy model chooses.
+    `elem_bytes` is the query's element size (K/V tiles are sized as if that wide: never too
+    small for shared memory)."""
     if interpreting():  # the interpreter pays per loop iteration, not per element: wide tiles
         return (Launch(64, 4, 1),)
     if smem is None:
         smem = smem_limit(torch.device("cuda", torch.cuda.current_device()))
-    return _gpu_launch_candidates(head_pad, prefill, block_m, elem_bytes, smem, heads)
+    return _gpu_launch_candidates(head_pad, prefill, block_m, elem_bytes, smem, heads, kv_fp8)
 
 
 @functools.cache
 def _gpu_launch_candidates(
-    head_pad: int, prefill: bool, block_m: int, elem_bytes: int, smem: int, heads: int = 1
+    head_pad: int,
+    prefill: bool,
+    block_m: int,
+    elem_bytes: int,
+    smem: int,
+    heads: int = 1,
+    kv_fp8: bool = False,
 ) -> tuple[Launch, ...]:
     if prefill:
         cands = [Launch(64, 4, 3)]
@@ -167,6 +178,8 @@ def _gpu_launch_candidates(
     else:
         # Two stages, not three: 64 KB of K/V tiles per program lets a fourth program onto an SM.
         cands = [Launch(64, 4, 2)]
+    if kv_fp8 and not prefill:
+        cands += [replace(c, tile_n=2 * c.tile_n) for c in cands]
     out = []
     for c in cands:
         c = _fit_smem(c, block_m, head_pad, elem_bytes, smem)
@@ -240,10 +253,8 @@ def pick_launch(options: list[Option], num_sms: int) -> int:
 def heads_per_program(num_kv_heads: int, group_pad: int, head_pad: int, decode: bool) -> int:
     """Adjacent kv heads one decode program handles. Two for MHA decode with head size 64: each
     token's K/V row of the program is then 256 contiguous bytes instead of 128, and the 16-row
-    tile holds two real rows instead of one. H100, kernel time (tune.txt, "heads"): 3-6% faster
-    on every d64 decode shape with many programs (T5-XL cross batch 256: 394.6 -> 374.2 µs,
-    Whisper self batch 64 with the 32-token tile: 70.8 -> 67.5 µs), even at batch 16 ctx 1k;
-    d128 and GQA rows gained nothing or lost (their rows are already 256 bytes, or full)."""
+    tile holds two real rows instead of one (faster on every d64 decode shape measured; d128
+    and GQA rows are already 256 bytes, or full: reports/results/h100/tune.txt, "heads")."""
     if decode and group_pad == 1 and head_pad == 64 and num_kv_heads % 2 == 0:
         return 2
     return 1
@@ -251,14 +262,14 @@ def heads_per_program(num_kv_heads: int, group_pad: int, head_pad: int, decode: 
 
 MAX_AUTO_SPLITS = 32
 # Up to this many splits the last split merges the partials in the main kernel (no reduce
-# launch): H100 kernel time, GQA 8:1 batch 16 ctx 1k, 4 splits: 28.3 µs fused vs 30.1 µs with
-# the reduce launch; at 8 splits even; at 16-32 the last program's serial merge costs more
-# (batch 4 ctx 32k, 32 splits: 120 vs 113 µs). reports/results/h100/tune.txt, "fused".
+# launch): shorter than a second launch at few splits; past 8 the last program's serial merge
+# costs more than the reduce kernel (reports/results/h100/tune.txt, "fused").
 FUSED_REDUCE_MAX_SPLITS = 4
 
 
 @functools.cache
-def _num_sms(device: torch.device) -> int:
+def num_sms(device: torch.device) -> int:
+    """Streaming multiprocessors of `device` (4 for the interpreter's launch model)."""
     if device.type != "cuda":
         return 4
     return torch.cuda.get_device_properties(device).multi_processor_count
@@ -274,7 +285,7 @@ def choose_num_splits(
     Measurements: reports/results/h100/tune.txt, "Behind the code"."""
     # d64 splits further only on long contexts: at 32 tiles the partials cost more than they win.
     per_sm = 5 if head_pad <= 64 and num_kv_tiles >= 64 else 2
-    target = per_sm * _num_sms(device)
+    target = per_sm * num_sms(device)
     if num_programs >= target or num_kv_tiles < 8:
         return 1
     # Each split still walks at least four K/V tiles.
@@ -305,3 +316,152 @@ class Memo:
         while len(self.items) > self.size:
             self.items.popitem(last=False)
         return value
+
+
+@dataclass(frozen=True)
+class Plan:
+    """One paged-attention launch, decided on the host before it runs (`make_plan`); the
+    launcher (`optimized/ops/paged_attention.py`) only launches it.
+
+    launch:          K/V tile, warps, stages of the main kernel
+    num_splits:      split-K splits (1: none); tiles_per_split: K/V tiles each split walks
+    heads:           adjacent kv heads a program handles (decode only)
+    block_m:         rows of a program's tile (BLOCK_M); wide: K/V columns a row reads
+    fused_reduce:    with splits, the last split merges the partials in the main kernel
+    reduce_rows:     otherwise, output rows per `_split_k_reduce_kernel` program (0: no reduce)
+    splits_pad:      the reduce kernel's padded split count
+    maxnreg:         a register cap per thread (tuning), or None
+    """
+
+    launch: Launch
+    num_splits: int
+    tiles_per_split: int
+    heads: int
+    block_m: int
+    wide: int
+    fused_reduce: bool
+    reduce_rows: int
+    splits_pad: int
+    maxnreg: int | None = None
+
+
+_CHOSEN = Memo()
+
+
+def program_shape(
+    schedule: Schedule, num_kv_heads: int, group: int, head_size: int, heads: int | None = None
+) -> tuple[int, int, int]:
+    """(kv heads per program, rows of its tile, K/V columns a row reads): `heads` None picks
+    `heads_per_program`; a given one must be a power of two dividing num_kv_heads, its padded
+    group rows at most 16, and only at decode."""
+    group_pad = next_power_of_2(group)
+    head_pad = max(16, next_power_of_2(head_size))
+    decode = schedule.max_query_len <= 1
+    if heads is None:
+        heads = heads_per_program(num_kv_heads, group_pad, head_pad, decode)
+    if heads < 1 or heads & (heads - 1) or num_kv_heads % heads or group_pad * heads > 16:
+        raise ValueError(
+            f"heads_per_program: expected a power of two dividing num_kv_heads={num_kv_heads} "
+            f"with {group_pad} padded group rows each at most 16 rows, got {heads}"
+        )
+    if heads > 1 and not decode:
+        raise ValueError(
+            f"heads_per_program: > 1 only for decode steps, got max_query_len="
+            f"{schedule.max_query_len}"
+        )
+    # One token per sequence with several heads: as few padded token rows as 16 rows allow.
+    block_m = max(16, group_pad * heads) if heads > 1 else schedule.block_q * group_pad
+    return heads, block_m, heads * head_pad
+
+
+def make_plan(
+    schedule: Schedule,
+    *,
+    num_kv_heads: int,
+    group: int,
+    head_size: int,
+    elem_bytes: int,
+    kv_elem_bytes: int,
+    device: torch.device,
+    probe,
+    variant: tuple = (),
+    num_splits: int | None = None,
+    launch: Launch | None = None,
+    heads: int | None = None,
+    fused_reduce: bool | None = None,
+    reduce_rows: int | None = None,
+    maxnreg: int | None = None,
+) -> Plan:
+    """The plan of one call. Tiles come from `schedule`; `heads` (None: `heads_per_program`),
+    launch and split count by occupancy: each candidate's resident programs per SM as compiled
+    (`probe(launch, splits) -> int`, the launcher compiles the kernel without running it) and
+    its split count and none, scored by `launch_score` (GPU only; the interpreter has one launch
+    and the split rule). The GPU choice is memoized per (`variant`, candidates, grid, K/V tile
+    bucket, num_splits): a decode loop whose context grows a token a step decides once per
+    bucket. Explicit `num_splits`, `launch`, `heads`, `fused_reduce`, `reduce_rows` and
+    `maxnreg` override (tuning, tests)."""
+    heads, block_m, wide = program_shape(schedule, num_kv_heads, group, head_size, heads)
+    head_pad = wide // heads
+    # The prefill launch (bigger K/V tiles, more stages) only for 64-row tiles of many queries;
+    # 16/32-row tiles of a few queries stream K/V like decode.
+    prefill = schedule.max_query_len > 1 and block_m >= 64
+    smem = None if interpreting() else smem_limit(device)
+    kv_fp8 = kv_elem_bytes == 1
+    cands = launch_candidates(wide, prefill, block_m, elem_bytes, smem, heads, kv_fp8)
+    if launch is not None:
+        cands = (launch,)
+    num_tiles = schedule.tile_seq.shape[0]
+    num_programs = num_tiles * (num_kv_heads // heads)
+
+    def splits_for(c: Launch) -> int:
+        kv_tiles = cdiv(max(schedule.max_kv_len, 1), c.tile_n)
+        n = num_splits or choose_num_splits(num_programs, kv_tiles, device, wide)
+        return max(1, min(n, kv_tiles))
+
+    if interpreting():
+        cfg, splits = cands[0], splits_for(cands[0])
+    else:
+        key = (variant, cands, num_programs, kv_tile_bucket(schedule.max_kv_len), num_splits)
+        choice = _CHOSEN.get(key)
+        if choice is None:
+            tile_bytes = 2 * wide * kv_elem_bytes
+            options = []
+            for c in cands:
+                auto = splits_for(c)
+                resident = probe(c, auto)
+                for s in (auto, 1) if num_splits is None and auto > 1 else (auto,):
+                    options.append(Option(c, s, resident, num_programs * s, c.tile_n * tile_bytes))
+            best = options[pick_launch(options, num_sms(device))]
+            choice = _CHOSEN.put(key, (best.launch, best.splits))
+        cfg, splits = choice
+        splits = max(1, min(splits, cdiv(max(schedule.max_kv_len, 1), cfg.tile_n)))
+    num_kv_tiles = cdiv(max(schedule.max_kv_len, 1), cfg.tile_n)
+    if fused_reduce is None:
+        fused_reduce = splits <= FUSED_REDUCE_MAX_SPLITS
+    # The separate reduce reads one head's columns per row: several heads merge in the kernel.
+    fused_reduce = (fused_reduce or heads > 1) and splits > 1
+    rows = splits_pad = 0
+    if splits > 1 and not fused_reduce:
+        splits_pad = next_power_of_2(splits)
+        if interpreting():
+            rows = reduce_rows or block_m
+        else:
+            # As many rows per program as fit ~8k fp32 partials of `acc` (64 registers a
+            # thread), up to a whole tile (tune.txt, "Behind the code").
+            rows = reduce_rows or max(1, min(block_m, 8192 // (splits_pad * head_pad)))
+            if rows == 1:  # one padded split count for all: one compile per head size
+                splits_pad = max(splits_pad, MAX_AUTO_SPLITS)
+        if block_m % rows:
+            raise ValueError(f"reduce_rows: expected a divisor of {block_m}, got {rows}")
+    return Plan(
+        launch=cfg,
+        num_splits=splits,
+        tiles_per_split=cdiv(num_kv_tiles, splits),
+        heads=heads,
+        block_m=block_m,
+        wide=wide,
+        fused_reduce=fused_reduce,
+        reduce_rows=rows,
+        splits_pad=splits_pad,
+        maxnreg=maxnreg,
+    )

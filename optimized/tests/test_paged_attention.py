@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from conformance.compare import compare_output
 from conformance.workloads import build_step
 from optimized.ops.paged_attention import paged_attention
-from optimized.ops.plan import make_schedule
+from optimized.ops.plan import Launch, make_schedule
 from reference import attention
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -72,10 +72,10 @@ def test_decode_variants_match_reference(
         scale=md.scale_for(head_size),
         sliding_window=window,
         num_splits=num_splits,
-        tile_n=16,
+        launch=Launch(16, 4, 1),
         reduce_rows=reduce_rows,  # 1: the GPU's one row per reduce program
         fused_reduce=fused,
-        heads_per_program=heads_pp,
+        heads=heads_pp,
     )
     comp = compare_output(step, out.cpu(), ref)
     assert comp.ok, comp.reason
@@ -115,7 +115,7 @@ def test_fused_reduce_leaves_its_counters_at_zero_and_repeats_bit_for_bit():
             causal=True,
             scale=md.scale_for(32),
             num_splits=3,
-            tile_n=16,
+            launch=Launch(16, 4, 1),
             fused_reduce=fused,
         )
 
@@ -164,7 +164,7 @@ def test_split_count_fills_half_the_resident_programs(monkeypatch):
     so few of them are split; d128 ones (4 per SM) only below two per SM."""
     from optimized.ops import plan as pa
 
-    monkeypatch.setattr(pa, "_num_sms", lambda device: 132)
+    monkeypatch.setattr(pa, "num_sms", lambda device: 132)
     cuda = torch.device("cuda")
     assert pa.choose_num_splits(512, 64, cuda, head_pad=64) == 2  # 0.39 waves -> 0.78
     assert pa.choose_num_splits(512, 64, cuda, head_pad=128) == 1  # 0.97 waves already
@@ -234,7 +234,7 @@ def test_cross_prefill_any_query_tile_matches_reference(heads, kv_heads, block_q
         schedule,
         causal=False,
         scale=md.scale_for(32),
-        tile_n=16,
+        launch=Launch(16, 4, 1),
     )
     comp = compare_output(step, out.cpu(), ref)
     assert comp.ok, comp.reason
@@ -276,8 +276,8 @@ def test_cross_decode_several_heads_per_program_matches_reference(heads_pp):
             schedule,
             causal=False,
             scale=md.scale_for(32),
-            tile_n=16,
-            heads_per_program=heads_pp,
+            launch=Launch(16, 4, 1),
+            heads=heads_pp,
         )
         comp = compare_output(step, out.cpu(), ref)
         assert comp.ok, (strided, comp.reason)
@@ -304,9 +304,9 @@ def test_heads_per_program_is_checked():
     schedule = make_schedule(md.query_lens, md.kv_lens_for("decoder"), md.context_lens, 1, DEVICE)
     for bad in (3, 8):  # not a power of two; does not divide the 4 kv heads
         with pytest.raises(ValueError, match="heads_per_program"):
-            paged_attention(*args, schedule, causal=True, scale=0.2, heads_per_program=bad)
+            paged_attention(*args, schedule, causal=True, scale=0.2, heads=bad)
     with pytest.raises(ValueError, match="only for decode steps"):  # a 2-token query
-        paged_attention(*args, schedule, causal=True, scale=0.2, heads_per_program=2)
+        paged_attention(*args, schedule, causal=True, scale=0.2, heads=2)
 
 
 def test_occupancy_model_matches_ncu_and_picks_by_the_last_wave(monkeypatch):
@@ -386,12 +386,12 @@ def test_split_rule_properties(programs, kv_tiles, head_pad, sms):
     split walks at least four K/V tiles, and a grid that already fills its target is not split."""
     from optimized.ops import plan
 
-    real = plan._num_sms
-    plan._num_sms = lambda device: sms
+    real = plan.num_sms
+    plan.num_sms = lambda device: sms
     try:
         n = plan.choose_num_splits(programs, kv_tiles, torch.device("cuda"), head_pad=head_pad)
     finally:
-        plan._num_sms = real
+        plan.num_sms = real
     assert 1 <= n <= plan.MAX_AUTO_SPLITS
     assert n == 1 or n <= kv_tiles // 4
     assert n == 1 or programs < 5 * sms

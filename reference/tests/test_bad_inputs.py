@@ -37,6 +37,18 @@ def bad_args(step, **changes) -> dict:
     return args
 
 
+def _fp8(step, **changes) -> dict:
+    """The step's inputs as an fp8_e4m3 step (caches converted, scales per tensor), then
+    `changes`."""
+    base = dict(
+        kv_cache_dtype="fp8_e4m3",
+        kv_cache=tuple(c.to(torch.float8_e4m3fn) for c in step.kv_cache),
+        k_scale=torch.ones(1),
+        v_scale=torch.ones(1),
+    )
+    return {**base, **changes}
+
+
 def _call(step, **changes):
     return attention(**bad_args(step, **changes))
 
@@ -168,6 +180,50 @@ CASES = [
         r"attn_kind: expected one of \['encoder', 'decoder', 'encoder_decoder'\], got 'cross'",
     ),
     ("NaN in the query", lambda s: dict(query=_poke(s.query, math.nan)), r"query: 1 non-finite"),
+    # fp8 caches (reference/fp8.py)
+    (
+        "unknown cache dtype",
+        lambda s: dict(kv_cache_dtype="fp8"),
+        r"kv_cache_dtype: expected one of \['auto', 'fp8_e4m3', 'fp8_e5m2'\], got 'fp8'",
+    ),
+    (
+        "cache dtype not the declared one",
+        lambda s: _fp8(s, kv_cache=s.kv_cache),
+        r"key_cache: expected dtype torch.float8_e4m3fn \(kv_cache_dtype fp8_e4m3\)",
+    ),
+    (
+        "fp8 cache without scales",
+        lambda s: _fp8(s, k_scale=None, v_scale=None),
+        r"k_scale: is required with kv_cache_dtype fp8_e4m3",
+    ),
+    (
+        "scales without fp8",
+        lambda s: dict(k_scale=torch.ones(1), v_scale=torch.ones(1)),
+        r"k_scale: is for an fp8 cache only \(kv_cache_dtype is auto\)",
+    ),
+    ("scale zero", lambda s: _fp8(s, k_scale=torch.zeros(1)), r"k_scale: entry 0 is 0.0, expected"),
+    (
+        "scale negative",
+        lambda s: _fp8(s, v_scale=torch.tensor([1.0, -2.0])),
+        r"v_scale: entry 1 is -2.0, expected finite and > 0",
+    ),
+    ("scale NaN", lambda s: _fp8(s, k_scale=torch.tensor([math.nan])), r"k_scale: entry 0 is nan"),
+    ("scale Inf", lambda s: _fp8(s, k_scale=torch.tensor([math.inf])), r"k_scale: entry 0 is inf"),
+    (
+        "per-head scale of the wrong length",
+        lambda s: _fp8(s, k_scale=torch.ones(3), v_scale=torch.ones(3)),
+        r"k_scale: expected shape \[1\] \(per tensor\) or \[num_kv_heads=2\]",
+    ),
+    (
+        "scale not float32",
+        lambda s: _fp8(s, k_scale=torch.ones(1, dtype=torch.float64)),
+        r"k_scale: expected a float32 tensor, got torch.float64",
+    ),
+    (
+        "scales of two schemes",
+        lambda s: _fp8(s, v_scale=torch.ones(2)),
+        r"k_scale/v_scale: expected both per tensor or both per kv head",
+    ),
     ("Inf in the key", lambda s: dict(key=_poke(s.key, math.inf)), r"key: 1 non-finite"),
     ("Inf in the value", lambda s: dict(value=_poke(s.value, -math.inf)), r"value: 1 non-fin"),
 ]
