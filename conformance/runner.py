@@ -243,7 +243,8 @@ def run_case(
     module: str = "",
 ) -> list[dict]:
     """All rows of `case` × `backend`: one per step, plus `permuted` (block permutation must not
-    change the output) and, on CUDA, `rerun` (a second run must be bitwise identical).
+    change the output) and `rerun` (a second run must be bitwise identical; folded into
+    `permuted` where that one compares bits).
     `module`: the backend's --backend-module spec ('' for a registered one), for its rows."""
     name = str(getattr(backend, "name", type(backend).__name__))
 
@@ -298,12 +299,16 @@ def run_case(
         last = (step, v.output) if v.status == Status.PASS else None
     del pool
     if isinstance(inputs, Step) and last is not None:
-        # The same call again must give the same bits (everywhere it can run: a kernel wrong
-        # from its second call on, or racy, shows here under its own name); then the same step
-        # with its blocks shuffled.
+        # A second call must give the first call's bits (determinism: a kernel wrong from its
+        # second call on, or racy), and the same step with its blocks shuffled must too. For a
+        # backend bit-for-bit under permutation, the permuted call checks both at once; `rerun`
+        # (the same inputs again) runs where it cannot (no cache; a backend judged under
+        # permutation by the tolerance) and after a permuted failure, to name the cause.
+        permuted = metamorphic and inputs.kv_cache is not None
         again = None
-        if rerun is not False:
-            again = _check_same(
+
+        def rerun_row():
+            return _check_same(
                 row,
                 "rerun",
                 backend,
@@ -312,23 +317,28 @@ def run_case(
                 timeout_s,
                 "nondeterministic: a second run of the same step differs",
             )
+
+        if rerun is not False and not (permuted and exact):
+            again = rerun_row()
             rows.append(again)
-        if metamorphic and inputs.kv_cache is not None:
+        if permuted:
             what = "block permutation changed the output"
-            if again is not None and again["status"] != Status.PASS:
-                what += " (the backend is not deterministic either: see its rerun row)"
-            rows.append(
-                _check_same(
-                    row,
-                    "permuted",
-                    backend,
-                    lambda: permute_blocks(fresh(), case.seed),
-                    last[1],
-                    timeout_s,
-                    what,
-                    None if exact else expected[0],
-                )
+            got = _check_same(
+                row,
+                "permuted",
+                backend,
+                lambda: permute_blocks(fresh(), case.seed),
+                last[1],
+                timeout_s,
+                what,
+                None if exact else expected[0],
             )
+            if got["status"] != Status.PASS and exact and rerun is not False:
+                again = rerun_row()  # is the cause the permutation, or any second call?
+                rows.append(again)
+                if again["status"] != Status.PASS:
+                    got["reason"] += " (the backend is not deterministic either: see its rerun row)"
+            rows.append(got)
     _recover(device)  # free this case's memory before the next one (workers share the GPU)
     return rows
 

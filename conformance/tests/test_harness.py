@@ -93,8 +93,11 @@ def test_every_field_of_a_model_preset_reaches_the_built_step(name):
     from conformance.generate import generate_for_models
 
     cases = generate_for_models("smoke", name)
-    kinds = set()
+    first = {}  # one case of each kind and phase: what varies is the lengths, not the fields
     for case in cases:
+        first.setdefault((case.kind, case.phase, case.window), case)
+    kinds = set()
+    for case in first.values():
         inputs = lower(case).build()
         steps = inputs.steps if isinstance(inputs, Episode) else (inputs,)
         for step in steps:

@@ -132,8 +132,9 @@ def test_a_shape_runs_through_the_matrix_report_and_gate(tmp_path):
     from reports.gate import main as gate
     from reports.html import write_report
 
-    results = str(out / "results.csv")
-    assert gate(["--results", results, "--baseline", results]) == 0
+    results, baseline = str(out / "results.csv"), str(tmp_path / "baseline.csv")
+    assert gate(["--results", results, "--baseline", baseline, "--write-baseline"]) == 0
+    assert gate(["--results", results, "--baseline", baseline]) == 0
     page = write_report([results], str(out / "report.html")).read_text()
     assert "Explicit shapes" in page
     assert "odd-cross-decode-enc-1-129 (encoder_decoder decode" in page

@@ -17,30 +17,42 @@ from reference import attention
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
+VARIANTS = [  # num_splits, reduce_rows, fused, heads per program
+    (1, None, True, 1),
+    (2, None, True, 1),
+    (7, None, True, 1),
+    (2, None, False, 1),
+    (7, None, False, 1),
+    (3, 1, False, 1),
+    (1, None, True, 2),
+    (7, None, True, 2),
+    (2, None, False, 2),  # several heads per program merge in the kernel regardless
+]
+VARIANT_IDS = ["1", "2-fused", "7-fused", "2-reduce", "7-reduce", "3-reduce-row", "1-h2", "7-h2",
+               "2-h2"]  # fmt: skip
+GEOMETRIES = [(4, 4, 64, None), (2, 2, 80, 9), (8, 2, 32, None)]  # heads, kv heads, d, window
+GEOMETRY_IDS = ["mha-d64", "mha-d80-window", "gqa4-d32"]
+# Every launch variant on every geometry; block size and dtype rotate over them, so every
+# pair of (variant, geometry, block size, dtype) values meets at least once.
+DECODE_CASES = [
+    pytest.param(
+        *g,
+        [1, 8, 32][(i + j) % 3],
+        [torch.float32, torch.bfloat16][(i + j) % 2],
+        *v,
+        id=f"{gid}-{vid}",
+    )
+    for i, (v, vid) in enumerate(zip(VARIANTS, VARIANT_IDS))
+    for j, (g, gid) in enumerate(zip(GEOMETRIES, GEOMETRY_IDS))
+]
+
+
 @pytest.mark.parametrize(
-    "num_splits,reduce_rows,fused,heads_pp",
-    [
-        (1, None, True, 1),
-        (2, None, True, 1),
-        (7, None, True, 1),
-        (2, None, False, 1),
-        (7, None, False, 1),
-        (3, 1, False, 1),
-        (1, None, True, 2),
-        (7, None, True, 2),
-        (2, None, False, 2),  # several heads per program merge in the kernel regardless
-    ],
-    ids=["1", "2-fused", "7-fused", "2-reduce", "7-reduce", "3-reduce-row", "1-h2", "7-h2", "2-h2"],
+    "heads,kv_heads,head_size,window,block_size,dtype,num_splits,reduce_rows,fused,heads_pp",
+    DECODE_CASES,
 )
-@pytest.mark.parametrize("block_size", [1, 8, 32])
-@pytest.mark.parametrize(
-    "heads,kv_heads,head_size,window",
-    [(4, 4, 64, None), (2, 2, 80, 9), (8, 2, 32, None)],
-    ids=["mha-d64", "mha-d80-window", "gqa4-d32"],
-)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_decode_variants_match_reference(
-    heads, kv_heads, head_size, window, block_size, num_splits, reduce_rows, fused, heads_pp, dtype
+    heads, kv_heads, head_size, window, block_size, dtype, num_splits, reduce_rows, fused, heads_pp
 ):
     step = build_step(
         "decoder",

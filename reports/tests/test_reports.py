@@ -76,6 +76,8 @@ def test_csv_has_the_contract_columns_in_order(results_csv):
         "model",
         "shape",
         "cases_file",
+        "kv_cache_dtype",
+        "kv_scale",
     ]
     df = read_csv(results_csv)
     assert set(df.status) == {"pass", "skip", "fail"}
