@@ -54,10 +54,55 @@ def gpu_grid(quick: bool, only: list[str] | None, out: str | None = None):
                                 ),
                             )
                         )
+    # fp8 KV caches: the same decode shapes with fp8_e4m3 pages (block sizes 16 and 256), and
+    # fp8_e5m2 at page 16 on the batch-64 shapes (the format changes nothing the kernel reads).
+    for batch, ctx in (
+        [(16, 1024), (64, 4096)]
+        if quick
+        else [(16, 1024), (64, 1024), (16, 4096), (64, 4096), (16, 16384), (4, 32768)]
+    ):
+        for heads, kv in ((32, 32), (32, 8), (32, 4)):
+            for hs in (128, 64) if heads == kv else (128,):
+                formats = [("fp8_e4m3", 16), ("fp8_e4m3", 256)]
+                formats += [("fp8_e5m2", 16)] if batch == 64 else []
+                for fmt, bs in formats:
+                    jobs.append(
+                        (
+                            "decode-self",
+                            lambda b=batch, c=ctx, h=heads, k=kv, d=hs, s=bs, f=fmt: (
+                                gpu.decode_rows(
+                                    limits, "decode-self", b, c, h, k, d, s, "bfloat16", True, kv=f
+                                )
+                            ),
+                        )
+                    )
     from conformance.models import MODELS
 
     for model in gpu.BENCH_MODELS:
         m = MODELS[model]
+        for batch in (64, 256):  # the model decode shapes with an fp8_e4m3 cache, page 16
+            for fam, length, causal in (
+                ("cross-decode", m.encoder_len, False),
+                ("self-decode", m.decoder_max, True),
+            ):
+                jobs.append(
+                    (
+                        f"{fam}:{model}",
+                        lambda b=batch, m=m, n=model, f=fam, n_=length, c=causal: gpu.decode_rows(
+                            limits,
+                            f"{f}:{n}",
+                            b,
+                            n_,
+                            m.num_heads,
+                            m.num_kv_heads,
+                            m.head_size,
+                            16,
+                            "bfloat16",
+                            c,
+                            kv="fp8_e4m3",
+                        ),
+                    )
+                )
         for batch in (64, 256):
             for bs in (16, 32, 64, 256):
                 jobs.append(

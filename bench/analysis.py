@@ -8,7 +8,7 @@ import re
 import numpy as np
 import pandas as pd
 
-from conformance.schema import BENCH_COLUMNS, BENCH_SHAPE
+from conformance.schema import BENCH_COLUMNS, BENCH_LATER, BENCH_SHAPE
 
 OURS = "triton"
 LIMIT_BACKEND = "copy"  # the measured limit's own rows
@@ -29,7 +29,9 @@ def family_tables(bench: pd.DataFrame) -> dict[str, pd.DataFrame]:
     b = bench.copy()
     for c in BENCH_COLUMNS:  # an older or partial bench file: absent columns are empty
         if c not in b:
-            b[c] = "" if c in ("limit", "device") else np.nan
+            b[c] = BENCH_LATER.get(c, "" if c in ("limit", "device") else np.nan)
+    for c, default in BENCH_LATER.items():
+        b[c] = b[c].fillna(default)
     tflop = b["limit"].astype(str).str.contains("TFLOP") | (b.gbps.isna() & b.tflops.notna())
     b["unit"] = np.where(tflop, "TFLOP/s", "GB/s")
     b["do_bench"] = np.where(b.unit == "GB/s", b.gbps, b.tflops)
@@ -70,3 +72,37 @@ def family_tables(bench: pd.DataFrame) -> dict[str, pd.DataFrame]:
         if rows:
             out[fam] = pd.DataFrame(rows)
     return out
+
+
+def fp8_table(bench: pd.DataFrame) -> pd.DataFrame:
+    """Our kernel with an fp8 cache against our kernel with the model dtype's on the same shape
+    (kernel time; the issue's targets: <= 0.60x at batch >= 64 and context >= 4k, >= 85% of copy
+    on the fp8 bytes read). One row per fp8 shape that has its bf16 twin."""
+    out = []
+    for t in family_tables(bench).values():
+        fp8 = t[t.kv_cache_dtype != "auto"]
+        base = t[t.kv_cache_dtype == "auto"]
+        shape = [k for k in BENCH_SHAPE if k not in ("kv_cache_dtype", "workload")]
+        for _, r in fp8.iterrows():
+            twin = base
+            for k in shape:
+                twin = twin[twin[k] == r[k]]
+            twin = twin[twin.workload == r.workload]
+            if twin.empty:
+                continue
+            b = twin.iloc[0]
+            # kernel time = bytes / GB/s, and fp8 reads half the bytes of bf16
+            ratio = (b.ours / r.ours) / 2 if b.unit == r.unit == "GB/s" else np.nan
+            out.append(
+                {
+                    "workload": r.workload,
+                    **{k: r[k] for k in shape},
+                    "kv_cache_dtype": r.kv_cache_dtype,
+                    "fp8 GB/s": r.ours,
+                    "fp8 ÷ copy": r["ours ÷ limit"],
+                    "bf16 GB/s": b.ours,
+                    "fp8 time ÷ bf16 time": ratio,
+                    "timed": r.timed,
+                }
+            )
+    return pd.DataFrame(out)

@@ -19,6 +19,7 @@ from conformance.shapes import DTYPES
 from optimized.ops.paged_attention import paged_attention
 from optimized.ops.plan import Schedule, make_schedule
 from optimized.ops.reshape_and_cache import reshape_and_cache
+from reference.fp8 import cache_dtype
 
 DT = DTYPES
 # The model presets (conformance/models.py) whose decode, cross-prefill and encoder shapes the
@@ -115,13 +116,15 @@ def matmul_bound_row(
     )
 
 
-def _paged_kv(batch, kv_len, num_kv_heads, head_size, block_size, dtype, gen_seed=0):
-    """A shuffled paged cache holding `batch` sequences of `kv_len` tokens, and their tables."""
+def _paged_kv(batch, kv_len, num_kv_heads, head_size, block_size, dtype, gen_seed=0, kv="auto"):
+    """A shuffled paged cache holding `batch` sequences of `kv_len` tokens, and their tables
+    (`kv` an fp8 kv_cache_dtype: the cache stores fp8 values)."""
     per_seq = triton.cdiv(kv_len, block_size)
     num_blocks = batch * per_seq
     shape = (num_blocks, block_size, num_kv_heads, head_size)
-    key_cache = torch.randn(shape, device="cuda", dtype=dtype)
-    value_cache = torch.randn(shape, device="cuda", dtype=dtype)
+    stored = cache_dtype(kv, dtype)
+    key_cache = torch.randn(shape, device="cuda", dtype=dtype).to(stored)
+    value_cache = torch.randn(shape, device="cuda", dtype=dtype).to(stored)
     g = torch.Generator(device="cuda").manual_seed(gen_seed)
     tables = torch.randperm(num_blocks, device="cuda", generator=g).view(batch, per_seq)
     return key_cache, value_cache, tables.to(torch.int32)
@@ -145,6 +148,8 @@ class OursCall:
     out: torch.Tensor
     causal: bool
     scale: float
+    k_scale: torch.Tensor | None = None  # fp8 caches: per-tensor scales
+    v_scale: torch.Tensor | None = None
 
     def __call__(self) -> torch.Tensor:
         return paged_attention(
@@ -156,6 +161,8 @@ class OursCall:
             causal=self.causal,
             scale=self.scale,
             out=self.out,
+            k_scale=self.k_scale,
+            v_scale=self.v_scale,
         )
 
 
@@ -169,16 +176,22 @@ def prefill_call(
     block_size: int,
     dtype: str,
     causal: bool,
+    kv: str = "auto",
 ) -> OursCall:
-    """Our kernel over `len(q_lens)` sequences of a shuffled paged cache (decode: q_lens all 1)."""
+    """Our kernel over `len(q_lens)` sequences of a shuffled paged cache (decode: q_lens all 1;
+    `kv` fp8: the cache in fp8 with per-tensor scales)."""
     dt = DT[dtype]
     batch = len(q_lens)
-    kc, vc, tables = _paged_kv(batch, max(kv_lens), num_kv_heads, head_size, block_size, dt)
+    kc, vc, tables = _paged_kv(batch, max(kv_lens), num_kv_heads, head_size, block_size, dt, kv=kv)
     q = torch.randn(sum(q_lens), num_heads, head_size, device="cuda", dtype=dt)
     group = num_heads // num_kv_heads
     sched = make_schedule(tuple(q_lens), tuple(kv_lens), tuple(context_lens), group, "cuda")
     out = torch.empty_like(q)
-    return OursCall(q, kc, vc, tables, sched, out, causal, head_size**-0.5)
+    scales = {}
+    if kv != "auto":
+        scales = dict(k_scale=torch.full((1,), 0.5, device="cuda"),
+                      v_scale=torch.full((1,), 0.25, device="cuda"))  # fmt: skip
+    return OursCall(q, kc, vc, tables, sched, out, causal, head_size**-0.5, **scales)
 
 
 def decode_rows(
@@ -193,9 +206,13 @@ def decode_rows(
     dtype: str,
     causal: bool,
     peers: bool = True,
+    kv: str = "auto",
 ) -> list[Row]:
     """One decode token per sequence over `kv_len` cached tokens: ours, xFormers split-K,
-    SDPA on contiguous K/V, FlexAttention on the same paged cache, and the copy limit."""
+    SDPA on contiguous K/V, FlexAttention on the same paged cache, and the copy limit. With an
+    fp8 cache (`kv`): ours reading fp8 in-kernel, FlexAttention over the pool dequantized in the
+    same timed call (it reads the model dtype), and the copy limit of the fp8 bytes; GB/s count
+    the bytes each reads (fp8: one per element)."""
     dt = DT[dtype]
     ours = prefill_call(
         [1] * batch,
@@ -207,9 +224,10 @@ def decode_rows(
         block_size,
         dtype,
         causal,
+        kv,
     )
     q, kc, vc, tables, scale = ours.q, ours.key_cache, ours.value_cache, ours.tables, ours.scale
-    kv_bytes = 2 * batch * kv_len * num_kv_heads * head_size * q.element_size()
+    kv_bytes = 2 * batch * kv_len * num_kv_heads * head_size * kc.element_size()
     limit = limits.copy_gbps(kv_bytes)
     base = dict(
         workload=workload,
@@ -222,6 +240,7 @@ def decode_rows(
         block_size=block_size,
         dtype=dtype,
         device=limits.device,
+        kv_cache_dtype=kv,
     )
 
     def row(backend, fn):
@@ -235,22 +254,21 @@ def decode_rows(
             limit=f"copy {limit:.0f} GB/s",
             graph_ms=gms,
             graph_gbps=kv_bytes / gms / 1e6,
+            timed="graph" if gms == gms else "do_bench (not captured)",
             **base,
         )
 
     rows = [row("triton", ours)]
     if not peers:
         return rows
-    rows.append(
-        Row(
-            backend="copy",
-            median_ms=2 * kv_bytes / limit / 1e6,
-            gbps=limit,
-            frac_of_limit=1.0,
-            limit="measured",
-            **base,
-        )
-    )
+    if kv != "auto":
+        rows.append(_copy_row(kv_bytes, limit, base))
+        fx = _flex_decode(q, kc, vc, tables, kv_len, causal, scale, ours().clone(),
+                          ours.k_scale, ours.v_scale)  # fmt: skip
+        if fx is not None:
+            rows.append(row("flex", fx))
+        return rows
+    rows.append(_copy_row(kv_bytes, limit, base))
     # SDPA on the same K/V laid out contiguously (no paging): the dense peer.
     k_dense = torch.randn(batch, num_kv_heads, kv_len, head_size, device="cuda", dtype=dt)
     v_dense = torch.randn_like(k_dense)
@@ -272,7 +290,13 @@ def decode_rows(
     return rows
 
 
-def _flex_decode(q, kc, vc, tables, kv_len, causal, scale, expected):
+def _copy_row(kv_bytes: int, limit: float, base: dict) -> Row:
+    """The measured limit's own row: copying the bytes the kernel reads."""
+    return Row(backend="copy", median_ms=2 * kv_bytes / limit / 1e6, gbps=limit,
+               frac_of_limit=1.0, limit="measured", **base)  # fmt: skip
+
+
+def _flex_decode(q, kc, vc, tables, kv_len, causal, scale, expected, k_scale=None, v_scale=None):
     """A callable running compiled FlexAttention on the same paged cache (the flex backend's
     mask and pool views; KV tiles of one page, full pages skip the mask; batch and heads
     static, as a serving engine capturing one CUDA graph per batch size has them, so
@@ -281,13 +305,17 @@ def _flex_decode(q, kc, vc, tables, kv_len, causal, scale, expected):
     try:
         from torch import _dynamo
 
-        from optimized.flex_backend import flex_attend, flex_plan, kv_tile_for
+        from optimized.flex_backend import dequantized_view, flex_attend, flex_plan, kv_tile_for
         from reference.metadata import AttnKind, StepMetadata
     except ImportError:
         return None
     batch = q.shape[0]
     bs = kc.shape[1]
     empty = torch.empty(0, dtype=torch.int64, device=q.device)
+    fp8 = {}
+    if k_scale is not None:
+        kv = {torch.float8_e4m3fn: "fp8_e4m3", torch.float8_e5m2: "fp8_e5m2"}[kc.dtype]
+        fp8 = dict(kv_cache_dtype=kv, k_scale=k_scale, v_scale=v_scale)
     if causal:
         kind = AttnKind.DECODER
         md = StepMetadata(
@@ -296,6 +324,7 @@ def _flex_decode(q, kc, vc, tables, kv_len, causal, scale, expected):
             block_size=bs,
             block_tables=tables,
             slot_mapping=empty,
+            **fp8,
         )
     else:
         kind = AttnKind.ENCODER_DECODER
@@ -306,12 +335,21 @@ def _flex_decode(q, kc, vc, tables, kv_len, causal, scale, expected):
             block_size=bs,
             cross_block_tables=tables,
             cross_slot_mapping=empty,
+            **fp8,
         )
     try:
         p = flex_plan(q, None, None, (kc, vc), md, kind, kv_tile=kv_tile_for(bs))
         _dynamo.mark_static(p["q"], 0)  # the decode kernel needs a static batch/heads
         _dynamo.mark_static(p["q"], 1)
-        call = lambda: flex_attend(p, scale)
+        if fp8:  # the pool's dequantized copy is made in every timed call, as the backend does
+            plan = dict(p)
+
+            def call():
+                plan["k"] = dequantized_view(kc, k_scale, q.dtype)
+                plan["v"] = dequantized_view(vc, v_scale, q.dtype)
+                return flex_attend(plan, scale)
+        else:
+            call = lambda: flex_attend(p, scale)
         got = call()[:, :, 0].to(torch.float32)  # [batch, heads, head_size]
     except Exception as e:  # a shape FlexAttention refuses: no row, said on stdout
         print(f"# flex: no row ({type(e).__name__}: {str(e).splitlines()[0][:120]})")

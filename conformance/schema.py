@@ -109,11 +109,17 @@ class BenchRow:
     device: str = ""
     graph_ms: float = math.nan
     graph_gbps: float = math.nan
+    # Appended later (an older bench.csv reads with the defaults, `BENCH_LATER`).
+    kv_cache_dtype: str = "auto"  # fp8 rows count the fp8 bytes they read
+    status: str = ""  # a backend's correctness on this shape, checked first: pass/fail/error
+    timed: str = ""  # graph, do_bench, or why a call could not be captured
+    backend_module: str = ""  # module:Class of a --backend-module backend
 
 
 BENCH_COLUMNS = [f.name for f in fields(BenchRow)]
-BENCH_KEY = BENCH_COLUMNS[:10]
+BENCH_KEY = [*BENCH_COLUMNS[:10], "kv_cache_dtype"]
 BENCH_SHAPE = [k for k in BENCH_KEY if k != "backend"]  # a shape, whichever backend ran it
+BENCH_LATER = {"kv_cache_dtype": "auto", "status": "", "timed": "", "backend_module": ""}
 
 
 def environment() -> dict[str, str]:

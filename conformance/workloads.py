@@ -277,23 +277,21 @@ def build_step(
     for b in foreign:  # another layer's blocks: plausible numbers, wrong ones to read
         key_cache[b] = kv_format.stored(randn(block_size, num_kv_heads, head_size), ks)
         value_cache[b] = kv_format.stored(randn(block_size, num_kv_heads, head_size), vs)
-    slots, cached, cached_rows = [], [], []
+    slots, cached, cached_k, cached_v = [], [], [], []
     for i in range(num_seqs):
-        for p in range(kv_lens[i]):
-            slot = tables[i][p // block_size] * block_size + p % block_size
-            if first_new[i] <= p < first_new[i] + new_lens[i]:
-                slots.append(slot)
-            else:  # cached before this step
-                cached.append(slot)
-                cached_rows.append((i, p))
-    if cached:  # written as the engine's earlier steps would have (fp8: quantized)
-        rows = lambda hist: torch.stack([hist[i][p] for i, p in cached_rows])
-        key_cache.view(-1, num_kv_heads, head_size)[cached] = kv_format.stored(
-            rows(key_history), ks
-        )
-        value_cache.view(-1, num_kv_heads, head_size)[cached] = kv_format.stored(
-            rows(value_history), vs
-        )
+        pos = torch.arange(kv_lens[i])
+        slot = torch.tensor(tables[i], dtype=torch.long)[pos // block_size] * block_size
+        slot += pos % block_size
+        new = (pos >= first_new[i]) & (pos < first_new[i] + new_lens[i])
+        slots += slot[new].tolist()
+        cached.append(slot[~new])  # cached before this step
+        cached_k.append(key_history[i][~new])
+        cached_v.append(value_history[i][~new])
+    cached = torch.cat(cached) if cached else torch.zeros(0, dtype=torch.long)
+    if len(cached):  # written as the engine's earlier steps would have (fp8: quantized)
+        flat = lambda c: c.view(-1, num_kv_heads, head_size)
+        flat(key_cache)[cached] = kv_format.stored(torch.cat(cached_k), ks)
+        flat(value_cache)[cached] = kv_format.stored(torch.cat(cached_v), vs)
     key_history = [kv_format.read(h, ks) for h in key_history]  # what attention reads
     value_history = [kv_format.read(h, vs) for h in value_history]
     slots += [-1] * num_kv_pad

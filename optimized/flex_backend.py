@@ -276,6 +276,14 @@ def flex_attend(p: dict, scale: float) -> torch.Tensor:
     )
 
 
+def dequantized_view(cache: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """An fp8 cache [num_blocks, block_size, num_kv_heads, head_size] dequantized, as the pool
+    view FlexAttention takes: [1, num_kv_heads, num_blocks * block_size, head_size]."""
+    num_blocks, bs, heads, d = cache.shape
+    pool = dequantized(cache.reshape(num_blocks * bs, heads, d), scale, dtype)
+    return pool.permute(1, 0, 2).unsqueeze(0)
+
+
 def dequantized(pool: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """An fp8 pool [slots, num_kv_heads, head_size] as `dtype`: stored * scale (a pass over the
     whole pool, which the bench times with the call)."""

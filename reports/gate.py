@@ -206,7 +206,13 @@ def load_baseline(path: str) -> pd.DataFrame:
 
 
 def load_bench(path: str, what: str) -> pd.DataFrame:
+    from conformance.schema import BENCH_LATER
+
     bench = _read(path, what)
+    for c, default in BENCH_LATER.items():  # an older bench file
+        if c not in bench.columns:
+            bench[c] = default
+        bench[c] = bench[c].fillna(default)
     missing = [c for c in BENCH_KEY if c not in bench.columns]
     if missing:
         raise ValueError(f"{what}: {path} is not a bench CSV, missing key columns {missing}")
