@@ -175,7 +175,7 @@ def cmd_run(args) -> int:
         f"{plan.workers} worker(s) -> {plan.out}",
         flush=True,
     )
-    child = engine.context().Process(target=engine.engine_main, args=(plan,))
+    child = engine.engine_context().Process(target=engine.engine_main, args=(plan,))
     received: list[int] = []
 
     def pass_on(signum, frame):

@@ -70,11 +70,30 @@ def die_with_parent() -> None:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
-def context() -> mp.context.BaseContext:
-    """Fork where no GPU exists (fast: nothing is imported again); a fork server otherwise."""
+START_ENV = "CONFORMANCE_START_METHOD"  # fork | spawn: force one process model (tests)
+ENGINE_PID_ENV = "CONFORMANCE_ENGINE_PID"  # set for workers: the engine they report to
+
+
+def _gpu_model() -> bool:
     import torch
 
-    if torch.cuda.is_available() or torch.cuda.is_initialized():
+    forced = os.environ.get(START_ENV)
+    if forced:
+        return forced != "fork"
+    return torch.cuda.is_available() or torch.cuda.is_initialized()
+
+
+def engine_context() -> mp.context.BaseContext:
+    """How `run` starts the engine: forked where no GPU exists (nothing is imported again);
+    spawned otherwise (CUDA cannot be forked), so the engine is `run`'s own child with `run`'s
+    stdout and stderr, and dies with it."""
+    return mp.get_context("spawn" if _gpu_model() else "fork")
+
+
+def context() -> mp.context.BaseContext:
+    """How the engine starts workers: forked where no GPU exists; from a fork server that never
+    touched the GPU otherwise (it imports torch once; each worker is a fork of it)."""
+    if _gpu_model():
         ctx = mp.get_context("forkserver")
         ctx.set_forkserver_preload(["torch", "conformance.runner"])
         return ctx
@@ -92,9 +111,26 @@ def auto_workers() -> int:
 
 
 # ---- workers ---------------------------------------------------------------------------------
+def _watch(pid: int) -> None:
+    """End this process when process `pid` (the engine) is gone: a worker from the fork server
+    is not the engine's child, so its parent-death signal follows the fork server instead."""
+    import threading
+
+    def loop():
+        while True:
+            time.sleep(1.0)
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                os._exit(3)
+
+    threading.Thread(target=loop, daemon=True).start()
+
+
 def _worker(conn, index: int, workers: int, log: str, timeout_s: float, tier: str) -> None:
     """Receive (test index, Test), run it, send (index, rows); None ends the worker."""
     die_with_parent()
+    _watch(int(os.environ[ENGINE_PID_ENV]))
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the group; the engine decides
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     fd = os.open(log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
@@ -164,10 +200,13 @@ def run_matrix(plan: Plan) -> int:
     die_with_parent()
 
     def stop(signum, frame):
+        for s in SIGNAL_EXIT:  # one stop: a second signal (`timeout` signals the whole
+            signal.signal(s, signal.SIG_IGN)  # process group, `run` passes it on too) waits
         raise _Stopped(signum)
 
     for s in SIGNAL_EXIT:
         signal.signal(s, stop)
+    os.environ[ENGINE_PID_ENV] = str(os.getpid())
     out = Path(plan.out)
     start_run(out, plan)
     log = str(out / "workers.log")

@@ -233,7 +233,7 @@ class KillsTheEngine(TorchBackend):
 
     def forward(self, query, key, value, kv_cache, metadata, attn_kind):
         if metadata.block_size == 8:
-            os.kill(os.getppid(), 9)
+            os.kill(int(os.environ.get("CONFORMANCE_ENGINE_PID", os.getppid())), 9)
             time.sleep(30)
         return super().forward(query, key, value, kv_cache, metadata, attn_kind)
 

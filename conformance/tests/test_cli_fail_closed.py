@@ -231,3 +231,13 @@ def test_gpus_name_visible_devices(monkeypatch):
             parse_gpus(bad, 3)
     with pytest.raises(ValueError, match="no CUDA device"):
         parse_gpus("0", 0)
+
+
+def test_the_gpu_process_model_runs_and_fails_closed_on_the_cpu(tmp_path, monkeypatch):
+    """With CUDA the engine is spawned and its workers come from a fork server (CUDA cannot be
+    forked): forced here on the CPU, a run prints through `run`'s own stdout, and a killed
+    engine still leaves results.csv with its unfinished tests as errors."""
+    monkeypatch.setenv("CONFORMANCE_START_METHOD", "spawn")
+    r = cli("run", "--case", CASE, "--backend", "torch", "--out", tmp_path / "ok")
+    assert r.returncode == 0 and "[conformance] 2 rows (2 pass" in r.stdout, r.stdout
+    test_an_engine_that_dies_still_leaves_its_csv(tmp_path)
