@@ -232,7 +232,10 @@ def write_rows(path: str, rows: list[dict]) -> None:
     with open(path, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=BENCH_COLUMNS, extrasaction="ignore")
         w.writeheader()
-        w.writerows(rows)
+        for r in rows:  # NaN as an empty cell, as results.csv writes it
+            w.writerow(
+                {k: "" if isinstance(v, float) and math.isnan(v) else v for k, v in r.items()}
+            )
 
 
 def cpu_rows() -> list[dict]:

@@ -50,11 +50,19 @@ def load_rows(path: str | Path, overrides: dict | None = None) -> list[dict]:
 
 
 def merge(paths: list[str | Path], out: str | Path, overrides: dict | None = None) -> int:
-    """One CSV; a (case_id, backend, step) seen twice keeps the last file's row."""
-    merged: dict[tuple, dict] = {}
+    """One CSV. A test (case_id, backend) in several files keeps the last file's rows, all of
+    them: re-running the tests a cut-off run never finished replaces their `not run` rows."""
+    tests: dict[tuple, list[dict]] = {}
     for p in paths:
+        mine: dict[tuple, list[dict]] = {}
         for r in load_rows(p, overrides):
-            merged[(r["case_id"], r["backend"], r["step"])] = {c: r.get(c, "") for c in COLUMNS}
-    rows = [merged[k] for k in sorted(merged)]
+            mine.setdefault((r["case_id"], r["backend"]), []).append(
+                {c: r.get(c, "") for c in COLUMNS}
+            )
+        tests.update(mine)
+    rows = sorted(
+        (r for rs in tests.values() for r in rs),
+        key=lambda r: (r["case_id"], r["backend"], r["step"]),
+    )
     write_csv(rows, out)
     return len(rows)

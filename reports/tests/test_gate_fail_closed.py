@@ -203,3 +203,27 @@ def test_a_baseline_without_tier_and_device_is_refused(files, capsys):
     pd.read_csv(base).drop(columns=["tier", "device"]).to_csv(base, index=False)
     assert _gate(results, base) == 2
     assert "lacks columns ['tier', 'device']" in capsys.readouterr().err
+
+
+def test_a_rerun_replaces_every_row_of_its_test_in_a_merge(files, tmp_path):
+    """A cut-off run leaves a test as one `not run` row (step `missing`); its re-run's step rows
+    replace that row, never sit beside it."""
+    from reports.merge import merge
+
+    results, _ = files
+    df = read_csv(results)
+    test = df[df.status == "pass"].iloc[0]
+    cut = df[~((df.case_id == test.case_id) & (df.backend == test.backend))].copy()
+    placeholder = test.copy()
+    placeholder["step"], placeholder["status"] = "missing", "error"
+    placeholder["reason"] = "not run: the run was interrupted before this test finished"
+    placeholder["err_ratio"] = float("nan")
+    cut = pd.concat([cut, placeholder.to_frame().T])
+    cut.to_csv(tmp_path / "cut.csv", index=False)
+    df[(df.case_id == test.case_id) & (df.backend == test.backend)].to_csv(
+        tmp_path / "rerun.csv", index=False
+    )
+    merge([tmp_path / "cut.csv", tmp_path / "rerun.csv"], tmp_path / "m.csv")
+    merged = read_csv(tmp_path / "m.csv")
+    assert not merged.reason.str.startswith("not run").any()
+    assert len(merged) == len(df)
