@@ -1,8 +1,10 @@
-"""The self-contained HTML report: pandas Styler tables and matplotlib images inlined as PNG.
+"""The self-contained HTML report: tables (pandas Styler) and matplotlib images inlined as PNG,
+laid out to read at 1280-1440 px without a horizontal scroll bar.
 
-Sections: header (environment, tier, totals, pass rate, wall time), summary backend × kind ×
-phase, heatmaps of worst error ÷ tolerance, failures and errors with their re-run command, skip
-reasons grouped, and performance where benchmark results exist.
+Sections: a verdict banner; environment and totals; summary (per backend, and backend × kind ·
+phase); worst error ÷ tolerance heatmaps; models and explicit shapes; failures and errors, each
+with the command that re-runs it; skip reasons; performance where benchmark results exist (fp8
+against bf16, then per workload family a chart and a table).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
+from matplotlib.colors import LinearSegmentedColormap
 
 from bench.analysis import family_tables, fp8_table
 from conformance.schema import BENCH_SHAPE, Status, rerun_command
@@ -31,16 +34,40 @@ STATUS_COLOURS = {
     Status.SKIP: "#eeeeee",
 }
 CSS = """
-body { font-family: system-ui, sans-serif; margin: 2em; color: #222; }
-h1 { margin-bottom: 0.2em; } h2 { margin-top: 1.6em; border-bottom: 1px solid #ccc; }
-table { border-collapse: collapse; font-size: 13px; margin: 0.5em 0; }
-th, td { border: 1px solid #ddd; padding: 3px 7px; text-align: right; }
-th { background: #f5f5f5; } td.reason, td.cmd { text-align: left; font-family: monospace; }
-.totals span { display: inline-block; margin-right: 1.5em; font-size: 18px; }
-.heatmaps img, .perf img { max-width: 100%; margin: 0.5em 0.5em 0 0; }
-.note { color: #666; font-size: 13px; }
-.interrupted { background: #ffab91; padding: 0.6em 1em; font-weight: bold; }
+body { font-family: system-ui, sans-serif; margin: 24px; color: #222; font-size: 14px; }
+h1 { margin: 0 0 0.2em; font-size: 26px; }
+h2 { margin-top: 1.6em; border-bottom: 1px solid #ccc; font-size: 20px; }
+h3 { margin: 1.2em 0 0.3em; font-size: 16px; }
+table { border-collapse: collapse; font-size: 12.5px; margin: 0.4em 0; max-width: 100%; }
+th, td { border: 1px solid #ddd; padding: 3px 6px; text-align: right; vertical-align: top; }
+th { background: #f5f5f5; font-weight: 600; text-align: center; }
+td.text, th.text { text-align: left; }
+.wrap { text-align: left; overflow-wrap: anywhere; max-width: 560px; }
+.id { text-align: left; font-family: monospace; font-size: 12px; overflow-wrap: anywhere;
+      max-width: 330px; }
+code { font-size: 12px; overflow-wrap: anywhere; }
+.cmd { display: block; margin-top: 3px; color: #444; }
+.totals span { display: inline-block; margin-right: 1.5em; font-size: 17px; }
+.heatmaps img, .perf img { max-width: 100%; margin: 0.4em 0.4em 0 0; vertical-align: top; }
+.note { color: #555; font-size: 13px; max-width: 1100px; }
+.banner { padding: 0.6em 1em; font-weight: 600; font-size: 16px; margin: 0.6em 0; }
+.ok { background: #c8e6c9; } .bad { background: #ffcdd2; } .warn { background: #ffab91; }
 """
+# Worst error ÷ tolerance: green well inside, yellow near, red at or past the tolerance (1.0).
+RATIO_MAP = LinearSegmentedColormap.from_list(
+    "ratio", [(0, "#1a9850"), (0.4, "#a6d96a"), (0.6, "#fee08b"), (0.67, "#f46d43"), (1, "#a50026")]
+)
+RATIO_MAX = 1.5
+# Workload families as the bench names them, as the report titles them.
+FAMILY_TITLES = {
+    "decode-self": "Decode, self-attention: the grid (batch × context × heads × page)",
+    "self-decode": "Decode, self-attention: model shapes",
+    "cross-decode": "Decode, cross-attention: model shapes",
+    "cross-prefill": "Cross-attention prefill (a few decoder tokens over the encoder)",
+    "encoder-prefill": "Encoder prefill",
+    "chunked-prefill": "Chunked prefill",
+    "cache-write": "Cache write",
+}
 
 
 def _png(fig) -> str:
@@ -50,6 +77,20 @@ def _png(fig) -> str:
     return (
         f'<img alt="chart" src="data:image/png;base64,{base64.b64encode(buf.getvalue()).decode()}">'
     )
+
+
+def _styled(df: pd.DataFrame, classes: dict[str, str] | None = None, precision: int = 3):
+    """A Styler without the index, numbers at `precision`, and CSS classes per column
+    (`text`, `wrap`, `id`)."""
+    styler = df.style.format(precision=precision, na_rep="").hide(axis="index")
+    for col, cls in (classes or {}).items():
+        if col in df.columns:
+            styler = styler.set_td_classes(
+                pd.DataFrame(cls, index=df.index, columns=[col]).reindex(
+                    columns=df.columns, fill_value=""
+                )
+            )
+    return styler
 
 
 def summary_table(df: pd.DataFrame) -> pd.DataFrame:
@@ -65,6 +106,40 @@ def summary_table(df: pd.DataFrame) -> pd.DataFrame:
     counts = counts[list(STATUS_COLOURS)]
     counts["compared"] = counts["pass"] + counts["fail"]
     return counts
+
+
+def backend_totals(df: pd.DataFrame) -> pd.DataFrame:
+    """One row per backend: rows, pass, fail, error, skip, compared, pass rate."""
+    t = summary_table(df).groupby("backend").sum()
+    t.insert(0, "rows", t[list(STATUS_COLOURS)].sum(axis=1))
+    t["pass rate"] = (t["pass"] / t["compared"]).where(t["compared"] > 0)
+    return t.reset_index()
+
+
+def status_grid(df: pd.DataFrame, column: pd.Series) -> pd.DataFrame:
+    """backend × the values of `column`: each cell 'pass/run' (rows not skipped; '—' where
+    every row skipped)."""
+    s = df.assign(col=column).groupby(["backend", "col", "status"]).size().unstack(fill_value=0)
+    for st in STATUS_COLOURS:
+        if st not in s:
+            s[st] = 0
+    run = s["pass"] + s["fail"] + s["error"]
+    cell = pd.Series(np.where(run > 0, s["pass"].astype(str) + "/" + run.astype(str), "—"),
+                     index=s.index)  # fmt: skip
+    return cell.unstack("col").fillna("").reset_index()
+
+
+def kind_phase_grid(df: pd.DataFrame) -> pd.DataFrame:
+    """backend × (kind · phase): each cell 'pass/run'."""
+    short = {"encoder": "enc", "decoder": "dec", "encoder_decoder": "cross", "episode": "episode"}
+    return status_grid(df, df.attn_kind.map(lambda k: short.get(k, k)) + " · " + df.phase)
+
+
+def _grid_colour(v) -> str:
+    if not isinstance(v, str) or "/" not in v:
+        return "color: #999"
+    ok, n = v.split("/")
+    return f"background-color: {STATUS_COLOURS[Status.PASS if ok == n else Status.FAIL]}"
 
 
 def model_table(df: pd.DataFrame, key: str = "model") -> pd.DataFrame | None:
@@ -108,35 +183,30 @@ def _colour_counts(col: pd.Series) -> list[str]:
 
 
 def heatmap(df: pd.DataFrame, backend: str, rows: str, cols: str) -> str | None:
-    """Worst error ÷ tolerance over two axes for one backend (compared rows only)."""
+    """Worst error ÷ tolerance over two axes for one backend (compared rows only): the colour
+    and the number are the same linear ratio (1.0 is the tolerance)."""
     sub = df[(df.backend == backend) & df.err_ratio.notna()]
     if sub.empty:
         return None
     grid = sub.pivot_table(index=rows, columns=cols, values="err_ratio", aggfunc="max")
-    fig, ax = plt.subplots(figsize=(1.0 + 0.9 * len(grid.columns), 0.8 + 0.45 * len(grid)))
     data = grid.to_numpy(dtype=float)
-    im = ax.imshow(
-        np.log10(np.clip(data, 1e-3, 1e3)), cmap="RdYlGn_r", vmin=-3, vmax=1, aspect="auto"
-    )
-    ax.set_xticks(range(len(grid.columns)), [str(c) for c in grid.columns], rotation=45, ha="right")
+    width = max(3.6, 0.62 * len(grid.columns) + 1.6)
+    fig, ax = plt.subplots(figsize=(width, 0.75 + 0.34 * len(grid)))
+    im = ax.imshow(np.clip(data, 0, RATIO_MAX), cmap=RATIO_MAP, vmin=0, vmax=RATIO_MAX,
+                   aspect="auto")  # fmt: skip
+    ax.set_xticks(range(len(grid.columns)), [str(c) for c in grid.columns], rotation=40, ha="right")
     ax.set_yticks(range(len(grid.index)), [str(i) for i in grid.index])
+    ax.tick_params(labelsize=7)
     for (i, j), v in np.ndenumerate(data):
         if not np.isnan(v):
-            ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=7)
-    ax.set_title(f"{backend}: worst error ÷ tolerance ({rows} × {cols})", fontsize=9)
-    fig.colorbar(im, ax=ax, label="log10(err ÷ tol); ≥ 0 fails")
+            dark = v < 0.25 or v > 0.9  # white on the dark ends of the map
+            ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=6.5,
+                    color="white" if dark else "black")  # fmt: skip
+    ax.set_title(f"{backend}: {rows} × {cols}", fontsize=8)
+    bar = fig.colorbar(im, ax=ax, fraction=0.05, pad=0.02)
+    bar.ax.tick_params(labelsize=6)
+    bar.set_label("error ÷ tolerance (≥ 1 fails)", fontsize=6)
     return _png(fig)
-
-
-def _table(df: pd.DataFrame, caption: str = "", left: tuple[str, ...] = ()) -> str:
-    styler = df.style.set_caption(caption).format(precision=3, na_rep="")
-    for col in left:
-        if col in df.columns:
-            nowrap = {} if col == "reason" else {"white-space": "nowrap"}  # ids stay one line
-            styler = styler.set_properties(
-                subset=[col], **{"text-align": "left", "font-family": "monospace"}, **nowrap
-            )
-    return styler.to_html()
 
 
 def single_reasons(skips: pd.DataFrame) -> pd.DataFrame:
@@ -153,24 +223,33 @@ def _ratio_colour(v) -> str:
     return f"background-color: {colour}"
 
 
+def _shape_label(r) -> str:
+    kv = f" {r['kv_cache_dtype']}" if r.get("kv_cache_dtype", "auto") != "auto" else ""
+    dtype = str(r["dtype"]).replace("bfloat16", "bf16").replace("float16", "fp16")
+    return (
+        f"b{r['batch']} c{r['context_len']} q{r['query_len']} h{r['num_heads']}:"
+        f"{r['num_kv_heads']} d{r['head_size']} bs{r['block_size']} {dtype}{kv}"
+    )
+
+
 def _family_chart(fam: str, t: pd.DataFrame) -> str:
     """Achieved throughput of ours, the best peer, SDPA contiguous and the limit per shape
-    (median over dtypes and block sizes), one unit per chart."""
+    (median over dtypes and block sizes), one unit per chart, the legend beside the bars."""
     shape = t.apply(
         lambda r: (
             f"b{r.batch} c{r.context_len} q{r.query_len} h{r.num_heads}:{r.num_kv_heads} "
-            f"d{r.head_size}"
+            f"d{r.head_size}" + (" fp8" if r.kv_cache_dtype != "auto" else "")
         ),
         axis=1,
     )
     cols = ["ours", "peer", "sdpa contiguous", "limit"]
     agg = t.assign(shape=shape).groupby("shape", sort=False)[cols].median().iloc[:30]
     agg = agg.dropna(axis=1, how="all")
-    fig, ax = plt.subplots(figsize=(9, 0.7 + 0.32 * len(agg) * max(1, len(agg.columns) / 2.5)))
+    fig, ax = plt.subplots(figsize=(9, 0.7 + 0.3 * len(agg) * max(1, len(agg.columns) / 2.5)))
     agg.plot.barh(ax=ax, width=0.8)
     ax.set_xlabel(f"{t.unit.iloc[0]} (kernel time)")
     ax.set_title(f"{fam}: achieved {t.unit.iloc[0]}", fontsize=10)
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     ax.tick_params(labelsize=7)
     ax.invert_yaxis()
     return _png(fig)
@@ -194,13 +273,13 @@ def with_limits(t: pd.DataFrame, limits: pd.DataFrame | None) -> pd.DataFrame:
 def performance_section(
     bench: pd.DataFrame, csv_link: str | None = None, limits: pd.DataFrame | None = None
 ) -> str:
-    """Per workload family: a chart and a table of ours vs the best peer, SDPA on contiguous
-    K/V and the limit (kernel time, do_bench beside it as host-inclusive), and, with `limits`
-    (`python -m bench limits`), what Nsight Compute measured on each row that misses a target.
-    The full row list stays in the CSV."""
+    """Our fp8 kernel against itself in bf16, then per workload family a chart and a table of
+    ours vs the best peer, SDPA on contiguous K/V and the limit (kernel time; do_bench, which
+    includes the host's launch time, beside it), and, with `limits` (`python -m bench
+    limits`), what Nsight Compute measured on each row that misses a target."""
     parts = [
-        "<p class='note'>Kernel time from CUDA-graph replay (do_bench, which includes the host's "
-        "launch time, in its own column). Ratios: ≥ 1 green, ≥ 0.95 yellow, below red."
+        "<p class='note'>Kernel time from CUDA-graph replay (do_bench in its own column). "
+        "Ratios: ≥ 1 green, ≥ 0.95 yellow, below red."
         + (f" Every row: <a href='{html.escape(csv_link)}'>bench.csv</a>." if csv_link else "")
         + (
             f" {len(limits)} rows miss a target (bench/limits.py); their last column says what "
@@ -214,23 +293,38 @@ def performance_section(
     if len(fp8):
         parts.append(
             "<h3>fp8 KV cache: our kernel against itself in bf16</h3><p class='note'>Same shape, "
-            "same kernel; GB/s on the bytes each reads (fp8: one per element). Targets at batch "
+            "same kernel; GB/s on the bytes each reads (fp8: one a value). Targets at batch "
             "≥ 64 and context ≥ 4k: fp8 time ≤ 0.60× bf16's, ≥ 85% of copy.</p>"
         )
+        fp8 = fp8.assign(shape=fp8.apply(_shape_label, axis=1))
+        shown = fp8[["workload", "shape", "fp8 GB/s", "fp8 ÷ copy", "bf16 GB/s",
+                     "fp8 time ÷ bf16 time", "timed"]]  # fmt: skip
         parts.append(
-            fp8.style.format(precision=3, na_rep="")
+            _styled(shown, {"workload": "text", "shape": "text", "timed": "text"})
             .format(precision=0, subset=["fp8 GB/s", "bf16 GB/s"])
-            .hide(axis="index")
             .to_html()
         )
     for fam, t in family_tables(bench).items():
         unit = t.unit.iloc[0]
-        parts.append(f"<h3>{html.escape(fam)} ({unit})</h3><div class='perf'>")
-        parts.append(_family_chart(fam, t) + "</div>")
+        title = FAMILY_TITLES.get(fam, fam)
+        parts.append(f"<h3>{html.escape(title)} ({unit}) <small>[{html.escape(fam)}]</small>")
+        parts.append(f"</h3><div class='perf'>{_family_chart(fam, t)}</div>")
         t = with_limits(t, limits)
-        shown = t.drop(columns=["workload", "unit"]).reset_index(drop=True)
+        t = t.assign(shape=t.apply(_shape_label, axis=1))
+        first = ["workload", "shape"] if t.workload.nunique() > 1 else ["shape"]
+        rest = [c for c in t.columns if c not in (*BENCH_SHAPE, "unit", "shape", "workload")]
+        shown = t[first + rest]
         styler = (
-            shown.style.format(precision=3, na_rep="")
+            _styled(
+                shown,
+                {
+                    "workload": "text",
+                    "shape": "text",
+                    "timed": "text",
+                    "best peer": "text",
+                    LIMIT_COLUMN: "wrap",
+                },
+            )
             .format(
                 precision=0,
                 subset=["ours", "ours (do_bench)", "peer", "sdpa contiguous", "limit"],
@@ -240,6 +334,33 @@ def performance_section(
         )
         parts.append(styler.to_html())
     return "".join(parts)
+
+
+def _banner(df: pd.DataFrame, run_info: dict) -> str:
+    """The verdict first: pass, fail (with counts), or why the set cannot be judged."""
+    n = len(df)
+    counts = df.status.value_counts().to_dict() if n else {}
+    if (n and (df.run_state == "interrupted").any()) or run_info.get("state") == "interrupted":
+        return (
+            '<p class="banner warn">INTERRUPTED: this run did not finish. Tests that did not '
+            "run are error rows; the gate refuses this result set.</p>"
+        )
+    if n and (df.run_state != "complete").any():
+        return (
+            '<p class="banner warn">UNKNOWN STATE: some rows come from a run nobody recorded as '
+            "finished (an older file, or a merge without run.json); the gate refuses them.</p>"
+        )
+    bad = counts.get("fail", 0) + counts.get("error", 0)
+    if bad:
+        return (
+            f'<p class="banner bad">FAIL: {counts.get("fail", 0)} failed and '
+            f'{counts.get("error", 0)} errored rows (<a href="#failures">below</a>), '
+            f"{counts.get('pass', 0)} passed, {counts.get('skip', 0)} skipped.</p>"
+        )
+    return (
+        f'<p class="banner ok">PASS: all {counts.get("pass", 0)} compared rows agree with the '
+        f'spec; {counts.get("skip", 0)} skipped with a reason (<a href="#skips">below</a>).</p>'
+    )
 
 
 def render(
@@ -257,17 +378,7 @@ def render(
     compared = counts.get("pass", 0) + counts.get("fail", 0)
     pass_rate = counts.get("pass", 0) / compared if compared else float("nan")
     tiers = ", ".join(sorted(df.tier.fillna("?").astype(str).unique())) if n else "-"
-    head = [f"<h1>{html.escape(title)}</h1>"]
-    if (n and (df.run_state == "interrupted").any()) or run_info.get("state") == "interrupted":
-        head.append(
-            '<p class="interrupted">INTERRUPTED: this run did not finish. Tests that did not '
-            "run are error rows; the gate refuses this result set.</p>"
-        )
-    elif n and (df.run_state != "complete").any():
-        head.append(
-            '<p class="interrupted">UNKNOWN STATE: some rows come from a run nobody recorded as '
-            "finished (an older file, or a merge without run.json); the gate refuses them.</p>"
-        )
+    head = [f"<h1>{html.escape(title)}</h1>", _banner(df, run_info)]
     if env is not None:
         head.append(
             f'<p class="note">device {html.escape(str(env.device))} · torch {env.torch}'
@@ -282,72 +393,99 @@ def render(
         + f"<span>rows: <b>{n}</b></span><span>pass rate (of compared): <b>{pass_rate:.1%}</b>"
         "</span></div>"
     )
-    body = []
-    body.append("<h2 id='summary'>Summary</h2>")
+    body = ["<h2 id='summary'>Summary</h2>"]
+    totals = backend_totals(df)
     body.append(
-        summary_table(df)
-        .style.apply(_colour_counts)
-        .set_caption("rows per backend × attention kind × phase")
+        _styled(totals, {"backend": "text"})
+        .apply(_colour_counts, subset=list(STATUS_COLOURS))
+        .format("{:.1%}", subset=["pass rate"], na_rep="")
+        .set_caption("rows per backend")
         .to_html()
     )
+    grid = kind_phase_grid(df)
+    body.append(
+        _styled(grid, {"backend": "text"})
+        .map(_grid_colour, subset=[c for c in grid.columns if c != "backend"])
+        .set_caption("passed / run per backend × attention kind · phase (— every row skipped)")
+        .to_html()
+    )
+    fp8 = df[df.kv_cache_dtype != "auto"]
+    if len(fp8):
+        grid = status_grid(fp8, fp8.kv_cache_dtype + " · " + fp8.kv_scale)
+        body.append(
+            _styled(grid, {"backend": "text"})
+            .map(_grid_colour, subset=[c for c in grid.columns if c != "backend"])
+            .set_caption("fp8 KV cache rows: passed / run per backend × format · scale scheme")
+            .to_html()
+        )
 
     body.append(
-        "<h2 id='heatmaps'>Worst error ÷ tolerance</h2><p class='note'>Per backend; "
-        "1.0 is the tolerance. Blank cells: nothing compared there.</p>"
-        "<div class='heatmaps'>"
+        "<h2 id='heatmaps'>Worst error ÷ tolerance</h2><p class='note'>Per backend; the number "
+        "and the colour are the same ratio, 1.0 is the tolerance. Blank cells: nothing compared "
+        "there.</p><div class='heatmaps'>"
     )
+    d = df.assign(heads=df.num_heads.astype(str) + ":" + df.num_kv_heads.astype(str))
     for backend in sorted(df.backend.unique()):
         for rows, cols in (("block_size", "batch_shape"), ("dtype", "heads")):
-            d = df.assign(heads=df.num_heads.astype(str) + ":" + df.num_kv_heads.astype(str))
             img = heatmap(d, backend, rows, cols)
             if img:
                 body.append(img)
     body.append("</div>")
 
-    models = model_table(df)
-    if models is not None:
-        body.append(
-            "<h2 id='models'>Models</h2><p class='note'>Rows of cases generated around a "
-            "model preset (<code>--model</code>), per model × backend.</p>"
-        )
-        body.append(models.style.apply(_colour_counts).format(precision=3, na_rep="").to_html())
-    shapes = model_table(df, "shape")
-    if shapes is not None:
-        body.append(
-            "<h2 id='shapes'>Explicit shapes</h2><p class='note'>Rows of explicit shapes "
-            "(<code>--cases FILE</code>), per shape × backend; a shape is re-run with "
-            "<code>python -m conformance run --cases FILE --case ID</code>.</p>"
-        )
-        body.append(shapes.style.apply(_colour_counts).format(precision=3, na_rep="").to_html())
+    for key, name, note in (
+        ("model", "Models", "Rows of cases generated around a model preset (<code>--model</code>)"
+         ", per model × backend."),
+        ("shape", "Explicit shapes", "Rows of explicit shapes (<code>--cases FILE</code>), per "
+         "shape × backend; a shape is re-run with <code>python -m conformance run --cases FILE "
+         "--case ID</code>."),
+    ):  # fmt: skip
+        t = model_table(df, key)
+        if t is not None:
+            anchor = "models" if key == "model" else "shapes"
+            body.append(f"<h2 id='{anchor}'>{name}</h2><p class='note'>{note}</p>")
+            t = t.reset_index()
+            body.append(
+                _styled(t, {key: "id", "backend": "text", "failing kind × phase": "wrap"})
+                .apply(_colour_counts, subset=list(STATUS_COLOURS))
+                .to_html()
+            )
 
     bad = df[df.status.isin(["fail", "error"])]
     body.append(f"<h2 id='failures'>Failures and errors ({len(bad)})</h2>")
     if len(bad):
-        shown = bad.assign(rerun=bad.apply(rerun_command, axis=1))[
-            [
-                "case_id",
-                "backend",
-                "step",
-                "status",
-                "reason",
-                "attn_kind",
-                "phase",
-                "batch_shape",
-                "block_size",
-                "num_heads",
-                "num_kv_heads",
-                "head_size",
-                "dtype",
-                "layout",
-                "max_abs_err",
-                "err_ratio",
-                "mismatch_frac",
-                "nan_count",
-                "rms_ratio",
-                "rerun",
-            ]
-        ]
-        body.append(_table(shown.reset_index(drop=True), left=("case_id", "reason", "rerun")))
+        shown = bad.head(300)
+        what = shown.apply(
+            lambda r: (
+                f"{html.escape(r.reason)}<code class='cmd'>re-run: "
+                f"{html.escape(rerun_command(r))}</code>"
+            ),
+            axis=1,
+        )
+        t = pd.DataFrame(
+            {
+                "case": shown.case_id,
+                "backend": shown.backend,
+                "step": shown.step,
+                "status": shown.status,
+                "reason and the command that re-runs it alone": what,
+                "err ÷ tol": shown.err_ratio,
+                "rms ratio": shown.rms_ratio,
+            }
+        )
+        body.append(
+            _styled(
+                t,
+                {
+                    "case": "id",
+                    "backend": "text",
+                    "step": "text",
+                    "status": "text",
+                    "reason and the command that re-runs it alone": "wrap",
+                },
+            ).to_html(escape=False)
+        )
+        if len(bad) > len(shown):
+            body.append(f"<p class='note'>… and {len(bad) - len(shown)} more in results.csv.</p>")
     else:
         body.append("<p>None: every compared step is within tolerance.</p>")
 
@@ -362,7 +500,7 @@ def render(
             .reset_index()
             .sort_values(["backend", "rows"], ascending=[True, False])
         )
-        body.append(_table(grouped.reset_index(drop=True), left=("backend", "reason")))
+        body.append(_styled(grouped, {"backend": "text", "reason": "wrap"}).to_html())
     else:
         body.append("<p>No skips.</p>")
 
@@ -372,7 +510,7 @@ def render(
     else:
         body.append(
             "<p class='note'>No benchmark results (run <code>make bench</code> on a GPU,"
-            " or render with <code>--bench reports/results/h100/bench.csv</code>).</p>"
+            " or render with <code>--bench reports/results/h200/bench.csv</code>).</p>"
         )
     return (
         f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}"
