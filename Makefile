@@ -26,6 +26,7 @@ setup: $(SETUP_DEP)
 .venv/.stamp: pyproject.toml tools/install_deps.py
 	test -x .venv/bin/python || python3 -m venv .venv
 	.venv/bin/python tools/install_deps.py
+	.venv/bin/python -m pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e .
 	touch $@
 
 # Unit tests of every folder, then the conformance matrix of $(TIER) (smoke on the CPU), which

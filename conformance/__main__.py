@@ -6,6 +6,9 @@
                               [--gpus 0,1] [--model NAME|all]
     python -m conformance dump CASE_ID --out DIR [--cases FILE]
 
+Installed (`make setup`, or `pip install -e .`), the same is `encdec-attn run|list|dump ...`, and
+`encdec-attn render|merge|gate|bench ...` reaches the reports and the bench.
+
 `run` exits 0 when nothing failed or errored, 1 otherwise, 2 for bad usage (one line, nothing
 in --out touched), 130 after Ctrl-C and 143 after SIGTERM (results kept, marked interrupted).
 """
@@ -284,9 +287,22 @@ def _np(t: torch.Tensor):
     return (t.float() if t.dtype == torch.bfloat16 else t).numpy().copy()
 
 
+OTHER_COMMANDS = {  # `encdec-attn render ...` and friends: one entry point for everything
+    "render": ("reports.__main__", True),
+    "merge": ("reports.__main__", True),
+    "gate": ("reports.gate", False),
+    "bench": ("bench.__main__", False),
+}
+
+
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] in OTHER_COMMANDS:
+        module, keep = OTHER_COMMANDS[argv[0]]
+        other = __import__(module, fromlist=["main"]).main
+        return other(argv if keep else argv[1:])
     p = argparse.ArgumentParser(
-        prog="python -m conformance",
+        prog="python -m conformance (or encdec-attn)",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

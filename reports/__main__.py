@@ -12,7 +12,7 @@ import sys
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m reports")
+    p = argparse.ArgumentParser(prog="python -m reports (or encdec-attn render|merge)")
     sub = p.add_subparsers(dest="cmd", required=True)
     r = sub.add_parser("render", help="write the self-contained HTML report")
     r.add_argument("results", nargs="+")
