@@ -263,6 +263,7 @@ def cmd_dump(args) -> int:
             arrays[p + "value_cache_after"] = _np(rstep.kv_cache[1])
     out_dir = Path(args.out)
     _check_out_dir(args.out)
+    verdicts = _dump_backend(args, case, arrays) if args.backend or args.backend_module else None
     np.savez_compressed(out_dir / "case.npz", **arrays)
     meta = {
         "case_id": case.id,
@@ -273,18 +274,78 @@ def cmd_dump(args) -> int:
                 block_size=s.metadata.block_size,
                 sliding_window=s.metadata.sliding_window,
                 scale=s.metadata.scale_for(s.query.shape[-1]),
+                kv_cache_dtype=s.metadata.kv_cache_dtype,
+                k_scale=None if s.metadata.k_scale is None else s.metadata.k_scale.tolist(),
+                v_scale=None if s.metadata.v_scale is None else s.metadata.v_scale.tolist(),
+                **({"backend": verdicts[i]} if verdicts else {}),
             )
-            for s in steps
+            for i, s in enumerate(steps)
         ],
-        "note": "bfloat16 tensors are stored as float32 (numpy has no bfloat16)",
+        "note": "bfloat16 and fp8 tensors are stored as float32 (numpy has neither); fp8 "
+        "caches hold the stored values, unscaled",
     }
     (out_dir / "case.json").write_text(json.dumps(meta, indent=2))
     print(f"wrote {out_dir / 'case.npz'} ({len(arrays)} arrays) and {out_dir / 'case.json'}")
+    if verdicts:
+        for i, v in enumerate(verdicts):
+            print(
+                f"step {i}: {v['backend']} {v['status']}{': ' + v['reason'] if v['reason'] else ''}"
+            )
+        return 1 if any(v["status"] in ("fail", "error") for v in verdicts) else 0
     return 0
 
 
+def _dump_backend(args, case, arrays: dict) -> list[dict]:
+    """Run one backend on the dumped case, step by step as the matrix does: its outputs and
+    caches go beside the reference's (`stepN_backend_output`, `..._backend_key_cache_after`),
+    its verdicts into case.json."""
+    from conformance import runner, selection
+    from conformance.cases import lower
+    from conformance.shapes import Shape
+
+    ((backend, _),) = selection.backends(
+        [args.backend] if args.backend else ([] if args.backend_module else None),
+        [args.backend_module] if args.backend_module else None,
+    )
+    shape = case if isinstance(case, Shape) else lower(case)
+    reads = bool(getattr(backend, "fp8_prefill_reads_inputs", False))
+    inputs, expected = runner.expected_for(shape, reads)
+    device = torch.device(backend.device())
+    mine = inputs.to(device, copy=True)
+    finite = bool(getattr(backend, "finite_unowned_slots", False))
+    if finite:  # as the runner gives it: finite poison where nothing was written
+        runner.poison_finite(mine)
+    pool = runner.ExpectedCaches(mine if finite else inputs)
+    verdicts = []
+    for i, (step, pristine, exp) in enumerate(
+        zip(runner._steps(mine), runner._steps(inputs), expected)
+    ):
+        after = pool.advance(exp)
+        v = runner.judge_step(backend, step, pristine, exp, after, device, args.case_timeout)
+        if v.output is not None:
+            arrays[f"step{i}_backend_output"] = _np(v.output.detach().cpu())
+        if step.kv_cache is not None:
+            arrays[f"step{i}_backend_key_cache_after"] = _np(step.kv_cache[0].cpu())
+            arrays[f"step{i}_backend_value_cache_after"] = _np(step.kv_cache[1].cpu())
+            if v.status != "pass":
+                runner._take_expected_cache(step, after)
+        c = v.comparison
+        verdicts.append(
+            dict(
+                backend=backend.name,
+                status=str(v.status),
+                reason=v.reason,
+                **{m: getattr(c, m) for m in ("max_abs_err", "tolerance", "err_ratio", "rms_ratio")}
+                if c is not None
+                else {},
+            )
+        )
+    return verdicts
+
+
 def _np(t: torch.Tensor):
-    return (t.float() if t.dtype == torch.bfloat16 else t).numpy().copy()
+    wide = t.dtype in (torch.bfloat16, torch.float8_e4m3fn, torch.float8_e5m2)
+    return (t.float() if wide else t).numpy().copy()
 
 
 OTHER_COMMANDS = {  # `encdec-attn render ...` and friends: one entry point for everything
@@ -367,10 +428,20 @@ def main(argv=None) -> int:
     pr.add_argument(
         "--gpus", default=None, help="GPU indices the workers use, e.g. 0,1 (default: all visible)"
     )
-    pd = sub.add_parser("dump", help="write one case's inputs, caches and reference output")
+    pd = sub.add_parser(
+        "dump",
+        help="write one case's inputs, caches and reference output (and a backend's, beside)",
+        description="Write one case's inputs, caches before/after and reference output to "
+        "OUT/case.npz and OUT/case.json; with --backend or --backend-module, run that backend "
+        "on them as the matrix does and write its output, caches and verdict beside "
+        "(exit 1 when it fails).",
+    )
     pd.add_argument("case_id")
     pd.add_argument("--out", required=True)
     pd.add_argument("--cases", default=None, help="the file of an explicit shape's id")
+    pd.add_argument("--backend", default=None, metavar="NAME", help="a registered backend")
+    pd.add_argument("--backend-module", default=None, metavar="SPEC", help="your backend")
+    pd.add_argument("--case-timeout", default=DEFAULT_TIMEOUT_S, type=float, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     try:
         if args.cmd == "list":

@@ -179,6 +179,16 @@ def rerun_command(row) -> str:
     return f"python -m conformance run {source}--case {get('case_id')} {which}"
 
 
+def dump_command(row) -> str:
+    """The command that writes a row's inputs and the backend's output beside the reference's
+    (`conformance dump --backend`), to look at in a notebook."""
+    run = rerun_command(row)
+    target = run.split(" --case ", 1)[1]  # "ID --backend NAME" or "ID --backend-module SPEC"
+    source = run.split("run ", 1)[1].split("--case ")[0]
+    case_id, which = target.split(" ", 1)
+    return f"python -m conformance dump {case_id} {source}--out dump-{case_id[:40]} {which}"
+
+
 METRICS = ("max_abs_err", "max_rel_err", "err_ratio", "mismatch_frac", "nan_count", "rms_ratio")
 
 

@@ -136,3 +136,21 @@ def test_dump_writes_inputs_caches_and_reference(tmp_path):
     before, after = npz["step0_key_cache_before"], npz["step0_key_cache_after"]
     assert np.isnan(before).sum() > np.isnan(after).sum()  # the step wrote its slots
     assert json.loads((tmp_path / "d" / "case.json").read_text())["case_id"] == CASE
+
+
+def test_dump_with_a_backend_writes_its_output_and_verdict_beside(tmp_path):
+    """The loop back from a failure: the printed dump command writes the backend's outputs and
+    caches beside the reference's, and its verdict into case.json (exit 1 when it fails)."""
+    from conformance.schema import dump_command
+
+    row = dict(case_id=CASE, backend="fault-nan", backend_module=f"{FAULTY}:NaNOutput")
+    cmd = dump_command(row).split()[3:]
+    cmd[cmd.index("--out") + 1] = str(tmp_path / "d")
+    r = cli(*cmd)
+    assert r.returncode == 1, r.stdout + r.stderr
+    npz = np.load(tmp_path / "d" / "case.npz")
+    assert {"step0_backend_output", "step0_backend_key_cache_after"} <= set(npz.files)
+    (step,) = json.loads((tmp_path / "d" / "case.json").read_text())["steps"]
+    assert step["backend"]["status"] == "fail" and "NaN" in step["backend"]["reason"]
+    ok = cli("dump", CASE, "--out", tmp_path / "ok", "--backend", "torch")
+    assert ok.returncode == 0 and "step 0: torch pass" in ok.stdout
