@@ -76,7 +76,7 @@ def family_tables(bench: pd.DataFrame) -> dict[str, pd.DataFrame]:
 
 def fp8_table(bench: pd.DataFrame) -> pd.DataFrame:
     """Our kernel with an fp8 cache against our kernel with the model dtype's on the same shape
-    (kernel time; the issue's targets: <= 0.60x at batch >= 64 and context >= 4k, >= 85% of copy
+    (kernel time; the targets: <= 0.60x at batch >= 64 and context >= 4k, >= 85% of copy
     on the fp8 bytes read). One row per fp8 shape that has its bf16 twin."""
     out = []
     for t in family_tables(bench).values():

@@ -10,7 +10,7 @@ writes one CSV row per short row: the ratios that miss, and the counters that sa
 (DRAM throughput, achieved and theoretical occupancy, waves, registers, the warp stall reasons),
 with a one-line reading (`limit_reading`).
 
-Targets (issue #17; ratios are ours ÷ other in throughput, kernel time from CUDA-graph replay):
+Targets (ratios are ours ÷ other in throughput, kernel time from CUDA-graph replay):
 - decode rows (decode-self, cross-decode, self-decode): ours ÷ SDPA on contiguous K/V >= 1 and
   ours ÷ the best paged peer (xFormers split-K, FlexAttention) >= 1;
 - small-batch GQA decode (decode-self, batch 16, context 1k/4k, GQA 4:1 and 8:1): >= 60% of copy;

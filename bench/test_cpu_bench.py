@@ -47,12 +47,3 @@ def test_cpu_cost(benchmark, backend, shape):
     )
     out = benchmark(lambda: fn(*step.with_fresh_cache().args()))
     assert out.shape == step.query.shape
-
-
-def test_gpu_rows_have_the_bench_columns():
-    from dataclasses import fields
-
-    from bench.gpu import Row
-    from conformance.schema import BENCH_COLUMNS
-
-    assert [f.name for f in fields(Row)] == BENCH_COLUMNS

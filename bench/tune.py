@@ -374,7 +374,7 @@ def main(only: list[str] | None = None) -> int:
     return 0
 
 
-# The shapes below the targets in the H100 grid (reports/results/h100/bench.csv, 888deb7).
+# Shapes of the H100 grid (reports/results/h100/bench.csv) below the decode targets.
 WEAK = [
     DECODE[0],  # Whisper self decode B64: 70-72% of copy (SDPA on contiguous K/V: 76%)
     ("gqa4-b16-c4k-bs16", 16, 4096, 32, 8, 128, 16, 1, True),  # 77% (graph)
@@ -382,7 +382,7 @@ WEAK = [
     SPLITS[0],  # GQA 8:1, batch 4, 32k: 80%
     ("gqa8-b16-c1k-bs256", 16, 1024, 32, 4, 128, 256, 1, True),  # 15% behind xFormers split-K
     ("mha-d128-b4-c32k-bs256", 4, 32768, 32, 32, 128, 256, 1, True),  # 2.8% behind it
-    # Added for #17 (below SDPA on contiguous K/V at 40a0de0): small-batch GQA at 1k, cross decode.
+    # Below SDPA on contiguous K/V: small-batch GQA at 1k, cross decode.
     ("gqa8-b16-c1k-bs16", 16, 1024, 32, 4, 128, 16, 1, True),
     ("gqa4-b16-c1k-bs16", 16, 1024, 32, 8, 128, 16, 1, True),
     ("whisper-cross-b256-bs16", 256, 1500, 20, 20, 64, 16, 1, False),

@@ -34,6 +34,7 @@ from optimized.kernels import interpret_without_cuda
 interpret_without_cuda()  # before Triton is imported
 
 from conformance.runner import DEFAULT_TIMEOUT_S
+from conformance.schema import Status
 from optimized.backend import backend_names
 
 DEFAULT_OUT = "reports/out"
@@ -291,7 +292,7 @@ def cmd_dump(args) -> int:
             print(
                 f"step {i}: {v['backend']} {v['status']}{': ' + v['reason'] if v['reason'] else ''}"
             )
-        return 1 if any(v["status"] in ("fail", "error") for v in verdicts) else 0
+        return 1 if any(v["status"] in (Status.FAIL, Status.ERROR) for v in verdicts) else 0
     return 0
 
 
@@ -327,7 +328,7 @@ def _dump_backend(args, case, arrays: dict) -> list[dict]:
         if step.kv_cache is not None:
             arrays[f"step{i}_backend_key_cache_after"] = _np(step.kv_cache[0].cpu())
             arrays[f"step{i}_backend_value_cache_after"] = _np(step.kv_cache[1].cpu())
-            if v.status != "pass":
+            if v.status != Status.PASS:
                 runner._take_expected_cache(step, after)
         c = v.comparison
         verdicts.append(

@@ -18,7 +18,7 @@ from conformance.models import MODELS, SMOKE_SCALE
 from conformance.shapes import SHORT_DTYPE, SHORT_KV, Shape
 from conformance.workloads import Episode, Layout, Step
 
-# Each axis and its values, in id order. Every value is a real need (see the matrix issue).
+# Each axis and its values, in id order; each value is a case real serving produces.
 AXES: dict[str, tuple] = {
     "kind": ("encoder", "decoder", "cross", "episode"),
     "phase": ("prefill", "decode", "mixed", "chunked", "episode"),

@@ -22,9 +22,9 @@ from conformance.cases import AXES, PAIRWISE_SIZES, Case, invalid_reasons
 from conformance.models import get_model, model_names
 
 TIERS = ("smoke", "full", "exhaustive")
-# Pairwise seeds of the full tier (each seed covers every valid pair once more): 16 seeds = 1,001
-# cases, 5,005 tests, 6.1 min on one H100 with 6 workers and a cold Triton cache. The
-# environment variable makes a larger run (a nightly) without a code change; every worker reads it.
+# Pairwise seeds of the full tier: each seed covers every valid pair once more (`list --tier
+# full` counts the cases). The environment variable makes a larger run (a nightly) without a
+# code change.
 FULL_SEEDS = int(os.environ.get("CONFORMANCE_FULL_SEEDS", "16"))
 
 

@@ -81,10 +81,10 @@ def baseline_attention(step, reads_inputs: bool = False) -> torch.Tensor:
     return out
 
 
-# Calibration (full tier on the H100 and the CPU smoke tier, every built-in backend): see the
-# closing note of the fail-closed issue and README. The bound is the worst ratio seen there
-# with a margin; a planted kernel that keeps its running output/sum in bf16 or fp16 exceeds it
-# on long K/V walks (conformance/tests/faulty.py: LowPrecisionAccumulator).
+# Calibration (the full tier on the GPU and the CPU smoke tier, every built-in backend): the
+# bound is the worst ratio seen there with a margin; a planted kernel that keeps its running
+# output/sum in bf16 or fp16 exceeds it on long K/V walks (conformance/tests/faulty.py:
+# LowPrecisionAccumulator).
 PRECISION_LIMIT = {torch.float16: 4.0, torch.bfloat16: 4.0}
 PRECISION_LIMIT_BY_NAME = {str(k).removeprefix("torch."): v for k, v in PRECISION_LIMIT.items()}
 

@@ -1,6 +1,6 @@
 """xFormers backends.
 
-`xformers` (the production path of the seed design): cache writes by our Triton
+`xformers` (vLLM V0's production path for encoder/decoder models): cache writes by our Triton
 `reshape_and_cache`; steps without cached context (encoder, decoder prefill, cross prefill) by
 `xformers.ops.memory_efficient_attention` on the packed tokens with block-diagonal masks; steps
 with cached context (chunked prefill, decode) by our Triton paged-attention kernel.

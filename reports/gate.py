@@ -32,7 +32,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from conformance.schema import BENCH_KEY, STATUSES, check_numeric, device_kind
+from conformance.schema import BENCH_KEY, STATUSES, Status, check_numeric, device_kind
 
 KEY = ["case_id", "backend", "step"]
 BASELINE_COLUMNS = [*KEY, "status", "reason", "err_ratio", "tier", "device"]
@@ -53,8 +53,8 @@ def compare(results: pd.DataFrame, baseline: pd.DataFrame) -> dict[str, pd.DataF
         indicator=True,
     )
     both = m[m._merge == "both"]
-    was_ok = both.status_base == "pass"
-    now_bad = both.status_now.isin(["fail", "error", "skip"])
+    was_ok = both.status_base == Status.PASS
+    now_bad = both.status_now.isin([Status.FAIL, Status.ERROR, Status.SKIP])
     grown = (
         (both.err_ratio_now > RATIO_GROWTH * both.err_ratio_base.fillna(0))
         & (both.err_ratio_now > RATIO_FLOOR)
@@ -76,7 +76,9 @@ def compare(results: pd.DataFrame, baseline: pd.DataFrame) -> dict[str, pd.DataF
         "backends_missing": missing,
         "ratio_growth": both[grown & ~now_bad][cols],
         "new": m[m._merge == "right_only"][cols],
-        "fixed": both[both.status_base.isin(["fail", "error"]) & (both.status_now == "pass")][cols],
+        "fixed": both[
+            both.status_base.isin([Status.FAIL, Status.ERROR]) & (both.status_now == Status.PASS)
+        ][cols],
     }
 
 

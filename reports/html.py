@@ -104,7 +104,7 @@ def summary_table(df: pd.DataFrame) -> pd.DataFrame:
         if s not in counts:
             counts[s] = 0
     counts = counts[list(STATUS_COLOURS)]
-    counts["compared"] = counts["pass"] + counts["fail"]
+    counts["compared"] = counts[Status.PASS] + counts[Status.FAIL]
     return counts
 
 
@@ -112,7 +112,7 @@ def backend_totals(df: pd.DataFrame) -> pd.DataFrame:
     """One row per backend: rows, pass, fail, error, skip, compared, pass rate."""
     t = summary_table(df).groupby("backend").sum()
     t.insert(0, "rows", t[list(STATUS_COLOURS)].sum(axis=1))
-    t["pass rate"] = (t["pass"] / t["compared"]).where(t["compared"] > 0)
+    t["pass rate"] = (t[Status.PASS] / t["compared"]).where(t["compared"] > 0)
     return t.reset_index()
 
 
@@ -123,8 +123,8 @@ def status_grid(df: pd.DataFrame, column: pd.Series) -> pd.DataFrame:
     for st in STATUS_COLOURS:
         if st not in s:
             s[st] = 0
-    run = s["pass"] + s["fail"] + s["error"]
-    cell = pd.Series(np.where(run > 0, s["pass"].astype(str) + "/" + run.astype(str), "—"),
+    run = s[Status.PASS] + s[Status.FAIL] + s[Status.ERROR]
+    cell = pd.Series(np.where(run > 0, s[Status.PASS].astype(str) + "/" + run.astype(str), "—"),
                      index=s.index)  # fmt: skip
     return cell.unstack("col").fillna("").reset_index()
 
@@ -164,7 +164,7 @@ def model_table(df: pd.DataFrame, key: str = "model") -> pd.DataFrame | None:
     g = m.groupby([key, "backend"])
     t["worst err ÷ tol"] = g.err_ratio.max()
     t["worst rms ratio"] = g.rms_ratio.max()
-    bad = m[m.status.isin(["fail", "error"])]
+    bad = m[m.status.isin([Status.FAIL, Status.ERROR])]
     t["failing kind × phase"] = (
         bad.assign(kp=bad.attn_kind + " " + bad.phase)
         .groupby([key, "backend"])
@@ -177,7 +177,7 @@ def model_table(df: pd.DataFrame, key: str = "model") -> pd.DataFrame | None:
 def _colour_counts(col: pd.Series) -> list[str]:
     colour = STATUS_COLOURS.get(col.name)
     return [
-        f"background-color: {colour}" if colour and v > 0 and col.name != "skip" else ""
+        f"background-color: {colour}" if colour and v > 0 and col.name != Status.SKIP else ""
         for v in col
     ]
 
@@ -350,11 +350,11 @@ def _banner(df: pd.DataFrame, run_info: dict) -> str:
             '<p class="banner warn">UNKNOWN STATE: some rows come from a run nobody recorded as '
             "finished (an older file, or a merge without run.json); the gate refuses them.</p>"
         )
-    bad = counts.get("fail", 0) + counts.get("error", 0)
+    bad = counts.get(Status.FAIL, 0) + counts.get(Status.ERROR, 0)
     if bad:
         return (
             f'<p class="banner bad">FAIL: {counts.get("fail", 0)} failed and '
-            f'{counts.get("error", 0)} errored rows (<a href="#failures">below</a>), '
+            f'{counts.get(Status.ERROR, 0)} errored rows (<a href="#failures">below</a>), '
             f"{counts.get('pass', 0)} passed, {counts.get('skip', 0)} skipped.</p>"
         )
     return (
@@ -375,8 +375,8 @@ def render(
     env = df.iloc[0] if len(df) else None
     n = len(df)
     counts = df.status.value_counts().to_dict()
-    compared = counts.get("pass", 0) + counts.get("fail", 0)
-    pass_rate = counts.get("pass", 0) / compared if compared else float("nan")
+    compared = counts.get(Status.PASS, 0) + counts.get(Status.FAIL, 0)
+    pass_rate = counts.get(Status.PASS, 0) / compared if compared else float("nan")
     tiers = ", ".join(sorted(df.tier.fillna("?").astype(str).unique())) if n else "-"
     head = [f"<h1>{html.escape(title)}</h1>", _banner(df, run_info)]
     if env is not None:
@@ -450,7 +450,7 @@ def render(
                 .to_html()
             )
 
-    bad = df[df.status.isin(["fail", "error"])]
+    bad = df[df.status.isin([Status.FAIL, Status.ERROR])]
     body.append(f"<h2 id='failures'>Failures and errors ({len(bad)})</h2>")
     if len(bad):
         shown = bad.head(300)
@@ -489,7 +489,7 @@ def render(
     else:
         body.append("<p>None: every compared step is within tolerance.</p>")
 
-    skips = df[df.status == "skip"]
+    skips = df[df.status == Status.SKIP]
     body.append(f"<h2 id='skips'>Skip reasons ({len(skips)})</h2>")
     if len(skips):
         grouped = (

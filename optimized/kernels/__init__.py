@@ -1,4 +1,6 @@
-"""Triton kernels, one op per file, each a private @triton.jit kernel and a public launcher."""
+"""Triton kernels: only `@triton.jit` code, one op per file (its launcher, which checks layouts
+and plans the launch, is the file of the same name in `optimized/ops/`); and the switch that
+runs them through the interpreter on a machine without CUDA."""
 
 import os
 
