@@ -211,7 +211,8 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 @pytest.mark.skipif(
     CHROMIUM is None,
-    reason="headless Chromium is not installed here (.ci/run installs Debian's chromium)",
+    reason="THE HTML REPORT WAS NOT CHECKED IN A BROWSER: no headless Chromium here "
+    "(apt-get install chromium; .ci/run installs it)",
 )
 def test_report_renders_in_headless_chromium(results_csv, tmp_path):
     """Laid out by a browser at 1280 and 1440 px, with long failure reasons, a model section and
