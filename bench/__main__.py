@@ -1,7 +1,10 @@
-"""`make bench`: on a GPU, the benchmark grid to reports/out/bench.csv; without one, the
-CPU benchmarks of the reference and torch backend (pytest-benchmark), also to bench.csv.
+"""`make bench`: on a GPU, the benchmark grid to reports/out/bench.csv; any backend (yours, ours, a
+peer) beside every peer on the matrix's workloads with `--backend`/`--backend-module`
+(bench/backends.py); without a GPU, a tiny smoke of that path, labelled as CPU timings.
 
     python -m bench [--out reports/out/bench.csv] [--quick] [--only WORKLOAD ...]
+    python -m bench --backend-module path/to/mine.py:Mine [--backend NAME] [--model NAME|all]
+                    [--cases FILE]
     python -m bench tune [--only SECTION ...]   (launch-parameter sweeps, see bench/tune.py)
     python -m bench profile   (the weak-spot kernels once each, to run under ncu)
     python -m bench limits [--bench reports/out/bench.csv] [--out reports/out/limits.csv]
@@ -12,15 +15,17 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 import math
-import subprocess
 import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
 
 import torch
+
+from optimized.kernels import interpret_without_cuda
+
+interpret_without_cuda()  # before Triton is imported: the CPU smoke runs our kernels too
 
 
 def gpu_grid(quick: bool, only: list[str] | None, out: str | None = None):
@@ -238,40 +243,28 @@ def write_rows(path: str, rows: list[dict]) -> None:
             )
 
 
-def cpu_rows() -> list[dict]:
-    """pytest-benchmark of the reference and torch backend on small cases."""
-    out = Path("reports/out/cpu-bench.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pytest",
-            "-q",
-            "bench/test_cpu_bench.py",
-            "-p",
-            "no:xdist",
-            f"--benchmark-json={out}",
-            "-o",
-            "addopts=",
-        ],
-        check=True,
-    )
-    rows = []
-    for b in json.loads(out.read_text())["benchmarks"]:
-        info = b["extra_info"]
-        rows.append(
-            dict(
-                info,
-                median_ms=b["stats"]["median"] * 1e3,
-                gbps=math.nan,
-                tflops=info["flops"] / b["stats"]["median"] / 1e12,
-                frac_of_limit=math.nan,
-                limit="",
-                device="cpu",
-            )
-        )
-    return rows
+def backend_path(args) -> list[dict]:
+    """`--backend/--backend-module/--model/--cases`, or any run without CUDA: the named
+    backends beside every registered peer on the matrix's workloads (bench/backends.py)."""
+    from bench import backends
+    from conformance import selection
+
+    cuda = torch.cuda.is_available()
+    if args.cases:
+        workloads = backends.cases_workloads(args.cases)
+    elif cuda:
+        workloads = backends.model_workloads(args.model or "whisper-large-v3")
+    else:  # a tiny smoke of the same path: the model's lengths ÷ 16, batch 2
+        workloads = backends.model_workloads(args.model or "whisper-large-v3", (2,), divide=16)
+    peers = [b.name for b, _ in backends.peers()] if cuda else ["torch", "triton"]
+    names = list(dict.fromkeys([*(args.backend or []), *peers]))
+    picked = selection.backends(names, args.backend_module)
+    limits = None
+    if cuda:
+        from bench import gpu
+
+        limits = gpu.Limits()
+    return backends.backend_rows(workloads, picked, limits)
 
 
 def main(argv=None) -> int:
@@ -281,8 +274,24 @@ def main(argv=None) -> int:
     p.add_argument("rows", nargs="?", help=argparse.SUPPRESS)  # limits-child: its rows file
     p.add_argument("--out", default=None, help="default: reports/out/<mode's file>.csv")
     p.add_argument("--bench", default="reports/out/bench.csv", help="limits: the bench CSV")
-    p.add_argument("--quick", action="store_true")
-    p.add_argument("--only", nargs="*", default=None)
+    p.add_argument("--quick", action="store_true", help="grid: fewer batch × context pairs")
+    p.add_argument(
+        "--only", nargs="*", default=None, help="grid: workloads by name prefix; tune: sections"
+    )
+    p.add_argument(
+        "--backend",
+        action="append",
+        metavar="NAME",
+        help="time a registered backend on the matrix's workloads beside every peer",
+    )
+    p.add_argument(
+        "--backend-module",
+        action="append",
+        metavar="SPEC",
+        help="your backend (package.module:Class or path/to/file.py:Class), timed the same way",
+    )
+    p.add_argument("--model", default=None, help="backend path: a model preset's shapes (or all)")
+    p.add_argument("--cases", default=None, help="backend path: a cases file's explicit shapes")
     args = p.parse_args(argv)
     t0 = time.time()
     if args.mode == "limits":
@@ -305,8 +314,21 @@ def main(argv=None) -> int:
         from bench.tune import profile
 
         return profile()
-    rows = gpu_grid(args.quick, args.only, args.out) if torch.cuda.is_available() else cpu_rows()
+    by_backend = args.backend or args.backend_module or args.model or args.cases
+    try:
+        if by_backend or not torch.cuda.is_available():
+            rows = backend_path(args)
+        else:
+            rows = gpu_grid(args.quick, args.only, args.out)
+    except ValueError as e:  # a usage mistake: one line
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     write_rows(args.out, rows)
+    for r in rows:
+        if r.get("status") is not None and r["backend"] not in ("copy", "matmul"):
+            speed = f"{r['gbps']:8.0f} GB/s" if r.get("gbps") == r.get("gbps") else "       -"
+            print(f"{r['workload']:30s} {r['backend']:16s} b{r['batch']:<4d} {r['status']:5s} "
+                  f"{r['median_ms']:9.3f} ms {speed} {r.get('timed', '')}"[:160])  # fmt: skip
     print(f"wrote {args.out} ({len(rows)} rows) in {time.time() - t0:.0f} s")
     return 0
 

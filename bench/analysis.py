@@ -39,6 +39,7 @@ def family_tables(bench: pd.DataFrame) -> dict[str, pd.DataFrame]:
     b["kernel"] = (b.do_bench * b.median_ms / graph).where(graph.notna() & (graph > 0))
     b["best"] = b.kernel.fillna(b.do_bench)
     b["timed"] = np.where(b.kernel.notna(), "graph", "do_bench")
+    b = b[b.status.astype(str) == ""]  # the grid's rows (a backend-path row has a verdict)
     config = BENCH_SHAPE
     out = {}
     for fam, g in b.groupby(b.workload.str.split(":").str[0], sort=False):
@@ -106,3 +107,57 @@ def fp8_table(bench: pd.DataFrame) -> pd.DataFrame:
                 }
             )
     return pd.DataFrame(out)
+
+
+def backend_tables(bench: pd.DataFrame) -> dict[str, pd.DataFrame]:
+    """The backend path's rows (`python -m bench --backend/--backend-module`), per workload
+    family: each backend's verdict on the shape, its time (CUDA-graph kernel time, else
+    do_bench, else CPU wall), GB/s or TFLOP/s, ratio to the best other backend that passed and
+    to the limit; `yours` marks a --backend-module backend."""
+    b = bench.copy()
+    for c in BENCH_COLUMNS:
+        if c not in b:
+            b[c] = BENCH_LATER.get(c, "" if c in ("limit", "device") else np.nan)
+    for c, default in BENCH_LATER.items():
+        b[c] = b[c].fillna(default)
+    rows = b[b.status.astype(str) != ""]
+    limits = b[b.backend.isin(["copy", "matmul"])]
+    if rows.empty:
+        return {}
+    rows = rows.assign(ms=rows.graph_ms.where(rows.graph_ms > 0, rows.median_ms))
+    shape = [k for k in BENCH_SHAPE if k != "kv_cache_dtype"]
+    out = {}
+    for fam, g in rows.groupby(rows.workload.str.split(":").str[0], sort=False):
+        table = []
+        for _, gg in g.groupby(shape, sort=False):
+            ok = gg[gg.status == "pass"]
+            memory = gg.query_len.iloc[0] <= 16
+            lim = limits.merge(gg[shape].head(1), on=shape)
+            limit = (lim.gbps if memory else lim.tflops).max() if len(lim) else np.nan
+            for _, r in gg.iterrows():
+                speed = (
+                    (r.gbps if memory else r.tflops) * r.median_ms / r.ms if r.ms > 0 else np.nan
+                )
+                others = ok[ok.backend != r.backend]
+                best = others.loc[others.ms.idxmin()] if len(others) else None
+                table.append(
+                    {
+                        "workload": r.workload,
+                        "batch": r.batch,
+                        "context_len": r.context_len,
+                        "query_len": r.query_len,
+                        "backend": r.backend,
+                        "yours": "◀ yours" if str(r.backend_module) else "",
+                        "status": r.status,
+                        "ms": r.ms if r.status == "pass" else np.nan,
+                        "GB/s" if memory else "TFLOP/s": speed if r.status == "pass" else np.nan,
+                        "best other": best.backend if best is not None else "",
+                        "÷ best other": best.ms / r.ms
+                        if best is not None and r.status == "pass"
+                        else np.nan,
+                        "÷ limit": speed / limit if r.status == "pass" else np.nan,
+                        "timed": r.timed,
+                    }
+                )
+        out[fam] = pd.DataFrame(table)
+    return out

@@ -47,3 +47,42 @@ def test_cpu_cost(benchmark, backend, shape):
     )
     out = benchmark(lambda: fn(*step.with_fresh_cache().args()))
     assert out.shape == step.query.shape
+
+
+def test_the_backend_path_times_only_what_passes_and_the_report_shows_it(tmp_path):
+    """`python -m bench --backend-module ...` on the CPU: each backend is judged on the shape
+    first; a wrong-but-fast one gets `fail` and no time, the others a labelled CPU time; the
+    report's table marks the user's backend."""
+    from bench import backends
+    from conformance import selection
+    from conformance.schema import BENCH_COLUMNS
+    from reports.gate import load_bench
+    from reports.html import render
+
+    (tmp_path / "fast.py").write_text(
+        "from examples.my_backend import MyBackend\n\n\n"
+        "class Fast(MyBackend):\n"
+        "    name = 'fast-but-wrong'\n\n"
+        "    def attend(self, *args):\n"
+        "        return super().attend(*args) * 0\n"
+    )
+    picked = selection.backends(["torch"], [f"{tmp_path}/fast.py:Fast"])
+    work = [w for w in backends.model_workloads("whisper-tiny", (2,), 16) if "decode" in w[0]]
+    rows = backends.backend_rows(work, picked)
+    by = {(r["workload"].split(":")[0], r["backend"]): r for r in rows}
+    for fam in ("self-decode", "cross-decode"):
+        wrong, torch_row = by[(fam, "fast-but-wrong")], by[(fam, "torch")]
+        assert wrong["status"] == "fail" and wrong["median_ms"] != wrong["median_ms"]  # NaN
+        assert wrong["timed"].startswith("not timed: numerical mismatch")
+        assert torch_row["status"] == "pass" and torch_row["median_ms"] > 0
+        assert torch_row["timed"].startswith("cpu wall")
+    import pandas as pd
+
+    path = tmp_path / "bench.csv"
+    pd.DataFrame(rows, columns=BENCH_COLUMNS).to_csv(path, index=False)
+    from conformance.schema import read_csv, write_csv
+    from reports.tests.known import known_rows
+
+    write_csv(known_rows(), tmp_path / "results.csv")
+    page = render(read_csv(tmp_path / "results.csv"), bench=load_bench(str(path), "--bench"))
+    assert "Backends on the matrix" in page and "◀ yours" in page

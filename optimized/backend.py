@@ -131,13 +131,18 @@ class BaseBackend:
         reasons += cache_layout_reasons(kv_cache, self.cache_layout)
         return reasons
 
-    def forward(self, query, key, value, kv_cache, metadata, attn_kind) -> torch.Tensor:
-        """Validate (ValueError naming the argument, before anything is written), then `attend`
-        on contiguous query/key/value."""
+    def validate(self, query, key, value, kv_cache, metadata, attn_kind) -> AttnKind:
+        """`check_inputs`, then the declared cache layout: a ValueError naming the argument,
+        before anything is written."""
         kind = check_inputs(query, key, value, kv_cache, metadata, attn_kind)
         problems = cache_layout_reasons(kv_cache, self.cache_layout)
         if problems:
             raise ValueError(problems[0])
+        return kind
+
+    def forward(self, query, key, value, kv_cache, metadata, attn_kind) -> torch.Tensor:
+        """Validate, then `attend` on contiguous query/key/value."""
+        kind = self.validate(query, key, value, kv_cache, metadata, attn_kind)
         query, key, value = contiguous(query, key, value)
         return self.attend(query, key, value, kv_cache, metadata, kind)
 
@@ -145,6 +150,14 @@ class BaseBackend:
         """The step on validated inputs: write the new K/V into `kv_cache`, return the output
         [num_tokens, num_heads, head_size] (padding rows zero). Backends implement this."""
         raise NotImplementedError
+
+    def prepare(self, query, key, value, kv_cache, metadata, attn_kind):
+        """The step as a call to time (`python -m bench`): validation and whatever host work the
+        backend can do once happen here; the returned callable does what `forward` does after
+        that, on these inputs, every time it is called. By default: `attend`."""
+        kind = self.validate(query, key, value, kv_cache, metadata, attn_kind)
+        query, key, value = contiguous(query, key, value)
+        return lambda: self.attend(query, key, value, kv_cache, metadata, kind)
 
     def __repr__(self) -> str:
         return f"<backend {self.name}>"

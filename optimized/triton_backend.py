@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from optimized.backend import BaseBackend, CacheLayout
+from optimized.backend import BaseBackend, CacheLayout, contiguous
 from optimized.kernels import interpreting
 from reference.metadata import AttnKind, StepMetadata
 
@@ -18,54 +18,41 @@ def triton_forward(
 ) -> torch.Tensor:
     """Cache write, then attention, both in Triton. Used by the triton and xformers backends."""
     from optimized.ops.paged_attention import paged_attention
-    from optimized.ops.plan import make_schedule
     from optimized.ops.reshape_and_cache import reshape_and_cache
 
-    num_heads, head_size = query.shape[1:]
     out = torch.zeros_like(query)
-    scale = md.scale_for(head_size)
-    zeros = (0,) * md.num_seqs
+    scale = md.scale_for(query.shape[-1])
+    schedule = _schedule(query, key, kv_cache, md, kind)
     if kind == AttnKind.ENCODER:
-        group = num_heads // key.shape[1]
-        lens = md.encoder_seq_lens
-        schedule = make_schedule(lens, lens, zeros, group, query.device)
-        return paged_attention(
-            query,
-            key,
-            value,
-            None,
-            schedule,
-            causal=False,
-            scale=scale,
-            paged=False,
-            out=out,
-            num_splits=num_splits,
-        )
+        return paged_attention(query, key, value, None, schedule, causal=False, scale=scale,
+                               paged=False, out=out, num_splits=num_splits)  # fmt: skip
     key_cache, value_cache = kv_cache
     tables, slots = md.tables_for(kind)
     if key is not None:
         reshape_and_cache(key, value, key_cache, value_cache, slots, md.k_scale, md.v_scale)
     causal = kind == AttnKind.DECODER
-    schedule = make_schedule(
+    return paged_attention(
+        query, key_cache, value_cache, tables, schedule, causal=causal, scale=scale,
+        sliding_window=md.sliding_window if causal else None, out=out, k_scale=md.k_scale,
+        v_scale=md.v_scale, num_splits=num_splits,
+    )  # fmt: skip
+
+
+def _schedule(query, key, kv_cache, md: StepMetadata, kind: AttnKind):
+    """The step's tiles (host work, once)."""
+    from optimized.ops.plan import make_schedule
+
+    zeros = (0,) * md.num_seqs
+    if kind == AttnKind.ENCODER:
+        lens = md.encoder_seq_lens
+        return make_schedule(lens, lens, zeros, query.shape[1] // key.shape[1], query.device)
+    causal = kind == AttnKind.DECODER
+    return make_schedule(
         md.query_lens,
         md.kv_lens_for(kind),
         md.context_lens if causal else zeros,
-        num_heads // key_cache.shape[2],
+        query.shape[1] // kv_cache[0].shape[2],
         query.device,
-    )
-    return paged_attention(
-        query,
-        key_cache,
-        value_cache,
-        tables,
-        schedule,
-        causal=causal,
-        scale=scale,
-        sliding_window=md.sliding_window if causal else None,
-        out=out,
-        k_scale=md.k_scale,
-        v_scale=md.v_scale,
-        num_splits=num_splits,
     )
 
 
@@ -90,6 +77,36 @@ class TritonBackend(BaseBackend):
 
     def attend(self, query, key, value, kv_cache, metadata, kind) -> torch.Tensor:
         return triton_forward(query, key, value, kv_cache, metadata, kind, self.num_splits)
+
+    def prepare(self, query, key, value, kv_cache, metadata, attn_kind):
+        """Validation, the tile schedule and the launch plan once; the call launches the cache
+        write and the planned kernels only (no host work: CUDA-graph capturable)."""
+        from optimized.ops.paged_attention import launch, plan_attention
+        from optimized.ops.reshape_and_cache import reshape_and_cache
+
+        kind = self.validate(query, key, value, kv_cache, metadata, attn_kind)
+        query, key, value = contiguous(query, key, value)
+        md = metadata
+        paged = kind != AttnKind.ENCODER
+        causal = kind == AttnKind.DECODER
+        schedule = _schedule(query, key, kv_cache, md, kind)
+        k_cache, v_cache = kv_cache if paged else (key, value)
+        tables, slots = md.tables_for(kind)
+        common = dict(causal=causal, sliding_window=md.sliding_window if causal else None,
+                      paged=paged, k_scale=md.k_scale, v_scale=md.v_scale)  # fmt: skip
+        plan = plan_attention(query, k_cache, v_cache, tables, schedule, **common,
+                              num_splits=self.num_splits)  # fmt: skip
+        scale = md.scale_for(query.shape[-1])
+        write = paged and key is not None
+
+        def call():
+            if write:
+                reshape_and_cache(key, value, *kv_cache, slots, md.k_scale, md.v_scale)
+            out = torch.zeros_like(query)
+            return launch(plan, query, k_cache, v_cache, tables, schedule, out, scale=scale,
+                          **common)  # fmt: skip
+
+        return call
 
 
 class TritonSplitKBackend(TritonBackend):

@@ -24,7 +24,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.colors import LinearSegmentedColormap
 
-from bench.analysis import family_tables, fp8_table
+from bench.analysis import backend_tables, family_tables, fp8_table
 from conformance.schema import BENCH_SHAPE, Status, rerun_command
 
 STATUS_COLOURS = {
@@ -67,6 +67,8 @@ FAMILY_TITLES = {
     "encoder-prefill": "Encoder prefill",
     "chunked-prefill": "Chunked prefill",
     "cache-write": "Cache write",
+    "encoder": "Encoder (model shapes)",
+    "shape": "Explicit shapes",
 }
 
 
@@ -302,6 +304,34 @@ def performance_section(
         parts.append(
             _styled(shown, {"workload": "text", "shape": "text", "timed": "text"})
             .format(precision=0, subset=["fp8 GB/s", "bf16 GB/s"])
+            .to_html()
+        )
+    by_backend = backend_tables(bench)
+    if by_backend:
+        parts.append(
+            "<h3>Backends on the matrix's workloads</h3><p class='note'>Each backend judged on "
+            "the shape first (a row that is not <b>pass</b> has no time); then the call its "
+            "<code>prepare()</code> returns, timed (its <code>timed</code> column says how: "
+            "CUDA-graph kernel time, do_bench, or CPU wall time). ÷ best other: the fastest "
+            "other backend's time ÷ this one's (≥ 1: this one is the fastest).</p>"
+        )
+    for fam, t in by_backend.items():
+        parts.append(f"<h3>{html.escape(FAMILY_TITLES.get(fam, fam))} <small>[{fam}]</small></h3>")
+        mark = lambda r: ["background-color: #e3f2fd; font-weight: 600" if r.yours else ""] * len(r)
+        parts.append(
+            _styled(
+                t,
+                {
+                    "workload": "text",
+                    "backend": "text",
+                    "yours": "text",
+                    "status": "text",
+                    "best other": "text",
+                    "timed": "wrap",
+                },
+            )
+            .apply(mark, axis=1)
+            .map(_ratio_colour, subset=["÷ best other"])
             .to_html()
         )
     for fam, t in family_tables(bench).items():
