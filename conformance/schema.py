@@ -286,7 +286,9 @@ def read_csv(path: str | Path):
     import pandas as pd
 
     try:
-        df = pd.read_csv(path, keep_default_na=False, na_values=[""], low_memory=False)
+        # Text columns stay text: a commit such as 43e5009 is not the number 4.3e5009.
+        text = {c: str for c in ("case_id", "commit", "torch", "triton", "xformers", "device")}
+        df = pd.read_csv(path, keep_default_na=False, na_values=[""], low_memory=False, dtype=text)
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
         raise ValueError(f"{path}: not a results CSV ({str(e).strip().splitlines()[0]})") from None
     older = [c for c in LATER_COLUMNS if c not in df.columns]
