@@ -46,8 +46,7 @@ report: $(SETUP_DEP)
 # kernels as Python, so kernel lines count too). Writes $(OUT)/coverage/ (HTML) and a summary.
 coverage: $(SETUP_DEP)
 	rm -f .coverage .coverage.*
-	-$(PY) -m coverage run --branch --concurrency=multiprocessing --parallel-mode --source=optimized \
-		-m conformance run --tier $(TIER) --out $(OUT)/coverage-run -n $(WORKERS)
+	-$(PY) -m coverage run -m conformance run --tier $(TIER) --out $(OUT)/coverage-run -n $(WORKERS)
 	$(PY) -m coverage combine -q
 	$(PY) -m coverage report --skip-covered --show-missing
 	$(PY) -m coverage html -q -d $(OUT)/coverage

@@ -15,9 +15,16 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m reports (or encdec-attn render|merge)")
     sub = p.add_subparsers(dest="cmd", required=True)
     r = sub.add_parser("render", help="write the self-contained HTML report")
-    r.add_argument("results", nargs="+")
-    r.add_argument("--bench", nargs="?", default=None, const=None)
-    r.add_argument("--out", default="reports/out/index.html")
+    r.add_argument("results", nargs="+", help="results.csv files (one page for all of them)")
+    r.add_argument(
+        "--bench",
+        nargs="?",
+        default=None,
+        const=None,
+        help="a bench.csv (python -m bench) for the performance section; a limits.csv beside it "
+        "adds what ncu measured",
+    )
+    r.add_argument("--out", default="reports/out/index.html", help="the page to write")
     r.add_argument("--title", default=None)
     m = sub.add_parser("merge", help="merge result files into one CSV")
     m.add_argument("inputs", nargs="+")
