@@ -9,6 +9,8 @@ peer) beside every peer on the matrix's workloads with `--backend`/`--backend-mo
     python -m bench profile   (the weak-spot kernels once each, to run under ncu)
     python -m bench limits [--bench reports/out/bench.csv] [--out reports/out/limits.csv]
                               (each row short of a target: our kernel under ncu, bench/limits.py)
+    python -m bench registers [--arch 90] [--head-size 128] [--group 1] [--fp8] [--sass]
+                              (offline: registers, shared memory, occupancy of each decode launch)
 """
 
 from __future__ import annotations
@@ -22,10 +24,6 @@ from dataclasses import asdict
 from pathlib import Path
 
 import torch
-
-from optimized.kernels import interpret_without_cuda
-
-interpret_without_cuda()  # before Triton is imported: the CPU smoke runs our kernels too
 
 
 def gpu_grid(quick: bool, only: list[str] | None, out: str | None = None):
@@ -269,7 +267,16 @@ def backend_path(args) -> list[dict]:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench")
-    modes = ["grid", "tune", "profile", "limits", "limits-child"]
+    if argv is None:
+        argv = sys.argv[1:]
+    if argv[:1] == ["registers"]:  # offline: compiled for the card, no card needed
+        from bench.registers import main as registers
+
+        return registers(argv[1:])
+    from optimized.kernels import interpret_without_cuda
+
+    interpret_without_cuda()  # before Triton is imported: the CPU smoke runs our kernels too
+    modes = ["grid", "tune", "profile", "limits", "limits-child", "registers"]
     p.add_argument("mode", nargs="?", default="grid", choices=modes)
     p.add_argument("rows", nargs="?", help=argparse.SUPPRESS)  # limits-child: its rows file
     p.add_argument("--out", default=None, help="default: reports/out/<mode's file>.csv")
