@@ -262,7 +262,7 @@ def backend_path(args) -> list[dict]:
         from bench import gpu
 
         limits = gpu.Limits()
-    return backends.backend_rows(workloads, picked, limits)
+    return backends.backend_rows(workloads, picked, limits, lambda r: write_rows(args.out, r))
 
 
 def main(argv=None) -> int:

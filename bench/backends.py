@@ -102,18 +102,23 @@ def _times(call, device: torch.device) -> tuple[float, float, str]:
 def _graph_ms(call) -> tuple[float, str | None]:
     from bench.gpu import graph_ms
 
+    why: list[str] = []
     try:
         torch.cuda.synchronize()
-        g = graph_ms(call)
+        g = graph_ms(call, why=why)
     except Exception as e:  # said in the row, never a silent fallback
         return math.nan, f"{type(e).__name__}: {str(e).splitlines()[0][:80]}"
-    return g, None if g == g else "capture failed"
+    return g, None if g == g else (why[0] if why else "capture failed")
 
 
 def backend_rows(
-    workloads: list[tuple[str, Shape]], picked: list[tuple[object, str]], limits=None
+    workloads: list[tuple[str, Shape]],
+    picked: list[tuple[object, str]],
+    limits=None,
+    progress=None,
 ) -> list[dict]:
-    """One row per workload × backend (see the module docstring), plus the limit's row."""
+    """One row per workload × backend (see the module docstring), plus the limit's row;
+    `progress(rows)` after each workload (the CLI rewrites its CSV: a run cut short keeps it)."""
     rows = []
     for workload, shape in workloads:
         for backend, spec in picked:
@@ -122,6 +127,8 @@ def backend_rows(
         if limits is not None:
             rows.append(_limit_row(base, shape, limits))
         print(f"# {workload} {shape.id}: {len(picked)} backends", flush=True)
+        if progress is not None:
+            progress(rows)
     return rows
 
 

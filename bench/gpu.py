@@ -8,6 +8,7 @@ same bytes for memory-bound work, the bf16 matmul rate for prefill.
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -34,12 +35,13 @@ def median_ms(fn) -> float:
 _FLUSH: list[torch.Tensor] = []
 
 
-def graph_ms(fn, reps: int = 50) -> float:
+def graph_ms(fn, reps: int = 50, why: list[str] | None = None) -> float:
     """Median time of one call of `fn` replayed from a CUDA graph, L2 flushed before each replay
     like do_bench does: kernel time without the host's launch overhead, which do_bench includes
     whenever the host takes longer than the flush (xFormers' split-K call measured ~200-250 µs
     per call with do_bench on every small decode shape, its kernels far less). NaN when `fn`
-    cannot be captured."""
+    cannot be captured, and when its graph came out empty (work off the capture stream, or on
+    the host: replaying nothing would time nothing); `why`, a list, gets the reason."""
     if not _FLUSH:
         _FLUSH.append(torch.empty(256 << 20, dtype=torch.int8, device="cuda"))
     try:
@@ -49,10 +51,16 @@ def graph_ms(fn, reps: int = 50) -> float:
             fn()
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            fn()
-    except Exception:
+        with warnings.catch_warnings(record=True) as said:
+            warnings.simplefilter("always")
+            with torch.cuda.graph(graph):
+                fn()
+        if any("Graph is empty" in str(w.message) for w in said):
+            raise RuntimeError("the captured CUDA graph is empty (no kernel on the capture stream)")
+    except Exception as e:
         torch.cuda.synchronize()
+        if why is not None:
+            why.append(f"{type(e).__name__}: {str(e).splitlines()[0][:100] if str(e) else ''}")
         return math.nan
     graph.replay()
     times = []

@@ -351,6 +351,93 @@ def tune_host() -> None:
             print(f"{name:26s} {label:8s} {us:.1f} us per call", flush=True)
 
 
+# Decode shapes of the grid and the models (bf16, page 16) for `card`: the rows a card's launch
+# choice left behind SDPA on contiguous K/V, and rows it did not (a new rule must not cost them).
+CARD = [
+    (f"{kind}-b{b}-c{c}", b, c, h, kvh, d, 16, 1, causal)
+    for kind, h, kvh, d, causal, shapes in (
+        (
+            "mha-d64",
+            32,
+            32,
+            64,
+            True,
+            ((16, 1024), (16, 4096), (16, 16384), (64, 1024), (4, 32768)),
+        ),
+        ("gqa8", 32, 4, 128, True, ((16, 1024), (16, 4096), (64, 1024), (64, 4096), (4, 32768))),
+        ("gqa4", 32, 8, 128, True, ((16, 1024), (16, 4096), (64, 1024), (64, 4096), (16, 16384))),
+        ("mha-d128", 32, 32, 128, True, ((16, 1024), (64, 4096), (4, 32768))),
+        ("t5xl-cross", 32, 32, 64, False, ((64, 512), (256, 512))),
+        ("whisper-cross", 20, 20, 64, False, ((64, 1500), (256, 1500))),
+        ("whisper-self", 20, 20, 64, True, ((64, 448), (256, 448))),
+        ("bart-self", 16, 16, 64, True, ((64, 1024),)),
+    )
+    for b, c in shapes
+]
+CARD_LAUNCHES = [
+    (16, 1, 2),
+    (32, 2, 2),
+    (64, 2, 2),
+    (32, 4, 2),
+    (64, 4, 2),
+    (128, 4, 2),
+    (64, 4, 3),
+]
+
+
+def tune_card() -> None:
+    """Every heads × launch × split count on the `CARD` shapes, kernel time from CUDA graphs,
+    as CSV: with each variant's registers, shared memory and resident programs (what the
+    occupancy model sees), so a card's launch rule can be fitted offline. `default` rows are
+    the plan the current rule makes."""
+    from optimized.ops import plan as planner
+    from optimized.ops.paged_attention import plan_attention
+
+    props = torch.cuda.get_device_properties(0)
+    occ = dict(
+        regs=getattr(props, "regs_per_multiprocessor", 65536),
+        smem=props.shared_memory_per_multiprocessor,
+        threads=props.max_threads_per_multi_processor,
+    )
+    print("card,shape,heads,tile_n,warps,stages,splits,programs,resident,regs,shared,ms,gbps")
+    for name, *shape in CARD:
+        _, kv, h, kvh, d, _, _, causal = shape
+        run, nbytes = _setup(*shape)
+        kc = run.args[1]
+        q, sched = run.args[0], run.args[4]
+        configs = [("default", {})]
+        group_pad = triton.next_power_of_2(h // kvh)
+        for heads in (1, 2):
+            if kvh % heads or heads * group_pad > 16 or heads * d > 256:
+                continue
+            for (t, w, st), n in itertools.product(CARD_LAUNCHES, (1, 2, 4, 8, 16)):
+                if n > 1 and triton.cdiv(kv, t) < 4 * n:
+                    continue
+                configs.append(("sweep", dict(heads=heads, launch=Launch(t, w, st), num_splits=n)))
+        for label, cfg in configs:
+            try:
+                fn = functools.partial(run, **cfg)
+                plan = plan_attention(q, kc, kc, run.args[3], sched, causal=causal, **cfg)
+                ms = graph_ms(fn)
+                _paged_attention_kernel.device_caches.clear()
+                fn()
+                caches = _paged_attention_kernel.device_caches.values()
+                k = next(k for c in caches for k in c[0].values())
+                res = planner.resident_programs(
+                    k.n_regs, plan.launch.num_warps, k.metadata.shared, occ
+                )
+                programs = sched.tile_seq.shape[0] * (kvh // plan.heads) * plan.num_splits
+                L = plan.launch
+                print(
+                    f"{label},{name},{plan.heads},{L.tile_n},{L.num_warps},{L.num_stages},"
+                    f"{plan.num_splits},{programs},{res},{k.n_regs},{k.metadata.shared},"
+                    f"{ms:.5f},{nbytes / ms / 1e6:.0f}",
+                    flush=True,
+                )
+            except Exception as e:
+                print(f"# {name} {cfg}: {type(e).__name__}: {str(e)[:120]}", flush=True)
+
+
 SECTIONS = {
     "decode": tune_decode,
     "splits": tune_splits,
@@ -363,6 +450,7 @@ SECTIONS = {
     "few": tune_few,
     "fused": tune_fused,
     "heads": tune_heads,
+    "card": tune_card,
 }
 
 

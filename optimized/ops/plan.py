@@ -5,7 +5,8 @@ Launch choice (GPU): a program holds as many query rows as the longest query nee
 16/32 for a few cross-prefill tokens, 64 for long queries). For 16/32-row tiles several launches
 (K/V tile × warps) are compiled; each one's registers and shared memory, as Triton reports them,
 give the programs an SM holds, and `launch_score` picks launch and split count by how the grid
-fills the last wave and how many K/V bytes it keeps in flight per SM (`pick_launch`, memoized
+fills the last wave and how many K/V bytes it keeps in flight per SM against what saturates
+this card's memory (`in_flight_saturates`: its bandwidth per SM) (`pick_launch`, memoized
 per shape). The interpreter has one launch and the occupancy split rule.
 
 The device's own limits are read from it (shared memory per block, SMs, registers); choices are
@@ -228,25 +229,55 @@ class Option:
     tile_bytes: int
 
 
-# K/V bytes in flight per SM from which more stop helping (fitted to tune.txt `few`, H100).
+# K/V bytes in flight per SM from which more stop helping, on the H100 SXM (fitted to
+# tune.txt `few`); other cards scale it by their bandwidth per SM (`in_flight_saturates`).
 IN_FLIGHT_SATURATES = 48 << 10
+# The H100 SXM's memory (2,619 MHz, 5,120-bit HBM3, 132 SMs): the card that fit was made on.
+H100_MEMORY = (2_619_000, 5120, 132)
 # A split-K launch also writes partials and runs the reduce: a split must win by this much.
 SPLIT_COST = 0.95
 
 
-def launch_score(o: Option, num_sms: int) -> float:
-    """weight × wave efficiency × how close the loads in flight come to saturating memory,
-    less the split-K overhead."""
+def in_flight_saturates(memory_clock_khz: int, bus_width_bits: int, sms: int) -> int:
+    """K/V bytes in flight per SM that saturate a card's memory. Little's law: at the same
+    latency the bytes in flight grow with bandwidth per SM, so the H100's fit is scaled by the
+    card's clock × bus width ÷ SMs against the H100's. The H200 (3,201 MHz, 6,016 bits, 132 SMs)
+    gets 69 KB: its sweep wants the launches with ~124 KB in flight where 48 KB chose ~62 KB
+    ones (1.26-1.37x faster at half a wave: reports/results/h200/tune.txt, "card"). Unknown
+    figures (0) keep the H100's."""
+    if min(memory_clock_khz, bus_width_bits, sms) <= 0:
+        return IN_FLIGHT_SATURATES
+    clock, bus, h100_sms = H100_MEMORY
+    ratio = (memory_clock_khz * bus_width_bits / sms) / (clock * bus / h100_sms)
+    return round(IN_FLIGHT_SATURATES * ratio)
+
+
+@functools.cache
+def card_in_flight(device: torch.device) -> int:
+    """`in_flight_saturates` of `device` from its properties (the H100's figure without them)."""
+    if device.type != "cuda":
+        return IN_FLIGHT_SATURATES
+    props = torch.cuda.get_device_properties(device)
+    return in_flight_saturates(
+        getattr(props, "memory_clock_rate", 0),
+        getattr(props, "memory_bus_width", 0),
+        props.multi_processor_count,
+    )
+
+
+def launch_score(o: Option, num_sms: int, saturates: int = IN_FLIGHT_SATURATES) -> float:
+    """weight × wave efficiency × how close the loads in flight come to saturating memory
+    (`saturates` bytes per SM), less the split-K overhead."""
     per_sm = min(o.programs / num_sms, o.resident)
     in_flight = per_sm * o.tile_bytes * max(o.launch.num_stages - 1, 1)
-    fill = min(1.0, in_flight / IN_FLIGHT_SATURATES)
+    fill = min(1.0, in_flight / saturates)
     eff = wave_efficiency(o.programs, o.resident * num_sms)
     return o.launch.weight * eff * fill * (SPLIT_COST if o.splits > 1 else 1.0)
 
 
-def pick_launch(options: list[Option], num_sms: int) -> int:
+def pick_launch(options: list[Option], num_sms: int, saturates: int = IN_FLIGHT_SATURATES) -> int:
     """Index of the best option by `launch_score`; ties go to the earlier (default) one."""
-    scores = [launch_score(o, num_sms) for o in options]
+    scores = [launch_score(o, num_sms, saturates) for o in options]
     return max(range(len(scores)), key=lambda i: (round(scores[i], 3), -i))
 
 
@@ -431,7 +462,7 @@ def make_plan(
                 resident = probe(c, auto)
                 for s in (auto, 1) if num_splits is None and auto > 1 else (auto,):
                     options.append(Option(c, s, resident, num_programs * s, c.tile_n * tile_bytes))
-            best = options[pick_launch(options, num_sms(device))]
+            best = options[pick_launch(options, num_sms(device), card_in_flight(device))]
             choice = _CHOSEN.put(key, (best.launch, best.splits))
         cfg, splits = choice
         splits = max(1, min(splits, cdiv(max(schedule.max_kv_len, 1), cfg.tile_n)))

@@ -346,6 +346,24 @@ def test_launch_score_prefers_fuller_waves_and_more_bytes_in_flight(resident, pr
         assert score(resident, bytes_, 2) <= score(resident, bytes_, 1)
 
 
+def test_bytes_in_flight_that_saturate_memory_scale_with_the_cards_bandwidth_per_sm():
+    """The H100's fit stands on the H100; a card with more bandwidth per SM needs more bytes in
+    flight, so on the H200 half a wave of 62 KB-in-flight programs loses to two splits with
+    124 KB (measured 184 -> 143 us: reports/results/h200/tune.txt, "card"), on the H100 not."""
+    from optimized.ops import plan as pa
+
+    h100 = pa.in_flight_saturates(*pa.H100_MEMORY)
+    h200 = pa.in_flight_saturates(3_201_000, 6016, 132)
+    assert h100 == pa.IN_FLIGHT_SATURATES and 68 << 10 < h200 < 70 << 10
+    assert pa.in_flight_saturates(0, 0, 132) == h100  # a torch without the figures
+    assert pa.in_flight_saturates(2_619_000, 5120, 114) > h100  # fewer SMs, same memory
+    launch = pa.Launch(64, 4, 2)
+    tile = 64 * 2 * 128 * 2  # two d64 heads a program, bf16
+    options = [pa.Option(launch, 2, 4, 512, tile), pa.Option(launch, 1, 4, 256, tile)]
+    assert options[pa.pick_launch(options, 132, h100)].splits == 1
+    assert options[pa.pick_launch(options, 132, h200)].splits == 2
+
+
 def test_host_integer_helpers_agree_with_triton():
     """The launchers' plain-Python cdiv / next_power_of_2 (Triton's are slow JIT wrappers on the
     host) give Triton's answers on every value they see."""
