@@ -1,6 +1,7 @@
 """Sweeps that picked the launch parameters of our kernels (GPU), and the shapes `ncu` profiles.
 
-    python -m bench tune [--only decode splits cache chunk short weak d64 host few fused heads]
+    python -m bench tune [--only decode splits cache chunk short weak d64 host few fused heads
+                                card]
     python -m bench profile          (each default kernel once: run it under ncu)
 
 `decode`: tile size × warps × stages, then split counts, on decode shapes with many programs;
@@ -10,7 +11,9 @@ prefill, short chunks); `weak`: register caps, splits and stages on the decode s
 H100 targets; `d64`: small-tile launches on the named models' decode shapes; `host`: host time
 per call of the default and an explicit launch; `few`: splits and tiles for short contexts with
 few programs, timed from CUDA graphs; `fused`: the split-K merge in the main kernel against the
-separate reduce launch (kernel time); `heads`: adjacent kv heads per decode program. Their
+separate reduce launch (kernel time); `heads`: adjacent kv heads per decode program; `card`:
+every heads × launch × split count on the grid's short decode shapes, as CSV with each
+variant's resident programs, to fit a card's launch rule offline (`in_flight_saturates`). Their
 output picked `launch_candidates` and `choose_num_splits` in optimized/ops/plan.py and
 `TOKENS_PER_PROGRAM` in optimized/ops/reshape_and_cache.py. (An earlier sweep also tried
 CUDA-core products on one row per program for MHA decode instead of 16-row tl.dot tiles:

@@ -20,8 +20,8 @@ class MyBackend(BaseBackend):
     name = "my-backend"  # the backend column of its rows
     dtypes = (torch.float32, torch.float16, torch.bfloat16)  # anything else is a skip, with why
 
-    def device(self) -> torch.device:  # where the runner puts the inputs
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    def device(self) -> torch.device:
+        return torch.device("cpu")  # where the runner puts the inputs (yours: "cuda")
 
     def attend(self, query, key, value, kv_cache, metadata, kind) -> torch.Tensor:
         md, out = metadata, torch.zeros_like(query)  # padding rows stay zero
@@ -39,7 +39,8 @@ class MyBackend(BaseBackend):
             group = q.shape[1] // k.shape[1]
             k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
             scores = torch.einsum("qhd,khd->hqk", q, k) * md.scale_for(q.shape[-1])
-            scores = scores.masked_fill(~md.sequence_mask(kind, i), float("-inf"))
+            mask = md.sequence_mask(kind, i).to(scores.device)  # built on the host
+            scores = scores.masked_fill(~mask, float("-inf"))
             o = torch.einsum("hqk,khd->qhd", scores.softmax(-1), v)
             out[starts[i] : starts[i] + q_lens[i]] = o.to(query.dtype)
         return out

@@ -243,7 +243,7 @@ def in_flight_saturates(memory_clock_khz: int, bus_width_bits: int, sms: int) ->
     latency the bytes in flight grow with bandwidth per SM, so the H100's fit is scaled by the
     card's clock × bus width ÷ SMs against the H100's. The H200 (3,201 MHz, 6,016 bits, 132 SMs)
     gets 69 KB: its sweep wants the launches with ~124 KB in flight where 48 KB chose ~62 KB
-    ones (1.26-1.37x faster at half a wave: reports/results/h200/tune.txt, "card"). Unknown
+    ones (1.26-1.37x faster at half a wave: reports/results/h200/tune-card.csv). Unknown
     figures (0) keep the H100's."""
     if min(memory_clock_khz, bus_width_bits, sms) <= 0:
         return IN_FLIGHT_SATURATES

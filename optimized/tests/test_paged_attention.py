@@ -349,7 +349,7 @@ def test_launch_score_prefers_fuller_waves_and_more_bytes_in_flight(resident, pr
 def test_bytes_in_flight_that_saturate_memory_scale_with_the_cards_bandwidth_per_sm():
     """The H100's fit stands on the H100; a card with more bandwidth per SM needs more bytes in
     flight, so on the H200 half a wave of 62 KB-in-flight programs loses to two splits with
-    124 KB (measured 184 -> 143 us: reports/results/h200/tune.txt, "card"), on the H100 not."""
+    124 KB (measured 184 -> 143 us: reports/results/h200/tune-card.csv), on the H100 not."""
     from optimized.ops import plan as pa
 
     h100 = pa.in_flight_saturates(*pa.H100_MEMORY)
