@@ -4,7 +4,7 @@ peer) beside every peer on the matrix's workloads with `--backend`/`--backend-mo
 
     python -m bench [--out reports/out/bench.csv] [--quick] [--only WORKLOAD ...]
     python -m bench --backend-module path/to/mine.py:Mine [--backend NAME] [--model NAME|all]
-                    [--cases FILE]
+                    [--batches 1,16,64,256] [--cases FILE]
     python -m bench tune [--only SECTION ...]   (launch-parameter sweeps, see bench/tune.py)
     python -m bench profile   (the weak-spot kernels once each, to run under ncu)
     python -m bench limits [--bench reports/out/bench.csv] [--out reports/out/limits.csv]
@@ -241,6 +241,21 @@ def write_rows(path: str, rows: list[dict]) -> None:
             )
 
 
+def parse_batches(text: str | None) -> tuple[int, ...]:
+    """`--batches 1,64` -> (1, 64); None -> the default batches."""
+    from bench.backends import BATCHES
+
+    if text is None:
+        return BATCHES
+    try:
+        out = tuple(int(b) for b in text.split(","))
+    except ValueError:
+        out = ()
+    if not out or min(out) < 1:
+        raise ValueError(f"--batches: expected positive integers separated by commas, got {text!r}")
+    return out
+
+
 def backend_path(args) -> list[dict]:
     """`--backend/--backend-module/--model/--cases`, or any run without CUDA: the named
     backends beside every registered peer on the matrix's workloads (bench/backends.py)."""
@@ -248,12 +263,14 @@ def backend_path(args) -> list[dict]:
     from conformance import selection
 
     cuda = torch.cuda.is_available()
+    batches = parse_batches(args.batches)
     if args.cases:
         workloads = backends.cases_workloads(args.cases)
     elif cuda:
-        workloads = backends.model_workloads(args.model or "whisper-large-v3")
+        workloads = backends.model_workloads(args.model or "whisper-large-v3", batches)
     else:  # a tiny smoke of the same path: the model's lengths ÷ 16, batch 2
-        workloads = backends.model_workloads(args.model or "whisper-large-v3", (2,), divide=16)
+        small = batches if args.batches else (2,)
+        workloads = backends.model_workloads(args.model or "whisper-large-v3", small, divide=16)
     peers = [b.name for b, _ in backends.peers()] if cuda else ["torch", "triton"]
     names = list(dict.fromkeys([*(args.backend or []), *peers]))
     picked = selection.backends(names, args.backend_module)
@@ -298,6 +315,12 @@ def main(argv=None) -> int:
         help="your backend (package.module:Class or path/to/file.py:Class), timed the same way",
     )
     p.add_argument("--model", default=None, help="backend path: a model preset's shapes (or all)")
+    p.add_argument(
+        "--batches",
+        default=None,
+        metavar="B,B,...",
+        help="backend path, --model: batch sizes (default 1,16,64,256; fewer fit --model all)",
+    )
     p.add_argument("--cases", default=None, help="backend path: a cases file's explicit shapes")
     args = p.parse_args(argv)
     t0 = time.time()
@@ -321,7 +344,7 @@ def main(argv=None) -> int:
         from bench.tune import profile
 
         return profile()
-    by_backend = args.backend or args.backend_module or args.model or args.cases
+    by_backend = args.backend or args.backend_module or args.model or args.cases or args.batches
     try:
         if by_backend or not torch.cuda.is_available():
             rows = backend_path(args)

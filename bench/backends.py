@@ -5,9 +5,10 @@
 
 Workloads come from the matrix's vocabulary (conformance/): a model preset's decode steps (self
 and cross), cross-attention prefill (4 decoder tokens over the encoder) and encoder steps at its
-real lengths, batches 1, 16, 64 and 256 (`--model`); the explicit shapes of a cases file
-(`--cases`); else the grid's decode shapes of Whisper large-v3. Every workload runs against the
-backends named and, on a GPU, every registered peer (the reference excepted):
+real lengths, batches 1, 16, 64 and 256 (`--model`; `--batches` chooses others); the explicit
+shapes of a cases file (`--cases`); else the grid's decode shapes of Whisper large-v3. Every
+workload runs against the backends named and, on a GPU, every registered peer (the reference
+excepted):
 
 1. judged first as the matrix judges it (one call; the matrix's tolerance, caches and inputs
    checks): a backend that is not `pass` gets its status and reason in the row and no time;

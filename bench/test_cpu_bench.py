@@ -86,3 +86,21 @@ def test_the_backend_path_times_only_what_passes_and_the_report_shows_it(tmp_pat
     write_csv(known_rows(), tmp_path / "results.csv")
     page = render(read_csv(tmp_path / "results.csv"), bench=load_bench(str(path), "--bench"))
     assert "Backends on the matrix" in page and "◀ yours" in page
+
+
+def test_batches_choose_the_model_workloads_and_bad_ones_are_a_usage_error(tmp_path, capsys):
+    """`--batches` picks the model workloads' batch sizes (here through the CPU smoke); a value
+    that is not a positive integer is exit 2 with one line naming the option."""
+    import csv
+
+    from bench.__main__ import main
+
+    out = tmp_path / "b.csv"
+    assert main(["--model", "whisper-tiny", "--batches", "3", "--backend", "torch",
+                 "--out", str(out)]) == 0  # fmt: skip
+    with open(out) as f:
+        rows = list(csv.DictReader(f))
+    assert rows and {r["batch"] for r in rows} == {"3"}
+    for bad in ("0", "a,2", ""):
+        assert main(["--model", "whisper-tiny", "--batches", bad, "--out", str(out)]) == 2
+        assert "--batches" in capsys.readouterr().err
