@@ -187,16 +187,8 @@ def plan_attention(
             if hasattr(kernel, "result"):  # compiled asynchronously
                 kernel = kernel.result()
             kernel._init_handles()  # loads the binary: registers are known from here on
-            props = torch.cuda.get_device_properties(query.device)
             _RESIDENT[variant] = planner.resident_programs(
-                kernel.n_regs,
-                c.num_warps,
-                kernel.metadata.shared,
-                dict(
-                    regs=getattr(props, "regs_per_multiprocessor", 65536),
-                    smem=props.shared_memory_per_multiprocessor,
-                    threads=props.max_threads_per_multi_processor,
-                ),
+                kernel.n_regs, c.num_warps, kernel.metadata.shared, planner.sm_limits(query.device)
             )
         return _RESIDENT[variant]
 

@@ -206,6 +206,18 @@ def resident_programs(
     return max(0, min(by_regs, by_smem, by_threads, 32))
 
 
+@functools.cache
+def sm_limits(device: torch.device) -> dict[str, int]:
+    """An SM's registers, shared memory and threads on `device`, as `resident_programs` takes
+    them (read once per device: the probe asks for every compiled variant)."""
+    props = torch.cuda.get_device_properties(device)
+    return dict(
+        regs=getattr(props, "regs_per_multiprocessor", 65536),
+        smem=props.shared_memory_per_multiprocessor,
+        threads=props.max_threads_per_multi_processor,
+    )
+
+
 def wave_efficiency(num_programs: int, slots: int) -> float:
     """How much of the GPU the grid keeps busy: 1 when it fits one wave (bandwidth, not waves,
     is the limit then), else the filled fraction of its waves (1.29 waves -> 0.65)."""
