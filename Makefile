@@ -51,9 +51,10 @@ coverage: $(SETUP_DEP)
 	$(PY) -m coverage report --skip-covered --show-missing
 	$(PY) -m coverage html -q -d $(OUT)/coverage
 
-# GPU: the benchmark grid (and, with BACKEND_MODULE=pkg.mod:Class, your backend beside ours).
+# GPU: the benchmark grid; with BACKEND_MODULE=pkg.mod:Class, your backend beside every peer
+# (to reports/out/backends/<its name>/bench.csv).
 bench: $(SETUP_DEP)
-	$(PY) -m bench --out $(OUT)/bench.csv $(if $(BACKEND_MODULE),--backend-module $(BACKEND_MODULE))
+	$(PY) -m bench $(if $(BACKEND_MODULE),--backend-module $(BACKEND_MODULE),--out $(OUT)/bench.csv)
 
 # The bench rows that miss a target, each profiled under ncu (GPU + Nsight Compute): limits.csv
 # beside bench.csv, which `make report` then shows.

@@ -228,6 +228,9 @@ def gpu_grid(quick: bool, only: list[str] | None, out: str | None = None):
     return rows
 
 
+DEFAULT_BENCH = "reports/out/bench.csv"
+
+
 def write_rows(path: str, rows: list[dict]) -> None:
     from conformance.schema import BENCH_COLUMNS
 
@@ -274,6 +277,9 @@ def backend_path(args) -> list[dict]:
     peers = [b.name for b, _ in backends.peers()] if cuda else ["torch", "triton"]
     names = list(dict.fromkeys([*(args.backend or []), *peers]))
     picked = selection.backends(names, args.backend_module)
+    if args.out is None:  # as `run`: a user's backend never overwrites the project's bench.csv
+        mine = [b.name for b, spec in picked if spec]
+        args.out = f"{selection.USER_OUT}/{mine[0]}/bench.csv" if mine else DEFAULT_BENCH
     limits = None
     if cuda:
         from bench import gpu
@@ -296,7 +302,12 @@ def main(argv=None) -> int:
     modes = ["grid", "tune", "profile", "limits", "limits-child", "registers"]
     p.add_argument("mode", nargs="?", default="grid", choices=modes)
     p.add_argument("rows", nargs="?", help=argparse.SUPPRESS)  # limits-child: its rows file
-    p.add_argument("--out", default=None, help="default: reports/out/<mode's file>.csv")
+    p.add_argument(
+        "--out",
+        default=None,
+        help="default: reports/out/<mode's file>.csv; a --backend-module run: "
+        "reports/out/backends/<its name>/bench.csv",
+    )
     p.add_argument("--bench", default="reports/out/bench.csv", help="limits: the bench CSV")
     p.add_argument("--quick", action="store_true", help="grid: fewer batch × context pairs")
     p.add_argument(
@@ -332,7 +343,6 @@ def main(argv=None) -> int:
         from bench.limits import profile_rows
 
         return profile_rows(args.rows)
-    args.out = args.out or "reports/out/bench.csv"
     if args.mode in ("tune", "profile") and not torch.cuda.is_available():
         print(f"python -m bench {args.mode}: needs a CUDA device (none here)", file=sys.stderr)
         return 2
@@ -349,6 +359,7 @@ def main(argv=None) -> int:
         if by_backend or not torch.cuda.is_available():
             rows = backend_path(args)
         else:
+            args.out = args.out or DEFAULT_BENCH
             rows = gpu_grid(args.quick, args.only, args.out)
     except ValueError as e:  # a usage mistake: one line
         print(f"error: {e}", file=sys.stderr)

@@ -104,3 +104,22 @@ def test_batches_choose_the_model_workloads_and_bad_ones_are_a_usage_error(tmp_p
     for bad in ("0", "a,2", ""):
         assert main(["--model", "whisper-tiny", "--batches", bad, "--out", str(out)]) == 2
         assert "--batches" in capsys.readouterr().err
+
+
+def test_a_user_backends_bench_never_overwrites_the_projects_bench_csv(tmp_path, monkeypatch):
+    """Without --out, `python -m bench --backend-module F:C` writes
+    reports/out/backends/<its name>/bench.csv, as `run` does with its results."""
+    from pathlib import Path
+
+    from bench.__main__ import main
+
+    example = Path(__file__).resolve().parent.parent / "examples" / "my_backend.py"
+    monkeypatch.chdir(tmp_path)
+    project = tmp_path / "reports" / "out" / "bench.csv"
+    project.parent.mkdir(parents=True)
+    project.write_text("the project's bench\n")
+    args = ["--model", "whisper-tiny", "--batches", "2", "--backend-module", f"{example}:MyBackend"]
+    assert main(args) == 0
+    assert project.read_text() == "the project's bench\n"
+    mine = tmp_path / "reports" / "out" / "backends" / "my-backend" / "bench.csv"
+    assert "my-backend" in mine.read_text()

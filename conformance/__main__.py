@@ -35,10 +35,10 @@ interpret_without_cuda()  # before Triton is imported
 
 from conformance.runner import DEFAULT_TIMEOUT_S
 from conformance.schema import Status
+from conformance.selection import USER_OUT
 from optimized.backend import backend_names
 
 DEFAULT_OUT = "reports/out"
-USER_OUT = "reports/out/backends"  # a --backend-module run's default: USER_OUT/<its name>
 
 
 def cmd_list(args) -> int:

@@ -9,6 +9,9 @@ from conformance.engine import Test
 from conformance.generate import generate, generate_for_models, shard
 from conformance.shapes import Shape
 
+# A --backend-module run's default output: USER_OUT/<its name> (never the project's own set).
+USER_OUT = "reports/out/backends"
+
 
 def workloads(
     tier: str,
