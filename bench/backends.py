@@ -13,7 +13,9 @@ excepted):
 1. judged first as the matrix judges it (one call; the matrix's tolerance, caches and inputs
    checks): a backend that is not `pass` gets its status and reason in the row and no time;
 2. timed through the backend's `prepare(...)` (validation and the host work it can do once,
-   outside the timed call; by default its `attend` on the validated inputs): on CUDA the kernel
+   outside the timed call; by default its `attend` on the validated inputs), whose first call
+   is judged the same way (a prepared call that is not what `forward` does is `fail` or
+   `error`, untimed): on CUDA the kernel
    time of a CUDA-graph replay where the call can be captured (else `timed` says why) beside
    do_bench; without CUDA wall-clock medians, labelled `cpu` and never set against GPU figures.
 
@@ -29,6 +31,7 @@ import time
 import torch
 
 from conformance import runner
+from conformance.compare import compare_output
 from conformance.models import MODELS, model_names
 from conformance.schema import BenchRow, Status
 from conformance.shapes import Shape
@@ -148,7 +151,7 @@ def _columns(workload: str, shape: Shape, step, backend: str, spec: str, device:
 def _one(workload: str, shape: Shape, backend, spec: str, limits) -> dict:
     name = str(getattr(backend, "name", spec))
     reads = bool(getattr(backend, "fp8_prefill_reads_inputs", False))
-    inputs, _ = runner.expected_for(shape, reads)
+    inputs, (exp,) = runner.expected_for(shape, reads)
     device = torch.device(backend.device())
     label = torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu"
     cols = _columns(workload, shape, inputs, name, spec, label)
@@ -169,6 +172,16 @@ def _one(workload: str, shape: Shape, backend, spec: str, limits) -> dict:
         runner.poison_finite(mine)
     prepare = getattr(backend, "prepare", None)
     call = prepare(*mine.args()) if prepare else (lambda: backend.forward(*mine.args()))
+    # 3. what is timed is what was judged: the prepared call's own output, as in step 1
+    judged, problem = runner.guarded(
+        lambda: compare_output(mine, call(), exp.output, exp.baseline_err, backend=backend),
+        what="the prepared call",
+    )
+    if problem or judged.status != Status.PASS:
+        why = problem or f"{judged.status}: {judged.reason}"
+        row["status"] = Status.ERROR if problem else judged.status
+        row["timed"] = f"not timed: prepare()'s call is not what forward() does ({why})"[:300]
+        return row
     ms, gms, how = _times(call, device)
     kv_bytes, flops, memory = _work(inputs)
     best = gms if gms == gms else ms

@@ -123,3 +123,34 @@ def test_a_user_backends_bench_never_overwrites_the_projects_bench_csv(tmp_path,
     assert project.read_text() == "the project's bench\n"
     mine = tmp_path / "reports" / "out" / "backends" / "my-backend" / "bench.csv"
     assert "my-backend" in mine.read_text()
+
+
+def test_what_is_timed_is_what_was_judged(tmp_path):
+    """The prepared call is judged like forward: a backend whose forward is right but whose
+    `prepare()` returns a wrong call gets `fail` and no time. A subclass that brings its own
+    `attend` never inherits a kernel's `prepare` (flex on triton's timed triton)."""
+    from bench import backends
+    from conformance import selection
+    from optimized.backend import BaseBackend
+    from optimized.flex_backend import FlexBackend
+    from optimized.triton_backend import TritonBackend
+
+    (tmp_path / "liar.py").write_text(
+        "from examples.my_backend import MyBackend\n\n\n"
+        "class Liar(MyBackend):\n"
+        "    name = 'right-but-times-another'\n\n"
+        "    def prepare(self, *args):\n"
+        "        return lambda: self.forward(*args) * 2\n"
+    )
+    picked = selection.backends([], [f"{tmp_path}/liar.py:Liar"])
+    work = [w for w in backends.model_workloads("whisper-tiny", (2,), 16) if "self-decode" in w[0]]
+    (row,) = backends.backend_rows(work, picked)
+    assert row["status"] == "fail" and row["median_ms"] != row["median_ms"]
+    assert row["timed"].startswith("not timed: prepare()'s call is not what forward() does")
+
+    class Mine(TritonBackend):
+        def attend(self, *args):
+            raise NotImplementedError
+
+    assert FlexBackend.prepare is BaseBackend.prepare and Mine.prepare is BaseBackend.prepare
+    assert TritonBackend.prepare is not BaseBackend.prepare

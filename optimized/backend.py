@@ -103,6 +103,14 @@ class BaseBackend:
     # backend written before fp8 caches declines them with a reason instead of failing.
     kv_cache_dtypes: tuple[str, ...] = ("auto",)
 
+    def __init_subclass__(cls, **kwargs):
+        # A `prepare` belongs to the `attend` it was written for: a subclass that brings its own
+        # attend without its own prepare times its attend (the default), never an inherited
+        # kernel's (flex on the triton backend's prepare timed triton under flex's name).
+        super().__init_subclass__(**kwargs)
+        if "attend" in cls.__dict__ and "prepare" not in cls.__dict__:
+            cls.prepare = BaseBackend.prepare
+
     def unavailable_reason(self) -> str | None:
         return None
 
