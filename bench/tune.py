@@ -1,7 +1,7 @@
 """Sweeps that picked the launch parameters of our kernels (GPU), and the shapes `ncu` profiles.
 
     python -m bench tune [--only decode splits cache chunk short weak d64 host few fused heads
-                                card]
+                                card tiny]
     python -m bench profile          (each default kernel once: run it under ncu)
 
 `decode`: tile size × warps × stages, then split counts, on decode shapes with many programs;
@@ -13,7 +13,8 @@ per call of the default and an explicit launch; `few`: splits and tiles for shor
 few programs, timed from CUDA graphs; `fused`: the split-K merge in the main kernel against the
 separate reduce launch (kernel time); `heads`: adjacent kv heads per decode program; `card`:
 every heads × launch × split count on the grid's short decode shapes, as CSV with each
-variant's resident programs, to fit a card's launch rule offline (`in_flight_saturates`). Their
+variant's resident programs, to fit a card's launch rule offline (`in_flight_saturates`); `tiny`:
+the same on grids far under one wave, down to one K/V tile a split. Their
 output picked `launch_candidates` and `choose_num_splits` in optimized/ops/plan.py and
 `TOKENS_PER_PROGRAM` in optimized/ops/reshape_and_cache.py. (An earlier sweep also tried
 CUDA-core products on one row per program for MHA decode instead of 16-row tl.dot tiles:
@@ -393,23 +394,52 @@ def tune_card() -> None:
     as CSV: with each variant's registers, shared memory and resident programs (what the
     occupancy model sees), so a card's launch rule can be fitted offline. `default` rows are
     the plan the current rule makes."""
+    _occupancy_sweep(CARD, (1, 2, 4, 8, 16), min_tiles=4)
+
+
+# Grids far under one wave (`tiny`): batch 1 and 16 decode of the models, small-batch GQA, and
+# cross prefill of 4 tokens at batch 16, where the model bench saw forced splits win.
+TINY = [
+    (f"{name}-b{b}", b, c, h, kvh, d, 16, ql, causal)
+    for name, c, h, kvh, d, ql, causal, batches in (
+        ("whisper-self", 448, 20, 20, 64, 1, True, (1, 16)),
+        ("whisper-cross", 1500, 20, 20, 64, 1, False, (1, 16)),
+        ("bart-self", 1024, 16, 16, 64, 1, True, (1, 16)),
+        ("whisper-xprefill", 1500, 20, 20, 64, 4, False, (16,)),
+        ("bart-xprefill", 1024, 16, 16, 64, 4, False, (16,)),
+        ("gqa8-c1k", 1024, 32, 4, 128, 1, True, (1, 16)),
+        ("gqa4-c1k", 1024, 32, 8, 128, 1, True, (16,)),
+        ("gqa8-c4k", 4096, 32, 4, 128, 1, True, (16,)),
+        ("gqa4-c4k", 4096, 32, 8, 128, 1, True, (16,)),
+        ("mha-d128-c4k", 4096, 32, 32, 128, 1, True, (1,)),
+    )
+    for b in batches
+]
+
+
+def tune_tiny() -> None:
+    """`card`'s sweep on the `TINY` shapes, with split counts down to one K/V tile a split."""
+    _occupancy_sweep(TINY, (1, 2, 3, 4, 6, 8, 12, 16, 32), min_tiles=1)
+
+
+def _occupancy_sweep(shapes, split_counts, min_tiles: int) -> None:
     from optimized.ops import plan as planner
     from optimized.ops.paged_attention import plan_attention
 
     occ = planner.sm_limits(torch.device("cuda", torch.cuda.current_device()))
     print("card,shape,heads,tile_n,warps,stages,splits,programs,resident,regs,shared,ms,gbps")
-    for name, *shape in CARD:
-        _, kv, h, kvh, d, _, _, causal = shape
+    for name, *shape in shapes:
+        _, kv, h, kvh, d, _, ql, causal = shape
         run, nbytes = _setup(*shape)
         kc = run.args[1]
         q, sched = run.args[0], run.args[4]
         configs = [("default", {})]
         group_pad = triton.next_power_of_2(h // kvh)
-        for heads in (1, 2):
+        for heads in (1, 2) if ql == 1 else (1,):
             if kvh % heads or heads * group_pad > 16 or heads * d > 256:
                 continue
-            for (t, w, st), n in itertools.product(CARD_LAUNCHES, (1, 2, 4, 8, 16)):
-                if n > 1 and triton.cdiv(kv, t) < 4 * n:
+            for (t, w, st), n in itertools.product(CARD_LAUNCHES, split_counts):
+                if n > 1 and triton.cdiv(kv, t) < min_tiles * n:
                     continue
                 configs.append(("sweep", dict(heads=heads, launch=Launch(t, w, st), num_splits=n)))
         for label, cfg in configs:
@@ -449,6 +479,7 @@ SECTIONS = {
     "fused": tune_fused,
     "heads": tune_heads,
     "card": tune_card,
+    "tiny": tune_tiny,
 }
 
 
