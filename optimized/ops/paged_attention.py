@@ -195,7 +195,7 @@ def plan_attention(
     # Heads per program and tile rows come first: the constexprs they make are what the probe
     # compiles and what the launch choice is memoized under.
     heads, block_m, _ = planner.program_shape(
-        schedule, num_kv_heads, group, query.shape[-1], overrides.pop("heads", None)
+        schedule, num_kv_heads, group, query.shape[-1], overrides.pop("heads", None), query.device
     )
     m = meta(heads, block_m)
     return planner.make_plan(

@@ -232,13 +232,15 @@ class Option:
     """A launch with its split count, as the occupancy model sees it.
 
     resident: programs of the compiled variant one SM holds; programs: the grid incl. splits;
-    tile_bytes: K and V bytes one program loads per K/V tile."""
+    tile_bytes: K and V bytes one program loads per K/V tile; reduce_launch: its partials are
+    merged by a second launch."""
 
     launch: Launch
     splits: int
     resident: int
     programs: int
     tile_bytes: int
+    reduce_launch: bool = False
 
 
 # K/V bytes in flight per SM from which more stop helping, on the H100 SXM (fitted to
@@ -248,6 +250,10 @@ IN_FLIGHT_SATURATES = 48 << 10
 H100_MEMORY = (2_619_000, 5120, 132)
 # A split-K launch also writes partials and runs the reduce: a split must win by this much.
 SPLIT_COST = 0.95
+# And a second launch merging the partials costs about this long, whatever the step (without
+# it more splits won on the score where they lost 4.6% on the H200 (GQA 8:1 b16 1k: 8 splits
+# 27.0 us, 4 splits 25.8; tune-tiny.csv); with it 4k keeps 8 splits, 54.9 against 57.8).
+REDUCE_LAUNCH_US = 2.0
 
 
 def in_flight_saturates(memory_clock_khz: int, bus_width_bits: int, sms: int) -> int:
@@ -262,6 +268,18 @@ def in_flight_saturates(memory_clock_khz: int, bus_width_bits: int, sms: int) ->
     clock, bus, h100_sms = H100_MEMORY
     ratio = (memory_clock_khz * bus_width_bits / sms) / (clock * bus / h100_sms)
     return round(IN_FLIGHT_SATURATES * ratio)
+
+
+@functools.cache
+def card_bandwidth(device: torch.device) -> float:
+    """Peak memory bandwidth of `device` in bytes per µs (double data rate × bus width), the
+    H100 SXM's where torch does not say."""
+    clock, bus, _ = H100_MEMORY
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        clock = getattr(props, "memory_clock_rate", 0) or clock
+        bus = getattr(props, "memory_bus_width", 0) or bus
+    return clock * 1e3 * bus / 8 * 2 / 1e6
 
 
 @functools.cache
@@ -287,19 +305,51 @@ def launch_score(o: Option, num_sms: int, saturates: int = IN_FLIGHT_SATURATES) 
     return o.launch.weight * eff * fill * (SPLIT_COST if o.splits > 1 else 1.0)
 
 
-def pick_launch(options: list[Option], num_sms: int, saturates: int = IN_FLIGHT_SATURATES) -> int:
-    """Index of the best option by `launch_score`; ties go to the earlier (default) one."""
-    scores = [launch_score(o, num_sms, saturates) for o in options]
-    return max(range(len(scores)), key=lambda i: (round(scores[i], 3), -i))
+def pick_launch(
+    options: list[Option],
+    num_sms: int,
+    saturates: int = IN_FLIGHT_SATURATES,
+    ideal_us: float = math.inf,
+) -> int:
+    """Index of the option with the shortest estimated time: the step's time at full bandwidth
+    (`ideal_us`: its K/V bytes ÷ the card's bandwidth) ÷ `launch_score`, plus `REDUCE_LAUNCH_US`
+    for a second launch; ties go to the earlier one (the default launch, fewer splits)."""
+    est = [
+        1 / max(launch_score(o, num_sms, saturates), 1e-9)
+        + (REDUCE_LAUNCH_US / ideal_us if o.reduce_launch else 0.0)
+        for o in options
+    ]
+    return min(range(len(est)), key=lambda i: (round(est[i], 3), i))
 
 
-def heads_per_program(num_kv_heads: int, group_pad: int, head_pad: int, decode: bool) -> int:
+# Two heads a program halve the grid. On a short context (a few K/V tiles a program: splits
+# would be short too) under this many one-head programs an SM, the programs are worth more than
+# the wider rows (H200, best of each: Whisper self decode b1 12.1 vs 13.0 us, b16 23.4 vs 24.4,
+# BART b1 13.3 vs 14.8). From 512 programs on (3.9 an SM), or at 32k context, two heads equal
+# or win (reports/results/h200/tune-tiny.csv, tune-card.csv; h100/tune.txt "heads").
+TWO_HEADS_MIN_PER_SM = 3
+TWO_HEADS_SHORT_KV = 2048
+
+
+def heads_per_program(
+    num_kv_heads: int,
+    group_pad: int,
+    head_pad: int,
+    decode: bool,
+    programs: int | None = None,
+    sms: int | None = None,
+    kv_len: int = 0,
+) -> int:
     """Adjacent kv heads one decode program handles. Two for MHA decode with head size 64: each
     token's K/V row of the program is then 256 contiguous bytes instead of 128, and the 16-row
-    tile holds two real rows instead of one (faster on every d64 decode shape measured; d128
-    and GQA rows are already 256 bytes, or full: reports/results/h100/tune.txt, "heads")."""
+    tile holds two real rows instead of one (faster on every d64 decode shape of a wave or
+    more; d128 and GQA rows are already 256 bytes, or full: reports/results/h100/tune.txt,
+    "heads"). One where the one-head grid (`programs`) is under `TWO_HEADS_MIN_PER_SM` × `sms`
+    and the context at most `TWO_HEADS_SHORT_KV` tokens (latency-bound)."""
     if decode and group_pad == 1 and head_pad == 64 and num_kv_heads % 2 == 0:
-        return 2
+        tiny = programs is not None and sms is not None and programs < TWO_HEADS_MIN_PER_SM * sms
+        if not (tiny and kv_len <= TWO_HEADS_SHORT_KV):
+            return 2
     return 1
 
 
@@ -334,6 +384,19 @@ def choose_num_splits(
     # Each split still walks at least four K/V tiles.
     splits = next_power_of_2(math.ceil(target / num_programs))
     return max(1, min(splits, MAX_AUTO_SPLITS, num_kv_tiles // 4))
+
+
+MIN_TILES_PER_SPLIT = 1
+
+
+def split_counts(auto: int, kv_tiles: int, programs: int, slots: int) -> tuple[int, ...]:
+    """The split counts the launch score weighs for one launch: `auto` (`choose_num_splits`)
+    first, none, and every power of two up to a split of `MIN_TILES_PER_SPLIT` K/V tiles whose grid
+    (`programs` × splits) still fits one wave of `slots` programs: splits are there to fill the
+    GPU, and past one wave the score's wave model would reward a count for its round number."""
+    top = min(MAX_AUTO_SPLITS, kv_tiles // MIN_TILES_PER_SPLIT)
+    pow2 = [1 << k for k in range(1, top.bit_length()) if programs << k <= slots]
+    return (auto, *sorted({1, *pow2} - {auto}))  # auto first: ties keep the rule's count
 
 
 def kv_tile_bucket(max_kv_len: int) -> int:
@@ -392,16 +455,26 @@ _CHOSEN = Memo()
 
 
 def program_shape(
-    schedule: Schedule, num_kv_heads: int, group: int, head_size: int, heads: int | None = None
+    schedule: Schedule,
+    num_kv_heads: int,
+    group: int,
+    head_size: int,
+    heads: int | None = None,
+    device: torch.device | None = None,
 ) -> tuple[int, int, int]:
     """(kv heads per program, rows of its tile, K/V columns a row reads): `heads` None picks
-    `heads_per_program`; a given one must be a power of two dividing num_kv_heads, its padded
-    group rows at most 16, and only at decode."""
+    `heads_per_program` (on a GPU `device`, by its grid against the SMs; the interpreter keeps
+    the grid-free rule, so its tiers cover both variants); a given one must be a power of two
+    dividing num_kv_heads, its padded group rows at most 16, and only at decode."""
     group_pad = next_power_of_2(group)
     head_pad = max(16, next_power_of_2(head_size))
     decode = schedule.max_query_len <= 1
     if heads is None:
-        heads = heads_per_program(num_kv_heads, group_pad, head_pad, decode)
+        grid = {}
+        if device is not None and device.type == "cuda" and not interpreting():
+            programs = schedule.tile_seq.shape[0] * num_kv_heads
+            grid = dict(programs=programs, sms=num_sms(device), kv_len=schedule.max_kv_len)
+        heads = heads_per_program(num_kv_heads, group_pad, head_pad, decode, **grid)
     if heads < 1 or heads & (heads - 1) or num_kv_heads % heads or group_pad * heads > 16:
         raise ValueError(
             f"heads_per_program: expected a power of two dividing num_kv_heads={num_kv_heads} "
@@ -443,7 +516,7 @@ def make_plan(
     bucket, num_splits): a decode loop whose context grows a token a step decides once per
     bucket. Explicit `num_splits`, `launch`, `heads`, `fused_reduce`, `reduce_rows` and
     `maxnreg` override (tuning, tests)."""
-    heads, block_m, wide = program_shape(schedule, num_kv_heads, group, head_size, heads)
+    heads, block_m, wide = program_shape(schedule, num_kv_heads, group, head_size, heads, device)
     head_pad = wide // heads
     # The prefill launch (bigger K/V tiles, more stages) only for 64-row tiles of many queries;
     # 16/32-row tiles of a few queries stream K/V like decode.
@@ -472,9 +545,18 @@ def make_plan(
             for c in cands:
                 auto = splits_for(c)
                 resident = probe(c, auto)
-                for s in (auto, 1) if num_splits is None and auto > 1 else (auto,):
-                    options.append(Option(c, s, resident, num_programs * s, c.tile_n * tile_bytes))
-            best = options[pick_launch(options, num_sms(device), card_in_flight(device))]
+                tiles = cdiv(max(schedule.max_kv_len, 1), c.tile_n)
+                slots = resident * num_sms(device)
+                counts = split_counts(auto, tiles, num_programs, slots)
+                for s in counts if num_splits is None else (auto,):
+                    second = s > FUSED_REDUCE_MAX_SPLITS and heads == 1
+                    options.append(Option(c, s, resident, num_programs * s,
+                                          c.tile_n * tile_bytes, second))  # fmt: skip
+            kv_bytes = num_programs * max(schedule.max_kv_len, 1) * tile_bytes
+            ideal_us = kv_bytes / card_bandwidth(device)
+            best = options[
+                pick_launch(options, num_sms(device), card_in_flight(device), ideal_us)
+            ]
             choice = _CHOSEN.put(key, (best.launch, best.splits))
         cfg, splits = choice
         splits = max(1, min(splits, cdiv(max(schedule.max_kv_len, 1), cfg.tile_n)))

@@ -281,15 +281,74 @@ def test_cross_decode_several_heads_per_program_matches_reference(heads_pp):
     group_pad=st.sampled_from([1, 2, 4, 8, 16]),
     head_pad=st.sampled_from([16, 32, 64, 128, 256]),
     decode=st.booleans(),
+    programs=st.one_of(st.none(), st.integers(1, 50_000)),
+    kv_len=st.integers(1, 65_536),
 )
-def test_heads_per_program_is_always_a_legal_launch(kv_heads, group_pad, head_pad, decode):
-    """Whatever the rule picks, the launcher accepts it: one head outside decode, else a power
-    of two dividing the kv heads whose padded group rows fit a 16-row tile."""
+def test_heads_per_program_is_always_a_legal_launch(
+    kv_heads, group_pad, head_pad, decode, programs, kv_len
+):
+    """Whatever the rule picks, on any grid, the launcher accepts it: one head outside decode,
+    else a power of two dividing the kv heads whose padded group rows fit a 16-row tile."""
     from optimized.ops.plan import heads_per_program
 
-    n = heads_per_program(kv_heads, group_pad, head_pad, decode)
+    n = heads_per_program(kv_heads, group_pad, head_pad, decode, programs, 132, kv_len)
     assert n >= 1 and n & (n - 1) == 0 and kv_heads % n == 0 and group_pad * n <= 16
     assert decode or n == 1
+
+
+def test_two_heads_a_program_only_where_the_grid_is_not_tiny():
+    """MHA d64 decode takes two heads a program, except on a grid under three one-head programs
+    an SM with a short context (H200: Whisper/BART decode at batch 1 and 16); without the grid
+    (the interpreter) the rule is the grid-free one, so CPU tiers cover both variants."""
+    from optimized.ops.plan import heads_per_program
+
+    mha_d64 = lambda programs, kv: heads_per_program(20, 1, 64, True, programs, 132, kv)
+    assert mha_d64(20, 448) == 1 and mha_d64(320, 1500) == 1  # Whisper b1, b16 cross
+    assert mha_d64(1280, 448) == 2  # Whisper b64
+    assert mha_d64(128, 32_768) == 2  # batch 4 at 32k: splits fill it
+    assert heads_per_program(20, 1, 64, True) == 2
+    assert heads_per_program(8, 4, 128, True, 20, 132, 448) == 1  # GQA: never two
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    auto=st.sampled_from([1, 2, 3, 4, 6, 8, 16, 32]),
+    kv_tiles=st.integers(1, 5_000),
+    programs=st.integers(1, 20_000),
+    slots=st.integers(1, 5_000),
+)
+def test_split_counts_are_the_rules_count_then_counts_that_fit_one_wave(
+    auto, kv_tiles, programs, slots
+):
+    """The counts the score weighs: the split rule's own first (ties keep it), none, and powers
+    of two of at least one K/V tile a split, at most MAX_AUTO_SPLITS, whose grid fits one wave."""
+    from optimized.ops import plan
+
+    counts = plan.split_counts(auto, kv_tiles, programs, slots)
+    assert counts[0] == auto and 1 in counts and len(set(counts)) == len(counts)
+    for n in counts:
+        if n in (1, auto):
+            continue
+        assert n & (n - 1) == 0 and n <= plan.MAX_AUTO_SPLITS
+        assert n * plan.MIN_TILES_PER_SPLIT <= kv_tiles and programs * n <= slots
+
+
+def test_a_second_launch_to_merge_splits_costs_a_short_step_more():
+    """Eight splits (a separate reduce) against four (merged in the kernel) on GQA 8:1 decode at
+    batch 16 on the H200: at 1k context the step is ~7 us at full bandwidth and the second
+    launch tips it to four (measured 25.8 vs 27.0 us); at 4k it does not (54.9 vs 57.8)."""
+    from optimized.ops import plan as pa
+
+    launch, tile = pa.Launch(64, 4, 2), 64 * 2 * 128 * 2
+    four = pa.Option(launch, 4, 4, 256, tile)
+    eight = pa.Option(launch, 8, 4, 512, tile, reduce_launch=True)
+    h200 = pa.in_flight_saturates(3_201_000, 6016, 132)
+    bandwidth = 3_201_000 * 1e3 * 6016 / 8 * 2 / 1e6  # bytes per us
+    for context, want in ((1024, 4), (4096, 8)):
+        ideal = 16 * 4 * context * 2 * 128 * 2 / bandwidth
+        options = [four, eight]
+        assert options[pa.pick_launch(options, 132, h200, ideal)].splits == want, context
+    assert [four, eight][pa.pick_launch([four, eight], 132, h200)].splits == 8  # no cost: 8
 
 
 def test_heads_per_program_is_checked():
