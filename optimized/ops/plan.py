@@ -554,9 +554,7 @@ def make_plan(
                                           c.tile_n * tile_bytes, second))  # fmt: skip
             kv_bytes = num_programs * max(schedule.max_kv_len, 1) * tile_bytes
             ideal_us = kv_bytes / card_bandwidth(device)
-            best = options[
-                pick_launch(options, num_sms(device), card_in_flight(device), ideal_us)
-            ]
+            best = options[pick_launch(options, num_sms(device), card_in_flight(device), ideal_us)]
             choice = _CHOSEN.put(key, (best.launch, best.splits))
         cfg, splits = choice
         splits = max(1, min(splits, cdiv(max(schedule.max_kv_len, 1), cfg.tile_n)))
