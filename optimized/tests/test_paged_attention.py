@@ -320,14 +320,18 @@ def test_two_heads_a_program_only_where_the_grid_is_not_tiny():
 def test_split_counts_are_the_rules_count_then_counts_that_fit_one_wave(
     auto, kv_tiles, programs, slots
 ):
-    """The counts the score weighs: the split rule's own first (ties keep it), none, and powers
-    of two of at least one K/V tile a split, at most MAX_AUTO_SPLITS, whose grid fits one wave."""
+    """The counts the score weighs: the split rule's own first (ties keep it), none, the most
+    that merge in the kernel where the rule's needs a second launch, and more: powers of two of
+    at least one K/V tile a split, at most MAX_AUTO_SPLITS, whose grid fits one wave."""
     from optimized.ops import plan
 
     counts = plan.split_counts(auto, kv_tiles, programs, slots)
     assert counts[0] == auto and 1 in counts and len(set(counts)) == len(counts)
     for n in counts:
         if n in (1, auto):
+            continue
+        if n < auto:
+            assert n == plan.FUSED_REDUCE_MAX_SPLITS
             continue
         assert n & (n - 1) == 0 and n <= plan.MAX_AUTO_SPLITS
         assert n * plan.MIN_TILES_PER_SPLIT <= kv_tiles and programs * n <= slots
