@@ -7,7 +7,10 @@ Launch choice (GPU): a program holds as many query rows as the longest query nee
 give the programs an SM holds, and `launch_score` picks launch and split count by how the grid
 fills the last wave and how many K/V bytes it keeps in flight per SM against what saturates
 this card's memory (`in_flight_saturates`: its bandwidth per SM) (`pick_launch`, memoized
-per shape). The interpreter has one launch and the occupancy split rule.
+per shape). The split counts weighed are the occupancy rule's, none, more while the grid
+fits one wave (`split_counts`), and a second launch to merge them is charged against the
+step's time at the card's bandwidth. MHA d64 decode takes two heads a program unless the grid
+is tiny (`heads_per_program`). The interpreter has one launch and the occupancy split rule.
 
 The device's own limits are read from it (shared memory per block, SMs, registers); choices are
 memoized per (variant, grid, K/V tiles in power-of-two buckets), in a bounded memo, so a decode
