@@ -318,3 +318,39 @@ class FlexBackend(TritonBackend):
 
     def attend(self, query, key, value, kv_cache, metadata, kind) -> torch.Tensor:
         return flex_forward(query, key, value, kv_cache, metadata, kind)
+
+    def prepare(self, query, key, value, kv_cache, metadata, attn_kind):
+        """Validation and the plan (block mask, index tensors: host work) once; the call does on
+        the device what `forward` does after them: the cache write, the fp8 pool's dequantized
+        copy, the query gather, the FlexAttention kernel and the scatter of its rows. The
+        scatter's indices are made here, so the call never waits on the host (capturable)."""
+        from optimized.backend import contiguous
+        from optimized.ops.reshape_and_cache import reshape_and_cache
+
+        kind = self.validate(query, key, value, kv_cache, metadata, attn_kind)
+        query, key, value = contiguous(query, key, value)
+        md = metadata
+        plan = flex_plan(query, key, value, kv_cache, md, kind)  # writes this step's K/V once
+        scale = md.scale_for(query.shape[-1])
+        rows = plan["q_index"][plan["q_valid"]]
+        picked = plan["q_valid"].flatten().nonzero().flatten()
+        paged = kind != AttnKind.ENCODER
+
+        def call():
+            step = dict(plan)
+            if paged:
+                key_cache, value_cache = kv_cache
+                if key is not None:
+                    slots = md.tables_for(kind)[1]
+                    reshape_and_cache(key, value, key_cache, value_cache, slots, md.k_scale,
+                                      md.v_scale)  # fmt: skip
+                if md.fp8:
+                    step["k"] = dequantized_view(key_cache, md.k_scale, query.dtype)
+                    step["v"] = dequantized_view(value_cache, md.v_scale, query.dtype)
+            step["q"] = query[plan["q_index"]].permute(0, 2, 1, 3)
+            o = flex_attend(step, scale).permute(0, 2, 1, 3).reshape(-1, *query.shape[1:])
+            out = torch.zeros_like(query)
+            out[rows] = o[picked].to(query.dtype)
+            return out
+
+        return call

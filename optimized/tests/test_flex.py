@@ -111,3 +111,33 @@ def test_kernel_options_force_the_main_kernel_past_one_query_tile():
     assert small["FORCE_USE_FLEX_ATTENTION"] and small["BLOCK_M"] == small["BLOCK_N"] == 32
     assert kernel_options(19, 8, 2, num_seqs=2, fp32=True) == {}
     assert kernel_options(19, 8, 2, num_seqs=1, fp32=False) == {}
+
+
+@pytest.mark.parametrize(
+    "kind, q, c, e, kv",
+    [
+        ("decoder", (1, 1, 1), (37, 5, 80), None, "auto"),
+        ("decoder", (6, 1), (0, 20), None, "fp8_e4m3"),
+        ("encoder_decoder", (1, 3), (4, 0), (40, 33), "auto"),
+        ("encoder", (1, 1), None, (19, 7), "auto"),
+    ],
+)
+def test_the_prepared_call_is_forward_bit_for_bit(kind, q, c, e, kv):
+    """flex's `prepare()` (what the bench times) returns, call after call, exactly what its
+    `forward` returns on the same step, and writes the same caches."""
+    from conformance.runner import poison_finite
+    from conformance.workloads import AUTO, KVFormat
+    from optimized.flex_backend import FlexBackend
+
+    fmt = AUTO if kv == "auto" else KVFormat(kv, (0.02, 0.05), (0.04, 0.01))
+    step = build_step(kind, q, c, e, block_size=8, num_heads=4, num_kv_heads=2, head_size=32,
+                      seed=3, kv_format=fmt)  # fmt: skip
+    backend = FlexBackend()
+    want, mine = (poison_finite(step.with_fresh_cache()) for _ in range(2))
+    expected = backend.forward(*want.args())
+    call = backend.prepare(*mine.args())
+    for _ in range(2):
+        assert torch.equal(call(), expected)
+    if step.kv_cache is not None:
+        for a, b in zip(want.kv_cache, mine.kv_cache):
+            assert torch.equal(a.view(torch.uint8), b.view(torch.uint8))
