@@ -131,7 +131,7 @@ def test_the_prepared_call_is_forward_bit_for_bit(kind, q, c, e, kv):
 
     fmt = AUTO if kv == "auto" else KVFormat(kv, (0.02, 0.05), (0.04, 0.01))
     step = build_step(kind, q, c, e, block_size=8, num_heads=4, num_kv_heads=2, head_size=32,
-                      seed=3, kv_format=fmt)  # fmt: skip
+                      seed=3, kv_format=fmt).to(DEVICE)  # fmt: skip
     backend = FlexBackend()
     want, mine = (poison_finite(step.with_fresh_cache()) for _ in range(2))
     expected = backend.forward(*want.args())
