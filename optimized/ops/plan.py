@@ -316,7 +316,7 @@ def pick_launch(
 ) -> int:
     """Index of the option with the shortest estimated time: the step's time at full bandwidth
     (`ideal_us`: its K/V bytes ÷ the card's bandwidth) ÷ `launch_score`, plus `REDUCE_LAUNCH_US`
-    for a second launch; ties go to the earlier one (the default launch, fewer splits)."""
+    for a second launch; ties go to the earlier one (the default launch, the rule's splits)."""
     est = [
         1 / max(launch_score(o, num_sms, saturates), 1e-9)
         + (REDUCE_LAUNCH_US / ideal_us if o.reduce_launch else 0.0)
