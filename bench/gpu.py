@@ -313,7 +313,7 @@ def _flex_decode(q, kc, vc, tables, kv_len, causal, scale, expected, k_scale=Non
     try:
         from torch import _dynamo
 
-        from optimized.flex_backend import dequantized_view, flex_attend, flex_plan, kv_tile_for
+        from optimized.flex_backend import flex_attend, flex_plan, kv_tile_for, pool_view
         from reference.metadata import AttnKind, StepMetadata
     except ImportError:
         return None
@@ -353,8 +353,8 @@ def _flex_decode(q, kc, vc, tables, kv_len, causal, scale, expected, k_scale=Non
             plan = dict(p)
 
             def call():
-                plan["k"] = dequantized_view(kc, k_scale, q.dtype)
-                plan["v"] = dequantized_view(vc, v_scale, q.dtype)
+                plan["k"] = pool_view(kc, k_scale, q.dtype)
+                plan["v"] = pool_view(vc, v_scale, q.dtype)
                 return flex_attend(plan, scale)
         else:
             call = lambda: flex_attend(p, scale)

@@ -173,13 +173,11 @@ def kernel_options(
 def flex_plan(
     query, key, value, kv_cache, md: StepMetadata, kind: AttnKind, kv_tile: int = TILE
 ) -> dict:
-    """Cache write (ours), then everything the FlexAttention call takes: q [num_seqs, heads,
-    max_q, d], k/v views of the pool, mask_mod, the block mask (KV tiles of `kv_tile` slots),
-    kernel options, and where the rows go back."""
-    from optimized.ops.reshape_and_cache import reshape_and_cache
-
+    """Everything the FlexAttention call takes, made on the host once (nothing is written):
+    q [num_seqs, heads, max_q, d], k/v views of the pool as stored (an fp8 pool is dequantized
+    by `flex_step`'s call), mask_mod, the block mask (KV tiles of `kv_tile` slots), kernel
+    options, and where the rows go back."""
     device = query.device
-    head_size = query.shape[-1]
     q_lens = md.query_lens_for(kind)
     kv_lens_t = torch.tensor(md.kv_lens_for(kind), device=device)
     q_index, q_valid = _token_index(q_lens, device)
@@ -202,15 +200,8 @@ def flex_plan(
         kv_slots, kv_always = kv_index, kv_valid
     else:
         key_cache, value_cache = kv_cache
-        tables, slots = md.tables_for(kind)
-        if key is not None:
-            reshape_and_cache(key, value, key_cache, value_cache, slots, md.k_scale, md.v_scale)
-        num_blocks, bs, num_kv_heads = key_cache.shape[:3]
-        pool_k = key_cache.reshape(num_blocks * bs, num_kv_heads, head_size)
-        pool_v = value_cache.reshape(num_blocks * bs, num_kv_heads, head_size)
-        if md.fp8:  # FlexAttention reads the model dtype: the whole pool, dequantized first
-            pool_k = dequantized(pool_k, md.k_scale, query.dtype)
-            pool_v = dequantized(pool_v, md.v_scale, query.dtype)
+        tables = md.tables_for(kind)[0]
+        num_blocks, bs = key_cache.shape[:2]
         n_seqs = md.num_seqs
         used = -(-kv_lens_t // bs)  # blocks each sequence reads
         width = tables.shape[1]
@@ -244,8 +235,11 @@ def flex_plan(
         if window is not None:
             kv_always = torch.zeros_like(kv_valid)
 
-    k = pool_k.permute(1, 0, 2).unsqueeze(0)  # [1, num_kv_heads, pool, head_size], a view
-    v = pool_v.permute(1, 0, 2).unsqueeze(0)
+    if kind == AttnKind.ENCODER:
+        k = pool_k.permute(1, 0, 2).unsqueeze(0)  # [1, num_kv_heads, pool, head_size], a view
+        v = pool_v.permute(1, 0, 2).unsqueeze(0)
+    else:  # as stored: the step's call takes them again after its write (`flex_step`)
+        k, v = pool_view(key_cache), pool_view(value_cache)
     mask = _block_mask(mask_mod, kv_slots, kv_valid, kv_always, q.shape[2], k.shape[2], kv_tile)
     options = kernel_options(
         q.shape[2], q.shape[1], k.shape[1], q.shape[0], q.dtype == torch.float32
@@ -276,11 +270,16 @@ def flex_attend(p: dict, scale: float) -> torch.Tensor:
     )
 
 
-def dequantized_view(cache: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """An fp8 cache [num_blocks, block_size, num_kv_heads, head_size] dequantized, as the pool
-    view FlexAttention takes: [1, num_kv_heads, num_blocks * block_size, head_size]."""
+def pool_view(
+    cache: torch.Tensor, scale: torch.Tensor | None = None, dtype: torch.dtype | None = None
+) -> torch.Tensor:
+    """A cache [num_blocks, block_size, num_kv_heads, head_size] as the pool FlexAttention
+    takes: [1, num_kv_heads, num_blocks * block_size, head_size] (a view of a contiguous cache,
+    a copy of a strided one); with `scale`, an fp8 cache dequantized to `dtype`."""
     num_blocks, bs, heads, d = cache.shape
-    pool = dequantized(cache.reshape(num_blocks * bs, heads, d), scale, dtype)
+    pool = cache.reshape(num_blocks * bs, heads, d)
+    if scale is not None:
+        pool = dequantized(pool, scale, dtype)
     return pool.permute(1, 0, 2).unsqueeze(0)
 
 
@@ -290,13 +289,37 @@ def dequantized(pool: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> 
     return (pool.float() * scale.reshape(-1)[:, None].float()).to(dtype)
 
 
-def flex_forward(query, key, value, kv_cache, md: StepMetadata, kind: AttnKind) -> torch.Tensor:
-    """Cache write (ours), then one FlexAttention call over the physical pool."""
-    p = flex_plan(query, key, value, kv_cache, md, kind)
-    o = flex_attend(p, md.scale_for(query.shape[-1]))
-    out = torch.zeros_like(query)
-    out[p["q_index"][p["q_valid"]]] = o.permute(0, 2, 1, 3)[p["q_valid"]].to(query.dtype)
-    return out
+def flex_step(query, key, value, kv_cache, md: StepMetadata, kind: AttnKind):
+    """The step as a call: `flex_plan` once (host work), then per call the device work: the
+    cache write (ours), the fp8 pool's dequantized copy (FlexAttention reads the model dtype),
+    the query gather, one FlexAttention call over the physical pool and the scatter of its
+    rows, whose indices are made here (the call never waits on the host: capturable)."""
+    from optimized.ops.reshape_and_cache import reshape_and_cache
+
+    plan = flex_plan(query, key, value, kv_cache, md, kind)
+    scale = md.scale_for(query.shape[-1])
+    rows = plan["q_index"][plan["q_valid"]]
+    picked = plan["q_valid"].flatten().nonzero().flatten()
+    paged = kind != AttnKind.ENCODER
+
+    def call() -> torch.Tensor:
+        step = dict(plan)
+        if paged:
+            key_cache, value_cache = kv_cache
+            if key is not None:
+                slots = md.tables_for(kind)[1]
+                reshape_and_cache(key, value, key_cache, value_cache, slots, md.k_scale,
+                                  md.v_scale)  # fmt: skip
+            # after the write: a strided cache's pool is a copy, an fp8 one a dequantized copy
+            step["k"] = pool_view(key_cache, md.k_scale if md.fp8 else None, query.dtype)
+            step["v"] = pool_view(value_cache, md.v_scale if md.fp8 else None, query.dtype)
+        step["q"] = query[plan["q_index"]].permute(0, 2, 1, 3)
+        o = flex_attend(step, scale).permute(0, 2, 1, 3).reshape(-1, *query.shape[1:])
+        out = torch.zeros_like(query)
+        out[rows] = o[picked].to(query.dtype)
+        return out
+
+    return call
 
 
 class FlexBackend(TritonBackend):
@@ -317,40 +340,12 @@ class FlexBackend(TritonBackend):
         return flex_unavailable_reason()
 
     def attend(self, query, key, value, kv_cache, metadata, kind) -> torch.Tensor:
-        return flex_forward(query, key, value, kv_cache, metadata, kind)
+        return flex_step(query, key, value, kv_cache, metadata, kind)()
 
     def prepare(self, query, key, value, kv_cache, metadata, attn_kind):
-        """Validation and the plan (block mask, index tensors: host work) once; the call does on
-        the device what `forward` does after them: the cache write, the fp8 pool's dequantized
-        copy, the query gather, the FlexAttention kernel and the scatter of its rows. The
-        scatter's indices are made here, so the call never waits on the host (capturable)."""
+        """Validation and `flex_step`'s plan once; the call is the step's device work."""
         from optimized.backend import contiguous
-        from optimized.ops.reshape_and_cache import reshape_and_cache
 
         kind = self.validate(query, key, value, kv_cache, metadata, attn_kind)
         query, key, value = contiguous(query, key, value)
-        md = metadata
-        plan = flex_plan(query, key, value, kv_cache, md, kind)  # writes this step's K/V once
-        scale = md.scale_for(query.shape[-1])
-        rows = plan["q_index"][plan["q_valid"]]
-        picked = plan["q_valid"].flatten().nonzero().flatten()
-        paged = kind != AttnKind.ENCODER
-
-        def call():
-            step = dict(plan)
-            if paged:
-                key_cache, value_cache = kv_cache
-                if key is not None:
-                    slots = md.tables_for(kind)[1]
-                    reshape_and_cache(key, value, key_cache, value_cache, slots, md.k_scale,
-                                      md.v_scale)  # fmt: skip
-                if md.fp8:
-                    step["k"] = dequantized_view(key_cache, md.k_scale, query.dtype)
-                    step["v"] = dequantized_view(value_cache, md.v_scale, query.dtype)
-            step["q"] = query[plan["q_index"]].permute(0, 2, 1, 3)
-            o = flex_attend(step, scale).permute(0, 2, 1, 3).reshape(-1, *query.shape[1:])
-            out = torch.zeros_like(query)
-            out[rows] = o[picked].to(query.dtype)
-            return out
-
-        return call
+        return flex_step(query, key, value, kv_cache, metadata, kind)
