@@ -274,28 +274,26 @@ def in_flight_saturates(memory_clock_khz: int, bus_width_bits: int, sms: int) ->
 
 
 @functools.cache
+def card_memory(device: torch.device) -> tuple[int, int, int]:
+    """(memory clock in kHz, bus width in bits, SMs) of `device`; the H100 SXM's figures where
+    it is not a GPU, or torch does not say."""
+    if device.type != "cuda":
+        return H100_MEMORY
+    props = torch.cuda.get_device_properties(device)
+    clock = getattr(props, "memory_clock_rate", 0) or H100_MEMORY[0]
+    bus = getattr(props, "memory_bus_width", 0) or H100_MEMORY[1]
+    return clock, bus, props.multi_processor_count
+
+
 def card_bandwidth(device: torch.device) -> float:
-    """Peak memory bandwidth of `device` in bytes per µs (double data rate × bus width), the
-    H100 SXM's where torch does not say."""
-    clock, bus, _ = H100_MEMORY
-    if device.type == "cuda":
-        props = torch.cuda.get_device_properties(device)
-        clock = getattr(props, "memory_clock_rate", 0) or clock
-        bus = getattr(props, "memory_bus_width", 0) or bus
+    """Peak memory bandwidth of `device` in bytes per µs (double data rate × bus width)."""
+    clock, bus, _ = card_memory(device)
     return clock * 1e3 * bus / 8 * 2 / 1e6
 
 
-@functools.cache
 def card_in_flight(device: torch.device) -> int:
-    """`in_flight_saturates` of `device` from its properties (the H100's figure without them)."""
-    if device.type != "cuda":
-        return IN_FLIGHT_SATURATES
-    props = torch.cuda.get_device_properties(device)
-    return in_flight_saturates(
-        getattr(props, "memory_clock_rate", 0),
-        getattr(props, "memory_bus_width", 0),
-        props.multi_processor_count,
-    )
+    """`in_flight_saturates` of `device` from its memory figures."""
+    return in_flight_saturates(*card_memory(device))
 
 
 def launch_score(o: Option, num_sms: int, saturates: int = IN_FLIGHT_SATURATES) -> float:
