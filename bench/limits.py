@@ -54,6 +54,10 @@ METRICS = {
     "registers": "launch__registers_per_thread",
     "grid": "launch__grid_size",
 }
+# Time metrics, and the factor from each unit ncu may print them in to microseconds.
+TIMES = ("kernel_us",)
+TO_US = {"ns": 1e-3, "nsecond": 1e-3, "us": 1.0, "usecond": 1.0, "ms": 1e3, "msecond": 1e3,
+         "s": 1e6, "second": 1e6}  # fmt: skip
 NEEDED = ("dram_pct", "achieved_occupancy_pct", "theoretical_occupancy_pct", "waves")
 # Warp stall reasons, by the first family of names present (ncu versions differ): warps stalled
 # per issued instruction, else the same as a latency, else the PC-sampling counts.
@@ -121,6 +125,9 @@ def parse_ncu_raw(text: str, kernel: str = KERNEL) -> list[dict[str, float]]:
     header = table[0]
     col = {name: i for i, name in enumerate(header)}
     name_col = col.get("Kernel Name")
+    # The row after the header gives each column's unit; ncu picks a time's unit (ns, us,
+    # msecond...) itself, so times are scaled to microseconds by it (an unknown unit: nan).
+    units = table[1] if len(table) > 1 and len(table[1]) == len(header) else [""] * len(header)
     kernels = []
     for cells in table[1:]:
         if len(cells) != len(header) or name_col is None or kernel not in cells[name_col]:
@@ -128,6 +135,8 @@ def parse_ncu_raw(text: str, kernel: str = KERNEL) -> list[dict[str, float]]:
         row = {}
         for ours, metric in METRICS.items():
             row[ours] = _number(cells[col[metric]]) if metric in col else math.nan
+            if ours in TIMES and metric in col:
+                row[ours] *= TO_US.get(units[col[metric]].strip(), math.nan)
         for family in STALL_FAMILIES:
             stalls = {
                 m.group(1): _number(cells[i])

@@ -90,6 +90,10 @@ def test_parse_ncu_raw_keeps_our_kernel_in_launch_order():
         "stall_barrier",
     }
     assert parse_ncu_raw("==PROF== nothing profiled\n") == []
+    # ncu chooses the time unit: the same kernel in nanoseconds is still 27.5 us.
+    in_ns = NCU.replace('"","","usecond"', '"","","ns"').replace('"27.5"', '"27,500"')
+    assert parse_ncu_raw(in_ns)[0]["kernel_us"] == 27.5
+    assert math.isnan(parse_ncu_raw(NCU.replace('"usecond"', '"cycle"'))[0]["kernel_us"])
 
 
 def test_limit_reading_names_the_limit():
