@@ -5,12 +5,13 @@
 Compiles `_paged_attention_kernel` for CUDA compute capability `arch` with the ptxas Triton
 ships (no GPU needed) for every decode launch `plan.launch_candidates` offers, and reads back
 what the occupancy model uses: registers, spills (stack), shared memory, resident programs per
-SM and the K/V bytes in flight per SM. Pointers and strides get the divisibility a real launch
-has, so the counts match a compiled run's (the bf16 d128 decode variant: 123 registers here,
-as ncu read on an H100). With `--sass`, the instruction mix of the compiled kernel (loads from
-shared memory, conversions, matrix ops) for a launch: where an fp8 or a new card's variant
-spends its instructions, before any GPU time is spent on it. (Not under TRITON_INTERPRET=1,
-which turns Triton's language into the interpreter's.)
+SM, the K/V tiles a program buffers (`buffers`) and the K/V bytes in flight per SM. Pointers
+and strides get the divisibility a real launch has, so the counts match a compiled run's (the
+bf16 d128 decode variant: 123 registers here, as ncu read on an H100). With `--sass`, the
+instruction mix of the compiled kernel (loads from shared memory, conversions, matrix ops) for
+a launch: where an fp8 or a new card's variant spends its instructions, before any GPU time is
+spent on it. (Not under TRITON_INTERPRET=1, which turns Triton's language into the
+interpreter's.)
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from optimized.kernels.paged_attention import _paged_attention_kernel as KERNEL
-from optimized.ops.plan import launch_candidates, resident_programs
+from optimized.ops.plan import compiled_kv_buffers, launch_candidates, resident_programs
 
 _TOOLS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
 # Runtime integers the kernel does not specialize (as in its decorator): no divisibility.
@@ -108,9 +109,12 @@ def report(head_size: int, group: int, fp8: bool, arch: int, sass: bool) -> list
             r = resources(k)
             resident = resident_programs(r["registers"], c.num_warps, r["shared"], SM90)
             kv_bytes = 1 if kv != "bf16" else 2
-            in_flight = resident * c.tile_n * wide * 2 * kv_bytes * max(c.num_stages - 1, 1)
+            block_m = max(16, group_pad * heads)
+            buffers = compiled_kv_buffers(r["shared"], block_m, wide, 2, c.tile_n, kv_bytes)
+            in_flight = resident * c.tile_n * wide * 2 * kv_bytes * buffers
             row = dict(kv=kv, tile_n=c.tile_n, warps=c.num_warps, stages=c.num_stages, **r,
-                       resident=resident, in_flight_kb=in_flight // 1024)  # fmt: skip
+                       resident=resident, buffers=buffers,
+                       in_flight_kb=in_flight // 1024)  # fmt: skip
             if sass:
                 mix = instruction_mix(k)
                 row.update({op: mix.get(op, 0) for op in ("HMMA", "LDSM", "LDS", "F2F", "F2FP",

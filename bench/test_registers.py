@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 import triton
 
+from optimized.ops.plan import decode_kv_buffers
+
 TOOLS = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
 
 
@@ -31,3 +33,6 @@ def test_every_decode_launch_compiles_for_sm90_without_spills_and_fits_an_sm():
         assert 0 < int(row["registers"]) <= 255 and row["stack"] == "0", row  # no spills
         assert int(row["resident"]) >= 1 and int(row["in_flight_kb"]) > 0, row
         assert int(row["HMMA"]) > 0, row  # the tile products are on the tensor cores
+        # The planner's count of K/V buffers is what Triton compiles (five stages: two).
+        assert int(row["buffers"]) == decode_kv_buffers(int(row["stages"])), row
+    assert {row["stages"] for row in rows} == {"2", "5"}  # both kinds were compiled

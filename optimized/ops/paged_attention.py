@@ -135,7 +135,7 @@ def _kernel_args(
     )  # fmt: skip
 
 
-_RESIDENT: dict[tuple, int] = {}  # programs per SM, one entry per compiled variant
+_RESIDENT: dict[tuple, tuple[int, int]] = {}  # (programs per SM, K/V buffers) per variant
 
 
 def _scales(query, key_cache, k_scale, v_scale) -> tuple:
@@ -169,7 +169,7 @@ def plan_attention(
     def meta(heads: int, block_m: int) -> dict:
         return _constexprs(query, key_cache, heads, block_m, causal, window, paged)
 
-    def probe(c: Launch, splits: int, heads: int, block_m: int) -> int:
+    def probe(c: Launch, splits: int, heads: int, block_m: int) -> tuple[int, int]:
         m = meta(heads, block_m)
         variant = (query.device, query.dtype, key_cache.dtype, tuple(m.items()), c)
         if variant not in _RESIDENT:
@@ -187,8 +187,15 @@ def plan_attention(
             if hasattr(kernel, "result"):  # compiled asynchronously
                 kernel = kernel.result()
             kernel._init_handles()  # loads the binary: registers are known from here on
-            _RESIDENT[variant] = planner.resident_programs(
-                kernel.n_regs, c.num_warps, kernel.metadata.shared, planner.sm_limits(query.device)
+            shared = kernel.metadata.shared
+            wide = heads * m["HEAD_PAD"]
+            _RESIDENT[variant] = (
+                planner.resident_programs(
+                    kernel.n_regs, c.num_warps, shared, planner.sm_limits(query.device)
+                ),
+                planner.compiled_kv_buffers(
+                    shared, block_m, wide, query.element_size(), c.tile_n, key_cache.element_size()
+                ),
             )
         return _RESIDENT[variant]
 

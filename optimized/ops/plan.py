@@ -4,12 +4,14 @@ are tiled (`Schedule`), which launch (K/V tile, warps, stages) and how many spli
 Launch choice (GPU): a program holds as many query rows as the longest query needs (16 at decode,
 16/32 for a few cross-prefill tokens, 64 for long queries). For 16/32-row tiles several launches
 (K/V tile × warps) are compiled; each one's registers and shared memory, as Triton reports them,
-give the programs an SM holds, and `launch_score` picks launch and split count by how the grid
-fills the last wave and how many K/V bytes it keeps in flight per SM against what saturates
-this card's memory (`in_flight_saturates`: its bandwidth per SM) (`pick_launch`, memoized
-per shape). The split counts weighed are the occupancy rule's, none, more while the grid
-fits one wave (`split_counts`), and a second launch to merge them is charged against the
-step's time at the card's bandwidth. MHA d64 decode takes two heads a program unless the grid
+give the programs an SM holds and the K/V tiles each buffers, and `launch_score` picks launch
+and split count by how the grid fills the last wave and how many K/V bytes it keeps in flight
+per SM against what saturates this card's memory (`in_flight_saturates`: its bandwidth per
+SM), an SM drawing at most its share (`pick_launch`, memoized per shape). A double-buffered
+d128 decode launch (`DOUBLE_BUFFERS`) is weighed where the grid is half to one wave of it.
+The split counts weighed are the occupancy rule's, none, more while the grid fits one wave
+(`split_counts`), and a second launch to merge them is charged against the step's time at
+the card's bandwidth. MHA d64 decode takes two heads a program unless the grid
 is tiny (`heads_per_program`). The interpreter has one launch and the occupancy split rule.
 
 The device's own limits are read from it (shared memory per block, SMs, registers); choices are
@@ -102,12 +104,37 @@ def smem_limit(device: torch.device) -> int:
     return getattr(props, "shared_memory_per_block_optin", 0) or props.shared_memory_per_block
 
 
-def smem_bytes(block_m: int, tile_n: int, head_pad: int, elem_bytes: int, num_stages: int) -> int:
-    """Shared memory Triton 3.6 allocates for this kernel: the Q tile, (stages - 1) buffered
-    K and V tiles, and the fp32 P tile. Fits the one figure Triton reported (fp32, d256, 64 rows,
-    tile 64, 3 stages: 344,320 bytes) exactly."""
-    kv = 2 * tile_n * head_pad * elem_bytes * max(num_stages - 1, 1)
+def smem_bytes(
+    block_m: int,
+    tile_n: int,
+    head_pad: int,
+    elem_bytes: int,
+    num_stages: int,
+    buffers: int | None = None,
+) -> int:
+    """Shared memory Triton 3.6 allocates for this kernel: the Q tile, `buffers` (default:
+    stages - 1) buffered K and V tiles, and the fp32 P tile. Fits the one figure Triton
+    reported (fp32, d256, 64 rows, tile 64, 3 stages: 344,320 bytes) exactly."""
+    kv = 2 * tile_n * head_pad * elem_bytes * (buffers or max(num_stages - 1, 1))
     return block_m * head_pad * elem_bytes + kv + block_m * tile_n * 4 + 256
+
+
+def decode_kv_buffers(num_stages: int) -> int:
+    """K/V tiles a program of the paged decode loop holds as Triton 3.6 compiles it (sm_90):
+    the block-table load is pipelined ahead of the K/V loads, so with 2-4 stages a program
+    has one tile (the next one is issued only once the current one is consumed) and with 5-6
+    two (the next one loads while the current one is computed on). `bench/test_registers.py`
+    compiles it to check."""
+    return 1 if num_stages < 5 else 2
+
+
+def compiled_kv_buffers(
+    shared: int, block_m: int, wide: int, elem_bytes: int, tile_n: int, kv_elem_bytes: int
+) -> int:
+    """K/V tiles a compiled program buffers, from its shared memory (`shared`, bytes): what is
+    left after the Q tile, in whole K+V tiles (the block-table and P tiles are small)."""
+    tile = 2 * tile_n * wide * kv_elem_bytes
+    return max(1, (shared - block_m * wide * elem_bytes) // tile)
 
 
 @dataclass(frozen=True)
@@ -121,14 +148,30 @@ class Launch:
     weight: float = 1.0
 
 
-def _fit_smem(cfg: Launch, block_m: int, head_pad: int, elem_bytes: int, limit: int) -> Launch:
+def _fit_smem(
+    cfg: Launch, block_m: int, head_pad: int, elem_bytes: int, limit: int, prefill: bool
+) -> Launch:
     """Fewer stages, then smaller K/V tiles, until the program fits `limit` bytes."""
-    fits = lambda c: smem_bytes(block_m, c.tile_n, head_pad, elem_bytes, c.num_stages) <= limit
+
+    def fits(c: Launch) -> bool:
+        buffers = None if prefill else decode_kv_buffers(c.num_stages)
+        return smem_bytes(block_m, c.tile_n, head_pad, elem_bytes, c.num_stages, buffers) <= limit
+
     while not fits(cfg) and cfg.num_stages > 2:
         cfg = replace(cfg, num_stages=cfg.num_stages - 1)
     while not fits(cfg) and cfg.tile_n > 16:
         cfg = replace(cfg, tile_n=cfg.tile_n // 2)
     return cfg
+
+
+# Five stages: two 128-token K/V tiles a program (`decode_kv_buffers`; 190 registers, 137 KB
+# of shared memory: one program an SM), the next tile loading while the current one is
+# computed on. Offered for d128 decode with 16-bit queries and cache (what was measured), and
+# weighed only where the grid, splits included, covers half to one wave of it: H200, GQA batch
+# 16 (kernel time, page 16): 8:1 at 1k 24.2 -> 21.6 us (two splits), 4:1 at 1k 32.7 -> 30.0,
+# 4:1 at 4k 80.3 -> 78.2 (no split); at two waves it lost 6-12%, on 16-32 programs 6%
+# (reports/results/h200/tune-stages.csv, tune-tiny.csv).
+DOUBLE_BUFFERS = Launch(128, 4, 5)
 
 
 def launch_candidates(
@@ -184,9 +227,12 @@ def _gpu_launch_candidates(
         cands = [Launch(64, 4, 2)]
     if kv_fp8 and not prefill:
         cands += [replace(c, tile_n=2 * c.tile_n) for c in cands]
+    one_d128_head = heads == 1 and 64 < head_pad <= 128 and block_m == 16
+    if one_d128_head and not (prefill or kv_fp8) and elem_bytes == 2:
+        cands.append(DOUBLE_BUFFERS)
     out = []
     for c in cands:
-        c = _fit_smem(c, block_m, head_pad, elem_bytes, smem)
+        c = _fit_smem(c, block_m, head_pad, elem_bytes, smem, prefill)
         if c not in out:
             out.append(c)
     return tuple(out)
@@ -236,7 +282,7 @@ class Option:
 
     resident: programs of the compiled variant one SM holds; programs: the grid incl. splits;
     tile_bytes: K and V bytes one program loads per K/V tile; reduce_launch: its partials are
-    merged by a second launch."""
+    merged by a second launch; buffers: K/V tiles a program holds as compiled."""
 
     launch: Launch
     splits: int
@@ -244,6 +290,7 @@ class Option:
     programs: int
     tile_bytes: int
     reduce_launch: bool = False
+    buffers: int = 1
 
 
 # K/V bytes in flight per SM from which more stop helping, on the H100 SXM (fitted to
@@ -300,8 +347,10 @@ def launch_score(o: Option, num_sms: int, saturates: int = IN_FLIGHT_SATURATES) 
     """weight × wave efficiency × how close the loads in flight come to saturating memory
     (`saturates` bytes per SM), less the split-K overhead."""
     per_sm = min(o.programs / num_sms, o.resident)
-    in_flight = per_sm * o.tile_bytes * max(o.launch.num_stages - 1, 1)
-    fill = min(1.0, in_flight / saturates)
+    in_flight = per_sm * o.tile_bytes * o.buffers
+    # An SM draws at most its share of the card's bandwidth: a grid of fewer programs than SMs
+    # leaves the rest idle, however many bytes each program keeps in flight.
+    fill = min(1.0, in_flight / saturates, o.programs / num_sms)
     eff = wave_efficiency(o.programs, o.resident * num_sms)
     return o.launch.weight * eff * fill * (SPLIT_COST if o.splits > 1 else 1.0)
 
@@ -515,7 +564,8 @@ def make_plan(
 ) -> Plan:
     """The plan of one call. Tiles come from `schedule`; `heads` (None: `heads_per_program`),
     launch and split count by occupancy: each candidate's resident programs per SM as compiled
-    (`probe(launch, splits) -> int`, the launcher compiles the kernel without running it) and
+    (`probe(launch, splits) -> (resident, K/V buffers)`, the launcher compiles the kernel
+    without running it) and
     its split count and none, scored by `launch_score` (GPU only; the interpreter has one launch
     and the split rule). The GPU choice is memoized per (`variant`, candidates, grid, K/V tile
     bucket, num_splits): a decode loop whose context grows a token a step decides once per
@@ -549,14 +599,18 @@ def make_plan(
             options = []
             for c in cands:
                 auto = splits_for(c)
-                resident = probe(c, auto)
+                resident, buffers = probe(c, auto)
                 tiles = cdiv(max(schedule.max_kv_len, 1), c.tile_n)
-                slots = resident * num_sms(device)
+                sms = num_sms(device)
+                slots = resident * sms
                 counts = split_counts(auto, tiles, num_programs, slots)
                 for s in counts if num_splits is None else (auto,):
+                    grid = num_programs * s
+                    if buffers > 1 and not sms // 2 <= grid <= slots and c != cands[0]:
+                        continue  # `DOUBLE_BUFFERS`: a grid of half to one wave
                     second = s > FUSED_REDUCE_MAX_SPLITS and heads == 1
                     options.append(Option(c, s, resident, num_programs * s,
-                                          c.tile_n * tile_bytes, second))  # fmt: skip
+                                          c.tile_n * tile_bytes, second, buffers))  # fmt: skip
             kv_bytes = num_programs * max(schedule.max_kv_len, 1) * tile_bytes
             ideal_us = kv_bytes / card_bandwidth(device)
             best = options[pick_launch(options, num_sms(device), card_in_flight(device), ideal_us)]

@@ -160,13 +160,17 @@ def test_shared_memory_model_and_every_launch_config_fits(monkeypatch):
                 smems = (H100_SMEM, 101_376) if elem_bytes == 2 else (H100_SMEM,)
                 for smem in smems:
                     for c in pa.launch_candidates(head_pad, prefill, block_m, elem_bytes, smem):
-                        used = pa.smem_bytes(block_m, c.tile_n, head_pad, elem_bytes, c.num_stages)
+                        bufs = None if prefill else pa.decode_kv_buffers(c.num_stages)
+                        used = pa.smem_bytes(
+                            block_m, c.tile_n, head_pad, elem_bytes, c.num_stages, bufs
+                        )
                         assert used <= smem, (head_size, elem_bytes, prefill, c, smem)
     # two d64 heads a program (128 K/V columns, 16 rows), and fp8 decode's doubled tiles
     for elem_bytes in (2, 4):
         for heads, fp8 in ((2, False), (1, True), (2, True)):
             for c in pa.launch_candidates(128, False, 16, elem_bytes, H100_SMEM, heads, fp8):
-                assert pa.smem_bytes(16, c.tile_n, 128, elem_bytes, c.num_stages) <= H100_SMEM
+                bufs = pa.decode_kv_buffers(c.num_stages)
+                assert pa.smem_bytes(16, c.tile_n, 128, elem_bytes, c.num_stages, bufs) <= H100_SMEM
 
 
 def test_query_tile_holds_the_longest_query():
@@ -405,8 +409,10 @@ def test_launch_score_prefers_fuller_waves_and_more_bytes_in_flight(resident, pr
     assert score(resident, 2 * bytes_, 1) >= score(resident, bytes_, 1)
     full = pa.wave_efficiency(programs, resident * 132) == 1.0
     saturated = min(programs / 132, resident) * bytes_ >= pa.IN_FLIGHT_SATURATES
-    if full and saturated:  # nothing left for a split to win: it only costs
+    if full and saturated and programs >= 132:  # nothing left for a split to win: it only costs
         assert score(resident, bytes_, 2) <= score(resident, bytes_, 1)
+    if saturated and 2 * programs <= 132:  # idle SMs an SM's share of bandwidth each: a split
+        assert score(resident, bytes_, 2) > score(resident, bytes_, 1)  # that busies them wins
 
 
 def test_bytes_in_flight_that_saturate_memory_scale_with_the_cards_bandwidth_per_sm():
@@ -460,3 +466,60 @@ def test_split_rule_properties(programs, kv_tiles, head_pad, sms):
     assert n == 1 or n <= kv_tiles // 4
     assert n == 1 or programs < 5 * sms
     assert n & (n - 1) == 0 or n == kv_tiles // 4
+
+
+def _h200_planner(monkeypatch):
+    """plan.py as it plans on an H200 (132 SMs, its memory figures), without one."""
+    from optimized.ops import plan as pa
+
+    monkeypatch.setattr(pa, "interpreting", lambda: False)
+    monkeypatch.setattr(pa, "smem_limit", lambda dev: H100_SMEM)
+    monkeypatch.setattr(pa, "num_sms", lambda dev: 132)
+    monkeypatch.setattr(pa, "card_memory", lambda dev: (3_201_000, 6016, 132))
+    monkeypatch.setattr(pa, "_CHOSEN", pa.Memo())
+    return pa
+
+
+# (resident programs, K/V buffers) of the GQA d128 bf16 decode launches, compiled for sm_90
+SM90_D128 = {(64, 4, 2): (4, 1), (128, 4, 5): (1, 2)}
+
+
+@pytest.mark.parametrize(
+    "batch, context, kv_heads, want",
+    [
+        (16, 4096, 8, (128, 4, 5, 1)),  # 128 programs: one wave of double buffers (78.3 us)
+        (16, 1024, 4, (128, 4, 5, 2)),  # 64 programs: two splits fill the SMs (23.3 us)
+        (16, 4096, 4, (64, 4, 2, 8)),  # a wave of double buffers needs 4 splits: 2 waves
+        (64, 4096, 4, (64, 4, 2, 2)),  # 256 programs: more than a wave of double buffers
+        (1, 1024, 4, (64, 4, 2, 16)),  # 4 programs: splits to 32 cover a quarter (13.9 us)
+    ],
+)
+def test_double_buffered_launch_where_one_wave_holds_the_grid(
+    monkeypatch, batch, context, kv_heads, want
+):
+    """Five stages (two K/V tiles a program) are weighed where the grid, splits included, is
+    half to one wave of them: a grid of fewer programs than SMs is split first (64 programs
+    of one split: 66.4 us, two: 51.0 on GQA 8:1 batch 16 at 4k); past one wave, or on a few
+    programs, the single-buffered default stays (H200: double buffers lost 6-12% at two
+    waves, 6% on 16 programs: reports/results/h200/tune-stages.csv, tune-tiny.csv)."""
+    pa = _h200_planner(monkeypatch)
+    sched = make_schedule((1,) * batch, (context,) * batch, (context - 1,) * batch, 32 // kv_heads,
+                          "cpu")  # fmt: skip
+    probe = lambda c, splits: SM90_D128[(c.tile_n, c.num_warps, c.num_stages)]
+    cuda = torch.device("cuda")
+    p = pa.make_plan(sched, num_kv_heads=kv_heads, group=32 // kv_heads, head_size=128,
+                     elem_bytes=2, kv_elem_bytes=2, device=cuda, probe=probe)  # fmt: skip
+    L = p.launch
+    assert (L.tile_n, L.num_warps, L.num_stages, p.num_splits) == want
+
+
+def test_double_buffers_count_twice_in_flight_but_an_sm_draws_only_its_share():
+    from optimized.ops import plan as pa
+
+    tile = 128 * 2 * 128 * 2
+    single = pa.Option(pa.Launch(128, 4, 2), 1, 1, 132, tile)
+    double = pa.Option(pa.Launch(128, 4, 5), 1, 1, 132, tile // 2, buffers=2)
+    assert pa.launch_score(single, 132, 200 << 10) == pa.launch_score(double, 132, 200 << 10)
+    one = pa.Option(pa.Launch(128, 4, 5), 1, 1, 64, tile, buffers=2)
+    # 64 programs on 132 SMs: at most 64/132 of the card's bandwidth, whatever is in flight
+    assert pa.launch_score(one, 132, 69 << 10) == pytest.approx(64 / 132)
