@@ -35,15 +35,22 @@ def median_ms(fn) -> float:
 _FLUSH: list[torch.Tensor] = []
 
 
-def graph_ms(fn, reps: int = 50, why: list[str] | None = None) -> float:
+def graph_ms(fn, reps: int = 50, why: list[str] | None = None, flush: str = "zero") -> float:
     """Median time of one call of `fn` replayed from a CUDA graph, L2 flushed before each replay
     like do_bench does: kernel time without the host's launch overhead, which do_bench includes
     whenever the host takes longer than the flush (xFormers' split-K call measured ~200-250 µs
     per call with do_bench on every small decode shape, its kernels far less). NaN when `fn`
     cannot be captured, and when its graph came out empty (work off the capture stream, or on
-    the host: replaying nothing would time nothing); `why`, a list, gets the reason."""
+    the host: replaying nothing would time nothing); `why`, a list, gets the reason.
+
+    `flush`: "zero" (do_bench's: 256 MB written, which leaves L2 full of dirty lines that the
+    timed call then writes back) or "read" (256 MB read: a clean L2; `bench tune --only
+    paging` measures the difference)."""
+    if flush not in ("zero", "read"):
+        raise ValueError(f"flush: expected 'zero' or 'read', got {flush!r}")
     if not _FLUSH:
         _FLUSH.append(torch.empty(256 << 20, dtype=torch.int8, device="cuda"))
+    flush_l2 = _FLUSH[0].zero_ if flush == "zero" else lambda: _FLUSH[0].view(torch.int32).max()
     try:
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
@@ -65,7 +72,7 @@ def graph_ms(fn, reps: int = 50, why: list[str] | None = None) -> float:
     graph.replay()
     times = []
     for _ in range(reps):
-        _FLUSH[0].zero_()
+        flush_l2()
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
         graph.replay()

@@ -155,3 +155,14 @@ def test_what_is_timed_is_what_was_judged(tmp_path):
     assert Mine.prepare is BaseBackend.prepare  # its own attend, not triton's kernel
     assert FlexBackend.prepare is not TritonBackend.prepare  # flex brings its own prepare
     assert TritonBackend.prepare is not BaseBackend.prepare
+
+
+def test_graph_timing_names_its_l2_flushes():
+    """Kernel time is taken after do_bench's flush (L2 left dirty) or a read one (clean); any
+    other flush is refused before anything touches a GPU."""
+    from bench.gpu import graph_ms
+    from bench.tune import SECTIONS
+
+    with pytest.raises(ValueError, match="flush: expected 'zero' or 'read'"):
+        graph_ms(lambda: None, flush="dirty")
+    assert "paging" in SECTIONS

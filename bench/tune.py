@@ -1,7 +1,7 @@
 """Sweeps that picked the launch parameters of our kernels (GPU), and the shapes `ncu` profiles.
 
     python -m bench tune [--only decode splits cache chunk short weak d64 host few fused heads
-                                card tiny]
+                                card tiny paging]
     python -m bench profile          (each default kernel once: run it under ncu)
 
 `decode`: tile size × warps × stages, then split counts, on decode shapes with many programs;
@@ -14,7 +14,8 @@ few programs, timed from CUDA graphs; `fused`: the split-K merge in the main ker
 separate reduce launch (kernel time); `heads`: adjacent kv heads per decode program; `card`:
 every heads × launch × split count on the grid's short decode shapes, as CSV with each
 variant's resident programs, to fit a card's launch rule offline (`in_flight_saturates`); `tiny`:
-the same on grids far under one wave, down to one K/V tile a split. Their
+the same on grids far under one wave, down to one K/V tile a split; `paging`: what the block
+table and the L2 flush cost (our kernel paged and packed, SDPA, a copy) and register caps. Their
 output picked `launch_candidates` and `choose_num_splits` in optimized/ops/plan.py and
 `TOKENS_PER_PROGRAM` in optimized/ops/reshape_and_cache.py. (An earlier sweep also tried
 CUDA-core products on one row per program for MHA decode instead of 16-row tl.dot tiles:
@@ -468,6 +469,38 @@ def _occupancy_sweep(shapes, split_counts, min_tiles: int) -> None:
                 print(f"# {name} {cfg}: {type(e).__name__}: {str(e)[:120]}", flush=True)
 
 
+def tune_paging() -> None:
+    """What paging and the L2 flush cost on the short decode shapes (`FEW`, plus two full
+    grids), kernel time from CUDA graphs: our kernel on the paged cache, the same kernel on
+    the same tokens packed contiguously (no block table), SDPA on contiguous K/V, and a copy
+    of the same bytes, each after do_bench's flush (256 MB written: L2 left dirty) and after a
+    read of 256 MB (L2 left clean); and our launch with register caps (a fifth program an SM
+    for the d128 variants), as CSV."""
+    print("shape,what,flush,us,gbps")
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    full = [("mha-d64-b64-c1k", 64, 1024, 32, 32, 64, 16, 1, True),
+            ("mha-d128-b64-c4k", 64, 4096, 32, 32, 128, 16, 1, True)]  # fmt: skip
+    for name, b, kv, h, kvh, d, bs, ql, causal in [*FEW, *full]:
+        run, nbytes = _setup(b, kv, h, kvh, d, bs, ql, causal)
+        q, sched = run.args[0], run.args[4]
+        packed = [torch.randn(b * kv, kvh, d, device="cuda", dtype=torch.bfloat16) for _ in "kv"]
+        dense = [torch.randn(b, kvh, kv, d, device="cuda", dtype=torch.bfloat16) for _ in "kv"]
+        src = torch.empty(nbytes // 2, dtype=torch.int8, device="cuda")  # the copy reads half
+        calls = [  # and writes half of the K/V bytes
+            ("ours", run),
+            ("ours-packed", functools.partial(paged_attention, q, *packed, None, sched,
+                                              causal=causal, scale=d**-0.5, paged=False)),
+            ("sdpa-contiguous", functools.partial(sdpa, q.view(b, h, 1, d), *dense,
+                                                  enable_gqa=True)),
+            ("copy", functools.partial(torch.empty_like(src).copy_, src)),
+            *[(f"ours-maxnreg{r}", functools.partial(run, maxnreg=r)) for r in (96, 80)],
+        ]  # fmt: skip
+        for what, fn in calls:
+            for flush in ("zero", "read"):
+                us = graph_ms(fn, flush=flush) * 1e3
+                print(f"{name},{what},{flush},{us:.2f},{nbytes / us / 1e3:.0f}", flush=True)
+
+
 SECTIONS = {
     "decode": tune_decode,
     "splits": tune_splits,
@@ -482,6 +515,7 @@ SECTIONS = {
     "heads": tune_heads,
     "card": tune_card,
     "tiny": tune_tiny,
+    "paging": tune_paging,
 }
 
 
