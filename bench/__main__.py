@@ -11,6 +11,8 @@ peer) beside every peer on the matrix's workloads with `--backend`/`--backend-mo
                               (each row short of a target: our kernel under ncu, bench/limits.py)
     python -m bench registers [--arch 90] [--head-size 128] [--group 1] [--fp8] [--sass]
                               (offline: registers, shared memory, occupancy of each decode launch)
+    python -m bench replay SWEEP.csv ... [--card h200]
+                              (offline: the launch rule's choice on a card's sweep, bench/replay.py)
 """
 
 from __future__ import annotations
@@ -292,6 +294,10 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench")
     if argv is None:
         argv = sys.argv[1:]
+    if argv[:1] == ["replay"]:  # offline: the launch rule against a card's sweep
+        from bench.replay import main as replay
+
+        return replay(argv[1:])
     if argv[:1] == ["registers"]:  # offline: compiled for the card, no card needed
         from bench.registers import main as registers
 
@@ -299,7 +305,7 @@ def main(argv=None) -> int:
     from optimized.kernels import interpret_without_cuda
 
     interpret_without_cuda()  # before Triton is imported: the CPU smoke runs our kernels too
-    modes = ["grid", "tune", "profile", "limits", "limits-child", "registers"]
+    modes = ["grid", "tune", "profile", "limits", "limits-child", "registers", "replay"]
     p.add_argument("mode", nargs="?", default="grid", choices=modes)
     p.add_argument("rows", nargs="?", help=argparse.SUPPRESS)  # limits-child: its rows file
     p.add_argument(

@@ -1,7 +1,7 @@
 """Sweeps that picked the launch parameters of our kernels (GPU), and the shapes `ncu` profiles.
 
     python -m bench tune [--only decode splits cache chunk short weak d64 host few fused heads
-                                card tiny paging]
+                                card tiny stages paging]
     python -m bench profile          (each default kernel once: run it under ncu)
 
 `decode`: tile size × warps × stages, then split counts, on decode shapes with many programs;
@@ -14,7 +14,8 @@ few programs, timed from CUDA graphs; `fused`: the split-K merge in the main ker
 separate reduce launch (kernel time); `heads`: adjacent kv heads per decode program; `card`:
 every heads × launch × split count on the grid's short decode shapes, as CSV with each
 variant's resident programs, to fit a card's launch rule offline (`in_flight_saturates`); `tiny`:
-the same on grids far under one wave, down to one K/V tile a split; `paging`: what the block
+the same on grids far under one wave, down to one K/V tile a split; `stages`: the same with
+five-stage launches on small grids; `paging`: what the block
 table and the L2 flush cost (our kernel paged and packed, SDPA, a copy) and register caps. Their
 output picked `launch_candidates` and `choose_num_splits` in optimized/ops/plan.py and
 `TOKENS_PER_PROGRAM` in optimized/ops/reshape_and_cache.py. (An earlier sweep also tried
@@ -425,7 +426,28 @@ def tune_tiny() -> None:
     _occupancy_sweep(TINY, (1, 2, 3, 4, 6, 8, 12, 16, 32), min_tiles=1)
 
 
-def _occupancy_sweep(shapes, split_counts, min_tiles: int) -> None:
+# Small decode grids for `stages`: five-stage launches (two K/V tiles a program) against the
+# single-buffered ones (reports/results/h200/tune-stages.csv: `DOUBLE_BUFFERS` in plan.py).
+STAGES = [
+    (f"{kind}-b{b}-c{c // 1024}k", b, c, h, kvh, d, 16, 1, True)
+    for kind, h, kvh, d, shapes in (
+        ("gqa8", 32, 4, 128, ((16, 1024), (16, 4096), (64, 1024), (64, 4096))),
+        ("gqa4", 32, 8, 128, ((16, 1024), (16, 4096), (64, 1024))),
+        ("mha-d64", 32, 32, 64, ((16, 1024), (64, 1024))),
+        ("mha-d128", 32, 32, 128, ((16, 1024),)),
+    )
+    for b, c in shapes
+] + [("whisper-self-b64", 64, 448, 20, 20, 64, 16, 1, True)]
+STAGE_LAUNCHES = [(64, 4, 2), (64, 4, 3), (64, 4, 5), (32, 4, 2), (32, 4, 5), (32, 2, 5),
+                  (16, 1, 5), (128, 4, 5), (64, 2, 5)]  # fmt: skip
+
+
+def tune_stages() -> None:
+    """`card`'s sweep on the `STAGES` shapes with five-stage launches (`STAGE_LAUNCHES`)."""
+    _occupancy_sweep(STAGES, (1, 2, 4, 8, 16), min_tiles=1, launches=STAGE_LAUNCHES)
+
+
+def _occupancy_sweep(shapes, split_counts, min_tiles: int, launches=None) -> None:
     from optimized.ops import plan as planner
     from optimized.ops.paged_attention import plan_attention
 
@@ -441,7 +463,7 @@ def _occupancy_sweep(shapes, split_counts, min_tiles: int) -> None:
         for heads in (1, 2) if ql == 1 else (1,):
             if kvh % heads or heads * group_pad > 16 or heads * d > 256:
                 continue
-            for (t, w, st), n in itertools.product(CARD_LAUNCHES, split_counts):
+            for (t, w, st), n in itertools.product(launches or CARD_LAUNCHES, split_counts):
                 if n > 1 and triton.cdiv(kv, t) < min_tiles * n:
                     continue
                 configs.append(("sweep", dict(heads=heads, launch=Launch(t, w, st), num_splits=n)))
@@ -515,6 +537,7 @@ SECTIONS = {
     "heads": tune_heads,
     "card": tune_card,
     "tiny": tune_tiny,
+    "stages": tune_stages,
     "paging": tune_paging,
 }
 
