@@ -167,10 +167,11 @@ def _fit_smem(
 # Five stages: two 128-token K/V tiles a program (`decode_kv_buffers`; 190 registers, 137 KB
 # of shared memory: one program an SM), the next tile loading while the current one is
 # computed on. Offered for d128 decode with 16-bit queries and cache (what was measured), and
-# weighed only where the grid, splits included, covers half to one wave of it: H200, GQA batch
-# 16 (kernel time, page 16): 8:1 at 1k 24.2 -> 21.6 us (two splits), 4:1 at 1k 32.7 -> 30.0,
-# 4:1 at 4k 80.3 -> 78.2 (no split); at two waves it lost 6-12%, on 16-32 programs 6%
-# (reports/results/h200/tune-stages.csv, tune-tiny.csv).
+# weighed only where the grid, splits included, covers half to one wave of it, also with the
+# split count that makes one wave: H200, GQA batch 16 (kernel time, page 16): 8:1 at 1k
+# 24.2 -> 21.6 us (two splits), 4:1 at 1k 32.7 -> 30.0, 4:1 at 4k 80.3 -> 78.2 (no split),
+# 8:1 at 4k 54.6 -> 51.0 (two splits, in the sweep); at two waves it lost 6-12%, on 16-32
+# programs 6% (reports/results/h200/tune-stages.csv, tune-tiny-stages.csv).
 DOUBLE_BUFFERS = Launch(128, 4, 5)
 
 
@@ -604,6 +605,9 @@ def make_plan(
                 sms = num_sms(device)
                 slots = resident * sms
                 counts = split_counts(auto, tiles, num_programs, slots)
+                if buffers > 1:  # one program an SM: the most splits that still fit one wave
+                    wave = 1 << max(0, (slots // max(num_programs, 1)).bit_length() - 1)
+                    counts = (*counts, min(wave, tiles)) if wave not in counts else counts
                 for s in counts if num_splits is None else (auto,):
                     grid = num_programs * s
                     if buffers > 1 and not sms // 2 <= grid <= slots and c != cands[0]:

@@ -489,7 +489,7 @@ SM90_D128 = {(64, 4, 2): (4, 1), (128, 4, 5): (1, 2)}
     [
         (16, 4096, 8, (128, 4, 5, 1)),  # 128 programs: one wave of double buffers (78.3 us)
         (16, 1024, 4, (128, 4, 5, 2)),  # 64 programs: two splits fill the SMs (23.3 us)
-        (16, 4096, 4, (64, 4, 2, 8)),  # a wave of double buffers needs 4 splits: 2 waves
+        (16, 4096, 4, (128, 4, 5, 2)),  # 64 programs: two splits make one wave (51.0 us)
         (64, 4096, 4, (64, 4, 2, 2)),  # 256 programs: more than a wave of double buffers
         (1, 1024, 4, (64, 4, 2, 16)),  # 4 programs: splits to 32 cover a quarter (13.9 us)
     ],
@@ -498,10 +498,11 @@ def test_double_buffered_launch_where_one_wave_holds_the_grid(
     monkeypatch, batch, context, kv_heads, want
 ):
     """Five stages (two K/V tiles a program) are weighed where the grid, splits included, is
-    half to one wave of them: a grid of fewer programs than SMs is split first (64 programs
-    of one split: 66.4 us, two: 51.0 on GQA 8:1 batch 16 at 4k); past one wave, or on a few
-    programs, the single-buffered default stays (H200: double buffers lost 6-12% at two
-    waves, 6% on 16 programs: reports/results/h200/tune-stages.csv, tune-tiny.csv)."""
+    half to one wave of them, with the split count that makes one wave: a grid of fewer
+    programs than SMs is split first (64 programs of one split: 66.4 us, two: 51.0 against the
+    default's 54.6 on GQA 8:1 batch 16 at 4k); past one wave, or on a few programs, the
+    single-buffered default stays (H200: double buffers lost 6-12% at two
+    waves, 6% on 16 programs: reports/results/h200/tune-stages.csv, tune-tiny-stages.csv)."""
     pa = _h200_planner(monkeypatch)
     sched = make_schedule((1,) * batch, (context,) * batch, (context - 1,) * batch, 32 // kv_heads,
                           "cpu")  # fmt: skip
