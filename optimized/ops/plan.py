@@ -228,8 +228,11 @@ def _gpu_launch_candidates(
         cands = [Launch(64, 4, 2)]
     if kv_fp8 and not prefill:
         cands += [replace(c, tile_n=2 * c.tile_n) for c in cands]
+    # Double buffers for one d128 head a program, 16-bit, and only whole: on a part with less
+    # shared memory the launch would shrink to one buffer.
     one_d128_head = heads == 1 and 64 < head_pad <= 128 and block_m == 16
-    if one_d128_head and not (prefill or kv_fp8) and elem_bytes == 2:
+    whole = _fit_smem(DOUBLE_BUFFERS, block_m, head_pad, elem_bytes, smem, prefill)
+    if one_d128_head and not (prefill or kv_fp8) and elem_bytes == 2 and whole == DOUBLE_BUFFERS:
         cands.append(DOUBLE_BUFFERS)
     out = []
     for c in cands:

@@ -514,6 +514,21 @@ def test_double_buffered_launch_where_one_wave_holds_the_grid(
     assert (L.tile_n, L.num_warps, L.num_stages, p.num_splits) == want
 
 
+def test_double_buffers_are_offered_whole_or_not_at_all():
+    """Where shared memory holds two 128-token tiles (sm_90: 227 KB a block) the d128 decode
+    candidates include the five-stage launch; on a 99 KB part (sm_86/89) they do not (it
+    would shrink to one buffer), nor for fp8 caches, fp32 queries or two-head programs."""
+    from optimized.ops import plan as pa
+
+    gpu = lambda *a, **k: pa._gpu_launch_candidates(*a, **k)
+    assert pa.DOUBLE_BUFFERS in gpu(128, False, 16, 2, H100_SMEM)
+    assert pa.DOUBLE_BUFFERS not in gpu(128, False, 16, 2, 101_376)
+    assert pa.DOUBLE_BUFFERS not in gpu(128, False, 16, 2, H100_SMEM, 1, True)  # fp8 cache
+    assert pa.DOUBLE_BUFFERS not in gpu(128, False, 16, 4, H100_SMEM)  # fp32
+    assert pa.DOUBLE_BUFFERS not in gpu(128, False, 16, 2, H100_SMEM, 2)  # two d64 heads
+    assert pa.DOUBLE_BUFFERS not in gpu(128, True, 64, 2, H100_SMEM)  # prefill
+
+
 def test_double_buffers_count_twice_in_flight_but_an_sm_draws_only_its_share():
     from optimized.ops import plan as pa
 
