@@ -569,12 +569,11 @@ def make_plan(
     """The plan of one call. Tiles come from `schedule`; `heads` (None: `heads_per_program`),
     launch and split count by occupancy: each candidate's resident programs per SM as compiled
     (`probe(launch, splits) -> (resident, K/V buffers)`, the launcher compiles the kernel
-    without running it) and
-    its split count and none, scored by `launch_score` (GPU only; the interpreter has one launch
-    and the split rule). The GPU choice is memoized per (`variant`, candidates, grid, K/V tile
-    bucket, num_splits): a decode loop whose context grows a token a step decides once per
-    bucket. Explicit `num_splits`, `launch`, `heads`, `fused_reduce`, `reduce_rows` and
-    `maxnreg` override (tuning, tests)."""
+    without running it) and its split counts (`split_counts`), scored by `launch_score` (GPU
+    only; the interpreter has one launch and the split rule). The GPU choice is memoized per
+    (`variant`, candidates, grid, K/V tile bucket, num_splits): a decode loop whose context
+    grows a token a step decides once per bucket. Explicit `num_splits`, `launch`, `heads`,
+    `fused_reduce`, `reduce_rows` and `maxnreg` override (tuning, tests)."""
     heads, block_m, wide = program_shape(schedule, num_kv_heads, group, head_size, heads, device)
     head_pad = wide // heads
     # The prefill launch (bigger K/V tiles, more stages) only for 64-row tiles of many queries;
@@ -608,9 +607,10 @@ def make_plan(
                 sms = num_sms(device)
                 slots = resident * sms
                 counts = split_counts(auto, tiles, num_programs, slots)
-                if buffers > 1:  # one program an SM: the most splits that still fit one wave
-                    wave = 1 << max(0, (slots // max(num_programs, 1)).bit_length() - 1)
-                    counts = (*counts, min(wave, tiles)) if wave not in counts else counts
+                if buffers > 1:  # double buffers: also the most splits that fit one wave
+                    most = 1 << max(0, (slots // max(num_programs, 1)).bit_length() - 1)
+                    if min(most, tiles) not in counts:
+                        counts = (*counts, min(most, tiles))
                 for s in counts if num_splits is None else (auto,):
                     grid = num_programs * s
                     if buffers > 1 and not sms // 2 <= grid <= slots and c != cands[0]:
