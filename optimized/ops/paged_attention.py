@@ -135,7 +135,7 @@ def _kernel_args(
     )  # fmt: skip
 
 
-_RESIDENT: dict[tuple, tuple[int, int]] = {}  # (programs per SM, K/V buffers) per variant
+_COMPILED: dict[tuple, tuple[int, int]] = {}  # (programs per SM, K/V buffers) per variant
 
 
 def _scales(query, key_cache, k_scale, v_scale) -> tuple:
@@ -172,7 +172,7 @@ def plan_attention(
     def probe(c: Launch, splits: int, heads: int, block_m: int) -> tuple[int, int]:
         m = meta(heads, block_m)
         variant = (query.device, query.dtype, key_cache.dtype, tuple(m.items()), c)
-        if variant not in _RESIDENT:
+        if variant not in _COMPILED:
             unused = _unused_fp32(query.device)
             args = _kernel_args(
                 (splits, 1, unused, unused, unused, _arrivals(query.device, 1), False, window,
@@ -189,7 +189,7 @@ def plan_attention(
             kernel._init_handles()  # loads the binary: registers are known from here on
             shared = kernel.metadata.shared
             wide = heads * m["HEAD_PAD"]
-            _RESIDENT[variant] = (
+            _COMPILED[variant] = (
                 planner.resident_programs(
                     kernel.n_regs, c.num_warps, shared, planner.sm_limits(query.device)
                 ),
@@ -197,7 +197,7 @@ def plan_attention(
                     shared, block_m, wide, query.element_size(), c.tile_n, key_cache.element_size()
                 ),
             )
-        return _RESIDENT[variant]
+        return _COMPILED[variant]
 
     # Heads per program and tile rows come first: the constexprs they make are what the probe
     # compiles and what the launch choice is memoized under.
