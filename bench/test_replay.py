@@ -31,8 +31,9 @@ def _replay(*args: str) -> subprocess.CompletedProcess:
 )
 def test_the_launch_rule_against_the_h200s_sweeps():
     """On every shape the H200's sweeps timed, the plan is within 1.15x of the sweep's best
-    where the sweep timed it (geo-mean 1.023, worst 1.134: the one-head d64 decode at batch
-    1), and on the shapes double buffers were added for it is the best."""
+    where the sweep timed it (geo-mean 1.014, worst 1.094: GQA 8:1 at batch 1), and on the
+    shapes double buffers were added for it is the best; the models' one-head d64 decode at
+    batch 1-16 takes them too, and where the sweep timed that it is within 1.04x of the best."""
     r = _replay(*(str(H200 / f) for f in SWEEPS), "--card", "h200")
     assert r.returncode == 0, r.stderr[-2000:]
     rows = {}
@@ -43,13 +44,17 @@ def test_the_launch_rule_against_the_h200s_sweeps():
         rows[(f, shape)] = (plan, float(plan_us), best, float(ratio.removeprefix("x")))
     assert len(rows) == 64
     timed = [v for v in rows.values() if v[1] == v[1]]
-    assert len(timed) >= 50  # most plans were measured by some sweep
+    assert len(timed) >= 40  # most plans were measured (tune-tiny.csv has no five-stage launch)
     assert max(v[3] for v in timed) <= 1.15, [k for k, v in rows.items() if v[3] > 1.15]
     for shape in ("gqa8-b16-c1k", "gqa4-b16-c1k", "gqa4-b16-c4k", "gqa8-b16-c4k"):
         plan, _, best, ratio = rows[("tune-stages.csv", shape)]
         assert plan == best and plan.endswith(("/128/4/5/1", "/128/4/5/2")), (shape, plan, best)
+    d64 = ("whisper-self-b1", "whisper-self-b16", "bart-self-b16", "whisper-cross-b16")
+    for shape in d64:
+        plan, _, _, ratio = rows[("tune-tiny-stages.csv", shape)]
+        assert plan.startswith("1/128/4/5/") and ratio <= 1.04, (shape, plan, ratio)
     geo = re.search(r"geo-mean ([0-9.]+)", r.stdout.splitlines()[-1])
-    assert geo and float(geo.group(1)) <= 1.04, r.stdout.splitlines()[-1]
+    assert geo and float(geo.group(1)) <= 1.03, r.stdout.splitlines()[-1]
 
 
 def test_replay_refuses_what_it_cannot_read(tmp_path):

@@ -501,11 +501,16 @@ def tune_paging() -> None:
     the same tokens packed contiguously (no block table), SDPA on contiguous K/V, and a copy
     of the same bytes, each after do_bench's flush (256 MB written: L2 left dirty) and after a
     read of 256 MB (L2 left clean); and our launch with register caps (a fifth program an SM
-    for the d128 variants), as CSV."""
+    for the d128 variants), as CSV; first the floor (`-,floor`: a one-element kernel)."""
     print("shape,what,flush,us,gbps")
     sdpa = torch.nn.functional.scaled_dot_product_attention
     full = [("mha-d64-b64-c1k", 64, 1024, 32, 32, 64, 16, 1, True),
             ("mha-d128-b64-c4k", 64, 4096, 32, 32, 128, 16, 1, True)]  # fmt: skip
+    # The harness's floor: one kernel on one element, timed as every call is (a graph replay
+    # between two events after the flush): what no decode step can go below.
+    one = torch.zeros(1, device="cuda")
+    for flush in ("zero", "read"):
+        print(f"-,floor,{flush},{graph_ms(lambda: one.add_(1), flush=flush) * 1e3:.2f},0")
     for name, b, kv, h, kvh, d, bs, ql, causal in [*FEW, *full]:
         run, nbytes = _setup(b, kv, h, kvh, d, bs, ql, causal)
         q, sched = run.args[0], run.args[4]

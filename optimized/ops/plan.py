@@ -8,7 +8,8 @@ give the programs an SM holds and the K/V tiles each buffers, and `launch_score`
 and split count by how the grid fills the last wave and how many K/V bytes it keeps in flight
 per SM against what saturates this card's memory (`in_flight_saturates`: its bandwidth per
 SM), an SM drawing at most its share (`pick_launch`, memoized per shape). A double-buffered
-d128 decode launch (`DOUBLE_BUFFERS`) is weighed where the grid is half to one wave of it.
+decode launch (`DOUBLE_BUFFERS`, one d64 or d128 head a program) is weighed where the grid is
+half to one wave of it.
 The split counts weighed are the occupancy rule's, none, more while the grid fits one wave
 (`split_counts`), and a second launch to merge them is charged against the step's time at
 the card's bandwidth. MHA d64 decode takes two heads a program unless the grid
@@ -165,13 +166,16 @@ def _fit_smem(
 
 
 # Five stages: two 128-token K/V tiles a program (`decode_kv_buffers`; 190 registers, 137 KB
-# of shared memory: one program an SM), the next tile loading while the current one is
-# computed on. Offered for d128 decode with 16-bit queries and cache (what was measured), and
-# weighed only where the grid, splits included, covers half to one wave of it, also with the
-# split count that makes one wave: H200, GQA batch 16 (kernel time, page 16): 8:1 at 1k
-# 24.2 -> 21.6 us (two splits), 4:1 at 1k 32.7 -> 30.0, 4:1 at 4k 80.3 -> 78.2 (no split),
-# 8:1 at 4k 54.6 -> 51.0 (two splits, in the sweep); at two waves it lost 6-12%, on 16-32
-# programs 6% (reports/results/h200/tune-stages.csv, tune-tiny-stages.csv).
+# of shared memory at d128: one program an SM), the next tile loading while the current one is
+# computed on. Offered for decode of one d64 or d128 head a program with 16-bit queries and
+# cache (what was measured), and weighed only where the grid, splits included, covers half to
+# one wave of it, also with the split count that makes one wave: H200, GQA batch 16 (kernel
+# time, page 16): 8:1 at 1k 24.2 -> 21.6 us (two splits), 4:1 at 1k 32.7 -> 30.0, 4:1 at 4k
+# 80.3 -> 78.2 (no split), 8:1 at 4k 54.6 -> 51.0 (two splits, in the sweep); at two waves it
+# lost 6-12%, on 16-32 programs 6% (reports/results/h200/tune-stages.csv,
+# tune-tiny-stages.csv). One d64 head a program (the models' decode at batch 1-16, replayed on
+# tune-tiny-stages.csv): Whisper self decode batch 1 13.8 -> 12.2 us, BART self decode batch 16
+# 33.5 -> 31.9, Whisper cross prefill batch 16 +1.4%.
 DOUBLE_BUFFERS = Launch(128, 4, 5)
 
 
@@ -228,11 +232,11 @@ def _gpu_launch_candidates(
         cands = [Launch(64, 4, 2)]
     if kv_fp8 and not prefill:
         cands += [replace(c, tile_n=2 * c.tile_n) for c in cands]
-    # Double buffers for one d128 head a program, 16-bit, and only whole: on a part with less
-    # shared memory the launch would shrink to one buffer.
-    one_d128_head = heads == 1 and 64 < head_pad <= 128 and block_m == 16
+    # Double buffers for one d64 or d128 head a program, 16-bit, and only whole: on a part with
+    # less shared memory the launch would shrink to one buffer.
+    one_head = heads == 1 and head_pad <= 128 and block_m == 16
     whole = _fit_smem(DOUBLE_BUFFERS, block_m, head_pad, elem_bytes, smem, prefill)
-    if one_d128_head and not (prefill or kv_fp8) and elem_bytes == 2 and whole == DOUBLE_BUFFERS:
+    if one_head and not (prefill or kv_fp8) and elem_bytes == 2 and whole == DOUBLE_BUFFERS:
         cands.append(DOUBLE_BUFFERS)
     out = []
     for c in cands:

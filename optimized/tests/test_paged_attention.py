@@ -515,13 +515,16 @@ def test_double_buffered_launch_where_one_wave_holds_the_grid(
 
 
 def test_double_buffers_are_offered_whole_or_not_at_all():
-    """Where shared memory holds two 128-token tiles (sm_90: 227 KB a block) the d128 decode
-    candidates include the five-stage launch; on a 99 KB part (sm_86/89) they do not (it
-    would shrink to one buffer), nor for fp8 caches, fp32 queries or two-head programs."""
+    """Where shared memory holds two 128-token tiles (sm_90: 227 KB a block) the decode
+    candidates of one d64 or d128 head include the five-stage launch; for d128 on a 99 KB part
+    (sm_86/89) they do not (it would shrink to one buffer), nor for fp8 caches, fp32 queries,
+    two-head programs or d256."""
     from optimized.ops import plan as pa
 
     gpu = lambda *a, **k: pa._gpu_launch_candidates(*a, **k)
     assert pa.DOUBLE_BUFFERS in gpu(128, False, 16, 2, H100_SMEM)
+    assert pa.DOUBLE_BUFFERS in gpu(64, False, 16, 2, H100_SMEM)  # one d64 head
+    assert pa.DOUBLE_BUFFERS not in gpu(256, False, 16, 2, H100_SMEM)  # d256: not measured
     assert pa.DOUBLE_BUFFERS not in gpu(128, False, 16, 2, 101_376)
     assert pa.DOUBLE_BUFFERS not in gpu(128, False, 16, 2, H100_SMEM, 1, True)  # fp8 cache
     assert pa.DOUBLE_BUFFERS not in gpu(128, False, 16, 4, H100_SMEM)  # fp32
