@@ -210,7 +210,7 @@ def plan_attention(
         elem_bytes=query.element_size(), kv_elem_bytes=key_cache.element_size(),
         device=query.device, probe=lambda c, s: probe(c, s, heads, block_m),
         variant=(query.device, query.dtype, key_cache.dtype, tuple(m.items())), heads=heads,
-        **overrides,
+        paged=paged, **overrides,
     )  # fmt: skip
 
 

@@ -150,12 +150,20 @@ class Launch:
 
 
 def _fit_smem(
-    cfg: Launch, block_m: int, head_pad: int, elem_bytes: int, limit: int, prefill: bool
+    cfg: Launch,
+    block_m: int,
+    head_pad: int,
+    elem_bytes: int,
+    limit: int,
+    prefill: bool,
+    paged: bool = True,
 ) -> Launch:
-    """Fewer stages, then smaller K/V tiles, until the program fits `limit` bytes."""
+    """Fewer stages, then smaller K/V tiles, until the program fits `limit` bytes. Only the
+    paged decode loop holds fewer K/V tiles than stages - 1 (`decode_kv_buffers`): packed K/V
+    has no block-table load to pipeline ahead, so Triton buffers a K/V tile per stage."""
 
     def fits(c: Launch) -> bool:
-        buffers = None if prefill else decode_kv_buffers(c.num_stages)
+        buffers = decode_kv_buffers(c.num_stages) if paged and not prefill else None
         return smem_bytes(block_m, c.tile_n, head_pad, elem_bytes, c.num_stages, buffers) <= limit
 
     while not fits(cfg) and cfg.num_stages > 2:
@@ -187,6 +195,7 @@ def launch_candidates(
     smem: int | None = None,
     heads: int = 1,
     kv_fp8: bool = False,
+    paged: bool = True,
 ) -> tuple[Launch, ...]:
     """The launches `pick_launch` chooses from; the first is the default. The interpreter wants
     few, small tiles; on the GPU these come from the sweeps in `bench/tune.py` (H100, bf16),
@@ -196,12 +205,14 @@ def launch_candidates(
     moves half the bytes a token: decode also gets each launch with twice the K/V tile (the same
     bytes in flight per program as the model dtype's), and the occupancy model chooses.
     `elem_bytes` is the query's element size (K/V tiles are sized as if that wide: never too
-    small for shared memory)."""
+    small for shared memory). `paged`: False for packed K/V (the encoder)."""
     if interpreting():  # the interpreter pays per loop iteration, not per element: wide tiles
         return (Launch(64, 4, 1),)
     if smem is None:
         smem = smem_limit(torch.device("cuda", torch.cuda.current_device()))
-    return _gpu_launch_candidates(head_pad, prefill, block_m, elem_bytes, smem, heads, kv_fp8)
+    return _gpu_launch_candidates(
+        head_pad, prefill, block_m, elem_bytes, smem, heads, kv_fp8, paged
+    )
 
 
 @functools.cache
@@ -213,6 +224,7 @@ def _gpu_launch_candidates(
     smem: int,
     heads: int = 1,
     kv_fp8: bool = False,
+    paged: bool = True,
 ) -> tuple[Launch, ...]:
     if prefill:
         cands = [Launch(64, 4, 3)]
@@ -232,15 +244,17 @@ def _gpu_launch_candidates(
         cands = [Launch(64, 4, 2)]
     if kv_fp8 and not prefill:
         cands += [replace(c, tile_n=2 * c.tile_n) for c in cands]
-    # Double buffers for one d64 or d128 head a program, 16-bit, and only whole: on a part with
-    # less shared memory the launch would shrink to one buffer.
+    # Double buffers for the paged decode of one d64 or d128 head a program, 16-bit, and only
+    # whole: on a part with less shared memory the launch would shrink to one buffer. Not for
+    # packed K/V: there five stages are four K/V tiles (270 KB at d128, over sm_90's 227 KB).
     one_head = heads == 1 and head_pad <= 128 and block_m == 16
-    whole = _fit_smem(DOUBLE_BUFFERS, block_m, head_pad, elem_bytes, smem, prefill)
-    if one_head and not (prefill or kv_fp8) and elem_bytes == 2 and whole == DOUBLE_BUFFERS:
+    whole = _fit_smem(DOUBLE_BUFFERS, block_m, head_pad, elem_bytes, smem, prefill, paged)
+    if (one_head and paged and not (prefill or kv_fp8) and elem_bytes == 2
+            and whole == DOUBLE_BUFFERS):  # fmt: skip
         cands.append(DOUBLE_BUFFERS)
     out = []
     for c in cands:
-        c = _fit_smem(c, block_m, head_pad, elem_bytes, smem, prefill)
+        c = _fit_smem(c, block_m, head_pad, elem_bytes, smem, prefill, paged)
         if c not in out:
             out.append(c)
     return tuple(out)
@@ -569,6 +583,7 @@ def make_plan(
     fused_reduce: bool | None = None,
     reduce_rows: int | None = None,
     maxnreg: int | None = None,
+    paged: bool = True,
 ) -> Plan:
     """The plan of one call. Tiles come from `schedule`; `heads` (None: `heads_per_program`),
     launch and split count by occupancy: each candidate's resident programs per SM as compiled
@@ -577,7 +592,8 @@ def make_plan(
     only; the interpreter has one launch and the split rule). The GPU choice is memoized per
     (`variant`, candidates, grid, K/V tile bucket, num_splits): a decode loop whose context
     grows a token a step decides once per bucket. Explicit `num_splits`, `launch`, `heads`,
-    `fused_reduce`, `reduce_rows` and `maxnreg` override (tuning, tests)."""
+    `fused_reduce`, `reduce_rows` and `maxnreg` override (tuning, tests). `paged`: False for
+    packed K/V (its loop buffers K/V differently: `launch_candidates`)."""
     heads, block_m, wide = program_shape(schedule, num_kv_heads, group, head_size, heads, device)
     head_pad = wide // heads
     # The prefill launch (bigger K/V tiles, more stages) only for 64-row tiles of many queries;
@@ -585,7 +601,7 @@ def make_plan(
     prefill = schedule.max_query_len > 1 and block_m >= 64
     smem = None if interpreting() else smem_limit(device)
     kv_fp8 = kv_elem_bytes == 1
-    cands = launch_candidates(wide, prefill, block_m, elem_bytes, smem, heads, kv_fp8)
+    cands = launch_candidates(wide, prefill, block_m, elem_bytes, smem, heads, kv_fp8, paged)
     if launch is not None:
         cands = (launch,)
     num_tiles = schedule.tile_seq.shape[0]

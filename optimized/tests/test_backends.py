@@ -74,3 +74,28 @@ def test_unavailable_backends_say_why():
             assert reason and ("CUDA" in reason), reason
         else:  # with CUDA: available, or the reason names what is missing of xFormers
             assert reason is None or "xFormers" in reason, reason
+
+
+ONE_HEAD_SHORT = [
+    ("encoder", (), None, (3, 16, 9, 1)),  # packed K/V, sequences of at most 16 tokens
+    ("decoder", (1, 1, 1, 1), (40, 447, 7, 130), None),  # paged decode, batch 4
+    ("encoder_decoder", (1, 1), (0, 5), (1500, 33)),  # paged cross decode
+]
+
+
+@pytest.mark.parametrize("head_size", [64, 128])
+@pytest.mark.parametrize("kind,q,c,e", ONE_HEAD_SHORT, ids=[p[0] for p in ONE_HEAD_SHORT])
+def test_one_head_short_steps_in_16_bits(kind, q, c, e, head_size):
+    """MHA with 16-bit queries on a few short rows: one kv head a 16-row program, where on
+    sm_90 the plan weighs the double-buffered launch (five stages) for paged decode and must
+    not for packed K/V (there it needs 270 KB of shared memory at d128: the encoder of short
+    sequences failed to launch on the H200 before the plan knew paged from packed)."""
+    step = build_step(kind, q, c, e, block_size=16, num_heads=4, num_kv_heads=4, seed=3,
+                      head_size=head_size, dtype=torch.bfloat16, layout="shuffled")  # fmt: skip
+    backend = get_backend("triton")
+    device = backend.device()
+    exp = runner.expect_step(step.with_fresh_cache())
+    mine = step.to(device, copy=True)
+    after = runner.ExpectedCaches(mine).advance(exp)
+    verdict = runner.judge_step(backend, mine, step, exp, after, device, timeout_s=600)
+    assert verdict.status == "pass", verdict.reason

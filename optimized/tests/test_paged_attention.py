@@ -159,12 +159,17 @@ def test_shared_memory_model_and_every_launch_config_fits(monkeypatch):
                 # 100 KB at the smallest tile there: it cannot launch on such a part)
                 smems = (H100_SMEM, 101_376) if elem_bytes == 2 else (H100_SMEM,)
                 for smem in smems:
-                    for c in pa.launch_candidates(head_pad, prefill, block_m, elem_bytes, smem):
-                        bufs = None if prefill else pa.decode_kv_buffers(c.num_stages)
-                        used = pa.smem_bytes(
-                            block_m, c.tile_n, head_pad, elem_bytes, c.num_stages, bufs
+                    for paged in (True, False):  # packed K/V: a K/V tile a stage
+                        cands = pa.launch_candidates(
+                            head_pad, prefill, block_m, elem_bytes, smem, paged=paged
                         )
-                        assert used <= smem, (head_size, elem_bytes, prefill, c, smem)
+                        for c in cands:
+                            paged_decode = paged and not prefill
+                            bufs = pa.decode_kv_buffers(c.num_stages) if paged_decode else None
+                            used = pa.smem_bytes(
+                                block_m, c.tile_n, head_pad, elem_bytes, c.num_stages, bufs
+                            )
+                            assert used <= smem, (head_size, elem_bytes, prefill, paged, c, smem)
     # two d64 heads a program (128 K/V columns, 16 rows), and fp8 decode's doubled tiles
     for elem_bytes in (2, 4):
         for heads, fp8 in ((2, False), (1, True), (2, True)):
@@ -518,7 +523,7 @@ def test_double_buffers_are_offered_whole_or_not_at_all():
     """Where shared memory holds two 128-token tiles (sm_90: 227 KB a block) the decode
     candidates of one d64 or d128 head include the five-stage launch; for d128 on a 99 KB part
     (sm_86/89) they do not (it would shrink to one buffer), nor for fp8 caches, fp32 queries,
-    two-head programs or d256."""
+    two-head programs, d256 or packed K/V."""
     from optimized.ops import plan as pa
 
     gpu = lambda *a, **k: pa._gpu_launch_candidates(*a, **k)
@@ -530,6 +535,11 @@ def test_double_buffers_are_offered_whole_or_not_at_all():
     assert pa.DOUBLE_BUFFERS not in gpu(128, False, 16, 4, H100_SMEM)  # fp32
     assert pa.DOUBLE_BUFFERS not in gpu(128, False, 16, 2, H100_SMEM, 2)  # two d64 heads
     assert pa.DOUBLE_BUFFERS not in gpu(128, True, 64, 2, H100_SMEM)  # prefill
+    # Packed K/V (an encoder of short sequences): five stages are four K/V tiles there, 270 KB
+    # at d128 as compiled for sm_90 (137 KB at d64), so the launch failed on the GPU.
+    for head_pad in (64, 128):
+        assert pa.DOUBLE_BUFFERS not in gpu(head_pad, False, 16, 2, H100_SMEM, paged=False)
+    assert pa.smem_bytes(16, 128, 128, 2, 5) > H100_SMEM
 
 
 def test_double_buffers_count_twice_in_flight_but_an_sm_draws_only_its_share():
