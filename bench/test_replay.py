@@ -15,7 +15,8 @@ import triton
 
 ROOT = Path(__file__).resolve().parents[1]
 H200 = ROOT / "reports" / "results" / "h200"
-SWEEPS = ["tune-card.csv", "tune-tiny.csv", "tune-stages.csv", "tune-tiny-stages.csv"]
+SWEEPS = ["tune-card.csv", "tune-tiny.csv", "tune-stages.csv", "tune-tiny-stages.csv",
+          "tune-stages-rerun.csv", "tune-tiny-rerun.csv"]  # fmt: skip
 TOOLS = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
 
 
@@ -30,10 +31,11 @@ def _replay(*args: str) -> subprocess.CompletedProcess:
     reason="this Triton wheel ships no ptxas: launches a sweep did not time cannot be compiled",
 )
 def test_the_launch_rule_against_the_h200s_sweeps():
-    """On every shape the H200's sweeps timed, the plan is within 1.15x of the sweep's best
-    where the sweep timed it (geo-mean 1.014, worst 1.094: GQA 8:1 at batch 1), and on the
-    shapes double buffers were added for it is the best; the models' one-head d64 decode at
-    batch 1-16 takes them too, and where the sweep timed that it is within 1.04x of the best."""
+    """On every shape the H200's sweeps timed, the plan is within 1.08x of the sweep's best
+    where the sweep timed it (geo-mean 1.012, worst 1.052: GQA 8:1 at batch 64, 1k), and on
+    the shapes double buffers were added for it is the best; the models' one-head d64 decode
+    at batch 1-16 takes them too, and where the sweep timed that it is within 1.05x of the
+    best; GQA 8:1 at batch 1 takes the 32-token double buffers."""
     r = _replay(*(str(H200 / f) for f in SWEEPS), "--card", "h200")
     assert r.returncode == 0, r.stderr[-2000:]
     rows = {}
@@ -42,19 +44,26 @@ def test_the_launch_rule_against_the_h200s_sweeps():
             continue
         f, shape, _, plan, plan_us, _, _, best, _, _, ratio = line.split()
         rows[(f, shape)] = (plan, float(plan_us), best, float(ratio.removeprefix("x")))
-    assert len(rows) == 64
+    assert len(rows) == 89
     timed = [v for v in rows.values() if v[1] == v[1]]
     assert len(timed) >= 40  # most plans were measured (tune-tiny.csv has no five-stage launch)
-    assert max(v[3] for v in timed) <= 1.15, [k for k, v in rows.items() if v[3] > 1.15]
-    for shape in ("gqa8-b16-c1k", "gqa4-b16-c1k", "gqa4-b16-c4k", "gqa8-b16-c4k"):
-        plan, _, best, ratio = rows[("tune-stages.csv", shape)]
-        assert plan == best and plan.endswith(("/128/4/5/1", "/128/4/5/2")), (shape, plan, best)
+    assert max(v[3] for v in timed) <= 1.08, [k for k, v in rows.items() if v[3] > 1.08]
+    for f, shape in [
+        (f, s)
+        for f in ("tune-stages.csv", "tune-stages-rerun.csv")
+        for s in ("gqa8-b16-c1k", "gqa4-b16-c1k", "gqa4-b16-c4k", "gqa8-b16-c4k")
+    ]:
+        plan, _, best, ratio = rows[(f, shape)]
+        assert ratio <= 1.005 and plan.endswith(("/128/4/5/1", "/128/4/5/2")), (shape, plan, best)
     d64 = ("whisper-self-b1", "whisper-self-b16", "bart-self-b16", "whisper-cross-b16")
-    for shape in d64:
-        plan, _, _, ratio = rows[("tune-tiny-stages.csv", shape)]
-        assert plan.startswith("1/128/4/5/") and ratio <= 1.04, (shape, plan, ratio)
+    for f, shape in [(f, s) for f in ("tune-tiny-stages.csv", "tune-tiny-rerun.csv") for s in d64]:
+        plan, _, _, ratio = rows[(f, shape)]
+        assert plan.startswith("1/128/4/5/") and ratio <= 1.05, (f, shape, plan, ratio)
+    for f in ("tune-tiny-stages.csv", "tune-tiny-rerun.csv"):
+        plan, _, _, ratio = rows[(f, "gqa8-c1k-b1")]
+        assert plan.startswith("1/32/4/5/") and ratio <= 1.05, (f, plan, ratio)
     geo = re.search(r"geo-mean ([0-9.]+)", r.stdout.splitlines()[-1])
-    assert geo and float(geo.group(1)) <= 1.03, r.stdout.splitlines()[-1]
+    assert geo and float(geo.group(1)) <= 1.02, r.stdout.splitlines()[-1]
 
 
 def test_replay_refuses_what_it_cannot_read(tmp_path):

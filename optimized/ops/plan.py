@@ -185,6 +185,11 @@ def _fit_smem(
 # tune-tiny-stages.csv): Whisper self decode batch 1 13.8 -> 12.2 us, BART self decode batch 16
 # 33.5 -> 31.9, Whisper cross prefill batch 16 +1.4%.
 DOUBLE_BUFFERS = Launch(128, 4, 5)
+# The same two buffers in 32-token tiles (96 registers, 38 KB at d128: five programs an SM),
+# offered beside it and weighed on the same grids: GQA 8:1 at batch 1, 1k (4 programs, 32
+# splits) 12.5 -> 11.2 us in reports/results/h200/tune-tiny-rerun.csv; elsewhere the score
+# keeps its choice (`python -m bench replay` on the H200's six sweeps).
+SMALL_DOUBLE_BUFFERS = Launch(32, 4, 5)
 
 
 def launch_candidates(
@@ -251,7 +256,7 @@ def _gpu_launch_candidates(
     whole = _fit_smem(DOUBLE_BUFFERS, block_m, head_pad, elem_bytes, smem, prefill, paged)
     if (one_head and paged and not (prefill or kv_fp8) and elem_bytes == 2
             and whole == DOUBLE_BUFFERS):  # fmt: skip
-        cands.append(DOUBLE_BUFFERS)
+        cands += [DOUBLE_BUFFERS, SMALL_DOUBLE_BUFFERS]
     out = []
     for c in cands:
         c = _fit_smem(c, block_m, head_pad, elem_bytes, smem, prefill, paged)

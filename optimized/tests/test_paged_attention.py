@@ -486,7 +486,7 @@ def _h200_planner(monkeypatch):
 
 
 # (resident programs, K/V buffers) of the GQA d128 bf16 decode launches, compiled for sm_90
-SM90_D128 = {(64, 4, 2): (4, 1), (128, 4, 5): (1, 2)}
+SM90_D128 = {(64, 4, 2): (4, 1), (128, 4, 5): (1, 2), (32, 4, 5): (5, 2)}
 
 
 @pytest.mark.parametrize(
@@ -496,7 +496,8 @@ SM90_D128 = {(64, 4, 2): (4, 1), (128, 4, 5): (1, 2)}
         (16, 1024, 4, (128, 4, 5, 2)),  # 64 programs: two splits fill the SMs (23.3 us)
         (16, 4096, 4, (128, 4, 5, 2)),  # 64 programs: two splits make one wave (51.0 us)
         (64, 4096, 4, (64, 4, 2, 2)),  # 256 programs: more than a wave of double buffers
-        (1, 1024, 4, (64, 4, 2, 16)),  # 4 programs: splits to 32 cover a quarter (13.9 us)
+        (1, 1024, 4, (32, 4, 5, 32)),  # 4 programs: 32 splits of 32-token double buffers
+        # (11.2 us; the single-buffered 16 splits 12.5: tune-tiny-rerun.csv)
     ],
 )
 def test_double_buffered_launch_where_one_wave_holds_the_grid(
@@ -505,9 +506,9 @@ def test_double_buffered_launch_where_one_wave_holds_the_grid(
     """Five stages (two K/V tiles a program) are weighed where the grid, splits included, is
     half to one wave of them, with the split count that makes one wave: a grid of fewer
     programs than SMs is split first (64 programs of one split: 66.4 us, two: 51.0 against the
-    default's 54.6 on GQA 8:1 batch 16 at 4k); past one wave, or on a few programs, the
-    single-buffered default stays (H200: double buffers lost 6-12% at two
-    waves, 6% on 16 programs: reports/results/h200/tune-stages.csv, tune-tiny-stages.csv)."""
+    default's 54.6 on GQA 8:1 batch 16 at 4k); past one wave the single-buffered default stays
+    (H200: double buffers lost 6-12% at two waves: reports/results/h200/tune-stages.csv); on
+    a few programs the 32-token double buffers with many splits win."""
     pa = _h200_planner(monkeypatch)
     sched = make_schedule((1,) * batch, (context,) * batch, (context - 1,) * batch, 32 // kv_heads,
                           "cpu")  # fmt: skip
