@@ -475,7 +475,10 @@ def _occupancy_sweep(shapes, split_counts, min_tiles: int, launches=None) -> Non
             try:
                 plan = plan_attention(q, kc, kc, run.args[3], sched, causal=causal, **cfg)
                 fn = functools.partial(run, plan=plan)  # timed exactly as reported
-                ms = graph_ms(fn)
+                why: list[str] = []
+                ms = graph_ms(fn, why=why)
+                if why:  # a launch that failed is a comment line with its reason, not a NaN row
+                    raise RuntimeError(why[0])
                 _paged_attention_kernel.device_caches.clear()
                 fn()
                 caches = _paged_attention_kernel.device_caches.values()
@@ -529,8 +532,11 @@ def tune_paging() -> None:
         ]  # fmt: skip
         for what, fn in calls:
             for flush in ("zero", "read"):
-                us = graph_ms(fn, flush=flush) * 1e3
+                why: list[str] = []
+                us = graph_ms(fn, flush=flush, why=why) * 1e3
                 print(f"{name},{what},{flush},{us:.2f},{nbytes / us / 1e3:.0f}", flush=True)
+                if why:  # NaN above: say why (the packed call once failed to launch unseen)
+                    print(f"# {name} {what} {flush}: {why[0]}", flush=True)
 
 
 SECTIONS = {
