@@ -46,7 +46,7 @@ def test_the_launch_rule_against_the_h200s_sweeps():
         rows[(f, shape)] = (plan, float(plan_us), best, float(ratio.removeprefix("x")))
     assert len(rows) == 89
     timed = [v for v in rows.values() if v[1] == v[1]]
-    assert len(timed) >= 40  # most plans were measured (tune-tiny.csv has no five-stage launch)
+    assert len(timed) >= 60  # most plans were measured (tune-tiny.csv has no five-stage launch)
     assert max(v[3] for v in timed) <= 1.08, [k for k, v in rows.items() if v[3] > 1.08]
     for f, shape in [
         (f, s)

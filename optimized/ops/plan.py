@@ -7,13 +7,13 @@ Launch choice (GPU): a program holds as many query rows as the longest query nee
 give the programs an SM holds and the K/V tiles each buffers, and `launch_score` picks launch
 and split count by how the grid fills the last wave and how many K/V bytes it keeps in flight
 per SM against what saturates this card's memory (`in_flight_saturates`: its bandwidth per
-SM), an SM drawing at most its share (`pick_launch`, memoized per shape). A double-buffered
-decode launch (`DOUBLE_BUFFERS`, one d64 or d128 head a program) is weighed where the grid is
-half to one wave of it.
-The split counts weighed are the occupancy rule's, none, more while the grid fits one wave
-(`split_counts`), and a second launch to merge them is charged against the step's time at
-the card's bandwidth. MHA d64 decode takes two heads a program unless the grid
-is tiny (`heads_per_program`). The interpreter has one launch and the occupancy split rule.
+SM), an SM drawing at most its share (`pick_launch`, memoized per shape). Double-buffered
+paged decode launches (`DOUBLE_BUFFERS`, `SMALL_DOUBLE_BUFFERS`: one d64 or d128 head a
+program) are weighed where the grid is half to one wave of them. The split counts weighed are
+the occupancy rule's, none, more while the grid fits one wave (`split_counts`), and a second
+launch to merge them is charged against the step's time at the card's bandwidth. MHA d64
+decode takes two heads a program unless the grid is tiny (`heads_per_program`). The
+interpreter has one launch and the occupancy split rule.
 
 The device's own limits are read from it (shared memory per block, SMs, registers); choices are
 memoized per (variant, grid, K/V tiles in power-of-two buckets), in a bounded memo, so a decode
@@ -253,9 +253,9 @@ def _gpu_launch_candidates(
     # whole: on a part with less shared memory the launch would shrink to one buffer. Not for
     # packed K/V: there five stages are four K/V tiles (270 KB at d128, over sm_90's 227 KB).
     one_head = heads == 1 and head_pad <= 128 and block_m == 16
-    whole = _fit_smem(DOUBLE_BUFFERS, block_m, head_pad, elem_bytes, smem, prefill, paged)
-    if (one_head and paged and not (prefill or kv_fp8) and elem_bytes == 2
-            and whole == DOUBLE_BUFFERS):  # fmt: skip
+    offered = one_head and paged and not (prefill or kv_fp8) and elem_bytes == 2
+    fit = lambda: _fit_smem(DOUBLE_BUFFERS, block_m, head_pad, elem_bytes, smem, prefill)
+    if offered and fit() == DOUBLE_BUFFERS:
         cands += [DOUBLE_BUFFERS, SMALL_DOUBLE_BUFFERS]
     out = []
     for c in cands:
@@ -625,11 +625,11 @@ def make_plan(
         if choice is None:
             tile_bytes = 2 * wide * kv_elem_bytes
             options = []
+            sms = num_sms(device)
             for c in cands:
                 auto = splits_for(c)
                 resident, buffers = probe(c, auto)
                 tiles = cdiv(max(schedule.max_kv_len, 1), c.tile_n)
-                sms = num_sms(device)
                 slots = resident * sms
                 counts = split_counts(auto, tiles, num_programs, slots)
                 if buffers > 1:  # double buffers: also the most splits that fit one wave
@@ -639,13 +639,13 @@ def make_plan(
                 for s in counts if num_splits is None else (auto,):
                     grid = num_programs * s
                     if buffers > 1 and not sms // 2 <= grid <= slots and c != cands[0]:
-                        continue  # `DOUBLE_BUFFERS`: a grid of half to one wave
+                        continue  # double buffers: a grid of half to one wave of them
                     second = s > FUSED_REDUCE_MAX_SPLITS and heads == 1
-                    options.append(Option(c, s, resident, num_programs * s,
-                                          c.tile_n * tile_bytes, second, buffers))  # fmt: skip
+                    options.append(Option(c, s, resident, grid, c.tile_n * tile_bytes, second,
+                                          buffers))  # fmt: skip
             kv_bytes = num_programs * max(schedule.max_kv_len, 1) * tile_bytes
             ideal_us = kv_bytes / card_bandwidth(device)
-            best = options[pick_launch(options, num_sms(device), card_in_flight(device), ideal_us)]
+            best = options[pick_launch(options, sms, card_in_flight(device), ideal_us)]
             choice = _CHOSEN.put(key, (best.launch, best.splits))
         cfg, splits = choice
         splits = max(1, min(splits, cdiv(max(schedule.max_kv_len, 1), cfg.tile_n)))
