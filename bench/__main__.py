@@ -267,6 +267,7 @@ def backend_path(args) -> list[dict]:
     from bench import backends
     from conformance import selection
 
+    selection.check_model(args.model, None, args.cases)
     cuda = torch.cuda.is_available()
     batches = parse_batches(args.batches)
     if args.cases:

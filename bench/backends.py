@@ -67,6 +67,7 @@ def cases_workloads(path: str) -> list[tuple[str, Shape]]:
     from conformance.cases import lower, read_cases_file
 
     shapes = [c if isinstance(c, Shape) else lower(c) for c in read_cases_file(path)]
+    runner.check_fits(shapes, f"--cases {path}")
     episodes = [s.id for s in shapes if s.attn_kind == "episode"]
     if episodes:
         raise ValueError(f"--cases: an episode has no one step to time ({episodes[0]})")

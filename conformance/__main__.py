@@ -44,7 +44,9 @@ DEFAULT_OUT = "reports/out"
 def cmd_list(args) -> int:
     from conformance.cases import read_cases_file
     from conformance.generate import coverage, generate, generate_for_models, shard
+    from conformance.selection import check_model
 
+    check_model(args.model, None, args.cases)
     if args.cases:
         return _list_file(args, shard(read_cases_file(args.cases), args.shard))
     every = generate_for_models(args.tier, args.model) if args.model else generate(args.tier)
@@ -230,11 +232,16 @@ def _render(out: Path) -> None:
 def cmd_dump(args) -> int:
     import numpy as np
 
-    from conformance.cases import build_inputs, select_cases
+    from conformance import runner
+    from conformance.cases import build_inputs, lower, select_cases
+    from conformance.selection import check_model
+    from conformance.shapes import Shape
     from conformance.workloads import Episode
     from reference.attention import attention
 
+    check_model(args.model, [args.case_id], args.cases)
     (case,) = select_cases([args.case_id], args.cases)
+    runner.check_fits([case if isinstance(case, Shape) else lower(case)], "dump")
     inputs = build_inputs(case)
     steps = inputs.steps if isinstance(inputs, Episode) else (inputs,)
     ref = inputs.with_fresh_cache()
@@ -440,6 +447,7 @@ def main(argv=None) -> int:
     pd.add_argument("case_id")
     pd.add_argument("--out", required=True)
     pd.add_argument("--cases", default=None, help="the file of an explicit shape's id")
+    pd.add_argument("--model", default=None, help="the model preset the case belongs to")
     pd.add_argument("--backend", default=None, metavar="NAME", help="a registered backend")
     pd.add_argument("--backend-module", default=None, metavar="SPEC", help="your backend")
     pd.add_argument("--case-timeout", default=DEFAULT_TIMEOUT_S, type=float, help=argparse.SUPPRESS)

@@ -22,7 +22,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from conformance.cases import Case, build_inputs
+from conformance.cases import Case, build_inputs, lower
 from conformance.compare import bitwise_equal, compare_caches, compare_output, nonfinite_count
 from conformance.schema import Status, result_row
 from conformance.tolerance import baseline_attention
@@ -112,6 +112,46 @@ class ExpectedCaches:
             for c, rows in zip(self.caches, (k, v)):
                 c[slots // c.shape[1], slots % c.shape[1]] = rows  # (block, offset): any strides
         return self.caches
+
+
+# A case is held three times over while it runs: the pristine inputs, the reference's copy and
+# each backend's own copy (one at a time).
+COPIES = 3
+
+
+def machine_memory() -> list[tuple[str, int]]:
+    """(what, bytes) of every memory a case must fit: this host's RAM (cases are built there),
+    and the GPU's where there is one (the reference and the backends run there)."""
+    import os
+
+    found = [("host RAM", os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))]
+    if torch.cuda.is_available():
+        found.append(("GPU memory", torch.cuda.get_device_properties(0).total_memory))
+    return found
+
+
+def memory_problem(shape) -> str:
+    """Why `shape` (a conformance Shape) cannot be held by this machine ('' when it can): its
+    footprint times COPIES against each memory of `machine_memory()`, from its fields alone,
+    before anything is allocated."""
+    need = COPIES * shape.footprint()
+    for what, have in machine_memory():
+        if need > have:
+            return (
+                f"too large for this machine: case {shape.id} needs about {need:,} bytes "
+                f"({need / 2**30:,.1f} GiB: {COPIES} copies of its inputs and caches); its "
+                f"{what} is {have:,} bytes ({have / 2**30:,.1f} GiB)"
+            )
+    return ""
+
+
+def check_fits(shapes, where: str) -> None:
+    """A user's shapes (`where`: the option that gave them) that this machine cannot hold are
+    their mistake: a ValueError naming the first (exit 2), before anything is allocated."""
+    for s in shapes:
+        problem = memory_problem(s)
+        if problem:
+            raise ValueError(f"{where}: {problem}")
 
 
 def reference_device() -> torch.device:
@@ -247,10 +287,16 @@ def run_case(
     `permuted` where that one compares bits).
     `module`: the backend's --backend-module spec ('' for a registered one), for its rows."""
     name = str(getattr(backend, "name", type(backend).__name__))
+    case = lower(case) if isinstance(case, Case) else case  # the rows see shapes only
 
     def row(sname, status, reason="", *a):
         return result_row(case, name, sname, status, reason, *a, backend_module=module)
 
+    too_big = memory_problem(case)
+    if too_big:  # never allocated: a skip that says why (a cases file is refused up front)
+        return [
+            row(_step_name(i, k), Status.SKIP, too_big) for i, k in enumerate(case.step_kinds())
+        ]
     try:
         inputs, expected = expected_for(
             case, bool(getattr(backend, "fp8_prefill_reads_inputs", False))
@@ -497,8 +543,9 @@ def poison_finite(inputs: Step | Episode) -> Step | Episode:
     return inputs
 
 
-def _step_name(i: int, step: Step) -> str:
-    return f"{i}:{step.attn_kind.value}"
+def _step_name(i: int, step: Step | str) -> str:
+    kind = step if isinstance(step, str) else step.attn_kind.value
+    return f"{i}:{kind}"
 
 
 def _recover(device: torch.device) -> None:

@@ -7,10 +7,29 @@ from __future__ import annotations
 from conformance.cases import Case, lower, select_cases
 from conformance.engine import Test
 from conformance.generate import generate, generate_for_models, shard
+from conformance.models import model_names
 from conformance.shapes import Shape
 
 # A --backend-module run's default output: USER_OUT/<its name> (never the project's own set).
 USER_OUT = "reports/out/backends"
+
+
+def check_model(
+    model: str | None, ids: list[str] | None = None, cases_file: str | None = None
+) -> None:
+    """--model names a preset (or `all`), whatever else the command line says: a typo is a
+    ValueError naming the known presets. With --case, every id must be a case of that model;
+    --cases is another source of cases, so the two together are refused."""
+    if not model:
+        return
+    names = model_names(model)
+    if cases_file:
+        raise ValueError(
+            f"--model {model} and --cases {cases_file} are two sources of cases: give one"
+        )
+    for case_id in ids or []:
+        if case_id.rpartition("~")[0] not in names:
+            raise ValueError(f"--case {case_id}: not a case of --model {model}")
 
 
 def workloads(
@@ -21,10 +40,16 @@ def workloads(
     shard_spec: str | None = None,
 ) -> list[Shape]:
     """--case / --cases, else the cases around --model, else the tier's; sharded, lowered."""
+    check_model(model, ids, cases_file)
     cases = select_cases(ids, cases_file)
     if cases is None:
         cases = generate_for_models(tier, model) if model else generate(tier)
-    return [lower(c) if isinstance(c, Case) else c for c in shard(cases, shard_spec)]
+    shapes = [lower(c) if isinstance(c, Case) else c for c in shard(cases, shard_spec)]
+    if cases_file:  # the user's own shapes: one that no memory here holds is their mistake
+        from conformance.runner import check_fits
+
+        check_fits(shapes, f"--cases {cases_file}")
+    return shapes
 
 
 def backends(names: list[str] | None, modules: list[str] | None) -> list[tuple[object, str]]:

@@ -141,6 +141,16 @@ class Step:
         )
 
 
+def pool_blocks(needed: int, layout: Layout | str) -> int:
+    """Blocks in the pool of a step whose sequences need `needed` blocks, by `layout`."""
+    layout = Layout(layout)
+    if layout == Layout.FRAGMENTED:
+        return 3 * needed + 1
+    if layout == Layout.INTERLEAVED:
+        return 2 * needed
+    return max(needed + (1 if layout == Layout.NULL_BLOCK else 0), 1)
+
+
 def allocate_blocks(
     blocks_per_seq: list[int], layout: Layout, gen: torch.Generator, shared_blocks: int = 0
 ) -> tuple[list[list[int]], int, list[int]]:
@@ -154,13 +164,7 @@ def allocate_blocks(
     own = [n - shared_blocks for n in blocks_per_seq] if shared_blocks else blocks_per_seq
     needed = sum(own) + shared_blocks
     reserve = 1 if layout == Layout.NULL_BLOCK else 0
-    if layout == Layout.FRAGMENTED:
-        num_blocks = 3 * needed + 1
-    elif layout == Layout.INTERLEAVED:
-        num_blocks = 2 * needed
-    else:
-        num_blocks = needed + reserve
-    num_blocks = max(num_blocks, 1)
+    num_blocks = pool_blocks(needed, layout)
     if layout in (Layout.SHUFFLED, Layout.SHARED_PREFIX):
         pool = torch.randperm(num_blocks, generator=gen).tolist()
     elif layout == Layout.FRAGMENTED:

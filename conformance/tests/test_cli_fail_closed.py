@@ -45,6 +45,8 @@ NO_GPU = ["--gpus", "0"] if not torch.cuda.is_available() else ["--gpus", "99"]
         (["--tier", "nope"], "--tier: expected one of"),
         (["--backend", "nope"], "--backend: unknown backend 'nope'"),
         (["--case", "not-a-case"], "not a case id"),
+        (["--model", "nosuch"], "--model: unknown model 'nosuch'; known: all, whisper-tiny"),
+        (["--model", "t5-small"], f"--case {CASE}: not a case of --model t5-small"),
         (
             ["--backend-module", f"{FAULTY}:TritonImpostor", "--backend", "triton"],
             "two backends named 'triton'",
@@ -66,6 +68,8 @@ NO_GPU = ["--gpus", "0"] if not torch.cuda.is_available() else ["--gpus", "99"]
         "tier",
         "backend",
         "case",
+        "model-typo",
+        "model-other",
         "name-collision",
     ],
 )
@@ -115,6 +119,9 @@ def test_other_commands_print_one_line(tmp_path, last_run):
     calls = [
         ("conformance", ["list", "--shard", "7/500"], "no cases selected"),
         ("conformance", ["dump", CASE, "--out", a_file / "d"], "--out"),
+        ("conformance", ["dump", CASE, "--model", "nosuch", "--out", tmp_path], "unknown model"),
+        ("conformance", ["list", "--model", "nosuch", "--cases", a_file], "unknown model"),
+        ("bench", ["--model", "nosuch", "--cases", a_file], "unknown model"),
         ("reports", ["render", results, "--bench", garbage], "--bench"),
         ("reports", ["render", results, "--bench", tmp_path / "nope.csv"], "--bench: no such file"),
         ("reports", ["render", results, "--bench", results], "not a bench CSV"),

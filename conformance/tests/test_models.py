@@ -10,6 +10,49 @@ from conformance.generate import coverage, generate_for_models
 from conformance.models import MODELS, SMOKE_MODELS, SMOKE_SCALE
 from optimized.backend import get_backend
 
+# Each preset as its model's published config.json says, written out independently of
+# conformance/models.py: (num_heads, num_kv_heads, head_size, softmax scale (None:
+# 1/sqrt(head_size)), sliding window, served dtype, encoder length, encoder fixed, decoder max).
+# Whisper: d_model / decoder_attention_heads, max_source_positions 1500 (every input padded to
+# 30 s), max_target_positions 448. BART family: d_model / attention heads,
+# max_position_embeddings. T5: num_heads, d_kv, no 1/sqrt(d) (folded into the weights), 512
+# input tokens. T5Gemma 2B: Gemma 2 attention, 8 heads over 4 kv heads of 256, window 4096,
+# query_pre_attn_scalar 256.
+PUBLISHED = {
+    "whisper-tiny": (6, 6, 64, None, None, "float16", 1500, True, 448),
+    "whisper-base": (8, 8, 64, None, None, "float16", 1500, True, 448),
+    "whisper-small": (12, 12, 64, None, None, "float16", 1500, True, 448),
+    "whisper-medium": (16, 16, 64, None, None, "float16", 1500, True, 448),
+    "whisper-large-v3": (20, 20, 64, None, None, "float16", 1500, True, 448),
+    "distil-large-v3": (20, 20, 64, None, None, "float16", 1500, True, 448),
+    "bart-base": (12, 12, 64, None, None, "float16", 1024, False, 1024),
+    "bart-large": (16, 16, 64, None, None, "float16", 1024, False, 1024),
+    "mbart-50": (16, 16, 64, None, None, "float16", 1024, False, 1024),
+    "nllb-200": (16, 16, 64, None, None, "float16", 1024, False, 1024),
+    "m2m100": (16, 16, 64, None, None, "float16", 1024, False, 1024),
+    "marian": (8, 8, 64, None, None, "float16", 512, False, 512),
+    "pegasus-large": (16, 16, 64, None, None, "float16", 1024, False, 1024),
+    "t5-small": (8, 8, 64, 1.0, None, "bfloat16", 512, False, 512),
+    "t5-base": (12, 12, 64, 1.0, None, "bfloat16", 512, False, 512),
+    "t5-large": (16, 16, 64, 1.0, None, "bfloat16", 512, False, 512),
+    "t5-3b": (32, 32, 128, 1.0, None, "bfloat16", 512, False, 512),
+    "t5-11b": (128, 128, 128, 1.0, None, "bfloat16", 512, False, 512),
+    "flan-t5-xl": (32, 32, 64, 1.0, None, "bfloat16", 512, False, 512),
+    "flan-t5-xxl": (64, 64, 64, 1.0, None, "bfloat16", 512, False, 512),
+    "t5gemma-2b": (8, 4, 256, None, 4096, "bfloat16", 8192, False, 8192),
+}
+
+
+@pytest.mark.parametrize("name", sorted(set(PUBLISHED) | set(MODELS)))
+def test_every_preset_says_what_its_published_config_says(name):
+    """A preset that lost its model's attention (heads, head size, the scale, the window, its
+    lengths) fails here, not only a preset whose fields do not reach the step."""
+    assert name in MODELS and name in PUBLISHED, f"{name}: a preset without its pinned row"
+    m = MODELS[name]
+    got = (m.num_heads, m.num_kv_heads, m.head_size, m.scale, m.sliding_window, m.dtype,
+           m.encoder_len, m.encoder_fixed, m.decoder_max)  # fmt: skip
+    assert got == PUBLISHED[name]
+
 
 def test_every_preset_generates_valid_covering_cases():
     for tier in ("smoke", "full"):

@@ -165,3 +165,66 @@ def test_finalize_rebuilds_planned_shapes(tmp_path):
     assert counts["error"] == 1
     (row,) = _rows(tmp_path)
     assert (row["shape"], row["cases_file"], row["num_kv_heads"]) == (shape.id, ODD, "4")
+
+
+def test_a_shape_no_machine_holds_is_refused_before_it_is_built(tmp_path, monkeypatch):
+    """`context_lens: [1e9]` is about 2 TB of cache: `--cases` refuses it (exit 2, naming the
+    case, the bytes and the memory), nothing in --out is touched and nothing is allocated."""
+    f = tmp_path / "huge.jsonl"
+    f.write_text(json.dumps(dict(attn_kind="decoder", query_lens=[1], context_lens=[10**9],
+                                 num_heads=8, head_size=64, name="huge")) + "\n")  # fmt: skip
+    monkeypatch.setattr("conformance.shapes.build_step", _never_built)
+    for argv in (["run", "--cases", f, "--out", tmp_path / "o"], ["dump", "huge", "--cases", f,
+                 "--out", tmp_path / "d"], ["list", "--cases", f]):  # fmt: skip
+        r = cli(*argv)
+        if argv[0] == "list":  # listing builds nothing: the shape is shown with its id
+            assert r.returncode == 0 and "huge" in r.stdout
+            continue
+        assert r.returncode == 2, (argv, r.stderr[-800:])
+        line = r.stderr.strip()
+        assert "case huge needs about" in line and "bytes" in line and "host RAM is" in line
+    r = cli("--cases", f, module="bench")
+    assert r.returncode == 2 and "case huge needs about" in r.stderr
+    assert not (tmp_path / "o").exists() and not (tmp_path / "d").exists()
+
+
+def test_a_generated_case_too_large_for_the_machine_is_a_skip_with_its_reason(monkeypatch):
+    """Every step of it a skip naming the bytes, and nothing built (the runner asks first)."""
+    from conformance import runner
+    from conformance.cases import Case, lower
+    from optimized.backend import get_backend
+
+    case = lower(Case.from_id("episode-episode-ragged-bs16-h8kv2-d64-fp16-interleaved-s0"))
+    monkeypatch.setattr(runner, "machine_memory", lambda: [("host RAM", case.footprint())])
+    monkeypatch.setattr(runner, "expected_for", _never_built)
+    rows = runner.run_case(case, get_backend("torch"))
+    assert [r["step"] for r in rows] == [f"{i}:{k}" for i, k in enumerate(case.step_kinds())]
+    assert len(rows) == 1 + 2 * (case.decode_steps + 1)
+    assert all(r["status"] == "skip" and "too large for this machine" in r["reason"] for r in rows)
+    monkeypatch.setattr(runner, "machine_memory", lambda: [("host RAM", 3 * case.footprint())])
+    assert runner.memory_problem(case) == ""
+
+
+def test_the_footprint_estimate_is_what_build_allocates():
+    """Within 0.9-1.6x of the bytes a built step holds (cross decode counts encoder K/V it no
+    longer gets), for each kind, layout and cache dtype of a sample of the smoke tier."""
+    from conformance.cases import lower
+    from conformance.generate import generate
+    from conformance.workloads import Episode
+
+    for case in generate("smoke")[::9]:
+        shape = lower(case)
+        built = shape.build()
+        steps = built.steps if isinstance(built, Episode) else (built,)
+        storages = {}
+        for s in steps:
+            for t in (s.query, s.key, s.value, *(s.kv_cache or ()), *s.key_history,
+                      *s.value_history):  # fmt: skip
+                if t is not None:
+                    storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        ratio = shape.footprint() / sum(storages.values())
+        assert 0.9 <= ratio <= 1.6, (case.id, ratio)
+
+
+def _never_built(*args, **kwargs):
+    raise AssertionError("a case that does not fit was built")
