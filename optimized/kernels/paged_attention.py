@@ -44,6 +44,12 @@ The launch choice (tiles, splits, occupancy) is `optimized/ops/plan.py`; the lau
 import triton
 import triton.language as tl
 
+# `tl.max` / `tl.sum` of an fp32 tile are `tl.reduce` with the standard library's combine
+# functions (the same IR). Called directly: the interpreter re-patches the whole language on
+# every call of a @jit helper (tl.max, tl.sum, tl.zeros, tl.cdiv), a fifth of a CPU tier's time.
+_MAX = tl.standard._elementwise_max
+_SUM = tl.standard._sum_combine
+
 
 # Per-call integers that only steer loops and addresses are not specialized (Triton would compile
 # a variant for each value that is 1 or a multiple of 16); strides of K/V/Q stay specialized,
@@ -180,7 +186,7 @@ def _paged_attention_kernel(
             kv_begin = tl.maximum(context + q_first - sliding_window + 1, 0)
     # Split s walks tiles [s * per_split, (s + 1) * per_split) of the range (one split: all).
     t_begin = kv_begin // TILE_N + split * kv_tiles_per_split
-    t_end = tl.minimum(t_begin + kv_tiles_per_split, tl.cdiv(kv_end, TILE_N))
+    t_end = tl.minimum(t_begin + kv_tiles_per_split, (kv_end + TILE_N - 1) // TILE_N)
 
     if PAGED:
         kv_start = 0
@@ -188,8 +194,8 @@ def _paged_attention_kernel(
         kv_start = tl.load(kv_start_loc_ptr + seq).to(tl.int64)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, WIDE], tl.float32)
+    l_i = tl.full([BLOCK_M], 0.0, tl.float32)
+    acc = tl.full([BLOCK_M, WIDE], 0.0, tl.float32)
     for t in range(t_begin, t_end):
         n = t * TILE_N + tl.arange(0, TILE_N)
         n_valid = n < kv_end
@@ -220,11 +226,11 @@ def _paged_attention_kernel(
             if WINDOW:
                 visible = visible & (n[None, :] > pos[:, None] - sliding_window)
         s = tl.where(visible, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_new = tl.maximum(m_i, tl.reduce(s, 1, _MAX))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows that saw nothing yet
         alpha = tl.exp2(m_i - m_safe)
         p = tl.exp2(s - m_safe[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
+        l_i = l_i * alpha + tl.reduce(p, 1, _SUM)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m_i = m_new
     if KV_FP8:
@@ -254,8 +260,8 @@ def _paged_attention_kernel(
             if arrived == num_splits - 1:
                 tl.atomic_xchg(arrivals, 0, sem="relaxed")
                 m_o = tl.full([BLOCK_M], float("-inf"), tl.float32)
-                l_o = tl.zeros([BLOCK_M], tl.float32)
-                acc_o = tl.zeros([BLOCK_M, WIDE], tl.float32)
+                l_o = tl.full([BLOCK_M], 0.0, tl.float32)
+                acc_o = tl.full([BLOCK_M, WIDE], 0.0, tl.float32)
                 for sp in range(0, num_splits):  # a fixed order: the result is deterministic
                     at = first + sp * BLOCK_M + rows
                     m_s = tl.load(part_m_ptr + at, cache_modifier=".cg")
@@ -327,10 +333,10 @@ def _split_k_reduce_kernel(
         mask=mask[:, :, None],
         other=0.0,
     )
-    m = tl.max(m_s, 1)
+    m = tl.reduce(m_s, 1, _MAX)
     w = tl.exp2(m_s - tl.where(m == float("-inf"), 0.0, m)[:, None])  # empty splits weigh 0
-    l_sum = tl.sum(w * l_s, 1)
-    out = tl.sum(w[:, :, None] * acc_s, 1) / tl.where(l_sum == 0.0, 1.0, l_sum)[:, None]
+    l_sum = tl.reduce(w * l_s, 1, _SUM)
+    out = tl.reduce(w[:, :, None] * acc_s, 1, _SUM) / tl.where(l_sum == 0.0, 1.0, l_sum)[:, None]
     head = kv_head * group + g
     o_offs = (q_start + q_idx)[:, None] * stride_o_tok + head[:, None] * stride_o_head + d[None, :]
     tl.store(
