@@ -127,9 +127,6 @@ def resolve_run(args):
         raise ValueError(f"--case-timeout: {e}") from None
     if args.workers != "auto" and not args.workers.isdigit():
         raise ValueError(f"-n: expected 'auto' or a number of workers, got {args.workers!r}")
-    from conformance.engine import auto_workers
-
-    workers = auto_workers() if args.workers == "auto" else max(1, int(args.workers))
     if args.gpus is not None:
         args.gpus = parse_gpus(args.gpus, torch.cuda.device_count())
     shapes = selection.workloads(args.tier, args.model, args.cases, args.case, args.shard)
@@ -138,11 +135,15 @@ def resolve_run(args):
     if not tests:
         why = f" (-k {args.k!r} matches no CASE_ID::BACKEND)" if args.k else ""
         raise ValueError(f"no cases selected{why}")
+    from conformance.engine import auto_workers
+
+    tests = tuple(tests)
+    workers = auto_workers(tests) if args.workers == "auto" else max(1, int(args.workers))
     if args.out is None:  # a user's backend never overwrites the project's own result set
         mine = [b.name for b, spec in picked if spec]
         args.out = f"{USER_OUT}/{mine[0]}" if mine and not args.backend else DEFAULT_OUT
     _check_out_dir(args.out)
-    return Plan(tuple(tests), args.out, args.tier, workers, timeout, uuid.uuid4().hex)
+    return Plan(tests, args.out, args.tier, workers, timeout, uuid.uuid4().hex)
 
 
 def parse_gpus(text: str, available: int) -> str:
@@ -426,7 +427,8 @@ def main(argv=None) -> int:
         "-n",
         dest="workers",
         default=os.environ.get("CONFORMANCE_WORKERS", "1"),
-        help="worker processes (default 1; 'auto': one per core on the CPU, six per GPU)",
+        help="worker processes (default 1; 'auto': one per core on the CPU; on GPUs their share "
+        "of the cores, as many as each GPU's memory holds)",
     )
     pr.add_argument(
         "--case-timeout",

@@ -7,15 +7,24 @@ The command line resolves the selection once (`conformance.selection`) and start
 process of its own (`python -m conformance run` supervises it, so a dying engine still leaves
 results.csv). Here:
 
-- Workers are processes that run one test at a time (`runner.run_case`) and send its rows back;
-  this process is the only one that writes. On a machine without CUDA they are forked (they
-  inherit every loaded module); with CUDA they come from a fork server that never touched the
-  GPU (CUDA cannot be forked), and worker i takes visible GPU i mod count.
+- A job is one case with all its backends: a worker builds the case's inputs and runs the
+  reference once, then each backend in turn, and sends each test's rows as it finishes. Workers
+  are processes; this process is the only one that writes. On a machine without CUDA they are
+  forked (they inherit every loaded module); with CUDA they come from a fork server that never
+  touched the GPU (CUDA cannot be forked), and worker i takes visible GPU i mod count.
+- Memory: each job's need is estimated from its shape before it starts (`job_need`); a worker
+  takes a job only while the jobs running on its device fit its memory together (a job alone
+  always may). A test whose rows say the device ran out of memory anyway is run again alone,
+  once every other test is done, and is an `error` only if it fails alone too. Workers free
+  their cached memory after every test; one that still holds memory a test left behind (a
+  backend that keeps its tensors) is replaced, and the run says which test left it.
 - A worker that dies (a segfault, `os._exit`, a CUDA error that poisons its context) or hangs
-  past the backstop (3x the per-call timeout: native code that SIGALRM cannot stop) is replaced,
-  and its test gets an `error` row that says so. The run goes on.
+  past the backstop (3x the per-call timeout: native code that SIGALRM cannot stop) is replaced;
+  its test gets an `error` row that says so and the rest of its job goes back to the queue.
 - SIGINT / SIGTERM stop the run: the workers are ended, every test that did not finish gets an
   `error` row ("not run"), and the set is marked interrupted (exit 130 / 143).
+- Where the time went: each test's seconds per phase (`runner.PHASES`) come back with its rows;
+  run.json and the summary line split the workers' time into them.
 - Worker output (a backend's prints, library warnings) goes to OUT/workers.log, not the terminal.
 """
 
@@ -28,7 +37,7 @@ import os
 import signal
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from multiprocessing.connection import wait
 from pathlib import Path
 
@@ -37,6 +46,13 @@ from conformance.schema import Status, result_row
 PROGRESS_EVERY_S = 15.0
 BACKSTOP_FACTOR = 3.0  # a test running longer than this × the per-call timeout is killed
 SIGNAL_EXIT = {signal.SIGINT: 130, signal.SIGTERM: 143}
+# What one worker process takes whatever it runs: the CUDA context and the allocator's slack.
+WORKER_BASE_BYTES = 1 << 30
+# The device memory the engine hands out (the rest: the driver, other processes, fragments).
+USABLE_FRACTION = 0.9
+# Memory a worker may still hold after a test, past the least it held after any earlier one,
+# before it is replaced (CONFORMANCE_LEAK_LIMIT_MB overrides it).
+LEAK_LIMIT_BYTES = 2 << 30
 
 
 @dataclass(frozen=True)
@@ -100,14 +116,70 @@ def context() -> mp.context.BaseContext:
     return mp.get_context("fork")
 
 
-def auto_workers() -> int:
-    """`-n auto`: one worker per core on the CPU (each single-threaded), six per GPU (the most
-    that fit an 80 GB card on the full tier's largest fp32 cases)."""
+# ---- memory ----------------------------------------------------------------------------------
+def job_need(shapes) -> int:
+    """Bytes a job (one case, its backends in turn) may hold on its device at once: the
+    reference's and one backend's copy of the inputs (`runner.COPIES` counts the host's
+    pristine copy too) and the dense scores a step's attention may form (float32, a few
+    temporaries: what a gather-then-SDPA backend such as `torch` allocates)."""
+    from conformance.runner import COPIES
+
+    need = 0
+    for s in shapes:
+        q = s.encoder_seq_lens if s.attn_kind == "encoder" else s.query_lens
+        kv = list(s.encoder_seq_lens or ()) if s.attn_kind != "decoder" else []
+        if s.attn_kind in ("decoder", "episode"):
+            ctx = s.context_lens or (0,) * len(s.query_lens)
+            kv.append(max(c + n for c, n in zip(ctx, s.query_lens)) + s.decode_steps)
+        scores = len(q) * s.num_heads * max(q, default=1) * max(kv, default=1) * 4
+        need = max(need, COPIES * s.footprint() + 3 * scores)
+    return need
+
+
+def device_memory() -> list[int]:
+    """Memory the engine may hand out per device: each visible GPU's, else the host's RAM."""
     import torch
 
     if torch.cuda.is_available():
-        return 6 * torch.cuda.device_count()
-    return os.cpu_count() or 1
+        return [
+            int(USABLE_FRACTION * torch.cuda.get_device_properties(i).total_memory)
+            for i in range(torch.cuda.device_count())
+        ]
+    return [int(USABLE_FRACTION * os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))]
+
+
+def auto_workers(tests: tuple[Test, ...] = ()) -> int:
+    """`-n auto`: on the CPU one worker per core (each single-threaded); on GPUs, per GPU as
+    many as its share of the cores, and no more than its memory holds with each worker at its
+    base plus a typical job of the selection (the median need: bigger jobs wait their turn)."""
+    import torch
+
+    cores = os.cpu_count() or 1
+    if not torch.cuda.is_available():
+        return cores
+    gpus = torch.cuda.device_count()
+    needs = sorted(job_need([t.shape]) for t in tests) or [0]
+    per_worker = WORKER_BASE_BYTES + needs[len(needs) // 2]
+    by_memory = min(device_memory()) // per_worker
+    return gpus * max(1, min(cores // gpus, by_memory))
+
+
+def held_bytes() -> int:
+    """What this process holds: live tensors on its GPU, else its resident memory (Linux)."""
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.memory_allocated()
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+def leak_limit() -> int:
+    mb = os.environ.get("CONFORMANCE_LEAK_LIMIT_MB")
+    return int(float(mb) * (1 << 20)) if mb else LEAK_LIMIT_BYTES
 
 
 # ---- workers ---------------------------------------------------------------------------------
@@ -128,7 +200,8 @@ def _watch(pid: int) -> None:
 
 
 def _worker(conn, index: int, workers: int, log: str, timeout_s: float, tier: str) -> None:
-    """Receive (test index, Test), run it, send (index, rows); None ends the worker."""
+    """Receive a job ([(test index, Test), ...]), run its tests in order and send (index, rows,
+    seconds per phase, bytes held after it) for each; None ends the worker."""
     die_with_parent()
     _watch(int(os.environ[ENGINE_PID_ENV]))
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the group; the engine decides
@@ -150,41 +223,81 @@ def _worker(conn, index: int, workers: int, log: str, timeout_s: float, tier: st
     torch.set_num_threads(1 if forked else max(1, (os.cpu_count() or 1) // workers))
     if torch.cuda.device_count() > 1:
         torch.cuda.set_device(index % torch.cuda.device_count())
-    from conformance.runner import error_reason, run_case
+    from conformance.runner import CLOCK, error_reason, run_case
     from conformance.schema import environment
     from optimized.backend import get_backend, load_backend
 
     env = dict(environment(), tier=tier)
     backends: dict[tuple[str, str], object] = {}
     while True:
-        msg = conn.recv()
-        if msg is None:
+        job = conn.recv()
+        if job is None:
             return
-        i, test = msg
-        try:
-            key = (test.backend, test.module)
-            if key not in backends:
-                backends[key] = load_backend(test.module) if test.module else get_backend(key[0])
-            rows = run_case(test.shape, backends[key], timeout_s=timeout_s, module=test.module)
-        except KeyboardInterrupt:
-            return
-        except BaseException as e:
-            why = f"harness: {error_reason(e)}"
-            rows = [result_row(test.shape, test.backend, "harness", Status.ERROR, why)]
-            rows[0]["backend_module"] = test.module
-        conn.send((i, [{**r, **env} for r in rows]))
-        if any("CUDA error" in r["reason"] or "illegal memory access" in r["reason"] for r in rows):
-            os._exit(3)  # a CUDA error poisons this process: a fresh worker takes over
+        for i, test in job:
+            before = CLOCK.snapshot()
+            try:
+                key = (test.backend, test.module)
+                if key not in backends:
+                    backends[key] = (
+                        load_backend(test.module) if test.module else get_backend(key[0])
+                    )
+                rows = run_case(test.shape, backends[key], timeout_s=timeout_s, module=test.module)
+            except KeyboardInterrupt:
+                return
+            except BaseException as e:
+                why = f"harness: {error_reason(e)}"
+                rows = [result_row(test.shape, test.backend, "harness", Status.ERROR, why)]
+                rows[0]["backend_module"] = test.module
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()  # give back what this test's peak left cached
+            after = CLOCK.snapshot()
+            seconds = {k: after[k] - before[k] for k in after}
+            conn.send((i, [{**r, **env} for r in rows], seconds, held_bytes()))
+            if any("CUDA error" in r["reason"] or "illegal memory access" in r["reason"]
+                   for r in rows):  # fmt: skip
+                os._exit(3)  # a CUDA error poisons this process: a fresh worker takes over
 
 
 @dataclass
 class _Slot:
-    """A worker process and the test it is running (None: idle)."""
+    """A worker process, the tests of its job still to come (empty: idle), and its memory."""
 
     proc: mp.Process
     conn: object
-    test: int | None = None
+    device: int = 0
+    tests: list[int] = field(default_factory=list)
+    need: int = 0
     started: float = 0.0
+    least_held: int | None = None
+
+
+@dataclass
+class _Jobs:
+    """The tests to run, as jobs of one case each, in plan order; and the tests that ran out
+    of memory beside others, to run again alone at the end."""
+
+    queue: list[list[int]]
+    needs: dict[int, int]  # a job's need, by its first test
+    deferred: list[int] = field(default_factory=list)
+    alone: set[int] = field(default_factory=set)  # tests being run again alone
+
+    @classmethod
+    def of(cls, tests: tuple[Test, ...]) -> _Jobs:
+        queue: list[list[int]] = []
+        for i, t in enumerate(tests):
+            if queue and tests[queue[-1][0]].shape.id == t.shape.id:
+                queue[-1].append(i)
+            else:
+                queue.append([i])
+        needs = {job[0]: job_need([tests[job[0]].shape]) for job in queue}
+        return cls(queue, needs)
+
+    def take(self, in_use: int, budget: int) -> list[int] | None:
+        """The first queued job that fits beside `in_use` bytes (any job when nothing runs)."""
+        for k, job in enumerate(self.queue[:256]):
+            if in_use == 0 or in_use + self.needs.get(job[0], 0) <= budget:
+                return self.queue.pop(k)
+        return None
 
 
 class _Stopped(Exception):
@@ -196,6 +309,7 @@ def run_matrix(plan: Plan) -> int:
     """Run the plan (the engine process's body); returns its exit code: 0 nothing failed or
     errored, 1 something did, 130/143 interrupted."""
     from conformance.results import finalize_run, start_run, summary_lines
+    from conformance.runner import PHASES, is_oom_reason
 
     die_with_parent()
 
@@ -212,14 +326,17 @@ def run_matrix(plan: Plan) -> int:
     log = str(out / "workers.log")
     Path(log).write_text("")
     ctx = context()
+    jobs = _Jobs.of(plan.tests)
     n = max(1, min(plan.workers, len(plan.tests)))
-    queue = list(range(len(plan.tests)))
-    queue.reverse()  # pop() takes them in plan order (case-major: a case's backends share
-    #                  a worker's cached reference while they run back to back)
+    budgets = device_memory()
+    in_use = [0] * len(budgets)
     slots: list[_Slot] = []
     done, bad, last = 0, 0, time.time()
     t0 = time.time()
     state, code = "complete", 0
+    seconds = dict.fromkeys(PHASES, 0.0)
+    notes: dict[str, list] = {"leaks": [], "run_alone": []}
+    limit = leak_limit()
 
     def spawn(index: int) -> _Slot:
         parent, child = ctx.Pipe()
@@ -228,7 +345,7 @@ def run_matrix(plan: Plan) -> int:
         )
         proc.start()
         child.close()
-        return _Slot(proc, parent)
+        return _Slot(proc, parent, device=index % len(budgets))
 
     def record(rows: list[dict]) -> None:
         nonlocal done, bad
@@ -238,33 +355,88 @@ def run_matrix(plan: Plan) -> int:
         done += 1
         bad += any(r["status"] in (Status.FAIL, Status.ERROR) for r in rows)
 
+    def release(slot: _Slot) -> None:
+        in_use[slot.device] -= slot.need
+        slot.tests, slot.need = [], 0
+
     def lost(slot: _Slot, why: str) -> None:
-        """The worker of `slot` is gone mid-test: an error row for its test."""
-        test = plan.tests[slot.test]
+        """The worker of `slot` is gone mid-test: an error row for that test; the rest of its
+        job goes back to the queue."""
+        test = plan.tests[slot.tests[0]]
         row = result_row(test.shape, test.backend, "crash", Status.ERROR, why)
         record([{**row, "backend_module": test.module}])
+        if slot.tests[1:]:
+            jobs.queue.insert(0, slot.tests[1:])
+            jobs.needs[slot.tests[1]] = slot.need
+        release(slot)
+
+    def received(k: int, slot: _Slot, msg) -> None:
+        i, rows, spent, held = msg
+        for name, value in spent.items():
+            seconds[name] = seconds.get(name, 0.0) + value
+        oom = any(r["status"] == Status.ERROR and is_oom_reason(r["reason"]) for r in rows)
+        if oom and i not in jobs.alone:
+            jobs.deferred.append(i)  # beside others: run it again alone at the end
+        else:
+            if i in jobs.alone:
+                notes["run_alone"].append(plan.tests[i].shape.id + "::" + plan.tests[i].backend)
+                for r in rows:
+                    if r["status"] == Status.ERROR and is_oom_reason(r["reason"]):
+                        r["reason"] += " (also when run alone, after every other test)"
+            record(rows)
+        slot.tests.pop(0)
+        slot.started = time.time()
+        if not slot.tests:
+            release(slot)
+        slot.least_held = held if slot.least_held is None else min(slot.least_held, held)
+        if held - slot.least_held > limit:  # it kept what a test left: a fresh worker instead
+            test = plan.tests[i]
+            notes["leaks"].append(
+                dict(test=f"{test.shape.id}::{test.backend}", held_bytes=held - slot.least_held)
+            )
+            if slot.tests:
+                jobs.queue.insert(0, slot.tests)
+                jobs.needs[slot.tests[0]] = slot.need
+                release(slot)
+            with contextlib.suppress(Exception):
+                slot.conn.send(None)
+            slot.proc.join(10)
+            if slot.proc.is_alive():
+                slot.proc.kill()
+            slots[k] = spawn(k)
 
     try:
         slots = [spawn(i) for i in range(n)]
         backstop = BACKSTOP_FACTOR * plan.timeout_s
-        while queue or any(s.test is not None for s in slots):
+        while jobs.queue or jobs.deferred or any(s.tests for s in slots):
+            if not jobs.queue and jobs.deferred and not any(s.tests for s in slots):
+                i = jobs.deferred.pop(0)  # every other test is done: this one runs alone
+                jobs.alone.add(i)
+                jobs.queue.append([i])
+                jobs.needs[i] = max(budgets)
             for s in slots:  # hand out work
-                if s.test is None and queue:
-                    s.test, s.started = queue.pop(), time.time()
-                    s.conn.send((s.test, plan.tests[s.test]))
-            busy = [s for s in slots if s.test is not None]
+                if s.tests or not jobs.queue:
+                    continue
+                if jobs.alone and any(x.tests for x in slots):
+                    break
+                job = jobs.take(in_use[s.device], budgets[s.device])
+                if job is None:
+                    continue
+                s.tests, s.need, s.started = list(job), jobs.needs.get(job[0], 0), time.time()
+                in_use[s.device] += s.need
+                s.conn.send([(i, plan.tests[i]) for i in job])
+            busy = [s for s in slots if s.tests]
             ready = wait([s.conn for s in busy] + [s.proc.sentinel for s in busy], timeout=1.0)
             for k, s in enumerate(slots):
-                if s.test is None:
+                if not s.tests:
                     continue
                 if s.conn in ready:
                     try:
-                        _, rows = s.conn.recv()
+                        msg = s.conn.recv()
                     except (EOFError, OSError):
-                        rows = None
-                    if rows is not None:
-                        record(rows)
-                        s.test = None
+                        msg = None
+                    if msg is not None:
+                        received(k, s, msg)
                         continue
                 if s.conn in ready or s.proc.sentinel in ready:
                     s.proc.join(5)
@@ -296,7 +468,8 @@ def run_matrix(plan: Plan) -> int:
                 s.proc.kill()
     for sig in SIGNAL_EXIT:  # finishing the result set is not interrupted again
         signal.signal(sig, signal.SIG_IGN)
-    counts = finalize_run(out, state, plan)
+    extra = dict(workers=n, seconds=seconds, **notes)
+    counts = finalize_run(out, state, plan, extra)
     for line in summary_lines(out, counts, state):
         print(line, flush=True)
     if code:

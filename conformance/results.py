@@ -64,8 +64,10 @@ def start_run(out: Path, plan) -> None:
     write_atomic(out / "run.json", json.dumps(info))
 
 
-def finalize_run(out: Path, state: str, plan) -> dict[str, int]:
-    """results.csv and run.json from results.jsonl and the plan; returns the status counts."""
+def finalize_run(out: Path, state: str, plan, extra: dict | None = None) -> dict[str, int]:
+    """results.csv and run.json from results.jsonl and the plan (`extra`: what the engine
+    knows of the run: workers, seconds per phase, leaks, tests run alone); returns the status
+    counts."""
     out = Path(out)
     info = read_run(out)
     raw = read_jsonl(out / "results.jsonl") if (out / "results.jsonl").exists() else []
@@ -93,9 +95,25 @@ def finalize_run(out: Path, state: str, plan) -> dict[str, int]:
         wall_s=time.time() - info.get("start", time.time()),
         rows=len(rows),
         counts=counts,
+        **(extra or {}),
     )
     write_atomic(out / "run.json", json.dumps(info))
     return counts
+
+
+def time_split(info: dict) -> str:
+    """Where a run's time went: its wall time, and the workers' time per phase (the compiles
+    are part of the backends' calls)."""
+    sec = info["seconds"]
+    total = sum(v for k, v in sec.items() if k != "compile")
+    other = max(0.0, info.get("workers", 1) * info.get("wall_s", 0.0) - total)
+    return (
+        f"[conformance] {info.get('wall_s', 0):.0f} s wall, {info.get('workers', 1)} worker(s); "
+        f"their time: backend calls {sec.get('backend', 0):.0f} s (compiling "
+        f"{sec.get('compile', 0):.0f} s), reference {sec.get('reference', 0):.0f} s, inputs "
+        f"{sec.get('inputs', 0):.0f} s, comparison {sec.get('comparison', 0):.0f} s, "
+        f"idle or other {other:.0f} s"
+    )
 
 
 def summary_lines(out: Path, counts: dict[str, int], state: str) -> list[str]:
@@ -115,6 +133,19 @@ def summary_lines(out: Path, counts: dict[str, int], state: str) -> list[str]:
         lines.append(f"  re-run alone: {rerun_command(r)}")
     if len(bad) > FAILURES_SHOWN:
         lines.append(f"... and {len(bad) - FAILURES_SHOWN} more (results.csv, the HTML report)")
+    info = read_run(out)
+    for leak in info.get("leaks", []):
+        lines.append(
+            f"[conformance] a worker still held {leak['held_bytes'] / 2**30:.2f} GiB after "
+            f"{leak['test']} (its backend keeps memory between calls?): replaced"
+        )
+    if info.get("run_alone"):
+        lines.append(
+            f"[conformance] {len(info['run_alone'])} test(s) ran out of memory beside others "
+            f"and ran again alone: {', '.join(info['run_alone'][:5])}"
+        )
+    if "seconds" in info:
+        lines.append(time_split(info))
     total = sum(counts.values())
     parts = ", ".join(f"{counts.get(s, 0)} {s}" for s in STATUSES)
     head = (

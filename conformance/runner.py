@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import signal
+import threading
 import time
 from collections import OrderedDict
 from contextlib import contextmanager
@@ -31,6 +32,61 @@ from reference.attention import attention
 from reference.fp8 import FP8_MAX
 
 DEFAULT_TIMEOUT_S = 300.0
+# Where a worker's time goes (seconds this process spent in each, summed over its tests): the
+# inputs built and moved, the reference, the backends' calls (their compiles included), the
+# comparisons. `compile` is the part of `backend` Triton spent compiling (a cold cache).
+PHASES = ("inputs", "reference", "backend", "compile", "comparison")
+
+
+class Clock:
+    """Seconds per phase in this process; the engine's workers send each test's share."""
+
+    def __init__(self):
+        self.seconds = dict.fromkeys(PHASES, 0.0)
+        self._lock = threading.Lock()
+
+    @contextmanager
+    def phase(self, name: str):
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.add(name, time.perf_counter() - t0)
+
+    def add(self, name: str, seconds: float) -> None:
+        with self._lock:  # Triton may compile on a thread pool
+            self.seconds[name] += seconds
+
+    def snapshot(self) -> dict[str, float]:
+        with self._lock:
+            return dict(self.seconds)
+
+
+CLOCK = Clock()
+
+
+def watch_compiles() -> None:
+    """Count Triton's compiles (what its disk cache did not hold) into `CLOCK`, once per
+    process. Compiles run in this process (our kernels, xFormers' Triton ones) are counted;
+    inductor's, in its own compile workers, are not."""
+    try:
+        from triton import knobs
+    except ImportError:
+        return
+    if getattr(watch_compiles, "done", False):
+        return
+    previous = knobs.compilation.listener
+
+    def listener(*, src, metadata, metadata_group, times, cache_hit):
+        if not cache_hit:
+            took = times.ir_initialization + sum(d for _, d in times.lowering_stages)
+            CLOCK.add("compile", (took + times.store_results) / 1e6)
+        if previous is not None:
+            previous(src=src, metadata=metadata, metadata_group=metadata_group, times=times,
+                     cache_hit=cache_hit)  # fmt: skip
+
+    knobs.compilation.listener = listener
+    watch_compiles.done = True
 
 
 class CaseTimeout(BaseException):
@@ -171,8 +227,14 @@ _EXPECTED: OrderedDict[tuple, tuple[Step | Episode, list[Expected]]] = OrderedDi
 
 
 # Several matrix workers share one GPU: an out-of-memory error is often another worker's peak,
-# not this case's. Wait and try again (freeing this process's cached blocks) before giving up.
-OOM_RETRY_WAITS_S = (0.5, 2.0, 5.0, 10.0)
+# not this case's. One retry after freeing this process's cached blocks; a lasting one becomes
+# an `error` row, which the engine runs again alone once the other tests are done.
+OOM_RETRY_WAITS_S = (0.0,)
+
+
+def is_oom_reason(reason: str) -> bool:
+    """A row's reason says the device ran out of memory (`error_reason` of an OOM)."""
+    return reason.startswith("out of memory") or "out of memory" in reason.lower()
 
 
 def _is_oom(e: BaseException) -> bool:
@@ -211,12 +273,14 @@ def expected_for(case, reads_inputs: bool = False) -> tuple[Step | Episode, list
 
 
 def _compute_expected(case, reads_inputs: bool) -> tuple[Step | Episode, list[Expected]]:
-    inputs = build_inputs(case, "cpu")
     dev = reference_device()
-    ref_inputs = inputs.to(dev, copy=True)
-    results = [expect_step(step, reads_inputs) for step in _steps(ref_inputs)]
-    del ref_inputs
-    _recover(dev)
+    with CLOCK.phase("inputs"):
+        inputs = build_inputs(case, "cpu")
+        ref_inputs = inputs.to(dev, copy=True)
+    with CLOCK.phase("reference"):
+        results = [expect_step(step, reads_inputs) for step in _steps(ref_inputs)]
+        del ref_inputs
+        _recover(dev)
     return inputs, results
 
 
@@ -289,8 +353,8 @@ def run_case(
     name = str(getattr(backend, "name", type(backend).__name__))
     case = lower(case) if isinstance(case, Case) else case  # the rows see shapes only
 
-    def row(sname, status, reason="", *a):
-        return result_row(case, name, sname, status, reason, *a, backend_module=module)
+    def row(sname, status, reason="", *a, **kw):
+        return result_row(case, name, sname, status, reason, *a, backend_module=module, **kw)
 
     too_big = memory_problem(case)
     if too_big:  # never allocated: a skip that says why (a cases file is refused up front)
@@ -324,8 +388,9 @@ def run_case(
     exact = bool(getattr(backend, "bitwise_under_permutation", True))
 
     def fresh():
-        copy = inputs.to(device, copy=True)
-        return poison_finite(copy) if finite else copy
+        with CLOCK.phase("inputs"):
+            copy = inputs.to(device, copy=True)
+            return poison_finite(copy) if finite else copy
 
     mine, problem = guarded(lambda: retry_on_oom(fresh, device))
     if problem:
@@ -339,7 +404,8 @@ def run_case(
     for sname, step, pristine, exp in zip(snames, _steps(mine), steps, expected):
         after = pool.advance(exp)
         v = judge_step(backend, step, pristine, exp, after, device, timeout_s)
-        rows.append(row(sname, v.status, v.reason, v.comparison, exp.ref_ms, v.backend_ms))
+        rows.append(row(sname, v.status, v.reason, v.comparison, exp.ref_ms, v.backend_ms,
+                        compile_ms=v.compile_ms))  # fmt: skip
         if v.status != Status.PASS and step.kv_cache is not None:
             _take_expected_cache(step, after)  # later steps read what this one should have written
         last = (step, v.output) if v.status == Status.PASS else None
@@ -396,6 +462,7 @@ class StepVerdict:
     comparison: object = None  # a compare.Comparison where the output was compared
     backend_ms: float = math.nan
     output: torch.Tensor | None = None
+    compile_ms: float = math.nan  # of backend_ms, the time Triton spent compiling
 
 
 def judge_step(
@@ -424,32 +491,34 @@ def judge_step(
         return StepVerdict(Status.ERROR, problem)
     if reasons:
         return StepVerdict(Status.SKIP, "not supported: " + "; ".join(reasons))
-    (out, backend_ms), problem = _forward(backend, step, device, timeout_s)
+    (out, backend_ms, compile_ms), problem = _forward(backend, step, device, timeout_s)
     if problem:
         _recover(device)
-        return StepVerdict(Status.ERROR, problem)
-    comp, problem = guarded(
-        lambda: compare_output(step, out, exp.output, exp.baseline_err, backend=backend)
-    )
-    if problem:
-        return StepVerdict(Status.ERROR, f"comparison failed: {problem}", None, backend_ms, out)
-    status, reason = comp.status, comp.reason
-    if status == Status.PASS:
-        touched = changed_inputs(step, pristine)
-        if touched:
-            status, reason = Status.FAIL, f"backend modified its inputs: {', '.join(touched)}"
-    if status != Status.ERROR and step.kv_cache is not None:
-        written = exp.writes[0] if exp.writes is not None else None
-        ulps = int(getattr(backend, "fp8_write_ulps", 0))
-        cache_problem, problem = guarded(
-            lambda: compare_caches(step.kv_cache, expected_caches, written, ulps)
+        return StepVerdict(Status.ERROR, problem, compile_ms=compile_ms)
+    with CLOCK.phase("comparison"):
+        comp, problem = guarded(
+            lambda: compare_output(step, out, exp.output, exp.baseline_err, backend=backend)
         )
-        cache_problem = cache_problem or problem
-        if cache_problem and status == Status.PASS:
-            status, reason = Status.FAIL, cache_problem
-        elif cache_problem:  # the output was wrong too: say where the cache went wrong
-            reason = f"{reason}; {cache_problem}"
-    return StepVerdict(status, reason, comp, backend_ms, out)
+        if problem:
+            return StepVerdict(Status.ERROR, f"comparison failed: {problem}", None, backend_ms,
+                               out, compile_ms)  # fmt: skip
+        status, reason = comp.status, comp.reason
+        if status == Status.PASS:
+            touched = changed_inputs(step, pristine)
+            if touched:
+                status, reason = Status.FAIL, f"backend modified its inputs: {', '.join(touched)}"
+        if status != Status.ERROR and step.kv_cache is not None:
+            written = exp.writes[0] if exp.writes is not None else None
+            ulps = int(getattr(backend, "fp8_write_ulps", 0))
+            cache_problem, problem = guarded(
+                lambda: compare_caches(step.kv_cache, expected_caches, written, ulps)
+            )
+            cache_problem = cache_problem or problem
+            if cache_problem and status == Status.PASS:
+                status, reason = Status.FAIL, cache_problem
+            elif cache_problem:  # the output was wrong too: say where the cache went wrong
+                reason = f"{reason}; {cache_problem}"
+    return StepVerdict(status, reason, comp, backend_ms, out, compile_ms)
 
 
 def expect_step(step: Step, reads_inputs: bool = False) -> Expected:
@@ -482,8 +551,9 @@ def _take_expected_cache(step: Step, expected_caches) -> None:
 
 
 def _forward(backend, step: Step, device: torch.device, timeout_s: float | None):
-    """((output, wall ms), "") or ((None, nan), reason): forward() isolated and timed, retried
-    on CUDA out-of-memory (`retry_on_oom`)."""
+    """((output, wall ms, of which compiling ms), "") or ((None, nan, compiling ms), reason):
+    forward() isolated and timed, retried once on CUDA out-of-memory (`retry_on_oom`)."""
+    watch_compiles()
 
     def once():
         _sync(device)
@@ -492,8 +562,12 @@ def _forward(backend, step: Step, device: torch.device, timeout_s: float | None)
         _sync(device)
         return out, (time.perf_counter() - t0) * 1e3
 
-    result, problem = guarded(lambda: retry_on_oom(once, device), timeout_s)
-    return (result if result is not None else (None, math.nan)), problem
+    compiled = CLOCK.snapshot()["compile"]
+    with CLOCK.phase("backend"):
+        result, problem = guarded(lambda: retry_on_oom(once, device), timeout_s)
+    compile_ms = (CLOCK.snapshot()["compile"] - compiled) * 1e3
+    out, ms = result if result is not None else (None, math.nan)
+    return (out, ms, compile_ms), problem
 
 
 def _check_same(row, sname, backend, make_step, first_out, timeout_s, what, exp=None) -> dict:
@@ -503,7 +577,7 @@ def _check_same(row, sname, backend, make_step, first_out, timeout_s, what, exp=
     device = first_out.device
     step, problem = guarded(lambda: retry_on_oom(make_step, device))
     if not problem:
-        (out, _), problem = _forward(backend, step, device, timeout_s)
+        (out, _, _), problem = _forward(backend, step, device, timeout_s)
     if not problem and not isinstance(out, torch.Tensor):
         problem = f"forward returned {type(out).__name__}, expected a tensor"
     if problem:
@@ -514,13 +588,14 @@ def _check_same(row, sname, backend, make_step, first_out, timeout_s, what, exp=
             f"output {out.dtype} {list(out.shape)}, first {first_out.dtype} {list(first_out.shape)}"
         )
         return row(sname, Status.FAIL, f"metamorphic: {what} ({why})")
-    if exp is not None:
-        comp = compare_output(step, out, exp.output, exp.baseline_err, backend=backend)
-        reason = "" if comp.status == Status.PASS else f"metamorphic: {what} ({comp.reason})"
-        return row(sname, comp.status, reason, comp)
-    if bitwise_equal(out, first_out).all():
-        return row(sname, Status.PASS)
-    diff = (out.double().cpu() - first_out.double().cpu()).abs().max().item()
+    with CLOCK.phase("comparison"):
+        if exp is not None:
+            comp = compare_output(step, out, exp.output, exp.baseline_err, backend=backend)
+            reason = "" if comp.status == Status.PASS else f"metamorphic: {what} ({comp.reason})"
+            return row(sname, comp.status, reason, comp)
+        if bitwise_equal(out, first_out).all():
+            return row(sname, Status.PASS)
+        diff = (out.double().cpu() - first_out.double().cpu()).abs().max().item()
     return row(sname, Status.FAIL, f"metamorphic: {what} (max diff {diff:.3g})")
 
 

@@ -80,6 +80,7 @@ class ResultRow:
     cases_file: str  # the --cases file an explicit shape came from (re-running needs it)
     kv_cache_dtype: str  # how the caches stored K/V: auto, fp8_e4m3, fp8_e5m2
     kv_scale: str  # fp8's scale scheme: tensor (one scale) or head (per kv head); '' for auto
+    compile_ms: float  # of backend_ms, the time Triton spent compiling kernels (a cold cache)
 
 
 COLUMNS = [f.name for f in fields(ResultRow)]
@@ -202,6 +203,7 @@ def result_row(
     ref_ms: float = math.nan,
     backend_ms: float = math.nan,
     backend_module: str = "",
+    compile_ms: float = math.nan,
 ) -> dict:
     """The one builder of a result row (what the runner streams to results.jsonl): every column
     but the run's environment, tier and run_state. `case` is a conformance Case or Shape (its
@@ -218,6 +220,7 @@ def result_row(
         ref_ms=ref_ms,
         backend_ms=backend_ms,
         backend_module=backend_module,
+        compile_ms=compile_ms,
     )
     row.update({m: getattr(metrics, m) if metrics is not None else math.nan for m in METRICS})
     return row
@@ -263,6 +266,7 @@ LATER_COLUMNS = {
     "cases_file": "",
     "kv_cache_dtype": "auto",  # every row before fp8 caches existed
     "kv_scale": "",
+    "compile_ms": float("nan"),
 }
 
 

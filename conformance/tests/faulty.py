@@ -371,3 +371,42 @@ class FP8Fault(BaseBackend):
             o = textbook_attention(q, k, v, md.sequence_mask(kind, i), md.scale_for(q.shape[-1]))
             out[starts[i] : starts[i] + q_lens[i]] = o.to(query.dtype)
         return out
+
+
+class OutOfMemoryBesideOthers(TorchBackend):
+    """Runs out of memory on its first calls of a run (as when other workers' tests filled the
+    device), then passes: the engine must run its test again alone, not report an error.
+    FAULT_DIR names the folder that counts its calls across worker processes."""
+
+    name = "fault-oom-beside-others"
+    failures = 1
+
+    def forward(self, *args):
+        counter = os.path.join(os.environ["FAULT_DIR"], f"{self.name}.calls")
+        with open(counter, "a") as f:
+            f.write("x")
+        if os.path.getsize(counter) <= self.failures:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+        return super().forward(*args)
+
+
+class OutOfMemoryAlways(OutOfMemoryBesideOthers):
+    """Out of memory whenever it runs, alone too: an error, after its run alone."""
+
+    name = "fault-oom-always"
+    failures = 1 << 30
+
+
+_KEPT: list[torch.Tensor] = []
+
+
+class Leaks(TorchBackend):
+    """Keeps LEAK_MB of memory per call in a module-level list (a cache that never lets go):
+    its outputs are right, but the worker holding it must be replaced."""
+
+    name = "fault-leaks"
+
+    def forward(self, *args):
+        mb = int(os.environ.get("LEAK_MB", "64"))
+        _KEPT.append(torch.ones(mb << 18, device=self.device()))  # mb MiB of float32
+        return super().forward(*args)

@@ -71,7 +71,8 @@ def test_cache_checks_are_bitwise_and_see_nan_slots():
 
 def test_out_of_memory_is_retried_then_reported(monkeypatch):
     """Workers sharing a GPU: an OOM is retried after freeing memory; a lasting one propagates
-    (run_case turns it into an `error` row); other errors are never retried."""
+    (run_case turns it into an `error` row, which the engine runs again alone); other errors
+    are never retried."""
     from conformance import runner
 
     monkeypatch.setattr(runner, "OOM_RETRY_WAITS_S", (0.0, 0.0))

@@ -78,6 +78,7 @@ def test_csv_has_the_contract_columns_in_order(results_csv):
         "cases_file",
         "kv_cache_dtype",
         "kv_scale",
+        "compile_ms",
     ]
     df = read_csv(results_csv)
     assert set(df.status) == {"pass", "skip", "fail"}

@@ -1,0 +1,135 @@
+"""The engine's scheduling: jobs of one case, memory-aware worker counts and admission, a test
+that ran out of memory run again alone, a worker that keeps memory replaced, and where the
+time went (run.json, the summary line, the compile_ms column)."""
+
+import json
+
+import pytest
+import torch
+
+from conformance import engine
+from conformance.cases import Case, lower
+from conformance.engine import Test as Job
+from conformance.engine import _Jobs, auto_workers, job_need
+from conformance.runner import PHASES
+from conformance.tests.cli import CASE, FAULTY, cli, csv_rows
+
+SMALL = lower(Case.from_id(CASE))
+EPISODE = lower(Case.from_id("episode-episode-ragged-bs16-h8kv2-d64-fp16-interleaved-s0"))
+
+
+def test_a_case_and_its_backends_are_one_job_in_plan_order():
+    tests = tuple(Job(s, b) for s in (SMALL, EPISODE) for b in ("torch", "triton", "flex"))
+    jobs = _Jobs.of(tests)
+    assert jobs.queue == [[0, 1, 2], [3, 4, 5]]
+    assert jobs.needs[0] == job_need([SMALL]) < jobs.needs[3] == job_need([EPISODE])
+
+
+def test_a_job_waits_while_it_would_not_fit_beside_the_running_ones():
+    jobs = _Jobs([[0], [1], [2]], {0: 60, 1: 30, 2: 10})
+    assert jobs.take(in_use=50, budget=100) == [1]  # the 60 does not fit; the 30 does
+    assert jobs.take(in_use=95, budget=100) is None  # neither fits beside 95
+    assert jobs.take(in_use=0, budget=100) == [0]  # alone, any job may run
+    assert jobs.queue == [[2]]
+
+
+def _gpu(monkeypatch, total_gib: float, cores: int = 16, gpus: int = 1):
+    class Props:
+        total_memory = int(total_gib * 2**30)
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: Props())
+    monkeypatch.setattr(engine.os, "cpu_count", lambda: cores)
+
+
+def test_auto_workers_fit_the_cards_memory_as_well_as_their_cores(monkeypatch):
+    """80 GB and small cases: one per core. Cases needing ~10 GB each: as many as the card
+    holds. Two GPUs: twice that. The CPU: one per core."""
+    _gpu(monkeypatch, 80)
+    small = tuple(Job(SMALL, "torch") for _ in range(9))
+    assert auto_workers(small) == 16
+    big = SizedShape(10 * 2**30)
+    n = auto_workers(tuple(Job(big, "torch") for _ in range(9)))
+    assert n == int(0.9 * 80 * 2**30) // (engine.WORKER_BASE_BYTES + job_need([big])) == 2
+    _gpu(monkeypatch, 80, gpus=2)
+    assert auto_workers(tuple(Job(big, "torch") for _ in range(9))) == 4
+    monkeypatch.undo()
+    monkeypatch.setattr(engine.os, "cpu_count", lambda: 3)
+    if not torch.cuda.is_available():
+        assert auto_workers(small) == 3
+
+
+class SizedShape:
+    """A stand-in shape of a given footprint."""
+
+    def __init__(self, nbytes: int):
+        self.nbytes, self.id = nbytes, f"big-{nbytes}"
+        self.attn_kind, self.encoder_seq_lens, self.query_lens = "encoder", (4,), ()
+        self.num_heads, self.context_lens, self.decode_steps = 1, None, 0
+
+    def footprint(self) -> int:
+        return self.nbytes
+
+
+def test_a_test_that_ran_out_of_memory_runs_again_alone_and_passes(tmp_path, monkeypatch):
+    monkeypatch.setenv("FAULT_DIR", str(tmp_path))
+    out = tmp_path / "out"
+    r = cli("run", "--tier", "smoke", "--shard", "1/24", "-n", "2", "--backend", "torch",
+            "--backend-module", f"{FAULTY}:OutOfMemoryBesideOthers", "--out", out)  # fmt: skip
+    assert r.returncode == 0, r.stdout[-3000:]
+    rows = csv_rows(out)
+    assert {row["status"] for row in rows} <= {"pass", "skip"}
+    info = json.loads((out / "run.json").read_text())
+    assert len(info["run_alone"]) == 1 and "fault-oom-beside-others" in info["run_alone"][0]
+    assert "ran out of memory beside others and ran again alone" in r.stdout
+
+
+def test_a_test_out_of_memory_alone_too_is_an_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("FAULT_DIR", str(tmp_path))
+    out = tmp_path / "out"
+    r = cli("run", "--case", CASE, "--backend-module", f"{FAULTY}:OutOfMemoryAlways",
+            "--out", out)  # fmt: skip
+    assert r.returncode == 1
+    (row,) = [row for row in csv_rows(out) if row["step"].startswith("0:")]
+    assert row["status"] == "error" and row["reason"].startswith("out of memory")
+    assert row["reason"].endswith("(also when run alone, after every other test)")
+
+
+def test_a_worker_that_keeps_memory_is_named_and_replaced(tmp_path, monkeypatch):
+    monkeypatch.setenv("LEAK_MB", "96")
+    monkeypatch.setenv("CONFORMANCE_LEAK_LIMIT_MB", "150")
+    out = tmp_path / "out"
+    r = cli("run", "--tier", "smoke", "--shard", "2/24", "-n", "1", "--backend-module",
+            f"{FAULTY}:Leaks", "--out", out)  # fmt: skip
+    assert r.returncode == 0, r.stdout[-3000:]
+    info = json.loads((out / "run.json").read_text())
+    assert info["leaks"] and all("fault-leaks" in leak["test"] for leak in info["leaks"])
+    assert all(leak["held_bytes"] > 150 << 20 for leak in info["leaks"])
+    assert "(its backend keeps memory between calls?): replaced" in r.stdout
+    assert {row["status"] for row in csv_rows(out)} <= {"pass", "skip"}  # every test still ran
+
+
+def test_where_the_time_went(tmp_path):
+    """run.json splits the workers' time by phase; the summary says it; every step row has a
+    compile_ms (0 where nothing was compiled: the interpreter compiles nothing)."""
+    out = tmp_path / "out"
+    r = cli("run", "--case", CASE, "--backend", "triton", "--backend", "torch", "--out", out)
+    assert r.returncode == 0, r.stdout[-2000:]
+    info = json.loads((out / "run.json").read_text())
+    assert set(info["seconds"]) == set(PHASES) and info["workers"] == 1
+    assert info["seconds"]["backend"] > 0 and info["seconds"]["reference"] > 0
+    assert "their time: backend calls" in r.stdout
+    steps = [row for row in csv_rows(out) if row["step"].startswith("0:")]
+    assert steps and all(float(row["compile_ms"]) >= 0 for row in steps)
+
+
+@pytest.mark.parametrize("kind", ["decoder", "encoder"])
+def test_job_need_counts_the_dense_scores_of_a_long_prefill(kind):
+    from conformance.shapes import Shape
+
+    lens = (
+        dict(encoder_seq_lens=(3000, 3000)) if kind == "encoder" else dict(query_lens=(3000,) * 2)
+    )
+    s = Shape(kind, num_heads=32, head_size=128, **lens)
+    assert job_need([s]) >= 3 * 2 * 32 * 3000 * 3000 * 4
