@@ -11,8 +11,21 @@ import pandas as pd
 from conformance.schema import BENCH_COLUMNS, BENCH_LATER, BENCH_SHAPE
 
 OURS = "triton"
-LIMIT_BACKEND = "copy"  # the measured limit's own rows
+LIMITS = ("copy", "matmul")  # the measured limits' own rows
 CONTIGUOUS = "sdpa-contiguous"  # SDPA on contiguous K/V: what a paged kernel can hope to match
+# Rows that count: a backend that passed (a fail or an error has no time), a measured limit;
+# '' in a file from before every row had a status.
+TIMED = ("pass", "measured", "")
+
+
+def with_columns(bench: pd.DataFrame) -> pd.DataFrame:
+    b = bench.copy()
+    for c in BENCH_COLUMNS:  # an older or partial bench file: absent columns are empty
+        if c not in b:
+            b[c] = BENCH_LATER.get(c, "" if c in ("limit", "device") else np.nan)
+    for c, default in BENCH_LATER.items():
+        b[c] = b[c].fillna(default)
+    return b
 
 
 def _limit_value(text: str) -> float:
@@ -26,12 +39,7 @@ def family_tables(bench: pd.DataFrame) -> dict[str, pd.DataFrame]:
     best peer (named), SDPA on contiguous K/V and the measured limit, in kernel time (CUDA-graph
     replay; do_bench where a call could not be captured), with ratio columns. GB/s for
     memory-bound families, TFLOP/s for compute-bound ones, never mixed."""
-    b = bench.copy()
-    for c in BENCH_COLUMNS:  # an older or partial bench file: absent columns are empty
-        if c not in b:
-            b[c] = BENCH_LATER.get(c, "" if c in ("limit", "device") else np.nan)
-    for c, default in BENCH_LATER.items():
-        b[c] = b[c].fillna(default)
+    b = with_columns(bench)
     tflop = b["limit"].astype(str).str.contains("TFLOP") | (b.gbps.isna() & b.tflops.notna())
     b["unit"] = np.where(tflop, "TFLOP/s", "GB/s")
     b["do_bench"] = np.where(b.unit == "GB/s", b.gbps, b.tflops)
@@ -39,7 +47,7 @@ def family_tables(bench: pd.DataFrame) -> dict[str, pd.DataFrame]:
     b["kernel"] = (b.do_bench * b.median_ms / graph).where(graph.notna() & (graph > 0))
     b["best"] = b.kernel.fillna(b.do_bench)
     b["timed"] = np.where(b.kernel.notna(), "graph", "do_bench")
-    b = b[b.status.astype(str) == ""]  # the grid's rows (a backend-path row has a verdict)
+    b = b[b.status.astype(str).isin(TIMED)]
     config = BENCH_SHAPE
     out = {}
     for fam, g in b.groupby(b.workload.str.split(":").str[0], sort=False):
@@ -49,7 +57,7 @@ def family_tables(bench: pd.DataFrame) -> dict[str, pd.DataFrame]:
             if o.empty:
                 continue
             o = o.iloc[0]
-            peers = gg[~gg.backend.isin([OURS, LIMIT_BACKEND, CONTIGUOUS])]
+            peers = gg[~gg.backend.isin([OURS, *LIMITS, CONTIGUOUS])]
             peer = peers.loc[peers.best.idxmax()] if len(peers) else None
             sdpa = gg[gg.backend == CONTIGUOUS]
             sdpa_v = sdpa.best.iloc[0] if len(sdpa) else np.nan
@@ -114,14 +122,9 @@ def backend_tables(bench: pd.DataFrame) -> dict[str, pd.DataFrame]:
     family: each backend's verdict on the shape, its time (CUDA-graph kernel time, else
     do_bench, else CPU wall), GB/s or TFLOP/s, ratio to the best other backend that passed and
     to the limit; `yours` marks a --backend-module backend."""
-    b = bench.copy()
-    for c in BENCH_COLUMNS:
-        if c not in b:
-            b[c] = BENCH_LATER.get(c, "" if c in ("limit", "device") else np.nan)
-    for c, default in BENCH_LATER.items():
-        b[c] = b[c].fillna(default)
-    rows = b[b.status.astype(str) != ""]
-    limits = b[b.backend.isin(["copy", "matmul"])]
+    b = with_columns(bench)
+    rows = b[~b.backend.isin(LIMITS) & (b.status.astype(str) != "")]
+    limits = b[b.backend.isin(LIMITS)]
     if rows.empty:
         return {}
     rows = rows.assign(ms=rows.graph_ms.where(rows.graph_ms > 0, rows.median_ms))

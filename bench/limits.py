@@ -3,17 +3,18 @@
     python -m bench limits [--bench reports/results/h100/bench.csv] [--out reports/out/limits.csv]
 
 Reads a bench CSV (kernel times of ours and of the peers, `python -m bench`), picks every row of
-ours that misses one of the targets below (`short_rows`), runs our kernel once per such row under
-`ncu` (launched by this command; `--profile-from-start off`, so only the one call per row between
-`cudaProfilerStart`/`Stop` is profiled, after a warm-up that compiled it and chose its launch) and
-writes one CSV row per short row: the ratios that miss, and the counters that say what limits it
-(DRAM throughput, achieved and theoretical occupancy, waves, registers, the warp stall reasons),
-with a one-line reading (`limit_reading`).
+ours that misses one of the targets below (`short_rows`), rebuilds that row's own workload
+(`BenchCase.from_row`: its family, sizes and cache dtype) and runs our backend's prepared call
+once under `ncu` (launched by this command; `--profile-from-start off`, so only the one call per
+row between `cudaProfilerStart`/`Stop` is profiled, after a warm-up that compiled it and chose
+its launch). One CSV row per short row: the ratios that miss, and the counters that say what
+limits it (DRAM throughput, achieved and theoretical occupancy, waves, registers, the warp
+stall reasons), with a one-line reading (`limit_reading`).
 
 Targets (ratios are ours ÷ other in throughput, kernel time from CUDA-graph replay):
-- decode rows (decode-self, cross-decode, self-decode): ours ÷ SDPA on contiguous K/V >= 1 and
-  ours ÷ the best paged peer (xFormers split-K, FlexAttention) >= 1;
-- small-batch GQA decode (decode-self, batch 16, context 1k/4k, GQA 4:1 and 8:1): >= 60% of copy;
+- decode rows (self-decode, cross-decode): ours ÷ SDPA on contiguous K/V >= 1 and ours ÷ the
+  best paged peer (xFormers split-K, FlexAttention) >= 1;
+- small-batch GQA decode (self-decode, batch 16, context 1k/4k, GQA 4:1 and 8:1): >= 60% of copy;
 - cross prefill at batch 64: >= 90% of copy.
 
 Fail closed: a short row without its ncu result (fewer kernels profiled than rows, a metric the
@@ -39,7 +40,7 @@ import pandas as pd
 from conformance.schema import BENCH_SHAPE as SHAPE
 
 KERNEL = "_paged_attention_kernel"
-DECODE_FAMILIES = ("decode-self", "cross-decode", "self-decode")
+DECODE_FAMILIES = ("cross-decode", "self-decode")
 GQA_COPY_TARGET = 0.60
 FEW_WAVES = 0.75  # ncu's waves: a grid of 0.97 fills the GPU, one of 0.48 leaves half idle
 CROSS_PREFILL_COPY_TARGET = 0.90
@@ -87,7 +88,7 @@ def short_rows(bench: pd.DataFrame) -> pd.DataFrame:
                 if r["ours ÷ peer"] < 1:
                     missed.append(f"ours/{r['best peer']} {r['ours ÷ peer']:.3f} < 1")
                 small_gqa = (
-                    fam == "decode-self"
+                    fam == "self-decode"
                     and r.batch == 16
                     and r.context_len in (1024, 4096)
                     and r.num_heads // r.num_kv_heads in (4, 8)
@@ -189,25 +190,16 @@ def limit_reading(m: dict[str, float]) -> str:
     return f"occupancy {ach:.0f}% of {theo:.0f}%, DRAM {dram:.0f}% busy, {top_text}"
 
 
-def _call_for(row: dict):
-    """Our kernel on a bench row's shape, built as the grid builds it (`bench.gpu`)."""
-    from bench import gpu
+def call_for(row: dict):
+    """(step, our backend's prepared call on it) for a bench row's own workload (built on the
+    GPU, as the bench builds it): the kernel and launch the row timed, fp8 caches included."""
+    import torch
 
-    fam = row["workload"].split(":")[0]
-    b, kv = int(row["batch"]), int(row["context_len"])
-    causal = fam in ("decode-self", "self-decode")
-    q_len = int(row["query_len"])
-    return gpu.prefill_call(
-        [q_len] * b,
-        [kv] * b,
-        [kv - q_len] * b if causal else [0] * b,
-        int(row["num_heads"]),
-        int(row["num_kv_heads"]),
-        int(row["head_size"]),
-        int(row["block_size"]),
-        row["dtype"],
-        causal,
-    )
+    from bench.workloads import BenchCase
+    from optimized.triton_backend import TritonBackend
+
+    step = BenchCase.from_row(row).shape().build("cuda" if torch.cuda.is_available() else "cpu")
+    return step, TritonBackend().prepare(*step.args())
 
 
 def profile_rows(rows_json: str) -> int:
@@ -216,7 +208,7 @@ def profile_rows(rows_json: str) -> int:
 
     rows = json.loads(Path(rows_json).read_text())
     for i, row in enumerate(rows):
-        call = _call_for(row)
+        _, call = call_for(row)
         call()
         call()
         torch.cuda.synchronize()

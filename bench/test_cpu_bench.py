@@ -53,7 +53,7 @@ def test_the_backend_path_times_only_what_passes_and_the_report_shows_it(tmp_pat
     """`python -m bench --backend-module ...` on the CPU: each backend is judged on the shape
     first; a wrong-but-fast one gets `fail` and no time, the others a labelled CPU time; the
     report's table marks the user's backend."""
-    from bench import backends
+    from bench import harness, workloads
     from conformance import selection
     from conformance.schema import BENCH_COLUMNS
     from reports.gate import load_bench
@@ -67,8 +67,9 @@ def test_the_backend_path_times_only_what_passes_and_the_report_shows_it(tmp_pat
         "        return super().attend(*args) * 0\n"
     )
     picked = selection.backends(["torch"], [f"{tmp_path}/fast.py:Fast"])
-    work = [w for w in backends.model_workloads("whisper-tiny", (2,), 16) if "decode" in w[0]]
-    rows = backends.backend_rows(work, picked)
+    work = [w for w in workloads.named(workloads.models("whisper-tiny", (2,), 16))
+            if "decode" in w[0]]  # fmt: skip
+    rows = harness.bench_rows(work, picked)
     by = {(r["workload"].split(":")[0], r["backend"]): r for r in rows}
     for fam in ("self-decode", "cross-decode"):
         wrong, torch_row = by[(fam, "fast-but-wrong")], by[(fam, "torch")]
@@ -129,7 +130,7 @@ def test_what_is_timed_is_what_was_judged(tmp_path):
     """The prepared call is judged like forward: a backend whose forward is right but whose
     `prepare()` returns a wrong call gets `fail` and no time. A subclass that brings its own
     `attend` never inherits a kernel's `prepare` (flex on triton's once timed triton)."""
-    from bench import backends
+    from bench import harness, workloads
     from conformance import selection
     from optimized.backend import BaseBackend
     from optimized.flex_backend import FlexBackend
@@ -143,8 +144,9 @@ def test_what_is_timed_is_what_was_judged(tmp_path):
         "        return lambda: self.forward(*args) * 2\n"
     )
     picked = selection.backends([], [f"{tmp_path}/liar.py:Liar"])
-    work = [w for w in backends.model_workloads("whisper-tiny", (2,), 16) if "self-decode" in w[0]]
-    (row,) = backends.backend_rows(work, picked)
+    work = [w for w in workloads.named(workloads.models("whisper-tiny", (2,), 16))
+            if "self-decode" in w[0]]  # fmt: skip
+    (row,) = harness.bench_rows(work, picked)
     assert row["status"] == "fail" and row["median_ms"] != row["median_ms"]
     assert row["timed"].startswith("not timed: prepare()'s call is not what forward() does")
 
@@ -160,9 +162,30 @@ def test_what_is_timed_is_what_was_judged(tmp_path):
 def test_graph_timing_names_its_l2_flushes():
     """Kernel time is taken after do_bench's flush (L2 left dirty) or a read one (clean); any
     other flush is refused before anything touches a GPU."""
-    from bench.gpu import graph_ms
-    from bench.tune import SECTIONS
+    from bench.harness import graph_ms
 
     with pytest.raises(ValueError, match="flush: expected 'zero' or 'read'"):
         graph_ms(lambda: None, flush="dirty")
-    assert "paging" in SECTIONS
+
+
+def test_every_row_has_a_status_and_a_row_rebuilds_its_workload(tmp_path):
+    """The CPU smoke through the one path: every row a verdict (pass, or why not); each row's
+    key columns rebuild the very workload it timed (what `bench limits` profiles)."""
+    import csv
+
+    from bench.__main__ import main
+    from bench.workloads import BenchCase, grid, models
+
+    out = tmp_path / "b.csv"
+    assert main(["--model", "whisper-tiny", "--only", "self-decode", "cross-prefill",
+                 "--out", str(out)]) == 0  # fmt: skip
+    with open(out) as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 4 and all(r["status"] in ("pass", "skip") for r in rows), rows
+    cases = {c.workload: c for c in models("whisper-tiny", (2,), 16)}
+    for r in rows:
+        assert BenchCase.from_row(r) == cases[r["workload"]], r["workload"]
+    for c in grid(quick=True):  # every configuration of the grid survives its row
+        from bench.workloads import as_row
+
+        assert BenchCase.from_row(as_row(c)) == c

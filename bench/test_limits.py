@@ -5,12 +5,21 @@ import math
 
 import pandas as pd
 import pytest
+import torch
 
 from bench.__main__ import main
 from bench.limits import limit_reading, parse_ncu_raw, short_rows
 
 
 def _rows(workload, batch, ctx, kv_heads, ours_ms, others, q_len=1, limit_gbps=3000.0):
+    """Bench rows of one shape: ours, its peers ({backend: graph_ms}) and the copy limit. Every
+    row moves 3 GB, so GB/s = 3000 / ms. All passed (the limit: measured)."""
+    return [dict(r, status="measured" if r["backend"] == "copy" else "pass")
+            for r in _plain(workload, batch, ctx, kv_heads, ours_ms, others, q_len,
+                            limit_gbps)]  # fmt: skip
+
+
+def _plain(workload, batch, ctx, kv_heads, ours_ms, others, q_len=1, limit_gbps=3000.0):
     """Bench rows of one shape: ours, its peers ({backend: graph_ms}) and the copy limit. Every
     row moves 3 GB, so GB/s = 3000 / ms."""
     base = dict(
@@ -35,13 +44,13 @@ def _rows(workload, batch, ctx, kv_heads, ours_ms, others, q_len=1, limit_gbps=3
 def test_short_rows_are_the_rows_that_miss_a_target():
     bench = pd.DataFrame(
         # behind SDPA, ahead of flex: short on one target
-        _rows("decode-self", 64, 4096, 32, 1.10, {"sdpa-contiguous": 1.0, "flex": 1.5})
+        _rows("self-decode:grid", 64, 4096, 32, 1.10, {"sdpa-contiguous": 1.0, "flex": 1.5})
         # ahead of every peer and not a small-batch GQA shape: not short
-        + _rows("decode-self", 64, 1024, 32, 1.05, {"sdpa-contiguous": 1.1, "flex": 1.2})
+        + _rows("self-decode:grid", 64, 1024, 32, 1.05, {"sdpa-contiguous": 1.1, "flex": 1.2})
         # small-batch GQA 8:1 ahead of all peers but at 50% of copy: short on the copy target
-        + _rows("decode-self", 16, 1024, 4, 2.0, {"sdpa-contiguous": 2.2})
+        + _rows("self-decode:grid", 16, 1024, 4, 2.0, {"sdpa-contiguous": 2.2})
         # behind xFormers split-K on a model row
-        + _rows("cross-decode:whisper", 256, 1500, 32, 1.0, {"xformers-splitk": 0.99})
+        + _rows("cross-decode:whisper", 256, 1500, 32, 1.0, {"xformers-paged": 0.99})
         # cross prefill at batch 64 below 90% of copy; at batch 256 the target does not apply
         + _rows("cross-prefill:bart", 64, 1024, 32, 1.2, {}, q_len=4)
         + _rows("cross-prefill:bart", 256, 1024, 32, 1.2, {}, q_len=4)
@@ -51,16 +60,16 @@ def test_short_rows_are_the_rows_that_miss_a_target():
     s = short_rows(bench)
     got = {(r.workload, r.batch, r.context_len): r.missed for r in s.itertuples()}
     assert set(got) == {
-        ("decode-self", 64, 4096),
-        ("decode-self", 16, 1024),
+        ("self-decode:grid", 64, 4096),
+        ("self-decode:grid", 16, 1024),
         ("cross-decode:whisper", 256, 1500),
         ("cross-prefill:bart", 64, 1024),
     }
-    assert got[("decode-self", 64, 4096)] == "ours/sdpa 0.909 < 1"
-    assert got[("decode-self", 16, 1024)] == "copy 50.0% < 60%"
-    assert got[("cross-decode:whisper", 256, 1500)] == "ours/xformers-splitk 0.990 < 1"
+    assert got[("self-decode:grid", 64, 4096)] == "ours/sdpa 0.909 < 1"
+    assert got[("self-decode:grid", 16, 1024)] == "copy 50.0% < 60%"
+    assert got[("cross-decode:whisper", 256, 1500)] == "ours/xformers-paged 0.990 < 1"
     assert got[("cross-prefill:bart", 64, 1024)].startswith("copy 83.3% < 90%")
-    row = s[s.workload == "decode-self"].iloc[0]
+    row = s[s.workload == "self-decode:grid"].iloc[0]
     assert row.best_peer == "flex" and row.ours_vs_best_peer == pytest.approx(1.5 / 1.1)
 
 
@@ -112,5 +121,18 @@ def test_limits_without_a_gpu_is_the_users_setup(capsys):
 
     if torch.cuda.is_available():
         pytest.skip("has a GPU: the command would run")
-    assert main(["limits", "--bench", "reports/results/h100/bench.csv"]) == 2
+    assert main(["limits", "--bench", "any.csv"]) == 2
     assert "needs a CUDA device" in capsys.readouterr().err
+
+
+def test_a_short_rows_call_is_its_own_workload_fp8_included():
+    """`bench limits` profiles the row's own step: an fp8 row's call reads an fp8 cache (the
+    limits tool once profiled the bf16 launch for every fp8 row)."""
+    from bench.limits import call_for
+    from bench.workloads import BenchCase, as_row
+
+    case = BenchCase("self-decode", "grid", 2, 70, 1, 8, 2, 64, 16, "bfloat16", "fp8_e4m3")
+    step, call = call_for(as_row(case))
+    assert step.kv_cache[0].dtype == torch.float8_e4m3fn and step.metadata.fp8
+    assert step.metadata.seq_lens == (70, 70) and step.query.shape == (2, 8, 64)
+    assert call().shape == step.query.shape

@@ -36,7 +36,7 @@ interpret_without_cuda()  # before Triton is imported
 from conformance.runner import DEFAULT_TIMEOUT_S
 from conformance.schema import Status
 from conformance.selection import USER_OUT
-from optimized.backend import backend_names
+from optimized.backend import Capabilities, backend_names
 
 DEFAULT_OUT = "reports/out"
 
@@ -317,17 +317,17 @@ def _dump_backend(args, case, arrays: dict) -> list[dict]:
         [args.backend_module] if args.backend_module else None,
     )
     shape = case if isinstance(case, Shape) else lower(case)
-    reads = bool(getattr(backend, "fp8_prefill_reads_inputs", False))
+    reads = backend.capabilities.fp8_prefill_reads_inputs
     inputs, expected = runner.expected_for(shape, reads)
     device = torch.device(backend.device())
     mine = inputs.to(device, copy=True)
-    finite = bool(getattr(backend, "finite_unowned_slots", False))
+    finite = backend.capabilities.finite_unowned_slots
     if finite:  # as the runner gives it: finite poison where nothing was written
         runner.poison_finite(mine)
     pool = runner.ExpectedCaches(mine if finite else inputs)
     verdicts = []
     for i, (step, pristine, exp) in enumerate(
-        zip(runner._steps(mine), runner._steps(inputs), expected)
+        zip(runner.steps_of(mine), runner.steps_of(inputs), expected)
     ):
         after = pool.advance(exp)
         v = runner.judge_step(backend, step, pristine, exp, after, device, args.case_timeout)
@@ -413,7 +413,9 @@ def main(argv=None) -> int:
         action="append",
         metavar="SPEC",
         help="your backend: package.module:Class or path/to/file.py:Class (repeatable); its "
-        f"results go to {USER_OUT}/<name>/ unless --out says otherwise",
+        f"results go to {USER_OUT}/<name>/ unless --out says otherwise. It declares what it "
+        f"supports as `capabilities = Capabilities(...)` (optimized/backend.py; fields and "
+        f"defaults: {Capabilities.describe()})",
     )
     pr.add_argument("-k", default=None, help="a pytest-style -k expression over CASE_ID::BACKEND")
     pr.add_argument("--case", action="append", help="one case id (repeatable)")

@@ -92,7 +92,7 @@ def compare_output(
     )
     if nan_count:
         return Comparison(Status.FAIL, f"NaN/Inf: {nan_count} non-finite outputs", **comp)
-    wide = bool(getattr(backend, "float64_output", False))
+    wide = backend is not None and backend.capabilities.float64_output
     if out.dtype != dtype and not (wide and out.dtype == torch.float64):
         return Comparison(Status.FAIL, f"dtype mismatch: output {out.dtype}, query {dtype}", **comp)
     if not max_abs <= tol:  # `not <=`: a NaN metric fails too
@@ -115,13 +115,14 @@ def compare_output(
 
 def bitwise_equal(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Per leading index (a slot for caches, a token for inputs): are the bit patterns equal?
-    NaN == NaN here, and -0.0 != 0.0. `a` and `b` share shape and dtype."""
-    a, b = a.detach().cpu().contiguous(), b.detach().cpu().contiguous()
+    NaN == NaN here, and -0.0 != 0.0. `a` and `b` share shape and dtype; compared where `b`
+    lives (the expected side: the CPU in the matrix), the answer on the CPU."""
+    a, b = a.detach().to(b.device).contiguous(), b.detach().contiguous()
     if a.is_floating_point():
         a, b = a.view(_int_type(a.dtype)), b.view(_int_type(b.dtype))
     if a.dim() == 0:
-        return (a == b).reshape(1)
-    return (a == b).reshape(a.shape[0], -1).all(1)
+        return (a == b).reshape(1).cpu()
+    return (a == b).reshape(a.shape[0], -1).all(1).cpu()
 
 
 def compare_caches(

@@ -154,19 +154,20 @@ class Expected:
 
 
 class ExpectedCaches:
-    """The caches the reference expects after each step of one case: the pristine caches
-    (CPU copy) with every step's writes applied in order (`advance`)."""
+    """The caches the reference expects after each step of one case: a copy of the pristine
+    caches (where the inputs were built) with every step's writes applied in order."""
 
     def __init__(self, inputs: Step | Episode):
         cache = inputs.kv_cache
-        self.caches = None if cache is None else tuple(c.cpu().clone() for c in cache)
+        self.caches = None if cache is None else tuple(c.clone() for c in cache)
 
     def advance(self, exp: Expected) -> tuple[torch.Tensor, torch.Tensor] | None:
         """The caches after the step `exp` describes (updated in place and returned)."""
         if self.caches is not None and exp.writes is not None:
             slots, k, v = exp.writes
             for c, rows in zip(self.caches, (k, v)):
-                c[slots // c.shape[1], slots % c.shape[1]] = rows  # (block, offset): any strides
+                at = slots.to(c.device)  # (block, offset): any strides
+                c[at // c.shape[1], at % c.shape[1]] = rows.to(c.device)
         return self.caches
 
 
@@ -214,7 +215,7 @@ def reference_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def _steps(inputs: Step | Episode) -> tuple[Step, ...]:
+def steps_of(inputs: Step | Episode) -> tuple[Step, ...]:
     return inputs.steps if isinstance(inputs, Episode) else (inputs,)
 
 
@@ -256,29 +257,33 @@ def retry_on_oom(fn, device: torch.device):
     raise AssertionError("unreachable")
 
 
-def expected_for(case, reads_inputs: bool = False) -> tuple[Step | Episode, list[Expected]]:
-    """Inputs (on the CPU, caches untouched; never handed to a backend) and the reference's
-    results per step, computed the way the backend reads an fp8 prefill (`reads_inputs`,
-    reference/fp8.py); the last few are kept, since a case's backends usually run one after
-    another."""
-    key = (case.id, reads_inputs)
+def expected_for(
+    case, reads_inputs: bool = False, build_device: str = "cpu"
+) -> tuple[Step | Episode, list[Expected]]:
+    """Inputs (built on `build_device`: the CPU, or a GPU for the bench's large workloads;
+    caches untouched; never handed to a backend) and the reference's results per step, computed
+    the way the backend reads an fp8 prefill (`reads_inputs`, reference/fp8.py); the last few
+    are kept, since a case's backends run one after another."""
+    key = (case.id, reads_inputs, str(build_device))
     if key in _EXPECTED:
         _EXPECTED.move_to_end(key)
         return _EXPECTED[key]
-    result = retry_on_oom(lambda: _compute_expected(case, reads_inputs), reference_device())
+    result = retry_on_oom(
+        lambda: _compute_expected(case, reads_inputs, build_device), reference_device()
+    )
     _EXPECTED[key] = result
     while len(_EXPECTED) > 4:
         _EXPECTED.popitem(last=False)
     return result
 
 
-def _compute_expected(case, reads_inputs: bool) -> tuple[Step | Episode, list[Expected]]:
+def _compute_expected(case, reads_inputs: bool, build_device: str):
     dev = reference_device()
     with CLOCK.phase("inputs"):
-        inputs = build_inputs(case, "cpu")
+        inputs = build_inputs(case, build_device)
         ref_inputs = inputs.to(dev, copy=True)
     with CLOCK.phase("reference"):
-        results = [expect_step(step, reads_inputs) for step in _steps(ref_inputs)]
+        results = [expect_step(step, reads_inputs) for step in steps_of(ref_inputs)]
         del ref_inputs
         _recover(dev)
     return inputs, results
@@ -332,7 +337,7 @@ def changed_inputs(step: Step, pristine: Step) -> list[str]:
             names.append(name)
     for name in ("block_tables", "slot_mapping", "cross_block_tables", "cross_slot_mapping"):
         a, b = getattr(step.metadata, name), getattr(pristine.metadata, name)
-        if (a is None) != (b is None) or (a is not None and not torch.equal(a.cpu(), b)):
+        if (a is None) != (b is None) or (a is not None and not torch.equal(a.to(b.device), b)):
             names.append(name)
     return names
 
@@ -345,6 +350,7 @@ def run_case(
     metamorphic: bool = True,
     rerun: bool | None = None,
     module: str = "",
+    build_device: str = "cpu",
 ) -> list[dict]:
     """All rows of `case` × `backend`: one per step, plus `permuted` (block permutation must not
     change the output) and `rerun` (a second run must be bitwise identical; folded into
@@ -363,13 +369,13 @@ def run_case(
         ]
     try:
         inputs, expected = expected_for(
-            case, bool(getattr(backend, "fp8_prefill_reads_inputs", False))
+            case, backend.capabilities.fp8_prefill_reads_inputs, build_device
         )
     except KeyboardInterrupt:
         raise
     except BaseException as e:
         return [row("build", Status.ERROR, f"case could not be built: {error_reason(e)}")]
-    steps = _steps(inputs)
+    steps = steps_of(inputs)
     snames = [_step_name(i, s) for i, s in enumerate(steps)]
 
     why, problem = guarded(backend.unavailable_reason, what="unavailable_reason()")
@@ -384,8 +390,8 @@ def run_case(
         return [row(s, Status.ERROR, problem) for s in snames]
     # A backend that reads whole tiles of the pool (weighting other slots by zero) declares
     # `finite_unowned_slots`: its copy holds POISON instead of NaN where nothing was written.
-    finite = bool(getattr(backend, "finite_unowned_slots", False))
-    exact = bool(getattr(backend, "bitwise_under_permutation", True))
+    finite = backend.capabilities.finite_unowned_slots
+    exact = backend.capabilities.bitwise_under_permutation
 
     def fresh():
         with CLOCK.phase("inputs"):
@@ -401,7 +407,7 @@ def run_case(
 
     rows, last = [], None
     pool = ExpectedCaches(mine if finite else inputs)
-    for sname, step, pristine, exp in zip(snames, _steps(mine), steps, expected):
+    for sname, step, pristine, exp in zip(snames, steps_of(mine), steps, expected):
         after = pool.advance(exp)
         v = judge_step(backend, step, pristine, exp, after, device, timeout_s)
         rows.append(row(sname, v.status, v.reason, v.comparison, exp.ref_ms, v.backend_ms,
@@ -509,7 +515,7 @@ def judge_step(
                 status, reason = Status.FAIL, f"backend modified its inputs: {', '.join(touched)}"
         if status != Status.ERROR and step.kv_cache is not None:
             written = exp.writes[0] if exp.writes is not None else None
-            ulps = int(getattr(backend, "fp8_write_ulps", 0))
+            ulps = backend.capabilities.fp8_write_ulps
             cache_problem, problem = guarded(
                 lambda: compare_caches(step.kv_cache, expected_caches, written, ulps)
             )

@@ -57,18 +57,19 @@ class KVFormat:
             kv_cache_dtype=self.kv_cache_dtype, k_scale=t(self.k_scale), v_scale=t(self.v_scale)
         )
 
-    def empty_cache(self, shape, dtype: torch.dtype) -> torch.Tensor:
+    def empty_cache(self, shape, dtype: torch.dtype, device=None) -> torch.Tensor:
         """A cache of `shape` whose every slot is NaN (an unwritten slot)."""
         if not self.fp8:
-            return torch.full(shape, float("nan"), dtype=dtype)
-        return torch.full(shape, float("nan")).to(cache_dtype(self.kv_cache_dtype, dtype))
+            return torch.full(shape, float("nan"), dtype=dtype, device=device)
+        nan = torch.full(shape, float("nan"), device=device)
+        return nan.to(cache_dtype(self.kv_cache_dtype, dtype))
 
     def stored(self, x: torch.Tensor, scale) -> torch.Tensor:
         """What a cache holds for x [tokens, num_kv_heads, head_size] (fp8: quantized)."""
-        return (
-            quantize(x, torch.tensor(scale, dtype=torch.float32), self.dtype_of())
-            if self.fp8
-            else x
+        if not self.fp8:
+            return x
+        return quantize(
+            x, torch.tensor(scale, dtype=torch.float32, device=x.device), self.dtype_of()
         )
 
     def read(self, x: torch.Tensor, scale) -> torch.Tensor:
@@ -76,7 +77,8 @@ class KVFormat:
         scaled back, float64; else x itself)."""
         if not self.fp8:
             return x
-        return dequantize(self.stored(x, scale), torch.tensor(scale, dtype=torch.float32))
+        scale_t = torch.tensor(scale, dtype=torch.float32, device=x.device)
+        return dequantize(self.stored(x, scale), scale_t)
 
     def dtype_of(self) -> torch.dtype:
         return cache_dtype(self.kv_cache_dtype, torch.float32)
@@ -166,9 +168,9 @@ def allocate_blocks(
     reserve = 1 if layout == Layout.NULL_BLOCK else 0
     num_blocks = pool_blocks(needed, layout)
     if layout in (Layout.SHUFFLED, Layout.SHARED_PREFIX):
-        pool = torch.randperm(num_blocks, generator=gen).tolist()
+        pool = torch.randperm(num_blocks, generator=gen, device=gen.device).tolist()
     elif layout == Layout.FRAGMENTED:
-        pool = torch.randperm(num_blocks, generator=gen)[:needed].tolist()
+        pool = torch.randperm(num_blocks, generator=gen, device=gen.device)[:needed].tolist()
     elif layout == Layout.INTERLEAVED:
         pool = list(range(0, num_blocks, 2))
     elif layout == Layout.HIGHEST:
@@ -223,8 +225,12 @@ def build_step(
     kind = AttnKind(attn_kind)
     layout = Layout(layout)
     num_kv_heads = num_kv_heads or num_heads
-    gen = torch.Generator().manual_seed(seed)
-    randn = lambda *shape: torch.randn(*shape, generator=gen, dtype=torch.float32).to(dtype)
+    # Drawn where the step lives: the CPU (the matrix: reproducible anywhere) or a GPU (the
+    # bench's large workloads; other numbers for the same seed).
+    gen = torch.Generator(device=device).manual_seed(seed)
+    randn = lambda *shape: torch.randn(
+        *shape, generator=gen, dtype=torch.float32, device=gen.device
+    ).to(dtype)
     if kind == AttnKind.ENCODER:
         query_lens = (0,) * len(encoder_seq_lens)
     num_seqs = len(query_lens)
@@ -275,8 +281,8 @@ def build_step(
     blocks_per_seq = [-(-n // block_size) for n in kv_lens]
     tables, num_blocks, foreign = allocate_blocks(blocks_per_seq, layout, gen, shared_blocks)
     shape = (num_blocks, block_size, num_kv_heads, head_size)
-    key_cache = kv_format.empty_cache(shape, dtype)
-    value_cache = kv_format.empty_cache(shape, dtype)
+    key_cache = kv_format.empty_cache(shape, dtype, gen.device)
+    value_cache = kv_format.empty_cache(shape, dtype, gen.device)
     ks, vs = kv_format.k_scale, kv_format.v_scale
     for b in foreign:  # another layer's blocks: plausible numbers, wrong ones to read
         key_cache[b] = kv_format.stored(randn(block_size, num_kv_heads, head_size), ks)
@@ -379,8 +385,8 @@ def build_episode(
     as NaN; `kv_format` says how the pool stores K/V (the decoder and cross steps carry it).
     Steps hold the contiguous K/V histories (as attention reads them) for the dense checks."""
     num_kv_heads = num_kv_heads or num_heads
-    gen = torch.Generator().manual_seed(seed)
-    randn = lambda *shape: torch.randn(*shape, generator=gen).to(dtype)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    randn = lambda *shape: torch.randn(*shape, generator=gen, device=gen.device).to(dtype)
     kv = lambda n: randn(n, num_kv_heads, head_size)
     num_seqs = len(prompt_lens)
     final_lens = [p + num_decode_steps for p in prompt_lens]
@@ -394,7 +400,8 @@ def build_episode(
     self_tables = _table_tensor(tables[:num_seqs], max(self_blocks) + 1)
     cross_tables = _table_tensor(tables[num_seqs:], max(cross_blocks) + 1)
     shape = (num_blocks, block_size, num_kv_heads, head_size)
-    pool = (kv_format.empty_cache(shape, dtype), kv_format.empty_cache(shape, dtype))
+    pool = (kv_format.empty_cache(shape, dtype, gen.device),
+            kv_format.empty_cache(shape, dtype, gen.device))  # fmt: skip
     read_k = lambda hist: [kv_format.read(h, kv_format.k_scale) for h in hist]
     read_v = lambda hist: [kv_format.read(h, kv_format.v_scale) for h in hist]
     self_read_k, self_read_v = read_k(self_k), read_v(self_v)

@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import torch
 
-from optimized.backend import BaseBackend
+from optimized.backend import BaseBackend, Capabilities
 from reference.paged_cache import gather_sequence, write_to_cache
 
 
 class MyBackend(BaseBackend):
     name = "my-backend"  # the backend column of its rows
-    dtypes = (torch.float32, torch.float16, torch.bfloat16)  # anything else is a skip, with why
+    # What it supports (optimized/backend.py `Capabilities`): any other step is a skip, with why.
+    capabilities = Capabilities(dtypes=(torch.float32, torch.float16, torch.bfloat16))
 
     def device(self) -> torch.device:
         return torch.device("cpu")  # where the runner puts the inputs (yours: "cuda")

@@ -17,23 +17,17 @@ those reasons; an exception raised by any of these methods is an `error` row, ne
 (`cache_layout`), then it hands contiguous query/key/value to the backend's `attend`. A backend
 that overrides `forward` itself calls `check_inputs` first.
 
-Two fp8 declarations (reference/fp8.py): `fp8_prefill_reads_inputs = True` (at a step where no
-sequence has cached context, the kernel attends over the new K/V as given, not as stored: the
-reference is computed the same way for it) and `fp8_write_ulps = 1` (its cache write multiplies
-by the reciprocal scale: written slots are judged to that many fp8 ulps, never silently).
-
-Two optional class attributes relax what the matrix assumes, for kernels built that way (flex):
-`finite_unowned_slots = True` (the kernel multiplies zero weights into slots it does not own:
-its copy of the caches holds finite poison, 1000, instead of NaN where nothing was written; a
-read with nonzero weight still fails) and `bitwise_under_permutation = False` (it sums in
-physical block order: a block permutation is judged against the reference's tolerance instead
-of bit for bit). Both default to the strict behaviour.
+What a backend supports and how it works is one record, `Capabilities` (its fields below: the
+dtypes, head sizes, kinds, cache dtypes and layout it takes, and the flags that tell the harness
+how to judge it), declared once as the class attribute `capabilities`; everything outside it is
+a `skip` with its reason.
 """
 
 from __future__ import annotations
 
 import importlib
 import sys
+from dataclasses import dataclass, fields, replace
 from enum import StrEnum
 from importlib.metadata import entry_points
 from pathlib import Path
@@ -89,19 +83,61 @@ def cache_layout_reasons(kv_cache, layout: CacheLayout) -> list[str]:
     ]
 
 
+@dataclass(frozen=True)
+class Capabilities:
+    """What a backend takes and how the harness judges it (PyTorch OpInfo's way: one record).
+
+    dtypes                     query dtypes it computes in
+    head_sizes                 (smallest, largest) head size, inclusive
+    attn_kinds                 the attention kinds it implements
+    max_block_size             the largest cache block (page) it addresses
+    kv_cache_dtypes            how it can store K/V: auto (the model dtype), fp8_e4m3, fp8_e5m2
+    cache_layout               which cache strides it reads correctly (`CacheLayout`)
+    float64_output             returns float64 (the spec itself); everyone else the query dtype
+    fp8_prefill_reads_inputs   at a step with no cached context, attends over the new K/V as
+                               given, not as stored (vLLM V0's xFormers prefill): the reference
+                               is computed the same way for it (reference/fp8.py)
+    fp8_write_ulps             its fp8 cache write multiplies by the reciprocal scale: written
+                               slots are judged to this many fp8 ulps, every other bit for bit
+    finite_unowned_slots       it multiplies zero weights into slots it does not own: its copy
+                               of the caches holds finite poison (1000) where nothing was
+                               written, not NaN (a read with nonzero weight still fails)
+    bitwise_under_permutation  False: it sums in physical block order, so a block permutation is
+                               judged against the reference's tolerance, not bit for bit
+    """
+
+    dtypes: tuple[torch.dtype, ...] = (torch.float32, torch.float16, torch.bfloat16)
+    head_sizes: tuple[int, int] = (16, 256)
+    attn_kinds: tuple[AttnKind, ...] = tuple(AttnKind)
+    max_block_size: int = 256
+    kv_cache_dtypes: tuple[str, ...] = ("auto",)
+    cache_layout: CacheLayout = CacheLayout.ANY
+    float64_output: bool = False
+    fp8_prefill_reads_inputs: bool = False
+    fp8_write_ulps: int = 0
+    finite_unowned_slots: bool = False
+    bitwise_under_permutation: bool = True
+
+    @classmethod
+    def describe(cls) -> str:
+        """The fields and their defaults, one line (for --help)."""
+
+        def text(v) -> str:
+            if isinstance(v, tuple):
+                return "(" + ", ".join(map(text, v)) + ")"
+            if isinstance(v, torch.dtype):
+                return str(v).removeprefix("torch.")
+            return str(v.value) if isinstance(v, StrEnum) else repr(v)
+
+        return ", ".join(f"{f.name}={text(f.default)}" for f in fields(cls))
+
+
 class BaseBackend:
-    """Declarative support limits shared by the built-in backends (subclasses narrow them), and
-    `forward` = validate once, then `attend`."""
+    """`forward` = validate once, then `attend`; `capabilities` says what it supports (every
+    other step a skip with its reason)."""
 
     name = "base"
-    dtypes: tuple[torch.dtype, ...] = (torch.float32, torch.float16, torch.bfloat16)
-    attn_kinds: tuple[AttnKind, ...] = tuple(AttnKind)
-    head_sizes: tuple[int, int] = (16, 256)  # inclusive range
-    max_block_size: int = 256
-    cache_layout: CacheLayout = CacheLayout.ANY
-    # How it can store K/V (reference/fp8.py): ("auto",) means the model dtype only, so a
-    # backend written before fp8 caches declines them with a reason instead of failing.
-    kv_cache_dtypes: tuple[str, ...] = ("auto",)
+    capabilities = Capabilities()
 
     def __init_subclass__(cls, **kwargs):
         # A `prepare` belongs to the `attend` it was written for: a subclass that brings its own
@@ -110,6 +146,12 @@ class BaseBackend:
         super().__init_subclass__(**kwargs)
         if "attend" in cls.__dict__ and "prepare" not in cls.__dict__:
             cls.prepare = BaseBackend.prepare
+        # Declarations as plain class attributes (`dtypes = (...)`, the form before the record)
+        # become the record's fields.
+        own = cls.__dict__
+        given = {f.name: own[f.name] for f in fields(Capabilities) if f.name in own}
+        if given:
+            cls.capabilities = replace(cls.capabilities, **given)
 
     def unavailable_reason(self) -> str | None:
         return None
@@ -118,32 +160,32 @@ class BaseBackend:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
     def not_supported_reasons(self, query, key, value, kv_cache, metadata, attn_kind) -> list[str]:
-        reasons = []
+        reasons, caps = [], self.capabilities
         why = self.unavailable_reason()
         if why:
             reasons.append(why)
-        if query.dtype not in self.dtypes:
-            reasons.append(f"dtype {query.dtype} not supported (supports {_names(self.dtypes)})")
-        lo, hi = self.head_sizes
+        if query.dtype not in caps.dtypes:
+            reasons.append(f"dtype {query.dtype} not supported (supports {_names(caps.dtypes)})")
+        lo, hi = caps.head_sizes
         if not lo <= query.shape[-1] <= hi:
             reasons.append(f"head_size {query.shape[-1]} not in [{lo}, {hi}]")
-        if AttnKind(attn_kind) not in self.attn_kinds:
+        if AttnKind(attn_kind) not in caps.attn_kinds:
             reasons.append(f"attention kind {AttnKind(attn_kind).value} not supported")
-        if metadata.block_size > self.max_block_size:
-            reasons.append(f"block_size {metadata.block_size} > {self.max_block_size}")
-        kv = getattr(metadata, "kv_cache_dtype", "auto")
-        if kv_cache is not None and kv not in self.kv_cache_dtypes:
+        if metadata.block_size > caps.max_block_size:
+            reasons.append(f"block_size {metadata.block_size} > {caps.max_block_size}")
+        kv = metadata.kv_cache_dtype
+        if kv_cache is not None and kv not in caps.kv_cache_dtypes:
             reasons.append(
-                f"kv_cache_dtype {kv} not supported (supports {', '.join(self.kv_cache_dtypes)})"
+                f"kv_cache_dtype {kv} not supported (supports {', '.join(caps.kv_cache_dtypes)})"
             )
-        reasons += cache_layout_reasons(kv_cache, self.cache_layout)
+        reasons += cache_layout_reasons(kv_cache, caps.cache_layout)
         return reasons
 
     def validate(self, query, key, value, kv_cache, metadata, attn_kind) -> AttnKind:
         """`check_inputs`, then the declared cache layout: a ValueError naming the argument,
         before anything is written."""
         kind = check_inputs(query, key, value, kv_cache, metadata, attn_kind)
-        problems = cache_layout_reasons(kv_cache, self.cache_layout)
+        problems = cache_layout_reasons(kv_cache, self.capabilities.cache_layout)
         if problems:
             raise ValueError(problems[0])
         return kind
@@ -186,11 +228,13 @@ class ReferenceBackend(BaseBackend):
     dtype the spec accepts (float64 included), any head and block size, on the CPU."""
 
     name = "reference"
-    float64_output = True  # the spec's own output; every other backend returns the query dtype
-    dtypes = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
-    kv_cache_dtypes = ("auto", "fp8_e4m3", "fp8_e5m2")
-    head_sizes = (1, 1 << 16)
-    max_block_size = 1 << 30
+    capabilities = Capabilities(
+        dtypes=(torch.float64, torch.float32, torch.float16, torch.bfloat16),
+        head_sizes=(1, 1 << 16),
+        max_block_size=1 << 30,
+        kv_cache_dtypes=("auto", "fp8_e4m3", "fp8_e5m2"),
+        float64_output=True,
+    )
 
     def device(self) -> torch.device:
         return torch.device("cpu")
@@ -256,6 +300,12 @@ def load_backend(spec: str) -> Backend:
     ]
     if missing:
         raise ValueError(f"--backend-module: {spec} lacks {missing} of the Backend protocol")
+    if not hasattr(backend, "capabilities"):  # the protocol alone: the strict defaults
+        backend.capabilities = Capabilities()
+    if not isinstance(backend.capabilities, Capabilities):
+        raise ValueError(f"--backend-module: {spec}'s capabilities is not a Capabilities record")
+    if not hasattr(backend, "prepare"):  # to time it: its forward on the same inputs
+        backend.prepare = lambda *args: lambda: backend.forward(*args)
     return backend
 
 

@@ -26,6 +26,7 @@ compiled kernel that uses them runs in the GPU matrix).
 from __future__ import annotations
 
 import functools
+from dataclasses import replace
 
 import torch
 
@@ -338,14 +339,16 @@ class FlexBackend(TritonBackend):
     validation, cache-layout rules and cache writes are the triton backend's."""
 
     name = "flex"
-    kv_cache_dtypes = ("auto", "fp8_e4m3", "fp8_e5m2")  # over a dequantized copy of the pool
     # FlexAttention's kernel multiplies the zero weights of masked slots in a visited tile by
     # their values: a NaN there poisons the row (0 * NaN). Real pools hold finite stale data;
     # the matrix gives this backend finite poison instead of NaN (a nonzero-weight read still
     # fails). It also sums tiles in physical order, so a block permutation is checked against
     # the reference's tolerance, not bit for bit.
-    finite_unowned_slots = True
-    bitwise_under_permutation = False
+    capabilities = replace(
+        TritonBackend.capabilities,  # fp8: over a dequantized copy of the pool
+        finite_unowned_slots=True,
+        bitwise_under_permutation=False,
+    )
 
     def unavailable_reason(self) -> str | None:
         return flex_unavailable_reason()

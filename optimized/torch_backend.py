@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from optimized.backend import BaseBackend
+from optimized.backend import BaseBackend, Capabilities
 from reference.fp8 import quantize
 from reference.metadata import AttnKind, StepMetadata
 
@@ -37,11 +37,28 @@ def _gather_pages(cache, tables, kv_lens, device, scale=None) -> tuple[torch.Ten
     return torch.where(valid[..., None, None], kv, 0), valid
 
 
+def gathered(key, value, kv_cache, md: StepMetadata, kind: AttnKind):
+    """Every sequence's visible K/V, contiguous: [num_seqs, num_kv_heads, max_len, head_size]
+    each (padding zero; fp8 caches read back as float32)."""
+    dev, kv_lens = (key if key is not None else kv_cache[0]).device, md.kv_lens_for(kind)
+    if kind == AttnKind.ENCODER:
+        index, _ = _padded_index(kv_lens, dev)
+        k, v = key[index], value[index]
+    else:
+        tables = md.tables_for(kind)[0]
+        ks, vs = (md.k_scale, md.v_scale) if md.fp8 else (None, None)
+        k, _ = _gather_pages(kv_cache[0], tables, kv_lens, dev, ks)
+        v, _ = _gather_pages(kv_cache[1], tables, kv_lens, dev, vs)
+    return k.transpose(1, 2).contiguous(), v.transpose(1, 2).contiguous()
+
+
 class TorchBackend(BaseBackend):
     name = "torch"
-    kv_cache_dtypes = ("auto", "fp8_e4m3", "fp8_e5m2")
-    head_sizes = (1, 1024)
-    max_block_size = 1 << 20
+    capabilities = Capabilities(
+        head_sizes=(1, 1024),
+        max_block_size=1 << 20,
+        kv_cache_dtypes=("auto", "fp8_e4m3", "fp8_e5m2"),
+    )
 
     def device(self):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")

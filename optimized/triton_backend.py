@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from optimized.backend import BaseBackend, CacheLayout, contiguous
+from optimized.backend import BaseBackend, CacheLayout, Capabilities, contiguous
 from optimized.kernels import interpreting
 from reference.metadata import AttnKind, StepMetadata
 
@@ -68,8 +68,10 @@ def triton_unavailable_reason() -> str | None:
 
 class TritonBackend(BaseBackend):
     name = "triton"
-    cache_layout = CacheLayout.UNIT_LAST_DIM  # addressed by strides; head_size dim dense
-    kv_cache_dtypes = ("auto", "fp8_e4m3", "fp8_e5m2")  # fp8 read in-kernel, quantized on write
+    # addressed by strides (the head_size dim dense); fp8 read in-kernel, quantized on write
+    capabilities = Capabilities(
+        cache_layout=CacheLayout.UNIT_LAST_DIM, kv_cache_dtypes=("auto", "fp8_e4m3", "fp8_e5m2")
+    )
     num_splits: int | None = None  # None: split-K chosen by occupancy
 
     def unavailable_reason(self) -> str | None:

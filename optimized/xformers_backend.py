@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from optimized.backend import BaseBackend, CacheLayout
+from optimized.backend import BaseBackend, CacheLayout, Capabilities
 from optimized.triton_backend import triton_forward, triton_unavailable_reason
 from reference.metadata import AttnKind, StepMetadata
 
@@ -47,11 +47,13 @@ def _gqa_view(t: torch.Tensor, num_kv_heads: int, group: int, expand: bool) -> t
 
 class XFormersBackend(BaseBackend):
     name = "xformers"
-    cache_layout = CacheLayout.UNIT_LAST_DIM  # our Triton kernels write and read the caches
-    kv_cache_dtypes = ("auto", "fp8_e4m3", "fp8_e5m2")
-    # vLLM V0's convention: a prefill-only step attends over the new K/V as given (written to
-    # the cache quantized, read back quantized only by later steps): reference/fp8.py.
-    fp8_prefill_reads_inputs = True
+    # Our Triton kernels write and read the caches. vLLM V0's convention: a prefill-only step
+    # attends over the new K/V as given (written quantized, read back so only by later steps).
+    capabilities = Capabilities(
+        cache_layout=CacheLayout.UNIT_LAST_DIM,
+        kv_cache_dtypes=("auto", "fp8_e4m3", "fp8_e5m2"),
+        fp8_prefill_reads_inputs=True,
+    )
 
     def unavailable_reason(self) -> str | None:
         return xformers_unavailable_reason()
@@ -93,8 +95,9 @@ class XFormersBackend(BaseBackend):
 
 class XFormersPagedBackend(BaseBackend):
     name = "xformers-paged"
-    attn_kinds = (AttnKind.DECODER, AttnKind.ENCODER_DECODER)
-    cache_layout = CacheLayout.CONTIGUOUS  # the paged bias views the pool as tokens
+    capabilities = Capabilities(  # the paged bias views the pool as tokens: contiguous
+        attn_kinds=(AttnKind.DECODER, AttnKind.ENCODER_DECODER), cache_layout=CacheLayout.CONTIGUOUS
+    )
 
     def unavailable_reason(self) -> str | None:
         return xformers_unavailable_reason()

@@ -24,7 +24,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.colors import LinearSegmentedColormap
 
-from bench.analysis import backend_tables, family_tables, fp8_table
+from bench.analysis import backend_tables, family_tables, fp8_table, with_columns
 from conformance.schema import BENCH_SHAPE, Status, rerun_command
 
 STATUS_COLOURS = {
@@ -61,7 +61,7 @@ RATIO_MAX = 1.5
 # Workload families as the bench names them, as the report titles them.
 FAMILY_TITLES = {
     "decode-self": "Decode, self-attention: the grid (batch × context × heads × page)",
-    "self-decode": "Decode, self-attention: model shapes",
+    "self-decode": "Decode, self-attention (the grid: batch × context × heads × page; models)",
     "cross-decode": "Decode, cross-attention: model shapes",
     "cross-prefill": "Cross-attention prefill (a few decoder tokens over the encoder)",
     "encoder-prefill": "Encoder prefill",
@@ -306,7 +306,16 @@ def performance_section(
             .format(precision=0, subset=["fp8 GB/s", "bf16 GB/s"])
             .to_html()
         )
-    by_backend = backend_tables(bench)
+    bench = with_columns(bench)
+    wrong = bench[bench.status.astype(str).isin(["fail", "error"])]
+    if len(wrong):
+        parts.append(
+            f"<h3>Not timed: {len(wrong)} row(s) that did not pass the matrix's check</h3>"
+            + _styled(wrong[["workload", "backend", "batch", "context_len", "status", "timed"]],
+                      {"workload": "text", "backend": "text", "status": "text", "timed": "wrap"})
+            .to_html()
+        )  # fmt: skip
+    by_backend = backend_tables(bench[bench.backend_module.astype(str) != ""])
     if by_backend:
         parts.append(
             "<h3>Backends on the matrix's workloads</h3><p class='note'>Each backend judged on "

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import os
 import time
+from dataclasses import replace
 
 import torch
 
-from optimized.backend import BaseBackend
+from optimized.backend import BaseBackend, Capabilities
 from optimized.torch_backend import TorchBackend, _gather_pages, _padded_index
 from reference.attention import textbook_attention
 from reference.fp8 import FP8_MAX, per_head, quantize
@@ -148,7 +149,7 @@ class ReadsUnwrittenSlots(TorchBackend):
     its output with a small weight: the finite poison must still fail it."""
 
     name = "fault-reads-unwritten"
-    finite_unowned_slots = True
+    capabilities = replace(TorchBackend.capabilities, finite_unowned_slots=True)
 
     def forward(self, query, key, value, kv_cache, metadata, attn_kind):
         out = super().forward(query, key, value, kv_cache, metadata, attn_kind)
@@ -297,15 +298,17 @@ class FP8Fault(BaseBackend):
     format), reads_inputs (attends over a prefill's K/V as given without declaring it), none."""
 
     name = "fault-fp8"
-    kv_cache_dtypes = ("auto", "fp8_e4m3", "fp8_e5m2")
-    dtypes = (torch.float32, torch.float16, torch.bfloat16)
-    head_sizes = (1, 1024)
-    max_block_size = 1 << 20
+    capabilities = Capabilities(
+        head_sizes=(1, 1024),
+        max_block_size=1 << 20,
+        kv_cache_dtypes=("auto", "fp8_e4m3", "fp8_e5m2"),
+    )
 
     def __init__(self, fault: str = "none", declares_reads_inputs: bool = False):
         self.fault = fault
         self.name = f"fault-fp8-{fault}"
-        self.fp8_prefill_reads_inputs = declares_reads_inputs
+        reads = declares_reads_inputs
+        self.capabilities = replace(self.capabilities, fp8_prefill_reads_inputs=reads)
 
     def device(self):
         return torch.device("cpu")

@@ -118,7 +118,8 @@ def test_where_the_time_went(tmp_path):
     assert r.returncode == 0, r.stdout[-2000:]
     info = json.loads((out / "run.json").read_text())
     assert set(info["seconds"]) == set(PHASES) and info["workers"] == 1
-    assert info["seconds"]["backend"] > 0 and info["seconds"]["reference"] > 0
+    # (the reference may be 0: a forked worker inherits a reference its parent computed)
+    assert info["seconds"]["backend"] > 0 and min(info["seconds"].values()) >= 0
     assert "their time: backend calls" in r.stdout
     steps = [row for row in csv_rows(out) if row["step"].startswith("0:")]
     assert steps and all(float(row["compile_ms"]) >= 0 for row in steps)

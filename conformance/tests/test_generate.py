@@ -44,23 +44,25 @@ def test_tiers_are_valid_deterministic_and_unique(tier):
     torch.cuda.is_available(),
     reason="the interpreter's split rule (CPU); the GPU picks by occupancy",
 )
-def test_smoke_reaches_long_sequences_and_16_and_32_splits(monkeypatch):
+def test_smoke_reaches_long_sequences_and_16_and_32_splits():
     """The CPU tier takes the paths the GPU takes: > 128 blocks in one sequence, and split-K with
     16 and 32 splits under the interpreter (its launch model assumes 4 SMs)."""
-    from optimized.backend import get_backend
-    from optimized.ops import plan as pa
+    from optimized.ops.paged_attention import plan_attention
+    from optimized.triton_backend import _schedule
 
     smoke = {c.id for c in generate("smoke")}
-    splits, real = [], pa.choose_num_splits
-    monkeypatch.setattr(pa, "choose_num_splits", lambda *a: splits.append(real(*a)) or splits[-1])
-    most_blocks = 0
+    splits, most_blocks = [], 0
     for edge in LONG_EDGE_CASES:
         case = Case(**edge)
         assert case.id in smoke
         step = build_inputs(case)
-        kv_lens = step.metadata.kv_lens_for(step.attn_kind)
+        md, kind = step.metadata, step.attn_kind
+        kv_lens = md.kv_lens_for(kind)
         most_blocks = max(most_blocks, max(-(-n // case.block_size) for n in kv_lens))
-        get_backend("triton").forward(*step.with_fresh_cache().args())
+        schedule = _schedule(step.query, step.key, step.kv_cache, md, kind)
+        plan = plan_attention(step.query, *step.kv_cache, md.tables_for(kind)[0], schedule,
+                              causal=kind == "decoder")  # fmt: skip
+        splits.append(plan.num_splits)
     assert most_blocks > 128
     assert {16, 32} <= set(splits), splits
 

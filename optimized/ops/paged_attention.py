@@ -11,14 +11,27 @@ Shapes as in `optimized/kernels/paged_attention.py`.
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import json
+import os
+from pathlib import Path
 
 import torch
 
 from optimized.kernels import interpreting, next_power_of_2
 from optimized.kernels.paged_attention import _paged_attention_kernel, _split_k_reduce_kernel
-from optimized.ops import plan as planner
-from optimized.ops.plan import Launch, Plan, Schedule
+from optimized.ops.plan import (
+    Card,
+    Compiled,
+    Geometry,
+    Launch,
+    Plan,
+    Schedule,
+    card_of,
+    make_plan,
+    program_shape,
+)
 from optimized.ops.reshape_and_cache import FP8_FORMATS, check_scales
 
 LOG2E = 1.4426950408889634
@@ -135,7 +148,10 @@ def _kernel_args(
     )  # fmt: skip
 
 
-_COMPILED: dict[tuple, tuple[int, int]] = {}  # (programs per SM, K/V buffers) per variant
+# What each compiled variant costs an SM, by (device, dtypes, constexprs, launch): in memory,
+# and on disk beside Triton's cache (`_probe_file`), so a warm machine compiles no candidate it
+# does not launch.
+_COMPILED: dict[tuple, Compiled] = {}
 
 
 def _scales(query, key_cache, k_scale, v_scale) -> tuple:
@@ -143,6 +159,70 @@ def _scales(query, key_cache, k_scale, v_scale) -> tuple:
         unused = _unused_fp32(query.device)
         return unused, unused, 0
     return k_scale.contiguous(), v_scale.contiguous(), 0 if k_scale.numel() == 1 else 1
+
+
+def _specialization(args: tuple) -> tuple:
+    """How Triton specializes these arguments (a pointer's and a specialized integer's 16-byte
+    divisibility, an integer equal to 1): part of what a compiled variant is."""
+    skip = set(_paged_attention_kernel.do_not_specialize)
+    names = _paged_attention_kernel.arg_names
+    return tuple(
+        (a.data_ptr() % 16 == 0) if isinstance(a, torch.Tensor) else (a == 1, a % 16 == 0)
+        for name, a in zip(names, args)
+        if isinstance(a, torch.Tensor) or (isinstance(a, int) and name not in skip)
+    )
+
+
+def _probe_file(key: tuple) -> Path:
+    import hashlib
+
+    import triton
+    from triton import knobs
+
+    text = repr((triton.__version__, _paged_attention_kernel.cache_key, key))
+    name = hashlib.sha256(text.encode()).hexdigest()[:32]
+    return Path(knobs.cache.dir) / "encdec-attn-probe" / f"{name}.json"
+
+
+def _compile_all(variant: tuple, launches: tuple[Launch, ...], args: tuple, meta: dict) -> None:
+    """Compile the launches not yet known, together (Triton's asynchronous compile mode), and
+    record each one's registers and shared memory, in memory and on disk."""
+    todo = []
+    for c in launches:
+        key = (*variant, torch.cuda.get_device_capability(args[1].device), c)
+        if key in _COMPILED:
+            continue
+        try:
+            _COMPILED[key] = Compiled(*json.loads(_probe_file(key).read_text()))
+        except (OSError, ValueError, TypeError):
+            todo.append((key, c))
+    if not todo:
+        return
+    from triton import AsyncCompileMode
+
+    with AsyncCompileMode(_compile_pool()):
+        pending = [
+            (key, _paged_attention_kernel.warmup(*args, grid=(1,), **meta, TILE_N=c.tile_n,
+                                                 num_warps=c.num_warps, num_stages=c.num_stages))
+            for key, c in todo
+        ]  # fmt: skip
+    for key, kernel in pending:
+        kernel = kernel.result() if hasattr(kernel, "result") else kernel
+        kernel._init_handles()  # loads the binary: registers are known from here on
+        _COMPILED[key] = Compiled(kernel.n_regs, kernel.metadata.shared)
+        path = _probe_file(key)
+        with contextlib.suppress(OSError):  # a read-only cache only costs the next process
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(list(_COMPILED[key])))
+            os.replace(tmp, path)
+
+
+@functools.cache
+def _compile_pool():
+    from concurrent.futures import ThreadPoolExecutor
+
+    return ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1))
 
 
 def plan_attention(
@@ -157,61 +237,41 @@ def plan_attention(
     paged: bool = True,
     k_scale: torch.Tensor | None = None,
     v_scale: torch.Tensor | None = None,
+    card: Card | None = None,
     **overrides,
 ) -> Plan:
-    """The plan of a call (`optimized.ops.plan.make_plan`), its occupancy probe compiling the
-    main kernel for these tensors (registers and shared memory as compiled; nothing runs).
-    `overrides`: num_splits, launch, heads, fused_reduce, reduce_rows, maxnreg (tuning, tests)."""
+    """The plan of a call (`optimized.ops.plan.make_plan`) for `card` (default: the query's
+    device's), its probe compiling the candidate launches for these tensors (registers and
+    shared memory as compiled; nothing runs). `overrides`: num_splits, launch, heads,
+    fused_reduce, reduce_rows, maxnreg (tuning, tests)."""
     window = (sliding_window or 0) if causal else 0
     num_kv_heads = key_cache.shape[-2]
     group = query.shape[1] // num_kv_heads
-
-    def meta(heads: int, block_m: int) -> dict:
-        return _constexprs(query, key_cache, heads, block_m, causal, window, paged)
-
-    def probe(c: Launch, splits: int, heads: int, block_m: int) -> tuple[int, int]:
-        m = meta(heads, block_m)
-        variant = (query.device, query.dtype, key_cache.dtype, tuple(m.items()), c)
-        if variant not in _COMPILED:
-            unused = _unused_fp32(query.device)
-            args = _kernel_args(
-                (splits, 1, unused, unused, unused, _arrivals(query.device, 1), False, window,
-                 paged),
-                query, key_cache, value_cache, block_tables, schedule, query,
-                _scales(query, key_cache, k_scale, v_scale), 1.0,
-            )  # fmt: skip
-            kernel = _paged_attention_kernel.warmup(
-                *args, grid=(1,), **m, TILE_N=c.tile_n, num_warps=c.num_warps,
-                num_stages=c.num_stages,
-            )  # fmt: skip
-            if hasattr(kernel, "result"):  # compiled asynchronously
-                kernel = kernel.result()
-            kernel._init_handles()  # loads the binary: registers are known from here on
-            shared = kernel.metadata.shared
-            wide = heads * m["HEAD_PAD"]
-            _COMPILED[variant] = (
-                planner.resident_programs(
-                    kernel.n_regs, c.num_warps, shared, planner.sm_limits(query.device)
-                ),
-                planner.compiled_kv_buffers(
-                    shared, block_m, wide, query.element_size(), c.tile_n, key_cache.element_size()
-                ),
-            )
-        return _COMPILED[variant]
-
-    # Heads per program and tile rows come first: the constexprs they make are what the probe
+    card = card or card_of(query.device)
+    # Heads a program and tile rows first: the constexprs they make are what the probe
     # compiles and what the launch choice is memoized under.
-    heads, block_m, _ = planner.program_shape(
-        schedule, num_kv_heads, group, query.shape[-1], overrides.pop("heads", None), query.device
+    heads, block_m, _ = program_shape(
+        schedule, num_kv_heads, group, query.shape[-1], card, overrides.pop("heads", None)
     )
-    m = meta(heads, block_m)
-    return planner.make_plan(
-        schedule, num_kv_heads=num_kv_heads, group=group, head_size=query.shape[-1],
-        elem_bytes=query.element_size(), kv_elem_bytes=key_cache.element_size(),
-        device=query.device, probe=lambda c, s: probe(c, s, heads, block_m),
-        variant=(query.device, query.dtype, key_cache.dtype, tuple(m.items())), heads=heads,
-        paged=paged, **overrides,
-    )  # fmt: skip
+    meta = _constexprs(query, key_cache, heads, block_m, causal, window, paged)
+    variant = (query.dtype, key_cache.dtype, tuple(meta.items()))
+
+    def probe(launches: tuple[Launch, ...]) -> list[Compiled]:
+        unused = _unused_fp32(query.device)
+        args = _kernel_args(
+            (1, 1, unused, unused, unused, _arrivals(query.device, 1), False, window, paged),
+            query, key_cache, value_cache, block_tables, schedule, query,
+            _scales(query, key_cache, k_scale, v_scale), 1.0,
+        )  # fmt: skip
+        full = (*variant, _specialization(args))
+        _compile_all(full, launches, args, meta)
+        cc = torch.cuda.get_device_capability(query.device)
+        return [_COMPILED[(*full, cc, c)] for c in launches]
+
+    geometry = Geometry(num_kv_heads, group, query.shape[-1], query.element_size(),
+                        key_cache.element_size(), paged)  # fmt: skip
+    return make_plan(schedule, geometry, card, probe, (query.device, *variant), heads=heads,
+                     **overrides)  # fmt: skip
 
 
 def launch(

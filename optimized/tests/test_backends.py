@@ -35,7 +35,7 @@ def test_nan_and_inf_in_padding_rows_never_reach_a_real_row(backend_name, kind, 
     device = backend.device()
     exp = runner.expect_step(step.with_fresh_cache())
     mine = step.to(device, copy=True)
-    if getattr(backend, "finite_unowned_slots", False):  # as the runner gives it (flex)
+    if backend.capabilities.finite_unowned_slots:  # as the runner gives it (flex)
         runner.poison_finite(mine)
     after = runner.ExpectedCaches(mine).advance(exp)
     verdict = runner.judge_step(backend, mine, step, exp, after, device, timeout_s=600)

@@ -74,7 +74,7 @@ def test_strided_caches_and_query(backend_name, kind):
         dtype=dtype,
         seed=3,
     )
-    if getattr(backend, "finite_unowned_slots", False):  # as the runner gives it (flex)
+    if backend.capabilities.finite_unowned_slots:  # as the runner gives it (flex)
         runner.poison_finite(step)
     ref_step = step.with_fresh_cache()
     ref = attention(*ref_step.args())

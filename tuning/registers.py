@@ -1,6 +1,6 @@
 """What a launch of our decode kernel costs a card, compiled without the card:
 
-    python -m bench registers [--arch 90] [--head-size 128] [--group 1] [--fp8]
+    python -m tuning.registers [--arch 90] [--head-size 128] [--group 1] [--fp8]
 
 Compiles `_paged_attention_kernel` for CUDA compute capability `arch` with the ptxas Triton
 ships (no GPU needed) for every decode launch `plan.launch_candidates` offers, and reads back
@@ -27,7 +27,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from optimized.kernels.paged_attention import _paged_attention_kernel as KERNEL
-from optimized.ops.plan import compiled_kv_buffers, launch_candidates, resident_programs
+from optimized.ops.plan import H100, Compiled, compiled_kv_buffers, launch_candidates
 
 _TOOLS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
 # Runtime integers the kernel does not specialize (as in its decorator): no divisibility.
@@ -35,8 +35,6 @@ _UNSPECIALIZED = {
     "sliding_window", "block_size", "block_shift", "num_splits", "kv_tiles_per_split",
     "stride_bt_seq", "group", "head_size", "fused_reduce", "scale_stride", "scale_log2",
 }  # fmt: skip
-# Hopper-class limits per SM (registers, shared memory, threads), for the resident count.
-SM90 = dict(regs=65536, smem=233_472, threads=2048)
 
 
 def compile_decode(
@@ -103,11 +101,11 @@ def report(head_size: int, group: int, fp8: bool, arch: int, sass: bool) -> list
     rows = []
     for kv in ("bf16", "fp8e4nv") if fp8 else ("bf16",):
         wide = head_pad * heads
-        for c in launch_candidates(wide, False, max(16, group_pad * heads), 2, SM90["smem"],
+        for c in launch_candidates(wide, False, max(16, group_pad * heads), 2, H100,
                                    heads, kv != "bf16"):  # fmt: skip
             k = compile_decode(head_pad, c, group_pad, heads, kv, arch)
             r = resources(k)
-            resident = resident_programs(r["registers"], c.num_warps, r["shared"], SM90)
+            resident = H100.resident(Compiled(r["registers"], r["shared"]), c.num_warps)
             kv_bytes = 1 if kv != "bf16" else 2
             block_m = max(16, group_pad * heads)
             buffers = compiled_kv_buffers(r["shared"], block_m, wide, 2, c.tile_n, kv_bytes)
@@ -126,7 +124,7 @@ def report(head_size: int, group: int, fp8: bool, arch: int, sass: bool) -> list
 def main(argv: list[str]) -> int:
     import argparse
 
-    p = argparse.ArgumentParser(prog="python -m bench registers", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m tuning.registers", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     p.add_argument("--arch", type=int, default=90, help="compute capability (90: H100/H200)")
     p.add_argument("--head-size", type=int, default=128)
@@ -137,3 +135,9 @@ def main(argv: list[str]) -> int:
     for row in report(args.head_size, args.group, args.fp8, args.arch, args.sass):
         print("  ".join(f"{k}={v}" for k, v in row.items()), flush=True)
     return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    raise SystemExit(main(sys.argv[1:]))

@@ -1,8 +1,8 @@
 """Sweeps that picked the launch parameters of our kernels (GPU), and the shapes `ncu` profiles.
 
-    python -m bench tune [--only decode splits cache chunk short weak d64 host few fused heads
-                                card tiny stages paging]
-    python -m bench profile          (each default kernel once: run it under ncu)
+    python -m tuning.tune [--only decode splits cache chunk short weak d64 host few fused heads
+                                 card tiny stages paging]
+    python -m tuning.tune profile   (each default kernel once: run it under ncu)
 
 `decode`: tile size × warps × stages, then split counts, on decode shapes with many programs;
 `splits`: split-K counts on long contexts with few programs; `cache`: tokens per program × warps
@@ -31,7 +31,7 @@ import itertools
 import torch
 import triton
 
-from bench.gpu import _paged_kv, graph_ms, median_ms
+from bench.harness import graph_ms, median_ms
 from optimized.kernels.paged_attention import _paged_attention_kernel
 from optimized.ops.paged_attention import paged_attention
 from optimized.ops.plan import Launch, make_schedule
@@ -54,6 +54,17 @@ SPLITS = [
     ("gqa8-b16-c16k-bs256", 16, 16384, 32, 4, 128, 256, 1, True),
 ]
 CHUNK = [("chunk-gqa4-d128", 8, 4608, 32, 8, 128, 16, 512, True)]
+
+
+def _paged_kv(batch, kv_len, num_kv_heads, head_size, block_size, dtype):
+    """A shuffled paged cache holding `batch` sequences of `kv_len` tokens, and their tables."""
+    per_seq = triton.cdiv(kv_len, block_size)
+    shape = (batch * per_seq, block_size, num_kv_heads, head_size)
+    key_cache = torch.randn(shape, device="cuda", dtype=dtype)
+    value_cache = torch.randn(shape, device="cuda", dtype=dtype)
+    g = torch.Generator(device="cuda").manual_seed(0)
+    tables = torch.randperm(batch * per_seq, device="cuda", generator=g).view(batch, per_seq)
+    return key_cache, value_cache, tables.to(torch.int32)
 
 
 def _setup(b, kv, h, kvh, d, bs, ql, causal, block_q=None):
@@ -452,10 +463,10 @@ def tune_stages() -> None:
 
 
 def _occupancy_sweep(shapes, split_counts, min_tiles: int, launches=None) -> None:
-    from optimized.ops import plan as planner
     from optimized.ops.paged_attention import plan_attention
+    from optimized.ops.plan import Compiled, card_of
 
-    occ = planner.sm_limits(torch.device("cuda", torch.cuda.current_device()))
+    card = card_of(torch.device("cuda", torch.cuda.current_device()))
     print("card,shape,heads,tile_n,warps,stages,splits,programs,resident,regs,shared,ms,gbps")
     for name, *shape in shapes:
         _, kv, h, kvh, d, _, ql, causal = shape
@@ -483,9 +494,7 @@ def _occupancy_sweep(shapes, split_counts, min_tiles: int, launches=None) -> Non
                 fn()
                 caches = _paged_attention_kernel.device_caches.values()
                 k = next(k for c in caches for k in c[0].values())
-                res = planner.resident_programs(
-                    k.n_regs, plan.launch.num_warps, k.metadata.shared, occ
-                )
+                res = card.resident(Compiled(k.n_regs, k.metadata.shared), plan.launch.num_warps)
                 programs = sched.tile_seq.shape[0] * (kvh // plan.heads) * plan.num_splits
                 L = plan.launch
                 print(
@@ -596,3 +605,12 @@ def profile() -> int:
     torch.cuda.synchronize()
     print("profiled cache-write-8192")
     return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    args = sys.argv[1:]
+    if args[:1] == ["profile"]:
+        raise SystemExit(profile())
+    raise SystemExit(main(args[1:] if args[:1] == ["--only"] else args))
