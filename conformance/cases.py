@@ -36,7 +36,11 @@ AXES: dict[str, tuple] = {
     # How the caches store K/V (reference/fp8.py), and fp8's scale scheme (`fp8_scales`).
     "kv_cache_dtype": ("auto", "fp8_e4m3", "fp8_e5m2"),
     "kv_scale": ("tensor", "head"),
+    # T5's relative position bias (reference/position_bias.py) on the encoder and decoder self
+    # steps: T5's 32 buckets up to 128, and 8 up to 16, where long contexts clamp to the last.
+    "position_bias": ("none", "t5", "t5small"),
 }
+BIAS_CONFIGS = {"t5": (32, 128), "t5small": (8, 16)}
 PAIRWISE_SIZES = ("small", "large")
 KIND_TO_ATTN = {"encoder": "encoder", "decoder": "decoder", "cross": "encoder_decoder"}
 _BATCH_BY_ID = {b.replace("_", ""): b for b in AXES["batch"]}
@@ -75,6 +79,7 @@ class Case:
     model: str = ""  # a preset of conformance/models.py: its geometry, scale, dtype and lengths
     kv_cache_dtype: str = "auto"
     kv_scale: str = "tensor"  # fp8 only ('head': per kv head)
+    position_bias: str = "none"
 
     @property
     def id(self) -> str:
@@ -98,6 +103,8 @@ class Case:
             parts.append(SHORT_KV[self.kv_cache_dtype])
             if self.kv_scale == "head":
                 parts.append("ph")
+        if self.position_bias != "none":
+            parts.append(f"pb{self.position_bias}")
         parts.append(f"s{self.seed}")
         return (f"{self.model}~" if self.model else "") + "-".join(parts)
 
@@ -163,6 +170,8 @@ class Case:
                     obj["kv_cache_dtype"] = _KV_BY_SHORT[p]
                 elif p == "ph":
                     obj["kv_scale"] = "head"
+                elif p.startswith("pb"):
+                    obj["position_bias"] = p[2:]
                 else:
                     raise ValueError(p)
         except (ValueError, KeyError, IndexError):
@@ -197,7 +206,27 @@ class Case:
             cases_file="",
             kv_cache_dtype=self.kv_cache_dtype,
             kv_scale=self.kv_scale if self.kv_cache_dtype != "auto" else "",
+            position_bias=self.bias.label if self.bias_applies else "none",
         )
+
+    @property
+    def bias_applies(self) -> bool:
+        """The case's steps take a position bias: T5's where its model has it or its axis says
+        so, on the encoder and decoder self steps (an episode: those of its steps)."""
+        return self.bias.kind != "none" and self.kind != "cross"
+
+    @property
+    def bias(self):
+        """The position bias of its encoder and decoder steps (a model's own, else the axis)."""
+        from conformance.workloads import PositionBias
+
+        if self.model:
+            m = MODELS[self.model]
+            return PositionBias(m.position_bias, m.relative_attention_num_buckets,
+                                m.relative_attention_max_distance)  # fmt: skip
+        if self.position_bias == "none":
+            return PositionBias()
+        return PositionBias("t5", *BIAS_CONFIGS[self.position_bias])
 
     def to_dict(self) -> dict:
         """The axis values (a cases-file line; Shape.to_dict is the explicit shapes' one)."""
@@ -336,6 +365,8 @@ def invalid_reasons(case: Case | dict) -> list[str]:
             bad.append(f"model {model} has no sliding window")
         if v.get("batch") == "enc_shorter" and preset.encoder_fixed:
             bad.append(f"model {model} has a fixed encoder length")
+        if v.get("position_bias", "none") != "none":
+            bad.append(f"model {model} brings its own position bias (position_bias must be 'none')")
     kind, phase, batch = v.get("kind"), v.get("phase"), v.get("batch")
     kv = v.get("kv_cache_dtype", "auto")
     if kv == "auto" and v.get("kv_scale", "tensor") != "tensor":
@@ -349,6 +380,8 @@ def invalid_reasons(case: Case | dict) -> list[str]:
             bad.append("the encoder uses no cache: block_size 16 and layout contiguous only")
     if (kind == "episode") != (phase == "episode") and None not in (kind, phase):
         bad.append("phase 'episode' goes with kind 'episode' only")
+    if v.get("position_bias", "none") != "none" and kind == "cross":
+        bad.append("the position bias applies to encoder and decoder self-attention, not cross")
     if v.get("window") == "on" and kind in ("encoder", "cross"):
         bad.append("sliding window applies to decoder self-attention only")
     if batch in ("enc_shorter", "enc_longer") and kind in ("encoder", "decoder"):
@@ -479,6 +512,10 @@ def lower(case: Case) -> Shape:
     if case.kv_cache_dtype != "auto":
         k, v = fp8_scales(case.kv_cache_dtype, case.kv_scale, case.num_kv_heads)
         common.update(kv_cache_dtype=case.kv_cache_dtype, k_scale=k, v_scale=v)
+    if case.bias_applies:
+        b = case.bias
+        common.update(position_bias=b.kind, relative_attention_num_buckets=b.num_buckets,
+                      relative_attention_max_distance=b.max_distance)  # fmt: skip
     if case.kind == "episode":
         steps = EPISODE_DECODE_STEPS[case.size]
         return Shape(

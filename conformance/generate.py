@@ -59,9 +59,14 @@ FILL_ORDER = (
 )
 
 
+# Axes covered after the others, by completion only: the covering of the other axes stays what
+# it was before they existed (their cases, ids and baselines unchanged).
+LATER_AXES = ("position_bias",)
+
+
 def _pairwise(axes: dict[str, tuple], fixed: dict, seed: int) -> list[Case]:
     """allpairspy's covering, then a greedy completion for the few valid pairs its filtered
-    search leaves out, so every valid pair is covered."""
+    search leaves out, so every valid pair is covered; pairs of `LATER_AXES` last."""
     names = [n for n in PAIRWISE_ORDER if n in axes]
     # A different value order per seed gives a different covering of the same pairs.
     rotated = OrderedDict((n, _rotate(axes[n], seed + i)) for i, n in enumerate(names))
@@ -73,13 +78,24 @@ def _pairwise(axes: dict[str, tuple], fixed: dict, seed: int) -> list[Case]:
         Case(**fixed, **dict(zip(names, row)), seed=seed)
         for row in AllPairs(list(rotated.values()), filter_func=ok)
     ]
+    first = {k: v for k, v in axes.items() if k not in LATER_AXES}
+    cases = _complete(cases, first, fixed, seed, rotated, names)
+    return _complete(cases, axes, fixed, seed, rotated, names, only=LATER_AXES)
+
+
+def _complete(cases, axes, fixed, seed, rotated, names, only=()) -> list[Case]:
+    """`cases` plus a case for each valid pair of `axes` they miss (with `only`: pairs with
+    one of those axes), its other axes filled the most constrained first: valid, covering the
+    most pairs not yet covered."""
     covered = covered_pairs(cases, axes)
-    for pair in sorted(valid_pairs(axes, fixed) - covered, key=str):
+    missing = [
+        p for p in valid_pairs(axes, fixed) - covered if not only or {p[0], p[2]} & set(only)
+    ]
+    for pair in sorted(missing, key=str):
         if pair in covered:
             continue
         a, x, b, y = pair
         row = {a: x, b: y}
-        # Fill the other axes, the most constrained first: stay valid, cover most new pairs.
         for n in sorted(names, key=FILL_ORDER.index):
             if n in row:
                 continue

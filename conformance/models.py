@@ -4,8 +4,9 @@ Each preset holds what the attention kernels see: query heads, kv heads, head si
 scale, encoder length (fixed, or a maximum), decoder maximum, sliding window, and the dtype the
 model is served in. The numbers are read from each model's published `config.json` on the
 Hugging Face Hub (the repository named in the comment). What the kernels do not see is left out
-(layer counts, FFN sizes); T5's relative position bias is an additive score bias that the
-backends here do not take, so T5 presets test the geometry and the scale of 1.0 only.
+(layer counts, FFN sizes). The T5 family runs its relative position bias (32 buckets up to a
+distance of 128: `relative_attention_num_buckets`, `relative_attention_max_distance`) on its
+encoder and decoder self-attention, so its presets do too (reference/position_bias.py).
 
 `--tier smoke` runs a model at 1/SMOKE_SCALE of its lengths (CPU, interpreter); `--tier full`
 at its real lengths (GPU).
@@ -30,6 +31,9 @@ class ModelPreset:
     encoder_fixed: bool = False  # Whisper: every input is padded to 30 s = 1500 frames
     scale: float | None = None  # None: 1/sqrt(head_size); T5: 1.0 (scaling folded in weights)
     sliding_window: int | None = None  # decoder self-attention window
+    position_bias: str = "none"  # t5: T5's relative position bias
+    relative_attention_num_buckets: int = 32
+    relative_attention_max_distance: int = 128
 
     @property
     def heads(self) -> str:
@@ -51,7 +55,7 @@ def _bart_like(name: str, d_model: int, heads: int, positions: int, dtype: str =
 def _t5(name: str, heads: int, d_kv: int, dtype: str = "bfloat16") -> ModelPreset:
     # google-t5/t5-*, google/flan-t5-*: num_heads, d_kv; no scaling of q·k (scale 1.0); relative
     # positions, trained on 512 input tokens (the maximum used here) and short targets.
-    return ModelPreset(name, heads, heads, d_kv, 512, 512, dtype, scale=1.0)
+    return ModelPreset(name, heads, heads, d_kv, 512, 512, dtype, scale=1.0, position_bias="t5")
 
 
 MODELS: dict[str, ModelPreset] = {

@@ -81,6 +81,7 @@ class ResultRow:
     kv_cache_dtype: str  # how the caches stored K/V: auto, fp8_e4m3, fp8_e5m2
     kv_scale: str  # fp8's scale scheme: tensor (one scale) or head (per kv head); '' for auto
     compile_ms: float  # of backend_ms, the time Triton spent compiling kernels (a cold cache)
+    position_bias: str  # none, t5 (T5's 32 buckets up to 128) or t5-B-D: its config
 
 
 COLUMNS = [f.name for f in fields(ResultRow)]
@@ -267,6 +268,7 @@ LATER_COLUMNS = {
     "kv_cache_dtype": "auto",  # every row before fp8 caches existed
     "kv_scale": "",
     "compile_ms": float("nan"),
+    "position_bias": "none",
 }
 
 

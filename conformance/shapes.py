@@ -24,6 +24,9 @@ Fields (only `attn_kind`, `num_heads`, `head_size` and the lengths its kind need
     kv_cache_dtype    auto (default: the model dtype) | fp8_e4m3 | fp8_e5m2 (reference/fp8.py)
     k_scale, v_scale  fp8 only, both required: a number (per tensor) or a list of one number per
                       kv head (per head); finite and > 0
+    position_bias     none (default) | t5: T5's relative position bias on the encoder and decoder
+                      steps (reference/position_bias.py), its table drawn from the seed, with
+    relative_attention_num_buckets (32), relative_attention_max_distance (128)
     name              the shape's id (letters, digits, . _ + -); default: a readable id with a
                       short hash of the content, `shape~cross-b2-h16kv16-d64-bs16-fp16-1a2b3c4d`
 
@@ -45,12 +48,14 @@ from conformance.workloads import (
     Episode,
     KVFormat,
     Layout,
+    PositionBias,
     Step,
     build_episode,
     build_step,
     pool_blocks,
 )
 from reference.fp8 import KV_CACHE_DTYPES
+from reference.position_bias import POSITION_BIASES
 
 ATTN_KINDS = ("encoder", "decoder", "encoder_decoder", "episode")
 # Ids abbreviate the kind: encoder_decoder (the AttnKind value every row and API uses) is "cross".
@@ -99,6 +104,9 @@ class Shape:
     kv_cache_dtype: str = "auto"
     k_scale: tuple[float, ...] | None = None
     v_scale: tuple[float, ...] | None = None
+    position_bias: str = "none"
+    relative_attention_num_buckets: int = 32
+    relative_attention_max_distance: int = 128
     name: str = ""
     source: str = field(default="", compare=False)  # the cases file it was read from
     # A preset case lowered to this shape (`Case.shape()`) keeps its axis values here (the
@@ -109,7 +117,9 @@ class Shape:
     def content(self) -> dict:
         """The fields that define the shape (not its name, file or labels), for the id's hash;
         the fp8 fields only where they are set (ids of earlier shapes stay what they were)."""
-        later = {"kv_cache_dtype": "auto", "k_scale": None, "v_scale": None}
+        later = {"kv_cache_dtype": "auto", "k_scale": None, "v_scale": None,
+                 "position_bias": "none", "relative_attention_num_buckets": 32,
+                 "relative_attention_max_distance": 128}  # fmt: skip
         return {
             k: v
             for k, v in asdict(self).items()
@@ -135,6 +145,7 @@ class Shape:
             SHORT_DTYPE[self.dtype],
             self.layout,
             *([SHORT_KV[self.kv_cache_dtype]] if self.kv_cache_dtype != "auto" else []),
+            *(["pbt5"] if self.position_bias == "t5" else []),
             self.content_hash,
         ]
         return "shape~" + "-".join(parts)
@@ -182,6 +193,7 @@ class Shape:
             cases_file=self.source,
             kv_cache_dtype=self.kv_cache_dtype,
             kv_scale=self.kv_scale,
+            position_bias=self.bias.label,
         )
 
     @property
@@ -190,6 +202,11 @@ class Shape:
         if self.kv_cache_dtype == "auto":
             return ""
         return "tensor" if len(self.k_scale) == 1 else "head"
+
+    @property
+    def bias(self) -> PositionBias:
+        return PositionBias(self.position_bias, self.relative_attention_num_buckets,
+                            self.relative_attention_max_distance)  # fmt: skip
 
     @property
     def kv_format(self) -> KVFormat:
@@ -320,6 +337,22 @@ class Shape:
             v[f] = _scales(f, v.get(f), v["num_kv_heads"])
         if kv != "auto" and len(v["k_scale"]) != len(v["v_scale"]):
             raise ValueError("k_scale/v_scale: expected both per tensor or both per kv head")
+        bias = v.get("position_bias", "none")
+        if bias not in POSITION_BIASES:
+            raise ValueError(
+                f"position_bias: expected one of {list(POSITION_BIASES)}, got {bias!r}"
+            )
+        if bias != "none" and kind == "encoder_decoder":
+            raise ValueError("position_bias: t5 applies to encoder, decoder and episode shapes "
+                             "(T5's cross-attention takes none)")  # fmt: skip
+        for f, low in (
+            ("relative_attention_num_buckets", 2),
+            ("relative_attention_max_distance", 2),
+        ):
+            if f in v:
+                if bias == "none":
+                    raise ValueError(f"{f}: only with position_bias t5")
+                v[f] = _int(f, v[f], low)
         if kind == "episode" and v.get("decode_steps") is None:
             v["decode_steps"] = DEFAULT_DECODE_STEPS
         name = v.get("name", "")
@@ -344,6 +377,7 @@ class Shape:
             seed=self.seed,
             device=device,
             kv_format=self.kv_format,
+            position_bias=self.bias,
         )
         if self.attn_kind == "episode":
             return build_episode(

@@ -74,6 +74,9 @@ def baseline_attention(step, reads_inputs: bool = False) -> torch.Tensor:
         group = q.shape[1] // k.shape[1]
         k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
         scores = r(r(torch.einsum("qhd,khd->hqk", q, k)) * scale)
+        bias = md.position_bias_for(kind, i)
+        if bias is not None:
+            scores = r(scores + r(bias.to(dev)))
         mask = md.sequence_mask(kind, i).to(dev)
         probs = r(torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1))
         out[start : start + n] = r(torch.einsum("hqk,khd->qhd", probs, v)).double()

@@ -87,6 +87,37 @@ class KVFormat:
 AUTO = KVFormat()
 
 
+@dataclass(frozen=True)
+class PositionBias:
+    """A workload's position bias (reference/position_bias.py): `kind` none or t5, T5's config
+    values; its table is drawn from the step's seed, after every other tensor (a bias case's
+    other tensors are its no-bias twin's)."""
+
+    kind: str = "none"
+    num_buckets: int = 32
+    max_distance: int = 128
+
+    @property
+    def label(self) -> str:
+        """none, t5 (T5's 32 buckets up to 128), or t5-B-D for another config."""
+        if self.kind == "none":
+            return "none"
+        config = (self.num_buckets, self.max_distance)
+        return "t5" if config == (32, 128) else f"t5-{config[0]}-{config[1]}"
+
+    def metadata(self, num_heads: int, dtype: torch.dtype, gen: torch.Generator) -> dict:
+        """The StepMetadata fields (the table drawn from `gen`, in the model dtype)."""
+        if self.kind == "none":
+            return {}
+        table = torch.randn(self.num_buckets, num_heads, generator=gen, device=gen.device) * 2
+        return dict(position_bias=self.kind, relative_attention_bias=table.to(dtype),
+                    relative_attention_num_buckets=self.num_buckets,
+                    relative_attention_max_distance=self.max_distance)  # fmt: skip
+
+
+NO_BIAS = PositionBias()
+
+
 @dataclass(frozen=True, eq=False)
 class Step:
     """Everything one backend call consumes, plus the histories for checking.
@@ -130,6 +161,7 @@ class Step:
             cross_block_tables=mv(md.cross_block_tables),
             cross_slot_mapping=mv(md.cross_slot_mapping),
             k_scale=mv(md.k_scale),
+            relative_attention_bias=mv(md.relative_attention_bias),
             v_scale=mv(md.v_scale),
         )
         cache = None if self.kv_cache is None else tuple(mv(c) for c in self.kv_cache)
@@ -211,6 +243,7 @@ def build_step(
     seed: int = 0,
     device: torch.device | str = "cpu",
     kv_format: KVFormat = AUTO,
+    position_bias: PositionBias = NO_BIAS,
 ) -> Step:
     """A valid, deterministic step of `attn_kind` for the given lengths.
 
@@ -221,6 +254,7 @@ def build_step(
     extra_table_entries: padding entries appended to every block table (never read)
     kv_format: how the caches store K/V (fp8: quantized with its scales; the cached context is
         stored quantized, as an engine's earlier steps would have written it)
+    position_bias: T5's relative position bias (encoder and decoder steps), its table drawn last
     """
     kind = AttnKind(attn_kind)
     layout = Layout(layout)
@@ -275,6 +309,7 @@ def build_step(
         else None
     )
     if kind == AttnKind.ENCODER:
+        md = replace(md, **position_bias.metadata(num_heads, dtype, gen))
         step = Step(kind, md, query, key, value, None, tuple(key_history), tuple(value_history))
         return step.to(device)
 
@@ -308,7 +343,8 @@ def build_step(
     table_tensor = _table_tensor(tables, max(blocks_per_seq, default=0) + extra_table_entries)
     slot_tensor = torch.tensor(slots, dtype=torch.int64)
     if kind == AttnKind.DECODER:
-        md = replace(md, block_tables=table_tensor, slot_mapping=slot_tensor)
+        md = replace(md, block_tables=table_tensor, slot_mapping=slot_tensor,
+                     **position_bias.metadata(num_heads, dtype, gen))  # fmt: skip
     else:
         md = replace(md, cross_block_tables=table_tensor, cross_slot_mapping=slot_tensor)
     step = Step(
@@ -374,6 +410,7 @@ def build_episode(
     seed: int = 0,
     device: torch.device | str = "cpu",
     kv_format: KVFormat = AUTO,
+    position_bias: PositionBias = NO_BIAS,
 ) -> Episode:
     """A deterministic encoder/decoder episode: the ENCODER step over `encoder_seq_lens`, then
     for the decoder prefill (prompts of `prompt_lens`) and each of `num_decode_steps` decode
@@ -383,7 +420,9 @@ def build_episode(
     afterwards; self and cross blocks come from one pool allocated by `layout` (interleaved by
     default, so a wrong table reads the other attention's real data). Every cache slot starts
     as NaN; `kv_format` says how the pool stores K/V (the decoder and cross steps carry it).
-    Steps hold the contiguous K/V histories (as attention reads them) for the dense checks."""
+    Steps hold the contiguous K/V histories (as attention reads them) for the dense checks.
+    `position_bias`: T5's, on the encoder step and the decoder self-attention steps (two tables,
+    as T5's encoder and decoder have their own), drawn last; the cross steps have none."""
     num_kv_heads = num_kv_heads or num_heads
     gen = torch.Generator(device=device).manual_seed(seed)
     randn = lambda *shape: torch.randn(*shape, generator=gen, device=gen.device).to(dtype)
@@ -487,4 +526,13 @@ def build_episode(
             )
         )
         context, query_lens = seq_lens, (1,) * num_seqs
+    if position_bias.kind != "none":  # drawn after everything else: the tensors above unchanged
+        enc_bias = position_bias.metadata(num_heads, dtype, gen)
+        dec_bias = position_bias.metadata(num_heads, dtype, gen)
+        steps = [
+            s if s.attn_kind == AttnKind.ENCODER_DECODER
+            else replace(s, metadata=replace(s.metadata, **(
+                enc_bias if s.attn_kind == AttnKind.ENCODER else dec_bias)))
+            for s in steps
+        ]  # fmt: skip
     return Episode(tuple(steps), pool).to(device)

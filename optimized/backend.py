@@ -93,6 +93,7 @@ class Capabilities:
     max_block_size             the largest cache block (page) it addresses
     kv_cache_dtypes            how it can store K/V: auto (the model dtype), fp8_e4m3, fp8_e5m2
     cache_layout               which cache strides it reads correctly (`CacheLayout`)
+    position_biases            the score biases it adds: none, t5 (reference/position_bias.py)
     float64_output             returns float64 (the spec itself); everyone else the query dtype
     fp8_prefill_reads_inputs   at a step with no cached context, attends over the new K/V as
                                given, not as stored (vLLM V0's xFormers prefill): the reference
@@ -112,6 +113,7 @@ class Capabilities:
     max_block_size: int = 256
     kv_cache_dtypes: tuple[str, ...] = ("auto",)
     cache_layout: CacheLayout = CacheLayout.ANY
+    position_biases: tuple[str, ...] = ("none",)
     float64_output: bool = False
     fp8_prefill_reads_inputs: bool = False
     fp8_write_ulps: int = 0
@@ -178,6 +180,11 @@ class BaseBackend:
             reasons.append(
                 f"kv_cache_dtype {kv} not supported (supports {', '.join(caps.kv_cache_dtypes)})"
             )
+        if metadata.position_bias not in caps.position_biases:
+            reasons.append(
+                f"position_bias {metadata.position_bias} not supported: this backend "
+                f"adds no such score bias (takes {', '.join(caps.position_biases)})"
+            )
         reasons += cache_layout_reasons(kv_cache, caps.cache_layout)
         return reasons
 
@@ -233,6 +240,7 @@ class ReferenceBackend(BaseBackend):
         head_sizes=(1, 1 << 16),
         max_block_size=1 << 30,
         kv_cache_dtypes=("auto", "fp8_e4m3", "fp8_e5m2"),
+        position_biases=("none", "t5"),
         float64_output=True,
     )
 

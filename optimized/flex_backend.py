@@ -209,6 +209,9 @@ def flex_plan(
             pos = slot - starts[b]
             return (j < q_lens_t[b]) & (pos >= 0) & (pos < kv_lens_t[b])
 
+        key_position = lambda b, slot: slot - starts[b]
+        query_position = lambda b, j: j
+
         kv_slots, kv_always = kv_index, kv_valid
     else:
         key_cache, value_cache = kv_cache
@@ -226,6 +229,9 @@ def flex_plan(
         causal = kind == AttnKind.DECODER
         ctx = torch.tensor(md.context_lens, device=device)
         window = md.sliding_window if causal else None
+
+        key_position = lambda b, slot: logical_block[b, slot // bs] * bs + slot % bs
+        query_position = lambda b, j: ctx[b] + j
 
         def mask_mod(b, h, j, slot):
             lb = logical_block[b, slot // bs]
@@ -256,11 +262,24 @@ def flex_plan(
     options = kernel_options(
         q.shape[2], q.shape[1], k.shape[1], q.shape[0], q.dtype == torch.float32
     )
+    score_mod = None
+    if md.position_bias != "none":  # T5's: the spec's lookup table, by key minus query position
+        from reference.position_bias import lookup_table
+
+        lut, reach = lookup_table(md.relative_attention_bias, kind == AttnKind.ENCODER,
+                                  md.relative_attention_num_buckets,
+                                  md.relative_attention_max_distance)  # fmt: skip
+
+        def score_mod(score, b, h, j, slot):
+            rel = key_position(b, slot) - query_position(b, j)
+            return score + lut[h, rel.clamp(-reach, reach) + reach]
+
     return dict(
         q=q,
         k=k,
         v=v,
         mask_mod=mask_mod,
+        score_mod=score_mod,
         block_mask=mask,
         kernel_options=options,
         q_index=q_index,
@@ -275,6 +294,7 @@ def flex_attend(p: dict, scale: float) -> torch.Tensor:
         q,
         k,
         p["v"],
+        score_mod=p.get("score_mod"),
         block_mask=p["block_mask"],
         scale=scale,
         enable_gqa=q.shape[1] != k.shape[1],

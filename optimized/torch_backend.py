@@ -37,6 +37,22 @@ def _gather_pages(cache, tables, kv_lens, device, scale=None) -> tuple[torch.Ten
     return torch.where(valid[..., None, None], kv, 0), valid
 
 
+def _bias(md: StepMetadata, kind: AttnKind, max_q: int, max_kv: int, device) -> torch.Tensor:
+    """T5's bias, [num_seqs, num_heads, max_q, max_kv] float32, from the spec's lookup table over
+    each query's and key's position (queries at context + j, keys at their own)."""
+    from reference.position_bias import lookup_table
+
+    lut, reach = lookup_table(md.relative_attention_bias, kind == AttnKind.ENCODER,
+                              md.relative_attention_num_buckets,
+                              md.relative_attention_max_distance)  # fmt: skip
+    first = torch.tensor(md.context_lens if kind == AttnKind.DECODER else (0,) * md.num_seqs,
+                         device=device)  # fmt: skip
+    query_pos = first[:, None] + torch.arange(max_q, device=device)[None, :]
+    relative = torch.arange(max_kv, device=device)[None, None, :] - query_pos[:, :, None]
+    index = relative.clamp(-reach, reach) + reach  # [seqs, q, kv]
+    return lut.to(device)[:, index].permute(1, 0, 2, 3)
+
+
 def gathered(key, value, kv_cache, md: StepMetadata, kind: AttnKind):
     """Every sequence's visible K/V, contiguous: [num_seqs, num_kv_heads, max_len, head_size]
     each (padding zero; fp8 caches read back as float32)."""
@@ -58,6 +74,7 @@ class TorchBackend(BaseBackend):
         head_sizes=(1, 1024),
         max_block_size=1 << 20,
         kv_cache_dtypes=("auto", "fp8_e4m3", "fp8_e5m2"),
+        position_biases=("none", "t5"),
     )
 
     def device(self):
@@ -96,6 +113,9 @@ class TorchBackend(BaseBackend):
             if md.sliding_window is not None:
                 mask &= kpos[None, None, :] > qpos[:, :, None] - md.sliding_window
         mask |= ~q_valid[:, :, None]  # padding query rows see everything (no NaN), then dropped
+        mask = mask[:, None]
+        if md.position_bias != "none":  # an additive mask: T5's bias where visible, -inf not
+            mask = _bias(md, kind, q.shape[1], k.shape[1], dev).masked_fill(~mask, float("-inf"))
         # fp32 math kernel: deterministic (the fused CUDA kernels were seen to differ between
         # two runs of one bf16 step on the H100) and at least as accurate as the input dtype.
         with sdpa_kernel(SDPBackend.MATH):
@@ -103,7 +123,7 @@ class TorchBackend(BaseBackend):
                 q.transpose(1, 2).float(),
                 k.transpose(1, 2).float(),
                 v.transpose(1, 2).float(),
-                attn_mask=mask[:, None],
+                attn_mask=mask,
                 scale=md.scale_for(query.shape[-1]),
                 enable_gqa=True,
             ).transpose(1, 2)

@@ -23,9 +23,10 @@ def triton_forward(
     out = torch.zeros_like(query)
     scale = md.scale_for(query.shape[-1])
     schedule = _schedule(query, key, kv_cache, md, kind)
+    bias = bias_table(md, kind, query.device)
     if kind == AttnKind.ENCODER:
         return paged_attention(query, key, value, None, schedule, causal=False, scale=scale,
-                               paged=False, out=out, num_splits=num_splits)  # fmt: skip
+                               paged=False, out=out, num_splits=num_splits, bias=bias)  # fmt: skip
     key_cache, value_cache = kv_cache
     tables, slots = md.tables_for(kind)
     if key is not None:
@@ -34,8 +35,22 @@ def triton_forward(
     return paged_attention(
         query, key_cache, value_cache, tables, schedule, causal=causal, scale=scale,
         sliding_window=md.sliding_window if causal else None, out=out, k_scale=md.k_scale,
-        v_scale=md.v_scale, num_splits=num_splits,
+        v_scale=md.v_scale, num_splits=num_splits, bias=bias,
     )  # fmt: skip
+
+
+def bias_table(md: StepMetadata, kind: AttnKind, device) -> tuple[torch.Tensor, int] | None:
+    """T5's bias as the kernel takes it: the spec's lookup table (reference/position_bias.py),
+    times log2(e) for the kernel's exp2 domain, on `device`; None without a bias."""
+    if md.position_bias == "none":
+        return None
+    from optimized.ops.paged_attention import LOG2E
+    from reference.position_bias import lookup_table
+
+    lut, reach = lookup_table(md.relative_attention_bias, kind == AttnKind.ENCODER,
+                              md.relative_attention_num_buckets,
+                              md.relative_attention_max_distance)  # fmt: skip
+    return (lut * LOG2E).to(device).contiguous(), reach
 
 
 def _schedule(query, key, kv_cache, md: StepMetadata, kind: AttnKind):
@@ -70,7 +85,9 @@ class TritonBackend(BaseBackend):
     name = "triton"
     # addressed by strides (the head_size dim dense); fp8 read in-kernel, quantized on write
     capabilities = Capabilities(
-        cache_layout=CacheLayout.UNIT_LAST_DIM, kv_cache_dtypes=("auto", "fp8_e4m3", "fp8_e5m2")
+        cache_layout=CacheLayout.UNIT_LAST_DIM,
+        kv_cache_dtypes=("auto", "fp8_e4m3", "fp8_e5m2"),
+        position_biases=("none", "t5"),  # in-kernel, from the spec's per-step lookup table
     )
     num_splits: int | None = None  # None: split-K chosen by occupancy
 
@@ -95,7 +112,8 @@ class TritonBackend(BaseBackend):
         k_cache, v_cache = kv_cache if paged else (key, value)
         tables, slots = md.tables_for(kind)
         common = dict(causal=causal, sliding_window=md.sliding_window if causal else None,
-                      paged=paged, k_scale=md.k_scale, v_scale=md.v_scale)  # fmt: skip
+                      paged=paged, k_scale=md.k_scale, v_scale=md.v_scale,
+                      bias=bias_table(md, kind, query.device))  # fmt: skip
         plan = plan_attention(query, k_cache, v_cache, tables, schedule, **common,
                               num_splits=self.num_splits)  # fmt: skip
         scale = md.scale_for(query.shape[-1])

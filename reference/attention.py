@@ -4,9 +4,10 @@ For each sequence, gather its visible keys/values (from the new tokens for ENCOD
 cache for DECODER and ENCODER_DECODER after this step's writes), then for each query token and
 head compute
 
-    out = softmax(q · kᵀ · scale + mask) · v
+    out = softmax(q · kᵀ · scale + bias + mask) · v
 
-in float64, where mask is 0 for visible keys and -inf otherwise (`StepMetadata.sequence_mask`).
+in float64, where mask is 0 for visible keys and -inf otherwise (`StepMetadata.sequence_mask`)
+and bias is T5's relative position bias where the step has one (reference/position_bias.py).
 GQA/MQA: query head h reads kv head h // (num_heads // num_kv_heads).
 """
 
@@ -22,13 +23,19 @@ SCORES_BYTES = 256 << 20
 
 
 def textbook_attention(
-    query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, scale: float
+    query: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    mask: torch.Tensor,
+    scale: float,
+    bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """softmax(q·kᵀ·scale + mask)·v for one sequence, float64.
+    """softmax(q·kᵀ·scale + bias + mask)·v for one sequence, float64.
 
     query:  [q_len, num_heads, head_size]
     keys:   [kv_len, num_kv_heads, head_size], values likewise
     mask:   [q_len, kv_len] bool, True = visible; every row must see at least one key
+    bias:   [num_heads, q_len, kv_len] or None
     returns [q_len, num_heads, head_size] float64
     """
     q_len, num_heads, head_size = query.shape
@@ -43,6 +50,8 @@ def textbook_attention(
     for h0 in range(0, num_kv_heads, chunk):
         hs = slice(h0, h0 + chunk)
         scores = torch.einsum("qngd,knd->ngqk", q[:, hs], k[:, hs]) * scale
+        if bias is not None:  # head h = kv_head * group + g
+            scores = scores + bias.to(q.device).view(num_kv_heads, group, q_len, kv_len)[hs]
         scores = scores.masked_fill(~mask, float("-inf"))  # mask [q, k] broadcasts over heads
         probs = torch.softmax(scores, dim=-1)
         out[:, hs] = torch.einsum("ngqk,knd->qngd", probs, v[:, hs])
@@ -96,5 +105,8 @@ def attention(
             keys = gather_sequence(kv_cache[0], tables[i], kv_lens[i], md.k_scale)
             values = gather_sequence(kv_cache[1], tables[i], kv_lens[i], md.v_scale)
         mask = md.sequence_mask(attn_kind, i).to(query.device)
-        out[q_start[i] : q_start[i] + q_lens[i]] = textbook_attention(q, keys, values, mask, scale)
+        bias = md.position_bias_for(attn_kind, i)
+        out[q_start[i] : q_start[i] + q_lens[i]] = textbook_attention(
+            q, keys, values, mask, scale, bias
+        )
     return out

@@ -84,6 +84,11 @@ class StepMetadata:
                          (reference/fp8.py: the write and read rules)
     k_scale, v_scale:    fp8 only: float32 [1] (per tensor) or [num_kv_heads] (per kv head);
                          stored = fp8(clamp(x / scale)), read = stored * scale
+    position_bias:       none, or t5: T5's relative position bias on encoder and decoder
+                         self-attention (reference/position_bias.py), with
+    relative_attention_bias:          its table [num_buckets, num_heads], the model dtype
+    relative_attention_num_buckets,
+    relative_attention_max_distance:  the model config's values (32 and 128 in T5)
     """
 
     query_lens: tuple[int, ...]
@@ -99,6 +104,10 @@ class StepMetadata:
     kv_cache_dtype: str = "auto"
     k_scale: torch.Tensor | None = None
     v_scale: torch.Tensor | None = None
+    position_bias: str = "none"
+    relative_attention_bias: torch.Tensor | None = None
+    relative_attention_num_buckets: int = 32
+    relative_attention_max_distance: int = 128
 
     # ---- derived sizes and offsets -------------------------------------------------------
     @property
@@ -149,6 +158,21 @@ class StepMetadata:
     def fp8(self) -> bool:
         """The caches store K/V in fp8 (with k_scale / v_scale)."""
         return self.kv_cache_dtype != "auto"
+
+    def position_bias_for(self, kind: AttnKind, seq: int) -> torch.Tensor | None:
+        """[num_heads, query_len, kv_len] float64 added to sequence `seq`'s scaled scores, or
+        None: T5's bias (bidirectional for the encoder, unidirectional for decoder
+        self-attention) over the queries' and keys' positions."""
+        if self.position_bias == "none":
+            return None
+        from reference.position_bias import bias
+
+        q_len, kv_len = self.query_lens_for(kind)[seq], self.kv_lens_for(kind)[seq]
+        first = self.context_lens[seq] if kind == AttnKind.DECODER else 0
+        return bias(self.relative_attention_bias, first + torch.arange(q_len),
+                    torch.arange(kv_len), kind == AttnKind.ENCODER,
+                    self.relative_attention_num_buckets,
+                    self.relative_attention_max_distance)  # fmt: skip
 
     def is_prefill_only(self) -> bool:
         """True when no sequence has cached decoder context (a first step for every sequence)."""

@@ -16,6 +16,10 @@ What is accepted (and so defined by `reference.attention`):
 - fp8 (`kv_cache_dtype` fp8_e4m3 / fp8_e5m2, reference/fp8.py): `k_scale` and `v_scale` are
   float32 tensors of shape [1] or [num_kv_heads] on the query's device, finite and > 0, both of
   one scheme; with `auto` they are None.
+- `position_bias` t5 (reference/position_bias.py): on encoder and decoder steps only; its
+  table `relative_attention_bias` [num_buckets, num_heads] finite, in the query's dtype and on
+  its device; num_buckets even (>= 4) for the encoder's bidirectional bias; max_distance above
+  half the buckets. With `none` the table is None.
 - Paging (`_check_paging`): block tables and slot mappings are int32/int64 tensors; every table
   entry a sequence reads is a block of the cache; every new token's slot is where its own table
   puts it; no slot is written twice; and no slot written overwrites data that a sequence reads
@@ -30,6 +34,7 @@ import torch
 
 from reference.fp8 import KV_CACHE_DTYPES, cache_dtype
 from reference.metadata import AttnKind, StepMetadata
+from reference.position_bias import POSITION_BIASES
 
 # float64 is accepted (the reference computes in it); backends list what they support.
 SUPPORTED_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
@@ -360,4 +365,38 @@ def check_inputs(query, key, value, kv_cache, md: StepMetadata, kind) -> AttnKin
     if num_kv_heads is not None and num_heads % num_kv_heads:
         raise _err("num_kv_heads", f"{num_kv_heads} does not divide num_heads={num_heads}")
     _check_scales(md, num_kv_heads or 1, device)
+    _check_position_bias(md, kind, num_heads, query.dtype, device)
     return kind
+
+
+def _check_position_bias(md: StepMetadata, kind: AttnKind, num_heads: int, dtype, device) -> None:
+    """position_bias and T5's table and config (reference/position_bias.py)."""
+    if md.position_bias not in POSITION_BIASES:
+        raise _err(
+            "position_bias", f"expected one of {list(POSITION_BIASES)}, got {md.position_bias!r}"
+        )
+    table = md.relative_attention_bias
+    if md.position_bias == "none":
+        if table is not None:
+            raise _err("relative_attention_bias", "is for position_bias t5 only: expected None")
+        return
+    if kind == AttnKind.ENCODER_DECODER:
+        raise _err("position_bias", "t5 applies to encoder and decoder self-attention, not to "
+                   "cross-attention: expected none on an encoder_decoder step")  # fmt: skip
+    buckets, distance = md.relative_attention_num_buckets, md.relative_attention_max_distance
+    for name, value in (("relative_attention_num_buckets", buckets),
+                        ("relative_attention_max_distance", distance)):  # fmt: skip
+        if not isinstance(value, int) or isinstance(value, bool) or value < 2:
+            raise _err(name, f"expected an int >= 2, got {value!r}")
+    if kind == AttnKind.ENCODER and (buckets % 2 or buckets < 4):
+        raise _err("relative_attention_num_buckets",
+                   f"the encoder's bias is bidirectional (half the buckets a direction): expected "
+                   f"an even number >= 4, got {buckets}")  # fmt: skip
+    if distance <= buckets // 2:
+        raise _err(
+            "relative_attention_max_distance",
+            f"expected more than half the buckets ({buckets // 2}), got {distance}",
+        )
+    _check_tensor("relative_attention_bias", table, (buckets, num_heads), device, dtype=dtype)
+    if not bool(torch.isfinite(table).all()):
+        raise _err("relative_attention_bias", "holds non-finite values: expected finite numbers")

@@ -18,7 +18,8 @@ from optimized.torch_backend import TorchBackend, _gather_pages, _padded_index
 from reference.attention import textbook_attention
 from reference.fp8 import FP8_MAX, per_head, quantize
 from reference.metadata import AttnKind
-from reference.paged_cache import gather_sequence
+from reference.paged_cache import gather_sequence, write_to_cache
+from reference.position_bias import relative_position_bucket
 from reference.validation import check_inputs
 
 
@@ -413,3 +414,88 @@ class Leaks(TorchBackend):
         mb = int(os.environ.get("LEAK_MB", "64"))
         _KEPT.append(torch.ones(mb << 18, device=self.device()))  # mb MiB of float32
         return super().forward(*args)
+
+
+class BiasFault(BaseBackend):
+    """Float64 attention (the spec's helpers) with one planted fault in T5's position bias;
+    steps without a bias are right. `fault`: reversed (query minus key position), step_positions
+    (decoder queries at their index in the step, not their absolute position), kv_head_table
+    (the table read by kv head), none_at_decode (no bias on a step with cached context),
+    bf16_buckets (the bucket's log in bf16, T5's serving dtype, not float32), none."""
+
+    name = "fault-bias"
+    capabilities = Capabilities(
+        head_sizes=(1, 1024),
+        max_block_size=1 << 20,
+        kv_cache_dtypes=("auto", "fp8_e4m3", "fp8_e5m2"),
+        position_biases=("none", "t5"),
+    )
+
+    def __init__(self, fault: str = "none"):
+        self.fault, self.name = fault, f"fault-bias-{fault}"
+
+    def device(self):
+        return torch.device("cpu")
+
+    def _bias(self, md, kind, i, num_heads):
+        if md.position_bias == "none" or (self.fault == "none_at_decode" and any(md.context_lens)):
+            return None
+        q_len, kv_len = md.query_lens_for(kind)[i], md.kv_lens_for(kind)[i]
+        first = md.context_lens[i] if kind == AttnKind.DECODER else 0
+        if self.fault == "step_positions":
+            first = 0
+        q_pos, k_pos = first + torch.arange(q_len), torch.arange(kv_len)
+        rel = k_pos[None, :] - q_pos[:, None]
+        if self.fault == "reversed":
+            rel = -rel
+        args = (kind == AttnKind.ENCODER, md.relative_attention_num_buckets,
+                md.relative_attention_max_distance)  # fmt: skip
+        bucket = _bf16_bucket(rel, *args) if self.fault == "bf16_buckets" else (
+            relative_position_bucket(rel, *args))  # fmt: skip
+        table = md.relative_attention_bias.double()
+        if self.fault == "kv_head_table":  # head h reads column h // group
+            group = num_heads // self.num_kv_heads
+            table = table[:, torch.arange(num_heads) // group]
+        return table[bucket].permute(2, 0, 1)
+
+    def attend(self, query, key, value, kv_cache, md, kind):
+        out = torch.zeros_like(query)
+        tables, slots = md.tables_for(kind)
+        if kv_cache is not None and key is not None:
+            write_to_cache(key, value, *kv_cache, slots, md.k_scale, md.v_scale)
+        starts = md.encoder_start_loc if kind == AttnKind.ENCODER else md.query_start_loc
+        q_lens, kv_lens = md.query_lens_for(kind), md.kv_lens_for(kind)
+        self.num_kv_heads = (key if key is not None else kv_cache[0]).shape[-2]
+        for i in range(md.num_seqs):
+            q = query[starts[i] : starts[i] + q_lens[i]]
+            if kind == AttnKind.ENCODER:
+                k, v = (t[starts[i] : starts[i] + q_lens[i]] for t in (key, value))
+            else:
+                k, v = (gather_sequence(c, tables[i], kv_lens[i], s) for c, s in
+                        zip(kv_cache, (md.k_scale, md.v_scale)))  # fmt: skip
+            bias = self._bias(md, kind, i, query.shape[1])
+            o = textbook_attention(q, k, v, md.sequence_mask(kind, i), md.scale_for(q.shape[-1]),
+                                   bias)  # fmt: skip
+            out[starts[i] : starts[i] + q_lens[i]] = o.to(query.dtype)
+        return out
+
+
+def _bf16_bucket(relative, bidirectional, num_buckets, max_distance):
+    """The bucket with its log taken in bf16: what a kernel computing it in T5's serving dtype
+    gets (it differs from the model's at distances 16, 32 and 90 of 32 buckets up to 128)."""
+    import math
+
+    buckets = torch.zeros_like(relative)
+    if bidirectional:
+        num_buckets //= 2
+        buckets += (relative > 0).long() * num_buckets
+        distance = relative.abs()
+    else:
+        distance = -torch.clamp(relative, max=0)
+    exact = num_buckets // 2
+    log = torch.log(distance.to(torch.bfloat16) / exact) / math.log(max_distance / exact)
+    far = torch.clamp(exact + (log * (num_buckets - exact)).long(), max=num_buckets - 1)
+    return buckets + torch.where(distance < exact, distance, far)
+
+
+BIAS_FAULTS = ("reversed", "step_positions", "kv_head_table", "none_at_decode", "bf16_buckets")

@@ -43,6 +43,11 @@ PUBLISHED = {
 }
 
 
+# T5's relative_attention_num_buckets and relative_attention_max_distance (its config.json; the
+# family's other presets have no relative position bias).
+T5_BIAS = {name: (32, 128) for name in PUBLISHED if name.startswith(("t5-", "flan-t5"))}
+
+
 @pytest.mark.parametrize("name", sorted(set(PUBLISHED) | set(MODELS)))
 def test_every_preset_says_what_its_published_config_says(name):
     """A preset that lost its model's attention (heads, head size, the scale, the window, its
@@ -52,6 +57,10 @@ def test_every_preset_says_what_its_published_config_says(name):
     got = (m.num_heads, m.num_kv_heads, m.head_size, m.scale, m.sliding_window, m.dtype,
            m.encoder_len, m.encoder_fixed, m.decoder_max)  # fmt: skip
     assert got == PUBLISHED[name]
+    bias = (m.relative_attention_num_buckets, m.relative_attention_max_distance)
+    assert (m.position_bias, bias if m.position_bias == "t5" else None) == (
+        ("t5", T5_BIAS[name]) if name in T5_BIAS else ("none", None)
+    )
 
 
 def test_every_preset_generates_valid_covering_cases():

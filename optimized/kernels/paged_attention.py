@@ -30,6 +30,10 @@ fp8 caches (KV_FP8): K/V are loaded as stored, one byte an element, widened to t
 (exact: every e4m3/e5m2 value is a bf16, fp16 and fp32 value), and scaled back through the
 scores (k_scale per row's kv head) and the accumulator (v_scale, once, after the K/V walk).
 
+T5's position bias (BIAS): `bias_ptr` is the step's lookup table [num_heads, 2 * reach + 1]
+(reference/position_bias.py `lookup_table`, times log2(e): the scores are in the exp2 domain);
+each score adds its head's entry for the key's position minus the query's, clamped to ±reach.
+
 Compiles vs speed: what shapes the inner loop is a constexpr (dtype, BLOCK_M, GROUP_PAD, padded
 head size, power-of-two head size, TILE_N, paged, power-of-two block size, causal, window, fp8).
 Block size, split count, group, head size and window length are runtime arguments, so one
@@ -66,6 +70,8 @@ _SUM = tl.standard._sum_combine
         "head_size",
         "fused_reduce",
         "scale_stride",
+        "bias_reach",
+        "bias_stride",
     ]
 )
 def _paged_attention_kernel(
@@ -87,6 +93,7 @@ def _paged_attention_kernel(
     arrivals_ptr,
     k_scale_ptr,
     v_scale_ptr,
+    bias_ptr,
     scale_log2,
     sliding_window,
     block_size,
@@ -108,6 +115,8 @@ def _paged_attention_kernel(
     head_size,
     fused_reduce,
     scale_stride,
+    bias_reach,
+    bias_stride,
     BLOCK_M: tl.constexpr,
     GROUP_PAD: tl.constexpr,
     HEAD_PAD: tl.constexpr,
@@ -121,6 +130,7 @@ def _paged_attention_kernel(
     DOT_PRECISION: tl.constexpr,
     HEADS: tl.constexpr = 1,
     KV_FP8: tl.constexpr = False,
+    BIAS: tl.constexpr = False,
 ):
     BLOCK_Q: tl.constexpr = BLOCK_M // (GROUP_PAD * HEADS)
     WIDE: tl.constexpr = HEADS * HEAD_PAD  # columns of a K/V row: HEADS adjacent kv heads
@@ -219,6 +229,10 @@ def _paged_attention_kernel(
             k = k.to(q.dtype)
             v = v.to(q.dtype)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+        if BIAS:  # key position minus query position, clamped into the table
+            rel = tl.minimum(tl.maximum(n[None, :] - pos[:, None], -bias_reach), bias_reach)
+            at = head[:, None] * bias_stride + rel + bias_reach
+            s += tl.load(bias_ptr + at, mask=row_valid[:, None] & n_valid[None, :], other=0.0)
         # Masks as constexprs: as runtime flags the compares on every score cost prefill dearly.
         visible = n_valid[None, :]
         if CAUSAL:

@@ -101,7 +101,7 @@ def _check(query, key_cache, value_cache, block_tables, paged: bool, k_scale, v_
         )
 
 
-def _constexprs(query, key_cache, plan_heads, block_m, causal, window, paged) -> dict:
+def _constexprs(query, key_cache, plan_heads, block_m, causal, window, paged, bias=None) -> dict:
     head_size = query.shape[-1]
     group = query.shape[1] // key_cache.shape[-2]
     head_pad = max(16, next_power_of_2(head_size))
@@ -122,29 +122,40 @@ def _constexprs(query, key_cache, plan_heads, block_m, causal, window, paged) ->
         DOT_PRECISION="ieee" if fp32 else "tf32",
         HEADS=plan_heads,
         KV_FP8=key_cache.dtype in FP8_FORMATS,
+        BIAS=bias is not None,
     )
 
 
 def _kernel_args(
-    plan_args: tuple, query, key_cache, value_cache, block_tables, schedule, out, scales, scale
+    plan_args: tuple,
+    query,
+    key_cache,
+    value_cache,
+    block_tables,
+    schedule,
+    out,
+    scales,
+    scale,
+    bias=None,
 ) -> tuple:
     """The main kernel's positional arguments (`plan_args`: splits, tiles per split, partials
-    m/l/acc, arrivals, fused flag; `scales`: k, v, stride)."""
+    m/l/acc, arrivals, fused flag; `scales`: k, v, stride; `bias`: (lookup table, reach))."""
     splits, tiles_per_split, part_m, part_l, part_acc, arrivals, fuse, window, paged = plan_args
     block_size = key_cache.shape[1] if paged else 1
     bt = block_tables if paged else schedule.kv_lens  # any int tensor when unused
     k_scale, v_scale, scale_stride = scales
+    lut, reach = bias if bias is not None else (_unused_fp32(query.device), 0)
     return (
         out, query, key_cache, value_cache, bt,
         schedule.tile_seq, schedule.tile_q_first, schedule.query_start_loc,
         schedule.query_lens, schedule.kv_lens, schedule.context_lens, schedule.kv_start_loc,
-        part_m, part_l, part_acc, arrivals, k_scale, v_scale,
+        part_m, part_l, part_acc, arrivals, k_scale, v_scale, lut,
         scale * LOG2E, window, block_size, block_size.bit_length() - 1, splits, tiles_per_split,
         query.stride(0), query.stride(1), out.stride(0), out.stride(1),
         key_cache.stride(0) if paged else 0, key_cache.stride(-3), key_cache.stride(-2),
         value_cache.stride(0) if paged else 0, value_cache.stride(-3), value_cache.stride(-2),
         bt.stride(0), query.shape[1] // key_cache.shape[-2], query.shape[-1], int(fuse),
-        scale_stride,
+        scale_stride, reach, lut.stride(0),
     )  # fmt: skip
 
 
@@ -237,6 +248,7 @@ def plan_attention(
     paged: bool = True,
     k_scale: torch.Tensor | None = None,
     v_scale: torch.Tensor | None = None,
+    bias: tuple[torch.Tensor, int] | None = None,
     card: Card | None = None,
     **overrides,
 ) -> Plan:
@@ -253,7 +265,7 @@ def plan_attention(
     heads, block_m, _ = program_shape(
         schedule, num_kv_heads, group, query.shape[-1], card, overrides.pop("heads", None)
     )
-    meta = _constexprs(query, key_cache, heads, block_m, causal, window, paged)
+    meta = _constexprs(query, key_cache, heads, block_m, causal, window, paged, bias)
     variant = (query.dtype, key_cache.dtype, tuple(meta.items()))
 
     def probe(launches: tuple[Launch, ...]) -> list[Compiled]:
@@ -261,7 +273,7 @@ def plan_attention(
         args = _kernel_args(
             (1, 1, unused, unused, unused, _arrivals(query.device, 1), False, window, paged),
             query, key_cache, value_cache, block_tables, schedule, query,
-            _scales(query, key_cache, k_scale, v_scale), 1.0,
+            _scales(query, key_cache, k_scale, v_scale), 1.0, bias,
         )  # fmt: skip
         full = (*variant, _specialization(args))
         _compile_all(full, launches, args, meta)
@@ -289,6 +301,7 @@ def launch(
     paged: bool = True,
     k_scale: torch.Tensor | None = None,
     v_scale: torch.Tensor | None = None,
+    bias: tuple[torch.Tensor, int] | None = None,
 ) -> torch.Tensor:
     """Run `plan` (its kernels only: no decisions here). Returns `out`."""
     num_tiles = schedule.tile_seq.shape[0]
@@ -304,13 +317,13 @@ def launch(
         part_l = torch.empty_like(part_m)
         part_acc = torch.empty(rows, plan.wide, dtype=torch.float32, device=query.device)
     arrivals = _arrivals(query.device, num_programs if plan.fused_reduce else 1)
-    m = _constexprs(query, key_cache, plan.heads, plan.block_m, causal, window, paged)
+    m = _constexprs(query, key_cache, plan.heads, plan.block_m, causal, window, paged, bias)
     _paged_attention_kernel[(num_tiles, num_kv_heads // plan.heads, plan.num_splits)](
         *_kernel_args(
             (plan.num_splits, plan.tiles_per_split, part_m, part_l, part_acc, arrivals,
              plan.fused_reduce, window, paged),
             query, key_cache, value_cache, block_tables, schedule, out,
-            _scales(query, key_cache, k_scale, v_scale), scale,
+            _scales(query, key_cache, k_scale, v_scale), scale, bias,
         ),
         **m,
         TILE_N=plan.launch.tile_n,
@@ -343,6 +356,7 @@ def paged_attention(
     out: torch.Tensor | None = None,
     k_scale: torch.Tensor | None = None,
     v_scale: torch.Tensor | None = None,
+    bias: tuple[torch.Tensor, int] | None = None,
     plan: Plan | None = None,
     **overrides,
 ) -> torch.Tensor:
@@ -350,6 +364,7 @@ def paged_attention(
 
     query: [num_tokens, num_heads, head_size]; K/V caches as in the module docstring, in the
     query's dtype or (paged) fp8 with `k_scale`/`v_scale` (float32 [1] or [num_kv_heads]).
+    `bias`: T5's (lookup table times log2(e) [num_heads, 2 * reach + 1] float32, reach).
     Rows of `out` that belong to no sequence (padding) are left as they were (zeros by default).
     `plan`: a `plan_attention` result to launch as is; else one is made here (`overrides`:
     num_splits, launch, heads, fused_reduce, reduce_rows, maxnreg).
@@ -359,7 +374,7 @@ def paged_attention(
     if schedule.tile_seq.shape[0] == 0:
         return out
     common = dict(causal=causal, sliding_window=sliding_window, paged=paged, k_scale=k_scale,
-                  v_scale=v_scale)  # fmt: skip
+                  v_scale=v_scale, bias=bias)  # fmt: skip
     if plan is None:
         plan = plan_attention(query, key_cache, value_cache, block_tables, schedule, **common,
                               **overrides)  # fmt: skip
