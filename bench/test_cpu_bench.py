@@ -98,7 +98,7 @@ def test_batches_choose_the_model_workloads_and_bad_ones_are_a_usage_error(tmp_p
 
     out = tmp_path / "b.csv"
     assert main(["--model", "whisper-tiny", "--batches", "3", "--backend", "torch",
-                 "--out", str(out)]) == 0  # fmt: skip
+                 "--only", "cross-decode", "--out", str(out)]) == 0  # fmt: skip
     with open(out) as f:
         rows = list(csv.DictReader(f))
     assert rows and {r["batch"] for r in rows} == {"3"}
@@ -119,7 +119,8 @@ def test_a_user_backends_bench_never_overwrites_the_projects_bench_csv(tmp_path,
     project = tmp_path / "reports" / "out" / "bench.csv"
     project.parent.mkdir(parents=True)
     project.write_text("the project's bench\n")
-    args = ["--model", "whisper-tiny", "--batches", "2", "--backend-module", f"{example}:MyBackend"]
+    args = ["--model", "whisper-tiny", "--batches", "2", "--only", "self-decode",
+            "--backend-module", f"{example}:MyBackend"]  # fmt: skip
     assert main(args) == 0
     assert project.read_text() == "the project's bench\n"
     mine = tmp_path / "reports" / "out" / "backends" / "my-backend" / "bench.csv"

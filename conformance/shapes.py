@@ -236,7 +236,7 @@ class Shape:
             return tokens * (row + 2 * kv_row) * elem + 2 * sum(enc) * kv_row * elem
         if self.attn_kind == "episode":
             final = [q + self.decode_steps for q in self.query_lens]
-            kv_lens, needed = [*final, *enc], blocks(final) + blocks(enc)
+            kv_lens, needed = [*final, *enc, *enc], blocks(final) + blocks(enc)  # + the encoder's
             queries = 2 * sum(final) + sum(enc)  # every step's queries, the encoder's
             new_kv = sum(final) + 2 * sum(enc)
         else:

@@ -19,7 +19,9 @@ from reference.paged_cache import gather_sequence, write_to_cache
 class MyBackend(BaseBackend):
     name = "my-backend"  # the backend column of its rows
     # What it supports (optimized/backend.py `Capabilities`): any other step is a skip, with why.
-    capabilities = Capabilities(dtypes=(torch.float32, torch.float16, torch.bfloat16))
+    capabilities = Capabilities(
+        dtypes=(torch.float32, torch.float16, torch.bfloat16), position_biases=("none", "t5")
+    )
 
     def device(self) -> torch.device:
         return torch.device("cpu")  # where the runner puts the inputs (yours: "cuda")
@@ -40,6 +42,9 @@ class MyBackend(BaseBackend):
             group = q.shape[1] // k.shape[1]
             k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
             scores = torch.einsum("qhd,khd->hqk", q, k) * md.scale_for(q.shape[-1])
+            bias = md.position_bias_for(kind, i)  # T5's: [heads, q, k], or None
+            if bias is not None:
+                scores = scores + bias.to(scores)
             mask = md.sequence_mask(kind, i).to(scores.device)  # built on the host
             scores = scores.masked_fill(~mask, float("-inf"))
             o = torch.einsum("hqk,khd->qhd", scores.softmax(-1), v)

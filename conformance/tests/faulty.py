@@ -303,6 +303,7 @@ class FP8Fault(BaseBackend):
         head_sizes=(1, 1024),
         max_block_size=1 << 20,
         kv_cache_dtypes=("auto", "fp8_e4m3", "fp8_e5m2"),
+        position_biases=("none", "t5"),
     )
 
     def __init__(self, fault: str = "none", declares_reads_inputs: bool = False):
@@ -372,7 +373,8 @@ class FP8Fault(BaseBackend):
                 v = self._read(
                     gather_sequence(value_cache, tables[i], kv_lens[i]), md.v_scale, num_heads
                 )
-            o = textbook_attention(q, k, v, md.sequence_mask(kind, i), md.scale_for(q.shape[-1]))
+            o = textbook_attention(q, k, v, md.sequence_mask(kind, i), md.scale_for(q.shape[-1]),
+                                   md.position_bias_for(kind, i))  # fmt: skip
             out[starts[i] : starts[i] + q_lens[i]] = o.to(query.dtype)
         return out
 

@@ -170,12 +170,15 @@ def _paged_attention_kernel(
         k_cols = col_head * stride_kc_head + d
         v_cols = col_head * stride_vc_head + d
         own = row_valid[:, None] & (col_head[None, :] == row_head[:, None])
-    if EVEN_D:  # a power-of-two head size: no mask along d, so loads vectorize
-        d_valid = d < HEAD_PAD
+    # A power-of-two head size needs no mask along d (loads vectorize): the masks are the rows'
+    # alone, broadcast along d.
+    if EVEN_D:
+        own_d = own
     else:
-        d_valid = d < head_size
+        own_d = own & (d < head_size)[None, :]
+    k_cols, v_cols = k_cols[None, :], v_cols[None, :]  # loop-invariant
     q_offs = (q_start + q_idx)[:, None] * stride_q_tok + head[:, None] * stride_q_head + d[None, :]
-    q = tl.load(q_ptr + q_offs, mask=own & d_valid[None, :], other=0.0)
+    q = tl.load(q_ptr + q_offs, mask=own_d, other=0.0)
     if UPCAST_DOT:
         q = q.to(tl.float32)
     pos = context + q_idx  # absolute position of each row's query token (causal only)
@@ -222,9 +225,12 @@ def _paged_attention_kernel(
         else:
             k_row = (kv_start + n) * stride_kc_tok
             v_row = (kv_start + n) * stride_vc_tok
-        kv_mask = n_valid[:, None] & d_valid[None, :]
-        k = tl.load(key_cache_ptr + k_row[:, None] + k_cols[None, :], mask=kv_mask, other=0.0)
-        v = tl.load(value_cache_ptr + v_row[:, None] + v_cols[None, :], mask=kv_mask, other=0.0)
+        if EVEN_D:
+            kv_mask = n_valid[:, None]
+        else:
+            kv_mask = n_valid[:, None] & (d < head_size)[None, :]
+        k = tl.load(key_cache_ptr + k_row[:, None] + k_cols, mask=kv_mask, other=0.0)
+        v = tl.load(value_cache_ptr + v_row[:, None] + v_cols, mask=kv_mask, other=0.0)
         if KV_FP8 or UPCAST_DOT:
             k = k.to(q.dtype)
             v = v.to(q.dtype)
@@ -255,7 +261,7 @@ def _paged_attention_kernel(
         o_offs = (
             (q_start + q_idx)[:, None] * stride_o_tok + head[:, None] * stride_o_head + d[None, :]
         )
-        tl.store(out_ptr + o_offs, out.to(out_ptr.dtype.element_ty), mask=own & d_valid[None, :])
+        tl.store(out_ptr + o_offs, out.to(out_ptr.dtype.element_ty), mask=own_d)
     else:
         cols = tl.arange(0, WIDE)
         first = ((tile * tl.num_programs(1) + head_block) * num_splits).to(tl.int64) * BLOCK_M
@@ -297,7 +303,7 @@ def _paged_attention_kernel(
                     + d[None, :]
                 )
                 tl.store(
-                    out_ptr + o_offs, out.to(out_ptr.dtype.element_ty), mask=own & d_valid[None, :]
+                    out_ptr + o_offs, out.to(out_ptr.dtype.element_ty), mask=own_d
                 )
 
 
