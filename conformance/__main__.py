@@ -352,6 +352,51 @@ def _dump_backend(args, case, arrays: dict) -> list[dict]:
     return verdicts
 
 
+def cmd_shrink(args) -> int:
+    """The smallest case that still fails as CASE_ID does with the backend
+    (conformance/shrink.py): exit 1 with it in OUT/shrunk.jsonl, 0 when the case passes."""
+    from conformance import runner, selection
+    from conformance.cases import lower, select_cases
+    from conformance.shapes import Shape
+    from conformance.shrink import shrink
+
+    selection.check_model(args.model, [args.case_id], args.cases)
+    (case,) = select_cases([args.case_id], args.cases)
+    shape = case if isinstance(case, Shape) else lower(case)
+    runner.check_fits([shape], "shrink")
+    if bool(args.backend) == bool(args.backend_module):
+        raise ValueError("shrink: give one backend, --backend NAME or --backend-module SPEC")
+    ((backend, spec),) = selection.backends(
+        [args.backend] if args.backend else [],
+        [args.backend_module] if args.backend_module else None,
+    )
+    out = Path(args.out or f"reports/out/shrink/{backend.name}")
+    _check_out_dir(str(out))
+    budget = positive_seconds(str(args.budget))
+    s = shrink(shape, backend, spec, budget, positive_seconds(str(args.case_timeout)))
+    which = f"--backend-module {spec}" if spec else f"--backend {backend.name}"
+    if s.failure is None:
+        print(f"{args.case_id} passes with {backend.name}: nothing to shrink")
+        return 0
+    what = lambda sig: f"{sig[0]} at {sig[1]} ({sig[2]})" if sig else "passes"
+    line = json.dumps(s.shape.to_dict())
+    (out / "shrunk.jsonl").write_text(line + "\n")
+    print(f"{args.case_id} with {backend.name}: {what(s.failure)}")
+    print(f"shrunk in {s.seconds:.0f} s: {s.kept} simpler cases kept of {s.tried} tried"
+          + (" (the budget ended the search)" if s.budget_spent else ""))  # fmt: skip
+    print(f"  from: {json.dumps(s.original.to_dict())}")
+    print(f"  to:   {line}")
+    print(f"  run:  python -m conformance run --cases {out / 'shrunk.jsonl'} {which}")
+    print(f"  dump: python -m conformance dump {s.shape.id} --cases {out / 'shrunk.jsonl'} "
+          f"--out {out / 'dump'} {which}")  # fmt: skip
+    same = s.still == s.failure
+    print(
+        f"verdict: the shrunk case {'still fails' if same else 'does NOT fail'} for the "
+        f"original reason ({what(s.failure)}{'' if same else '; now: ' + what(s.still)})"
+    )
+    return 1
+
+
 def _np(t: torch.Tensor):
     wide = t.dtype in (torch.bfloat16, torch.float8_e4m3fn, torch.float8_e5m2)
     return (t.float() if wide else t).numpy().copy()
@@ -455,6 +500,25 @@ def main(argv=None) -> int:
     pd.add_argument("--backend", default=None, metavar="NAME", help="a registered backend")
     pd.add_argument("--backend-module", default=None, metavar="SPEC", help="your backend")
     pd.add_argument("--case-timeout", default=DEFAULT_TIMEOUT_S, type=float, help=argparse.SUPPRESS)
+    psh = sub.add_parser(
+        "shrink",
+        help="the smallest case that still fails as CASE_ID does with a backend",
+        description="From a failing case, search for a smaller explicit shape that fails the same "
+        "way (the same verdict on the same step kind for the same kind of reason): fewer "
+        "sequences, shorter lengths, fewer heads, the smallest head size, a default page, "
+        "contiguous layout, no window, default scale, fp32. Writes OUT/shrunk.jsonl and prints "
+        "the commands that re-run and dump it. Exit 1: it still fails; 0: the case passes.",
+    )
+    psh.add_argument("case_id")
+    psh.add_argument("--tier", default="smoke", help="the tier the case id comes from (any: an "
+                     "id names its case)")  # fmt: skip
+    psh.add_argument("--model", default=None, help="the model preset the case belongs to")
+    psh.add_argument("--cases", default=None, help="the file of an explicit shape's id")
+    psh.add_argument("--backend", default=None, metavar="NAME", help="a registered backend")
+    psh.add_argument("--backend-module", default=None, metavar="SPEC", help="your backend")
+    psh.add_argument("--out", default=None, help="default reports/out/shrink/<backend name>")
+    psh.add_argument("--budget", default="300", help="seconds the search may take (> 0)")
+    psh.add_argument("--case-timeout", default=str(DEFAULT_TIMEOUT_S), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     try:
         if args.cmd == "list":
@@ -465,6 +529,8 @@ def main(argv=None) -> int:
             return cmd_list(args)
         if args.cmd == "run":
             return cmd_run(args)
+        if args.cmd == "shrink":
+            return cmd_shrink(args)
         return cmd_dump(args)
     except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)

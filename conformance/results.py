@@ -27,6 +27,7 @@ from conformance.schema import (
     read_jsonl,
     rerun_command,
     result_row,
+    shrink_command,
     to_result_row,
     write_csv,
 )
@@ -131,6 +132,7 @@ def summary_lines(out: Path, counts: dict[str, int], state: str) -> list[str]:
             f"{r['status'].upper()} {r['case_id']} {r['backend']} {r['step']}: {r['reason']}"
         )
         lines.append(f"  re-run alone: {rerun_command(r)}")
+        lines.append(f"  its smallest failing case: {shrink_command(r)}")
     if len(bad) > FAILURES_SHOWN:
         lines.append(f"... and {len(bad) - FAILURES_SHOWN} more (results.csv, the HTML report)")
     info = read_run(out)

@@ -191,6 +191,12 @@ def dump_command(row) -> str:
     return f"python -m conformance dump {case_id} {source}--out dump-{case_id[:40]} {which}"
 
 
+def shrink_command(row) -> str:
+    """The command that searches for the smallest case that still fails as this row does."""
+    run = rerun_command(row)
+    return "python -m conformance shrink " + run.split("run ", 1)[1].replace("--case ", "", 1)
+
+
 METRICS = ("max_abs_err", "max_rel_err", "err_ratio", "mismatch_frac", "nan_count", "rms_ratio")
 
 

@@ -25,7 +25,7 @@ import pandas as pd
 from matplotlib.colors import LinearSegmentedColormap
 
 from bench.analysis import backend_tables, family_tables, fp8_table, with_columns
-from conformance.schema import BENCH_SHAPE, Status, rerun_command
+from conformance.schema import BENCH_SHAPE, Status, dump_command, rerun_command, shrink_command
 
 STATUS_COLOURS = {
     Status.PASS: "#c8e6c9",
@@ -496,7 +496,9 @@ def render(
         what = shown.apply(
             lambda r: (
                 f"{html.escape(r.reason)}<code class='cmd'>re-run: "
-                f"{html.escape(rerun_command(r))}</code>"
+                f"{html.escape(rerun_command(r))}</code><code class='cmd'>dump: "
+                f"{html.escape(dump_command(r))}</code><code class='cmd'>shrink: "
+                f"{html.escape(shrink_command(r))}</code>"
             ),
             axis=1,
         )

@@ -501,3 +501,47 @@ def _bf16_bucket(relative, bidirectional, num_buckets, max_distance):
 
 
 BIAS_FAULTS = ("reversed", "step_positions", "kv_head_table", "none_at_decode", "bf16_buckets")
+
+
+class WrongPastABlockBoundary(TorchBackend):
+    """Wrong (x1.01) for a decoder sequence whose length is one past a block boundary (a new
+    block just begun): the smallest trigger is one sequence of block_size + 1 tokens."""
+
+    name = "fault-past-a-block-boundary"
+
+    def attend(self, query, key, value, kv_cache, md, kind):
+        out = super().attend(query, key, value, kv_cache, md, kind)
+        if kind == AttnKind.DECODER:
+            for i, n in enumerate(md.seq_lens):
+                if n > md.block_size and n % md.block_size == 1:
+                    start = md.query_start_loc[i]
+                    out[start : start + md.query_lens[i]] *= 1.01
+        return out
+
+
+class WrongForKvHeadOne(TorchBackend):
+    """Wrong (x1.01) for the query heads of kv head 1 and up: the smallest trigger has two kv
+    heads (one query head each)."""
+
+    name = "fault-kv-head-one"
+
+    def attend(self, query, key, value, kv_cache, md, kind):
+        out = super().attend(query, key, value, kv_cache, md, kind)
+        kv_heads = (key if key is not None else kv_cache[0]).shape[-2]
+        out[:, query.shape[1] // kv_heads :] *= 1.01
+        return out
+
+
+class WrongOnTheSecondDecodeStep(TorchBackend):
+    """Wrong (x1.01) on the second decoder step with cached context after a prefill (an
+    episode's second decode step): the smallest trigger is an episode of two decode steps."""
+
+    name = "fault-second-decode-step"
+
+    def attend(self, query, key, value, kv_cache, md, kind):
+        out = super().attend(query, key, value, kv_cache, md, kind)
+        if kind == AttnKind.DECODER:
+            self.decodes = 0 if md.is_prefill_only() else getattr(self, "decodes", 0) + 1
+            if self.decodes == 2:
+                out = out * 1.01
+        return out

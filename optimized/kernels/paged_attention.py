@@ -302,9 +302,7 @@ def _paged_attention_kernel(
                     + head[:, None] * stride_o_head
                     + d[None, :]
                 )
-                tl.store(
-                    out_ptr + o_offs, out.to(out_ptr.dtype.element_ty), mask=own_d
-                )
+                tl.store(out_ptr + o_offs, out.to(out_ptr.dtype.element_ty), mask=own_d)
 
 
 @triton.jit(do_not_specialize=["num_splits", "group", "group_pad", "part_rows", "head_size"])
