@@ -397,6 +397,48 @@ def cmd_shrink(args) -> int:
     return 1
 
 
+def cmd_mutate(args) -> int:
+    """The selection against the catalogue of planted faults (conformance/mutants.py): a table,
+    OUT/mutate.csv and OUT/index.html; exit 1 when a fault survives."""
+    import pandas as pd
+
+    from conformance import selection
+    from conformance.mutants import FAULTS, run_catalogue
+    from reports.html import write_mutation_report
+
+    shapes = selection.workloads(args.tier, args.model, args.cases, args.case, args.shard)
+    if not (args.backend or args.backend_module):
+        raise ValueError("mutate: give the backend(s): --backend NAME or --backend-module SPEC")
+    picked = selection.backends(args.backend, args.backend_module)
+    faults = args.fault or list(FAULTS)
+    for f in faults:
+        if f not in FAULTS:
+            raise ValueError(f"--fault: expected one of {list(FAULTS)}, got {f!r}")
+    keep = selection.keyword_filter(args.k)
+    out = Path(args.out or f"reports/out/mutate/{picked[0][0].name}")
+    _check_out_dir(str(out))
+    rows = []
+    for backend, spec in picked:
+        mine = [s for s in shapes if keep(f"{s.id}::{backend.name}")]
+        if not mine:
+            raise ValueError(f"no cases selected for {backend.name}")
+
+        def said(v):
+            text = f"caught by {v.failing_rows} failing row(s) in {v.tests_run} test(s)"
+            print(f"{v.backend:20s} {v.fault:24s} " + (f"{text}, first {v.first}" if v.caught
+                  else f"SURVIVES all {v.tests_run} test(s) it touches"), flush=True)  # fmt: skip
+
+        for v in run_catalogue(mine, backend, spec, faults, args.all, said):
+            rows.append(dict(v.__dict__, tier=args.tier, tests_in_selection=len(mine)))
+    table = pd.DataFrame(rows)
+    table.to_csv(out / "mutate.csv", index=False)
+    write_mutation_report(table, out / "index.html")
+    caught = int(table.caught.sum())
+    print(f"[mutate] this selection catches {caught} of {len(table)} planted faults "
+          f"(fault x backend) -> {out / 'mutate.csv'}")  # fmt: skip
+    return 0 if caught == len(table) else 1
+
+
 def _np(t: torch.Tensor):
     wide = t.dtype in (torch.bfloat16, torch.float8_e4m3fn, torch.float8_e5m2)
     return (t.float() if wide else t).numpy().copy()
@@ -500,6 +542,22 @@ def main(argv=None) -> int:
     pd.add_argument("--backend", default=None, metavar="NAME", help="a registered backend")
     pd.add_argument("--backend-module", default=None, metavar="SPEC", help="your backend")
     pd.add_argument("--case-timeout", default=DEFAULT_TIMEOUT_S, type=float, help=argparse.SUPPRESS)
+    pm = sub.add_parser(
+        "mutate",
+        help="how many planted faults (conformance/mutants.py) a selection catches",
+        description="Run the selection against a catalogue of the bugs paged kernels have, each "
+        "planted around the backend: per fault, caught (a row fails or errors) or not, by how "
+        "many failing rows. Stops at a fault's first catch unless --all. Writes OUT/mutate.csv "
+        "and OUT/index.html. Exit 1 when a fault survives.",
+    )
+    workload_options(pm)
+    pm.add_argument("--backend", action="append", metavar="NAME", help="a registered backend")
+    pm.add_argument("--backend-module", action="append", metavar="SPEC", help="your backend")
+    pm.add_argument("--case", action="append", help="one case id (repeatable)")
+    pm.add_argument("-k", default=None, help="a pytest-style -k expression over CASE_ID::BACKEND")
+    pm.add_argument("--fault", action="append", help="only these faults (repeatable)")
+    pm.add_argument("--all", action="store_true", help="every test a fault touches, for counts")
+    pm.add_argument("--out", default=None, help="default reports/out/mutate/<backend name>")
     psh = sub.add_parser(
         "shrink",
         help="the smallest case that still fails as CASE_ID does with a backend",
@@ -531,6 +589,8 @@ def main(argv=None) -> int:
             return cmd_run(args)
         if args.cmd == "shrink":
             return cmd_shrink(args)
+        if args.cmd == "mutate":
+            return cmd_mutate(args)
         return cmd_dump(args)
     except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)

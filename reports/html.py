@@ -408,6 +408,7 @@ def render(
     run_info: dict | None = None,
     title: str = "encdec-attn conformance report",
     limits: pd.DataFrame | None = None,
+    mutations: pd.DataFrame | None = None,
 ) -> str:
     """The whole page as one string."""
     run_info = run_info or {}
@@ -545,6 +546,8 @@ def render(
     else:
         body.append("<p>No skips.</p>")
 
+    if mutations is not None:
+        body.append(mutation_section(mutations))
     body.append("<h2 id='performance'>Performance</h2>")
     if bench is not None and len(bench):
         body.append(performance_section(bench, run_info.get("bench_csv"), limits))
@@ -586,5 +589,29 @@ def write_report(
         run_info["bench_csv"] = os.path.relpath(Path(bench).resolve(), out.resolve().parent)
     out.parent.mkdir(parents=True, exist_ok=True)
     title = title or "encdec-attn conformance report"
-    out.write_text(render(df, bench_df, run_info, title, limits_df))
+    mutate_path = Path(results[0]).parent / "mutate.csv"  # `mutate` with the same --out
+    mutations = pd.read_csv(mutate_path, keep_default_na=False) if mutate_path.exists() else None
+    out.write_text(render(df, bench_df, run_info, title, limits_df, mutations))
+    return out
+
+
+def mutation_section(m: pd.DataFrame) -> str:
+    """`python -m conformance mutate`: how many of the planted faults the selection catches."""
+    caught = m.caught.astype(str).str.lower() == "true"
+    verdict = "good" if caught.all() else "bad"
+    return (
+        f"<h2 id='mutations'>Planted faults</h2><p class='banner {verdict}'>This selection "
+        f"catches {int(caught.sum())} of {len(m)} planted faults (fault × backend; "
+        "conformance/mutants.py)</p>" + _styled(m, {c: "text" for c in m.columns}).to_html()
+    )
+
+
+def write_mutation_report(mutations: pd.DataFrame, out: str | Path) -> Path:
+    """A page of its own for a `mutate` run."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(
+        f"<!doctype html><html><head><meta charset='utf-8'><title>encdec-attn planted faults"
+        f"</title><style>{CSS}</style></head><body>{mutation_section(mutations)}</body></html>"
+    )
     return out
