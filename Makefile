@@ -7,7 +7,8 @@ OUT ?= reports/out
 # cpu, or the GPU model (h100, h200, ...): baselines and committed results are named after it.
 DEVICE ?= $(shell $(PY) -c "import torch; from conformance.schema import device_kind; print(device_kind(torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'cpu'))" 2>/dev/null)
 RESULTS ?= $(OUT)/results.csv
-BASELINE ?= conformance/baselines/$(TIER)-$(DEVICE).csv
+# A baseline is plain CSV (the smoke tier's: its diff is the review) or gzipped (the GPU tiers').
+BASELINE ?= $(firstword $(wildcard conformance/baselines/$(TIER)-$(DEVICE).csv.gz) conformance/baselines/$(TIER)-$(DEVICE).csv)
 PYTEST_ARGS ?=
 WORKERS ?= 2
 BACKEND_MODULE ?=
