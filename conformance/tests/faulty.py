@@ -13,7 +13,7 @@ from dataclasses import replace
 
 import torch
 
-from optimized.backend import BaseBackend, Capabilities
+from optimized.backend import BaseBackend
 from optimized.torch_backend import TorchBackend, _gather_pages, _padded_index
 from reference.attention import textbook_attention
 from reference.fp8 import FP8_MAX, per_head, quantize
@@ -299,12 +299,7 @@ class FP8Fault(BaseBackend):
     format), reads_inputs (attends over a prefill's K/V as given without declaring it), none."""
 
     name = "fault-fp8"
-    capabilities = Capabilities(
-        head_sizes=(1, 1024),
-        max_block_size=1 << 20,
-        kv_cache_dtypes=("auto", "fp8_e4m3", "fp8_e5m2"),
-        position_biases=("none", "t5"),
-    )
+    capabilities = TorchBackend.capabilities
 
     def __init__(self, fault: str = "none", declares_reads_inputs: bool = False):
         self.fault = fault
@@ -426,12 +421,7 @@ class BiasFault(BaseBackend):
     bf16_buckets (the bucket's log in bf16, T5's serving dtype, not float32), none."""
 
     name = "fault-bias"
-    capabilities = Capabilities(
-        head_sizes=(1, 1024),
-        max_block_size=1 << 20,
-        kv_cache_dtypes=("auto", "fp8_e4m3", "fp8_e5m2"),
-        position_biases=("none", "t5"),
-    )
+    capabilities = TorchBackend.capabilities
 
     def __init__(self, fault: str = "none"):
         self.fault, self.name = fault, f"fault-bias-{fault}"
