@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import argparse
 import csv
-import gzip
 import functools
+import gzip
 import math
 import sys
 from collections import defaultdict
@@ -66,7 +66,7 @@ class Replayed:
 def read_sweep(path: str) -> dict[str, list[dict]]:
     """The sweep's timed rows (`sweep`, not the `default` ones) by shape."""
     rows = defaultdict(list)
-    with (gzip.open(path, "rt") if path.endswith(".gz") else open(path)) as f:
+    with gzip.open(path, "rt") if path.endswith(".gz") else open(path) as f:
         for r in csv.DictReader(line for line in f if not line.startswith("#")):
             if r["card"] == "sweep":
                 rows[r["shape"]].append(r)
