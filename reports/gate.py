@@ -2,7 +2,7 @@
 
     python -m reports.gate --results reports/out/results.csv \\
         --baseline conformance/baselines/smoke-cpu.csv [--summary gate.md] \\
-        [--bench reports/out/bench.csv --bench-baseline reports/results/h100/bench.csv]
+        [--bench reports/out/bench.csv --bench-baseline reports/results/h100/bench.csv.gz]
     python -m reports.gate --results ... --baseline ... --write-baseline   (make baseline)
 
 Exit 1 (printing a short table with each reason) when

@@ -554,7 +554,7 @@ def render(
     else:
         body.append(
             "<p class='note'>No benchmark results (run <code>make bench</code> on a GPU,"
-            " or render with <code>--bench reports/results/h200/bench.csv</code>).</p>"
+            " or render with <code>--bench reports/results/h200/bench.csv.gz</code>).</p>"
         )
     return (
         f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}"

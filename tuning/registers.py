@@ -51,7 +51,7 @@ def compile_decode(
             signature[name] = "*bf16"
         elif name in ("key_cache_ptr", "value_cache_ptr"):
             signature[name] = f"*{kv}"
-        elif name.endswith("_ptr") and name.startswith(("part", "k_scale", "v_scale")):
+        elif name.endswith("_ptr") and name.startswith(("part", "k_scale", "v_scale", "bias")):
             signature[name] = "*fp32"
         elif name.endswith("_ptr"):
             signature[name] = "*i32"

@@ -442,7 +442,7 @@ def tune_tiny() -> None:
 
 
 # Small decode grids for `stages`: five-stage launches (two K/V tiles a program) against the
-# single-buffered ones (reports/results/h200/tune-stages.csv: `DOUBLE_BUFFERS` in plan.py).
+# single-buffered ones (reports/results/h200/tune-stages.csv.gz: `DOUBLE_BUFFERS` in plan.py).
 STAGES = [
     (f"{kind}-b{b}-c{c // 1024}k", b, c, h, kvh, d, 16, 1, True)
     for kind, h, kvh, d, shapes in (
@@ -575,7 +575,7 @@ def main(only: list[str] | None = None) -> int:
     return 0
 
 
-# Shapes of the H100 grid (reports/results/h100/bench.csv) below the decode targets.
+# Shapes of the H100 grid (reports/results/h100/bench.csv.gz) below the decode targets.
 WEAK = [
     DECODE[0],  # Whisper self decode B64: 70-72% of copy (SDPA on contiguous K/V: 76%)
     ("gqa4-b16-c4k-bs16", 16, 4096, 32, 8, 128, 16, 1, True),  # 77% (graph)

@@ -39,7 +39,7 @@ head size, power-of-two head size, TILE_N, paged, power-of-two block size, causa
 Block size, split count, group, head size and window length are runtime arguments, so one
 compiled kernel serves every block size and split count; the reduce takes the group and row
 count at runtime too (making causal/window/group padding runtime flags compiled fewer variants
-but cost prefill and GQA decode: reports/results/h100/tune.txt, "Behind the code").
+but cost prefill and GQA decode: reports/results/h100/tune.txt.gz, "Behind the code").
 
 The launch choice (tiles, splits, occupancy) is `optimized/ops/plan.py`; the launcher
 `optimized/ops/paged_attention.py`.
