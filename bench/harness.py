@@ -1,12 +1,9 @@
-"""One path for every bench row: a workload is judged as the matrix judges it, then the call its
-backend prepares is judged the same way and timed; a wrong-but-fast backend gets `fail`, not a
-speed. Then one row per workload with the measured limit (`copy` for memory-bound work, a few
-queries a sequence; `matmul` otherwise).
-
-Timing: on CUDA, the kernel time of a CUDA-graph replay (L2 flushed before each replay, as
-do_bench flushes) beside do_bench's median; where a call cannot be captured, `timed` says why.
-Without CUDA, CPU wall medians, labelled so and never set against GPU figures. GB/s count the
-K/V bytes a step must read (fp8: one a value), TFLOP/s its visible score and P·V products.
+"""One path for every bench row: judged as the matrix judges it, then the call its backend
+prepares is judged the same way and timed (a wrong-but-fast backend gets `fail`, not a speed);
+then each workload's measured limit (`copy` where a few queries a sequence read K/V, `matmul`
+otherwise). CUDA: CUDA-graph kernel time (L2 flushed before each replay) beside do_bench, or
+why a call could not be captured; CPU: wall medians, labelled so. GB/s count the K/V bytes a
+step reads (fp8: one a value), TFLOP/s its visible score and P·V products.
 """
 
 from __future__ import annotations

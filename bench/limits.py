@@ -1,25 +1,13 @@
-"""Why a benchmark row misses a target: our kernel on that row's shape under Nsight Compute.
+"""Why a benchmark row misses a target: our kernel on that row's own step under Nsight Compute.
 
-    python -m bench limits [--bench reports/results/h100/bench.csv] [--out reports/out/limits.csv]
+    python -m bench limits [--bench reports/out/bench.csv] [--out reports/out/limits.csv]
 
-Reads a bench CSV (kernel times of ours and of the peers, `python -m bench`), picks every row of
-ours that misses one of the targets below (`short_rows`), rebuilds that row's own workload
-(`BenchCase.from_row`: its family, sizes and cache dtype) and runs our backend's prepared call
-once under `ncu` (launched by this command; `--profile-from-start off`, so only the one call per
-row between `cudaProfilerStart`/`Stop` is profiled, after a warm-up that compiled it and chose
-its launch). One CSV row per short row: the ratios that miss, and the counters that say what
-limits it (DRAM throughput, achieved and theoretical occupancy, waves, registers, the warp
-stall reasons), with a one-line reading (`limit_reading`).
-
-Targets (ratios are ours ÷ other in throughput, kernel time from CUDA-graph replay):
-- decode rows (self-decode, cross-decode): ours ÷ SDPA on contiguous K/V >= 1 and ours ÷ the
-  best paged peer (xFormers split-K, FlexAttention) >= 1;
-- small-batch GQA decode (self-decode, batch 16, context 1k/4k, GQA 4:1 and 8:1): >= 60% of copy;
-- cross prefill at batch 64: >= 90% of copy.
-
-Fail closed: a short row without its ncu result (fewer kernels profiled than rows, a metric the
-reading needs absent) makes the command exit 1 after writing what it has; no GPU or no `ncu` is
-the user's setup (exit 2).
+Every row of ours that misses a target (`short_rows`; ratios in kernel time: decode ours ÷ SDPA
+on contiguous K/V and ÷ the best paged peer >= 1; batch-16 GQA decode at 1k/4k >= 60% of copy;
+cross prefill at batch 64 >= 90% of copy) is rebuilt from its columns (`BenchCase.from_row`,
+fp8 included) and its prepared call profiled once under `ncu` after a warm-up: DRAM
+throughput, occupancy, waves, registers, warp stalls, and a one-line reading. A row without its
+counters exits 1 after writing what it has; no GPU or no `ncu` exits 2.
 """
 
 from __future__ import annotations

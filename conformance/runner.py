@@ -356,7 +356,7 @@ def run_case(
     change the output) and `rerun` (a second run must be bitwise identical; folded into
     `permuted` where that one compares bits).
     `module`: the backend's --backend-module spec ('' for a registered one), for its rows."""
-    name = str(getattr(backend, "name", type(backend).__name__))
+    name = str(backend.name)
     case = lower(case) if isinstance(case, Case) else case  # the rows see shapes only
 
     def row(sname, status, reason="", *a, **kw):

@@ -75,7 +75,7 @@ def backends(names: list[str] | None, modules: list[str] | None) -> list[tuple[o
     picked = [(get_backend(n), "") for n in dict.fromkeys(names)] + chosen
     seen: dict[str, str] = {}
     for b, spec in picked:
-        name = str(getattr(b, "name", ""))
+        name = str(b.name)
         if not name:
             raise ValueError(f"--backend-module {spec}: its backend has no name")
         if name in seen:

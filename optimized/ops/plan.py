@@ -1,13 +1,12 @@
-"""The plan of a paged-attention call, made on the host for a `Card`: how the step's queries are
-tiled (`Schedule`), which launch (K/V tile, warps, stages), how many split-K splits, how many
-kv heads a program takes. The launcher (`optimized/ops/paged_attention.py`) only launches it.
+"""The plan of a paged-attention call for a `Card`: query tiles (`Schedule`), launch (K/V tile,
+warps, stages), split-K splits, kv heads a program; the launcher only launches it.
 
-The model: each candidate launch, as compiled (`Compiled`: registers, shared memory), holds so
-many programs an SM; with a split count it makes a grid, rated by how it fills its last wave
-and how many K/V bytes an SM keeps in flight against what saturates the card's memory
-(`launch_score`); the shortest estimated time wins (`pick_launch`). The named exceptions, each
-with its test in optimized/tests/test_plan.py: `DOUBLE_BUFFERS`, `heads_per_program`,
-`FUSED_REDUCE_MAX_SPLITS`. The measurements behind the constants: reports/results/README.md.
+The model: each candidate, as compiled (`Compiled`), holds so many programs an SM; with a split
+count it makes a grid rated by how it fills its last wave and the K/V bytes an SM keeps in
+flight against what saturates the card's memory (`launch_score`); the shortest estimated time
+wins (`pick_launch`). Named exceptions, each tested (optimized/tests/test_plan.py):
+`DOUBLE_BUFFERS`, `heads_per_program`, `FUSED_REDUCE_MAX_SPLITS`. What measured the constants:
+tuning/README.md.
 """
 
 from __future__ import annotations
@@ -64,8 +63,9 @@ class Card:
 
 
 H100 = Card("h100", sms=132, smem_per_block=232_448)
-H200 = Card("h200", sms=132, smem_per_block=232_448, memory_clock_khz=3_201_000,
-            bus_width_bits=6016)  # fmt: skip
+H200 = Card(
+    "h200", sms=132, smem_per_block=232_448, memory_clock_khz=3_201_000, bus_width_bits=6016
+)
 INTERPRETER = Card("interpreter", sms=4, smem_per_block=1 << 30, interpreter=True)
 
 
@@ -89,12 +89,8 @@ def card_of(device: torch.device) -> Card:
 
 @dataclass(frozen=True, eq=False)
 class Schedule:
-    """Device tensors describing one step's tiles; build once per step, reuse across layers.
-
-    tile_seq, tile_q_first: [num_tiles] sequence and first query index of each program
-    query_start_loc, kv_start_loc: [num_seqs + 1] offsets of queries, of packed K/V (not paged)
-    query_lens, kv_lens, context_lens: [num_seqs]
-    """
+    """One step's tiles as device tensors (per tile: its sequence and first query; per
+    sequence: offsets and lengths); built once a step, reused across layers."""
 
     tile_seq: torch.Tensor
     tile_q_first: torch.Tensor
@@ -218,13 +214,13 @@ def launch_candidates(
     kv_fp8: bool = False,
     paged: bool = True,
 ) -> tuple[Launch, ...]:
-    """The launches `pick_launch` chooses from, the default first, fitted to the card's shared
-    memory. `wide`: K/V columns a program reads a token (padded head size × heads); an fp8
-    cache at decode also gets each launch with twice the K/V tile (the same bytes in flight)."""
+    """The launches to choose from, the default first, fitted to the card's shared memory (`wide`:
+    K/V columns a token; fp8 decode also gets each with twice the tile: the same bytes)."""
     if card.interpreter:  # it pays per loop iteration, not per element: wide tiles
         return (Launch(64, 4, 1),)
-    return _gpu_candidates(wide, prefill, block_m, elem_bytes, card.smem_per_block, heads,
-                           kv_fp8, paged)  # fmt: skip
+    return _gpu_candidates(
+        wide, prefill, block_m, elem_bytes, card.smem_per_block, heads, kv_fp8, paged
+    )
 
 
 @functools.cache
@@ -260,9 +256,8 @@ def wave_efficiency(num_programs: int, slots: int) -> float:
 
 @dataclass(frozen=True)
 class Option:
-    """A launch with a split count as the model sees it: programs an SM holds (`resident`), the
-    grid with splits (`programs`), K+V bytes a program loads a tile, whether a second launch
-    merges the partials, K/V tiles a program buffers."""
+    """A launch × split count as the model sees it (resident programs an SM, grid, K+V bytes a
+    tile, a second merging launch, K/V tiles buffered)."""
 
     launch: Launch
     splits: int
@@ -286,8 +281,9 @@ def launch_score(o: Option, card: Card) -> float:
     """weight × wave efficiency × how close the bytes in flight come to saturating memory (an
     SM draws at most its share of the bandwidth), less the split-K overhead."""
     per_sm = min(o.programs / card.sms, o.resident)
-    fill = min(1.0, per_sm * o.tile_bytes * o.buffers / card.in_flight_saturates,
-               o.programs / card.sms)  # fmt: skip
+    fill = min(
+        1.0, per_sm * o.tile_bytes * o.buffers / card.in_flight_saturates, o.programs / card.sms
+    )
     eff = wave_efficiency(o.programs, o.resident * card.sms)
     return o.launch.weight * eff * fill * (SPLIT_COST if o.splits > 1 else 1.0)
 
@@ -310,9 +306,8 @@ TWO_HEADS_SHORT_KV = 2048
 def heads_per_program(
     num_kv_heads, group_pad, head_pad, decode, programs=None, sms=None, kv_len=0
 ) -> int:
-    """Exception: MHA d64 decode takes two adjacent kv heads a program (256-byte K/V rows, two
-    real rows a 16-row tile), except on a grid under `TWO_HEADS_MIN_PER_SM` one-head programs an
-    SM with a context of at most `TWO_HEADS_SHORT_KV` tokens (latency-bound)."""
+    """Exception: MHA d64 decode takes two adjacent kv heads a program, except a latency-bound
+    grid (under `TWO_HEADS_MIN_PER_SM` an SM, context at most `TWO_HEADS_SHORT_KV`)."""
     if decode and group_pad == 1 and head_pad == 64 and num_kv_heads % 2 == 0:
         tiny = programs is not None and sms is not None and programs < TWO_HEADS_MIN_PER_SM * sms
         if not (tiny and kv_len <= TWO_HEADS_SHORT_KV):
@@ -332,9 +327,8 @@ def choose_num_splits(num_programs: int, num_kv_tiles: int, card: Card, head_pad
 
 
 def split_counts(auto: int, kv_tiles: int, programs: int, slots: int) -> tuple[int, ...]:
-    """The counts weighed for one launch: `auto` first (ties keep it), none, the most that merge
-    in the kernel where `auto` needs a second launch, and each power of two above `auto` whose
-    grid still fits one wave of `slots` (past one the wave model would reward a round count)."""
+    """Counts weighed: `auto` first (ties keep it), none, the most merged in-kernel, and powers of
+    two above `auto` whose grid still fits one wave of `slots`."""
     top = min(MAX_AUTO_SPLITS, kv_tiles // MIN_TILES_PER_SPLIT)
     more = [1 << k for k in range(1, top.bit_length()) if auto < 1 << k and programs << k <= slots]
     fused = [FUSED_REDUCE_MAX_SPLITS] if auto > FUSED_REDUCE_MAX_SPLITS else []
@@ -365,10 +359,9 @@ _CHOSEN = Memo()
 
 @dataclass(frozen=True)
 class Plan:
-    """One launch: `launch`, `num_splits` (1: none) of `tiles_per_split` K/V tiles, `heads` kv
-    heads a program of `block_m` rows reading `wide` columns; with splits, `fused_reduce` merges
-    in the main kernel, else `_split_k_reduce_kernel` takes `reduce_rows` rows a program over
-    `splits_pad` splits; `maxnreg` a register cap (tuning) or None."""
+    """One launch: splits of `tiles_per_split` K/V tiles, `heads` kv heads a `block_m`-row program
+    reading `wide` columns; partials merged in-kernel (`fused_reduce`) or by the reduce kernel
+    (`reduce_rows` rows a program over `splits_pad`); `maxnreg` a register cap or None."""
 
     launch: Launch
     num_splits: int
@@ -383,16 +376,18 @@ class Plan:
 
 
 def program_shape(schedule, num_kv_heads, group, head_size, card: Card, heads=None):
-    """(kv heads a program, rows of its tile, K/V columns a row reads). `heads` None picks
-    `heads_per_program` (the interpreter by the grid-free rule: its tiers cover both); a given
-    one must be a power of two dividing the kv heads, its group rows at most 16, decode only."""
+    """(kv heads a program, tile rows, K/V columns a row); `heads` None: `heads_per_program` (the
+    interpreter grid-free); a given one is checked (a power of two, 16 rows, decode only)."""
     group_pad = next_power_of_2(group)
     head_pad = max(16, next_power_of_2(head_size))
     decode = schedule.max_query_len <= 1
     if heads is None:
         programs = schedule.tile_seq.shape[0] * num_kv_heads
-        grid = {} if card.interpreter else dict(programs=programs, sms=card.sms,
-                                                 kv_len=schedule.max_kv_len)  # fmt: skip
+        grid = (
+            {}
+            if card.interpreter
+            else dict(programs=programs, sms=card.sms, kv_len=schedule.max_kv_len)
+        )
         heads = heads_per_program(num_kv_heads, group_pad, head_pad, decode, **grid)
     if heads < 1 or heads & (heads - 1) or num_kv_heads % heads or group_pad * heads > 16:
         raise ValueError(
@@ -420,15 +415,26 @@ class Geometry:
     paged: bool = True  # False: packed K/V (the encoder)
 
 
-def make_plan(schedule: Schedule, g: Geometry, card: Card, probe: Probe, variant=(), *,
-              num_splits=None, launch=None, heads=None, fused_reduce=None, reduce_rows=None,
-              maxnreg=None) -> Plan:  # fmt: skip
-    """The plan of one call: tiles from `schedule`, heads (`heads_per_program`), launch and
-    split count by the model (`_choose`; the interpreter: its one launch and the split rule),
-    memoized per (`variant`, card, candidates, grid, K/V length bucket). Given `num_splits`,
-    `launch`, `heads`, `fused_reduce`, `reduce_rows` or `maxnreg` override (tuning, tests)."""
-    heads, block_m, wide = program_shape(schedule, g.num_kv_heads, g.group, g.head_size, card,
-                                         heads)  # fmt: skip
+def make_plan(
+    schedule: Schedule,
+    g: Geometry,
+    card: Card,
+    probe: Probe,
+    variant=(),
+    *,
+    num_splits=None,
+    launch=None,
+    heads=None,
+    fused_reduce=None,
+    reduce_rows=None,
+    maxnreg=None,
+) -> Plan:
+    """The plan of one call: launch and splits by the model (`_choose`; the interpreter: its
+    launch and the split rule), memoized per (variant, card, candidates, grid, K/V bucket);
+    the keyword arguments override (tuning, tests)."""
+    heads, block_m, wide = program_shape(
+        schedule, g.num_kv_heads, g.group, g.head_size, card, heads
+    )
     prefill = schedule.max_query_len > 1 and block_m >= 64
     cands = (
         (launch,)
@@ -450,21 +456,24 @@ def make_plan(schedule: Schedule, g: Geometry, card: Card, probe: Probe, variant
     splits = max(1, min(splits, tiles))
     fused = fused_reduce if fused_reduce is not None else splits <= FUSED_REDUCE_MAX_SPLITS
     fused = (fused or heads > 1) and splits > 1  # the separate reduce reads one head a row
-    rows = splits_pad = 0
-    if splits > 1 and not fused:
-        splits_pad = next_power_of_2(splits)
-        # as many rows a program as fit ~8k fp32 partials (64 registers a thread), at most a tile
-        rows = reduce_rows or (
-            block_m
-            if card.interpreter
-            else max(1, min(block_m, 8192 // (splits_pad * (wide // heads))))
-        )
-        if rows == 1 and not card.interpreter:  # one padded split count: one compile per size
-            splits_pad = max(splits_pad, MAX_AUTO_SPLITS)
-        if block_m % rows:
-            raise ValueError(f"reduce_rows: expected a divisor of {block_m}, got {rows}")
-    return Plan(cfg, splits, cdiv(tiles, splits), heads, block_m, wide, fused, rows, splits_pad,
-                maxnreg)  # fmt: skip
+    rows, pad = _reduce(splits, fused, block_m, wide // heads, card, reduce_rows)
+    return Plan(cfg, splits, cdiv(tiles, splits), heads, block_m, wide, fused, rows, pad, maxnreg)
+
+
+def _reduce(splits, fused, block_m, head_pad, card, reduce_rows) -> tuple[int, int]:
+    """(rows a reduce program, padded split count) where a second launch merges the partials:
+    as many rows as fit ~8k fp32 partials (64 registers a thread), at most a tile."""
+    if splits <= 1 or fused:
+        return 0, 0
+    pad = next_power_of_2(splits)
+    rows = reduce_rows or (
+        block_m if card.interpreter else max(1, min(block_m, 8192 // (pad * head_pad)))
+    )
+    if rows == 1 and not card.interpreter:  # one padded split count: one compile per size
+        pad = max(pad, MAX_AUTO_SPLITS)
+    if block_m % rows:
+        raise ValueError(f"reduce_rows: expected a divisor of {block_m}, got {rows}")
+    return rows, pad
 
 
 def _auto_splits(c: Launch, programs, kv_len, wide, card, num_splits) -> int:
@@ -472,16 +481,16 @@ def _auto_splits(c: Launch, programs, kv_len, wide, card, num_splits) -> int:
     return max(1, min(num_splits or choose_num_splits(programs, tiles, card, wide), tiles))
 
 
-def _choose(cands, probe, programs, kv_len, heads, wide, block_m, g: Geometry, card,
-            num_splits):  # fmt: skip
+def _choose(cands, probe, programs, kv_len, heads, wide, block_m, g: Geometry, card, num_splits):
     """(launch, splits) with the shortest estimated time over every candidate × split count."""
     tile_bytes = 2 * wide * g.kv_elem_bytes
     options = []
     for c, compiled in zip(cands, probe(cands)):
         auto = _auto_splits(c, programs, kv_len, wide, card, num_splits)
         resident = card.resident(compiled, c.num_warps)
-        buffers = compiled_kv_buffers(compiled.shared, block_m, wide, g.elem_bytes, c.tile_n,
-                                      g.kv_elem_bytes)  # fmt: skip
+        buffers = compiled_kv_buffers(
+            compiled.shared, block_m, wide, g.elem_bytes, c.tile_n, g.kv_elem_bytes
+        )
         tiles, slots = cdiv(kv_len, c.tile_n), resident * card.sms
         counts = split_counts(auto, tiles, programs, slots) if num_splits is None else (auto,)
         if buffers > 1 and num_splits is None:  # double buffers: the count that makes a wave
@@ -491,8 +500,9 @@ def _choose(cands, probe, programs, kv_len, heads, wide, block_m, g: Geometry, c
             if buffers > 1 and not card.sms // 2 <= programs * s <= slots and c != cands[0]:
                 continue  # double buffers only on half to one wave of them
             second = s > FUSED_REDUCE_MAX_SPLITS and heads == 1
-            options.append(Option(c, s, resident, programs * s, c.tile_n * tile_bytes, second,
-                                  buffers))  # fmt: skip
+            options.append(
+                Option(c, s, resident, programs * s, c.tile_n * tile_bytes, second, buffers)
+            )
     ideal_us = programs * kv_len * tile_bytes / card.bandwidth
     best = options[pick_launch(options, card, ideal_us)]
     return best.launch, best.splits
