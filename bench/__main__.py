@@ -42,13 +42,9 @@ def parse_batches(text: str | None) -> tuple[int, ...]:
 
     if text is None:
         return MODEL_BATCHES
-    try:
-        out = tuple(int(b) for b in text.split(","))
-    except ValueError:
-        out = ()
-    if not out or min(out) < 1:
+    if not all(b.isdigit() and int(b) > 0 for b in text.split(",")):
         raise ValueError(f"--batches: expected positive integers separated by commas, got {text!r}")
-    return out
+    return tuple(int(b) for b in text.split(","))
 
 
 def run(args) -> list[dict]:

@@ -13,8 +13,7 @@ from conformance.schema import BENCH_COLUMNS, BENCH_LATER, BENCH_SHAPE
 OURS = "triton"
 LIMITS = ("copy", "matmul")  # the measured limits' own rows
 CONTIGUOUS = "sdpa-contiguous"  # SDPA on contiguous K/V: what a paged kernel can hope to match
-# Rows that count: a backend that passed (a fail or an error has no time), a measured limit;
-# '' in a file from before every row had a status.
+# Rows with a time: a pass, a measured limit, '' (a file from before rows had a status)
 TIMED = ("pass", "measured", "")
 
 
@@ -48,11 +47,10 @@ def family_tables(bench: pd.DataFrame) -> dict[str, pd.DataFrame]:
     b["best"] = b.kernel.fillna(b.do_bench)
     b["timed"] = np.where(b.kernel.notna(), "graph", "do_bench")
     b = b[b.status.astype(str).isin(TIMED)]
-    config = BENCH_SHAPE
     out = {}
     for fam, g in b.groupby(b.workload.str.split(":").str[0], sort=False):
         rows = []
-        for _, gg in g.groupby(config, dropna=False, sort=False):
+        for _, gg in g.groupby(BENCH_SHAPE, dropna=False, sort=False):
             o = gg[gg.backend == OURS]
             if o.empty:
                 continue
@@ -64,7 +62,7 @@ def family_tables(bench: pd.DataFrame) -> dict[str, pd.DataFrame]:
             limit = _limit_value(o["limit"])
             rows.append(
                 {
-                    **{k: o[k] for k in config},
+                    **{k: o[k] for k in BENCH_SHAPE},
                     "unit": o.unit,
                     "ours": o.best,
                     "ours (do_bench)": o.do_bench,
@@ -91,12 +89,9 @@ def fp8_table(bench: pd.DataFrame) -> pd.DataFrame:
     for t in family_tables(bench).values():
         fp8 = t[t.kv_cache_dtype != "auto"]
         base = t[t.kv_cache_dtype == "auto"]
-        shape = [k for k in BENCH_SHAPE if k not in ("kv_cache_dtype", "workload")]
+        shape = [k for k in BENCH_SHAPE if k != "kv_cache_dtype"]  # workload first
         for _, r in fp8.iterrows():
-            twin = base
-            for k in shape:
-                twin = twin[twin[k] == r[k]]
-            twin = twin[twin.workload == r.workload]
+            twin = base[(base[shape] == r[shape]).all(axis=1)]
             if twin.empty:
                 continue
             b = twin.iloc[0]
@@ -104,7 +99,6 @@ def fp8_table(bench: pd.DataFrame) -> pd.DataFrame:
             ratio = (b.ours / r.ours) / 2 if b.unit == r.unit == "GB/s" else np.nan
             out.append(
                 {
-                    "workload": r.workload,
                     **{k: r[k] for k in shape},
                     "kv_cache_dtype": r.kv_cache_dtype,
                     "fp8 GB/s": r.ours,

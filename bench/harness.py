@@ -17,7 +17,7 @@ import torch
 
 from conformance import runner
 from conformance.compare import compare_output
-from conformance.schema import BenchRow, Status
+from conformance.schema import BENCH_SHAPE, BenchRow, Status
 from optimized.backend import BaseBackend, Capabilities
 from optimized.ops.plan import Card, card_of
 from reference.metadata import AttnKind
@@ -245,9 +245,7 @@ def _times(call, device: torch.device) -> tuple[float, float, str]:
 def _limit_row(base: dict, shape, card: Card) -> dict:
     inputs, _ = runner.expected_for(shape, build_device="cuda")
     kv_bytes, flops, memory = _work(inputs)
-    row = {k: base[k] for k in ("workload", "batch", "context_len", "query_len", "num_heads",
-                                "num_kv_heads", "head_size", "block_size", "dtype",
-                                "kv_cache_dtype", "device")}  # fmt: skip
+    row = {k: base[k] for k in [*BENCH_SHAPE, "device"]}
     if memory:
         return BenchRow(**row, backend="copy", median_ms=2 * kv_bytes / card.copy_gbps / 1e6,
                         gbps=card.copy_gbps, frac_of_limit=1.0, limit="measured",

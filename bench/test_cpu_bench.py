@@ -190,3 +190,23 @@ def test_every_row_has_a_status_and_a_row_rebuilds_its_workload(tmp_path):
         from bench.workloads import as_row
 
         assert BenchCase.from_row(as_row(c)) == c
+
+
+def test_t5_steps_carry_its_position_bias_and_the_nobias_twin_does_not():
+    """A T5 model's self-decode and encoder steps are timed as T5 runs them (its bias); the
+    grid's `+nobias` twin is the same shape without it, and cross steps never carry one."""
+    from bench.workloads import NO_BIAS, grid
+
+    t5 = [c for c in grid() if c.label.startswith("flan-t5-xl")]
+    biased = {c.family for c in t5 if c.shape().position_bias == "t5"}
+    assert biased == {"self-decode", "encoder"}, biased
+    twins = [c for c in t5 if c.label.endswith(NO_BIAS)]
+    assert {c.family for c in twins} == {"self-decode", "encoder"}
+    for c in twins:
+        assert c.shape().position_bias == "none"
+        (twin,) = [t for t in t5 if t.label == "flan-t5-xl" and t.family == c.family
+                   and t.batch == c.batch and t.block_size == c.block_size
+                   and t.kv_cache_dtype == "auto"]  # fmt: skip
+        assert twin.shape().content() | {"position_bias": "none"} == c.shape().content() | {
+            "position_bias": "none"}, c  # fmt: skip
+    assert all(c.shape().position_bias == "none" for c in grid() if "t5" not in c.label)

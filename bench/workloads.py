@@ -11,7 +11,9 @@ caches, the models' decode, cross prefill and encoder steps, chunked prefill. Fa
     encoder         `batch` encoder sequences of `context_len` tokens (no cache)
     chunked-prefill `query_len` new tokens on `context_len - query_len` cached ones
 
-Workloads from a cases file are their explicit shapes, named `shape:<id>`.
+A T5 model's self-decode and encoder steps carry its position bias, as the model runs them; the
+label `<model>+nobias` is the same step without it (the bias's cost). Workloads from a cases
+file are their explicit shapes, named `shape:<id>`.
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ PROMPT_TOKENS = 4  # decoder tokens of a cross-attention prefill
 FP8_SCALES = dict(k_scale=(0.5,), v_scale=(0.25,))
 MODEL_BATCHES = (1, 16, 64, 256)
 BENCH_MODELS = ("whisper-large-v3", "bart-large", "flan-t5-xl")  # the grid's model rows
+BIAS_FIELDS = ("position_bias", "relative_attention_num_buckets", "relative_attention_max_distance")
+NO_BIAS = "+nobias"  # a T5 label's step without its position bias (the bias's cost)
 
 
 @dataclass(frozen=True)
@@ -50,10 +54,12 @@ class BenchCase:
 
     def shape(self) -> Shape:
         b, ctx, q = self.batch, self.context_len, self.query_len
-        model = MODELS.get(self.label)
+        model = MODELS.get(self.label.removesuffix(NO_BIAS))
         common = dict(num_heads=self.num_heads, num_kv_heads=self.num_kv_heads,
                       head_size=self.head_size, dtype=self.dtype,
                       scale=model.scale if model else None)  # fmt: skip
+        if model and not self.label.endswith(NO_BIAS) and not self.family.startswith("cross"):
+            common.update({k: getattr(model, k) for k in BIAS_FIELDS})  # as the model runs it
         if self.family == "encoder":
             return Shape("encoder", encoder_seq_lens=(ctx,) * b, **common)
         common.update(block_size=self.block_size, layout="shuffled")
@@ -116,6 +122,10 @@ def grid(quick: bool = False) -> list[BenchCase]:
             out.append(BenchCase("cross-prefill", name, b, m.encoder_len, PROMPT_TOKENS, *geo, 16,
                                  m.dtype))  # fmt: skip
         out.append(BenchCase("encoder", name, 16, m.encoder_len, m.encoder_len, *geo, 0, m.dtype))
+        if m.position_bias != "none":  # the same steps without the bias
+            enc = (m.encoder_len, m.encoder_len, *geo, 0, m.dtype)
+            out += [_decode(name + NO_BIAS, 64, m.decoder_max, *geo, 16, m.dtype),
+                    BenchCase("encoder", name + NO_BIAS, 16, *enc)]  # fmt: skip
     for ctx, chunk, kv in ((4096, 512, 8), (8192, 1024, 8), (2048, 2048, 32)):
         out.append(BenchCase("chunked-prefill", "grid", 8, ctx + chunk, chunk, 32, kv, 128, 16,
                              "bfloat16"))  # fmt: skip
