@@ -46,8 +46,9 @@ from conformance.schema import Status, result_row
 PROGRESS_EVERY_S = 15.0
 BACKSTOP_FACTOR = 3.0  # a test running longer than this × the per-call timeout is killed
 SIGNAL_EXIT = {signal.SIGINT: 130, signal.SIGTERM: 143}
-# What one worker process takes whatever it runs: the CUDA context and the allocator's slack.
-WORKER_BASE_BYTES = 1 << 30
+# What one worker process takes whatever it runs: the CUDA context, cuBLAS's workspace, the
+# kernels it loaded, the allocator's slack. Taken off the device's memory before any job's.
+WORKER_BASE_BYTES = 3 << 29
 # The device memory the engine hands out (the rest: the driver, other processes, fragments).
 USABLE_FRACTION = 0.9
 # Memory a worker may still hold after a test, past the least it held after any earlier one,
@@ -136,14 +137,17 @@ def job_need(shapes) -> int:
     return need
 
 
-def device_memory() -> list[int]:
-    """Memory the engine may hand out per device: each visible GPU's, else the host's RAM."""
+def device_memory(workers: int = 0) -> list[int]:
+    """Memory the engine may hand out to jobs per device: each visible GPU's (less each of its
+    `workers`' base), else the host's RAM."""
     import torch
 
     if torch.cuda.is_available():
+        gpus = torch.cuda.device_count()
         return [
             int(USABLE_FRACTION * torch.cuda.get_device_properties(i).total_memory)
-            for i in range(torch.cuda.device_count())
+            - len(range(i, workers, gpus)) * WORKER_BASE_BYTES
+            for i in range(gpus)
         ]
     return [int(USABLE_FRACTION * os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))]
 
@@ -253,9 +257,13 @@ def _worker(conn, index: int, workers: int, log: str, timeout_s: float, tier: st
             after = CLOCK.snapshot()
             seconds = {k: after[k] - before[k] for k in after}
             conn.send((i, [{**r, **env} for r in rows], seconds, held_bytes()))
-            if any("CUDA error" in r["reason"] or "illegal memory access" in r["reason"]
-                   for r in rows):  # fmt: skip
-                os._exit(3)  # a CUDA error poisons this process: a fresh worker takes over
+            if poisoned(rows):
+                os._exit(3)  # the engine gives the rest of the job to a fresh worker
+
+
+def poisoned(rows: list[dict]) -> bool:
+    """A CUDA error leaves its process's context unusable: that worker ends after the test."""
+    return any("CUDA error" in r["reason"] or "illegal memory access" in r["reason"] for r in rows)
 
 
 @dataclass
@@ -328,7 +336,7 @@ def run_matrix(plan: Plan) -> int:
     ctx = context()
     jobs = _Jobs.of(plan.tests)
     n = max(1, min(plan.workers, len(plan.tests)))
-    budgets = device_memory()
+    budgets = device_memory(n)
     in_use = [0] * len(budgets)
     slots: list[_Slot] = []
     done, bad, last = 0, 0, time.time()
@@ -389,11 +397,13 @@ def run_matrix(plan: Plan) -> int:
         if not slot.tests:
             release(slot)
         slot.least_held = held if slot.least_held is None else min(slot.least_held, held)
-        if held - slot.least_held > limit:  # it kept what a test left: a fresh worker instead
+        leaked = held - slot.least_held > limit
+        if leaked or poisoned(rows):  # it kept what a test left, or it is ending: a fresh one
             test = plan.tests[i]
-            notes["leaks"].append(
-                dict(test=f"{test.shape.id}::{test.backend}", held_bytes=held - slot.least_held)
-            )
+            if leaked:
+                notes["leaks"].append(
+                    dict(test=f"{test.shape.id}::{test.backend}", held_bytes=held - slot.least_held)
+                )
             if slot.tests:
                 jobs.queue.insert(0, slot.tests)
                 jobs.needs[slot.tests[0]] = slot.need
@@ -414,7 +424,7 @@ def run_matrix(plan: Plan) -> int:
                 jobs.alone.add(i)
                 jobs.queue.append([i])
                 jobs.needs[i] = max(budgets)
-            for s in slots:  # hand out work
+            for k, s in enumerate(slots):  # hand out work
                 if s.tests or not jobs.queue:
                     continue
                 if jobs.alone and any(x.tests for x in slots):
@@ -424,7 +434,14 @@ def run_matrix(plan: Plan) -> int:
                     continue
                 s.tests, s.need, s.started = list(job), jobs.needs.get(job[0], 0), time.time()
                 in_use[s.device] += s.need
-                s.conn.send([(i, plan.tests[i]) for i in job])
+                try:
+                    s.conn.send([(i, plan.tests[i]) for i in job])
+                except OSError:  # it ended before it took the job (its pipe is gone): a fresh one
+                    jobs.queue.insert(0, s.tests)
+                    jobs.needs[s.tests[0]] = s.need
+                    release(s)
+                    s.proc.join(5)
+                    slots[k] = spawn(k)
             busy = [s for s in slots if s.tests]
             ready = wait([s.conn for s in busy] + [s.proc.sentinel for s in busy], timeout=1.0)
             for k, s in enumerate(slots):

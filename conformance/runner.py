@@ -233,9 +233,13 @@ _EXPECTED: OrderedDict[tuple, tuple[Step | Episode, list[Expected]]] = OrderedDi
 OOM_RETRY_WAITS_S = (0.0,)
 
 
+# A full device says so in these words too: a context or a cuBLAS handle it cannot create.
+OOM_WORDS = ("out of memory", "cublas_status_alloc_failed", "busy or unavailable")
+
+
 def is_oom_reason(reason: str) -> bool:
     """A row's reason says the device ran out of memory (`error_reason` of an OOM)."""
-    return reason.startswith("out of memory") or "out of memory" in reason.lower()
+    return any(w in reason.lower() for w in OOM_WORDS)
 
 
 def _is_oom(e: BaseException) -> bool:

@@ -391,6 +391,16 @@ class OutOfMemoryBesideOthers(TorchBackend):
         return super().forward(*args)
 
 
+class PoisonsItsProcess(TorchBackend):
+    """Fails as a kernel's bad address does: its process's CUDA context is gone (a worker ends
+    after such a test; the rest of its job must run in a fresh one, not be called a crash)."""
+
+    name = "fault-poisons"
+
+    def forward(self, *args):
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+
 class OutOfMemoryAlways(OutOfMemoryBesideOthers):
     """Out of memory whenever it runs, alone too: an error, after its run alone."""
 

@@ -60,6 +60,47 @@ def test_auto_workers_fit_the_cards_memory_as_well_as_their_cores(monkeypatch):
         assert auto_workers(small) == 3
 
 
+def test_each_worker_base_comes_off_its_devices_memory_before_any_job(monkeypatch):
+    """16 workers on one 80 GB card: their contexts are not the jobs' memory; on two cards
+    the workers alternate (a worker's device is its index modulo the cards)."""
+    _gpu(monkeypatch, 80)
+    usable = int(0.9 * 80 * 2**30)
+    assert engine.device_memory(16) == [usable - 16 * engine.WORKER_BASE_BYTES]
+    _gpu(monkeypatch, 80, gpus=2)
+    assert engine.device_memory(3) == [usable - 2 * engine.WORKER_BASE_BYTES,
+                                       usable - engine.WORKER_BASE_BYTES]  # fmt: skip
+
+
+def test_a_full_devices_words_count_as_out_of_memory():
+    from conformance.runner import is_oom_reason
+
+    for reason in (
+        "out of memory: CUDA out of memory. Tried to allocate 92.00 MiB",
+        "runtime error: RuntimeError: Triton Error [CUDA]: out of memory",
+        "case could not be built: runtime error: RuntimeError: CUDA error: "
+        "CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`",
+        "case could not be built: runtime error: AcceleratorError: CUDA error: "
+        "CUDA-capable device(s) is/are busy or unavailable",
+    ):
+        assert is_oom_reason(reason), reason
+    assert not is_oom_reason("runtime error: RuntimeError: CUDA error: an illegal memory access")
+
+
+def test_the_rest_of_a_poisoned_workers_job_runs_in_a_fresh_one(tmp_path):
+    """A CUDA error ends its worker after its row is sent; the case's next backend is run by
+    a fresh worker and passes (it once got the dead worker's 'crash' row)."""
+    out = tmp_path / "out"
+    r = cli("run", "--case", CASE, "-n", "1", "--backend-module", f"{FAULTY}:PoisonsItsProcess",
+            "--backend-module", "optimized.torch_backend:TorchBackend", "--out", out)  # fmt: skip
+    assert r.returncode == 1, r.stdout[-3000:]
+    rows = csv_rows(out)
+    bad = {row["backend"] for row in rows if row["status"] not in ("pass", "skip")}
+    assert bad == {"fault-poisons"}
+    assert all("illegal memory access" in row["reason"] for row in rows
+               if row["backend"] == "fault-poisons" and row["status"] == "error")  # fmt: skip
+    assert any(row["backend"] == "torch" and row["status"] == "pass" for row in rows)
+
+
 class SizedShape:
     """A stand-in shape of a given footprint."""
 

@@ -195,20 +195,52 @@ def _probe_file(key: tuple) -> Path:
     return Path(knobs.cache.dir) / "encdec-attn-probe" / f"{name}.json"
 
 
-def _compile_all(variant: tuple, launches: tuple[Launch, ...], args: tuple, meta: dict) -> None:
-    """Compile the launches not yet known, together (Triton's asynchronous compile mode), and
-    record each one's registers and shared memory, in memory and on disk."""
+def _known(variant: tuple, launches: tuple[Launch, ...], device) -> list[tuple[tuple, Launch]]:
+    """The launches whose compiled facts are neither in memory nor on disk (those on disk are
+    read into memory)."""
     todo = []
     for c in launches:
-        key = (*variant, torch.cuda.get_device_capability(args[1].device), c)
+        key = (*variant, torch.cuda.get_device_capability(device), c)
         if key in _COMPILED:
             continue
         try:
             _COMPILED[key] = Compiled(*json.loads(_probe_file(key).read_text()))
         except (OSError, ValueError, TypeError):
             todo.append((key, c))
-    if not todo:
+    return todo
+
+
+@contextlib.contextmanager
+def _compiling(variant: tuple):
+    """One process at a time compiles a variant's launches (an advisory lock beside the probe
+    files): the others wait, then read its results and Triton's cache instead of compiling the
+    same kernels at once (a cold run's workers meet the same variants together)."""
+    try:
+        import fcntl
+
+        path = _probe_file(variant).with_suffix(".lock")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        f = open(path, "a")  # noqa: SIM115 (held while the body runs)
+    except (ImportError, OSError):  # no lock here: each process compiles for itself
+        yield
         return
+    with f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        yield
+
+
+def _compile_all(variant: tuple, launches: tuple[Launch, ...], args: tuple, meta: dict) -> None:
+    """Compile the launches not yet known, together (Triton's asynchronous compile mode), and
+    record each one's registers and shared memory, in memory and on disk."""
+    if not _known(variant, launches, args[1].device):
+        return
+    with _compiling(variant):
+        todo = _known(variant, launches, args[1].device)  # another process may have done it
+        if todo:
+            _compile(todo, args, meta)
+
+
+def _compile(todo: list[tuple[tuple, Launch]], args: tuple, meta: dict) -> None:
     from triton import AsyncCompileMode
 
     with AsyncCompileMode(_compile_pool()):
@@ -217,10 +249,15 @@ def _compile_all(variant: tuple, launches: tuple[Launch, ...], args: tuple, meta
                                                  num_warps=c.num_warps, num_stages=c.num_stages))
             for key, c in todo
         ]  # fmt: skip
+    from triton.runtime.errors import OutOfResources
+
     for key, kernel in pending:
         kernel = kernel.result() if hasattr(kernel, "result") else kernel
-        kernel._init_handles()  # loads the binary: registers are known from here on
-        _COMPILED[key] = Compiled(kernel.n_regs, kernel.metadata.shared)
+        try:
+            kernel._init_handles()  # loads the binary: registers are known from here on
+            _COMPILED[key] = Compiled(kernel.n_regs, kernel.metadata.shared)
+        except OutOfResources:  # more shared memory than a program may take: never launched
+            _COMPILED[key] = Compiled(0, kernel.metadata.shared)
         path = _probe_file(key)
         with contextlib.suppress(OSError):  # a read-only cache only costs the next process
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -281,7 +318,7 @@ def plan_attention(
         return [_COMPILED[(*full, cc, c)] for c in launches]
 
     geometry = Geometry(num_kv_heads, group, query.shape[-1], query.element_size(),
-                        key_cache.element_size(), paged)  # fmt: skip
+                        key_cache.element_size(), paged, bias is not None)  # fmt: skip
     return make_plan(schedule, geometry, card, probe, (query.device, *variant), heads=heads,
                      **overrides)  # fmt: skip
 

@@ -162,11 +162,11 @@ class Compiled(NamedTuple):
 Probe = Callable[[tuple[Launch, ...]], list[Compiled]]
 
 
-def smem_bytes(block_m, tile_n, head_pad, elem_bytes, num_stages, buffers=None) -> int:
+def smem_bytes(block_m, tile_n, head_pad, elem_bytes, num_stages, buffers=None, bias=False) -> int:
     """Shared memory Triton 3.6 gives a program: the Q tile, `buffers` (default stages - 1) K
-    and V tiles, the fp32 P tile."""
+    and V tiles, the fp32 P tile (`bias`: and the gathered fp32 bias tile's layout change)."""
     kv = 2 * tile_n * head_pad * elem_bytes * (buffers or max(num_stages - 1, 1))
-    return block_m * head_pad * elem_bytes + kv + block_m * tile_n * 4 + 256
+    return block_m * head_pad * elem_bytes + kv + block_m * tile_n * 4 * (2 if bias else 1) + 256
 
 
 def decode_kv_buffers(num_stages: int) -> int:
@@ -182,13 +182,16 @@ def compiled_kv_buffers(
     return max(1, (shared - block_m * wide * elem_bytes) // (2 * tile_n * wide * kv_elem_bytes))
 
 
-def _fit_smem(cfg: Launch, block_m, head_pad, elem_bytes, limit, prefill, paged=True) -> Launch:
+def _fit_smem(
+    cfg: Launch, block_m, head_pad, elem_bytes, limit, prefill, paged=True, bias=False
+) -> Launch:
     """Fewer stages, then smaller K/V tiles, until the program fits `limit` bytes (packed K/V
     buffers a K/V tile a stage: no block-table load to pipeline ahead)."""
 
     def fits(c: Launch) -> bool:
         buffers = decode_kv_buffers(c.num_stages) if paged and not prefill else None
-        return smem_bytes(block_m, c.tile_n, head_pad, elem_bytes, c.num_stages, buffers) <= limit
+        used = smem_bytes(block_m, c.tile_n, head_pad, elem_bytes, c.num_stages, buffers, bias)
+        return used <= limit
 
     while not fits(cfg) and cfg.num_stages > 2:
         cfg = replace(cfg, num_stages=cfg.num_stages - 1)
@@ -213,18 +216,19 @@ def launch_candidates(
     heads: int = 1,
     kv_fp8: bool = False,
     paged: bool = True,
+    bias: bool = False,
 ) -> tuple[Launch, ...]:
     """The launches to choose from, the default first, fitted to the card's shared memory (`wide`:
     K/V columns a token; fp8 decode also gets each with twice the tile: the same bytes)."""
     if card.interpreter:  # it pays per loop iteration, not per element: wide tiles
         return (Launch(64, 4, 1),)
     return _gpu_candidates(
-        wide, prefill, block_m, elem_bytes, card.smem_per_block, heads, kv_fp8, paged
+        wide, prefill, block_m, elem_bytes, card.smem_per_block, heads, kv_fp8, paged, bias
     )
 
 
 @functools.cache
-def _gpu_candidates(wide, prefill, block_m, elem_bytes, smem, heads, kv_fp8, paged):
+def _gpu_candidates(wide, prefill, block_m, elem_bytes, smem, heads, kv_fp8, paged, bias=False):
     if prefill:
         cands = [Launch(64, 4, 3)]
     elif heads > 1:
@@ -239,10 +243,11 @@ def _gpu_candidates(wide, prefill, block_m, elem_bytes, smem, heads, kv_fp8, pag
         cands += [replace(c, tile_n=2 * c.tile_n) for c in cands]
     one_head = heads == 1 and wide <= 128 and block_m == 16
     offered = one_head and paged and not (prefill or kv_fp8) and elem_bytes == 2
-    whole = _fit_smem(DOUBLE_BUFFERS, block_m, wide, elem_bytes, smem, prefill) == DOUBLE_BUFFERS
+    whole = _fit_smem(DOUBLE_BUFFERS, block_m, wide, elem_bytes, smem, prefill, True, bias)
+    whole = whole == DOUBLE_BUFFERS
     if offered and whole:
         cands += [DOUBLE_BUFFERS, SMALL_DOUBLE_BUFFERS]
-    fitted = [_fit_smem(c, block_m, wide, elem_bytes, smem, prefill, paged) for c in cands]
+    fitted = [_fit_smem(c, block_m, wide, elem_bytes, smem, prefill, paged, bias) for c in cands]
     return tuple(dict.fromkeys(fitted))
 
 
@@ -413,6 +418,7 @@ class Geometry:
     elem_bytes: int  # the query's
     kv_elem_bytes: int  # the cache's (1: fp8)
     paged: bool = True  # False: packed K/V (the encoder)
+    bias: bool = False  # T5's position bias, gathered in-kernel
 
 
 def make_plan(
@@ -440,7 +446,15 @@ def make_plan(
         (launch,)
         if launch
         else launch_candidates(
-            wide, prefill, block_m, g.elem_bytes, card, heads, g.kv_elem_bytes == 1, g.paged
+            wide,
+            prefill,
+            block_m,
+            g.elem_bytes,
+            card,
+            heads,
+            g.kv_elem_bytes == 1,
+            g.paged,
+            g.bias,
         )
     )
     programs = schedule.tile_seq.shape[0] * (g.num_kv_heads // heads)
@@ -486,6 +500,8 @@ def _choose(cands, probe, programs, kv_len, heads, wide, block_m, g: Geometry, c
     tile_bytes = 2 * wide * g.kv_elem_bytes
     options = []
     for c, compiled in zip(cands, probe(cands)):
+        if compiled.shared > card.smem_per_block:
+            continue  # as compiled it takes more than a program may: it would not launch
         auto = _auto_splits(c, programs, kv_len, wide, card, num_splits)
         resident = card.resident(compiled, c.num_warps)
         buffers = compiled_kv_buffers(
@@ -503,6 +519,12 @@ def _choose(cands, probe, programs, kv_len, heads, wide, block_m, g: Geometry, c
             options.append(
                 Option(c, s, resident, programs * s, c.tile_n * tile_bytes, second, buffers)
             )
+    if not options:
+        tried = [(c.tile_n, c.num_warps, c.num_stages) for c in cands]
+        raise ValueError(
+            f"no launch of {tried} fits {card.smem_per_block} bytes of shared memory a program "
+            f"(block_m={block_m}, wide={wide}, bias={g.bias})"
+        )
     ideal_us = programs * kv_len * tile_bytes / card.bandwidth
     best = options[pick_launch(options, card, ideal_us)]
     return best.launch, best.splits

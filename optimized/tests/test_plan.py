@@ -3,6 +3,7 @@ interpreter): the occupancy model against what ncu read, the score's monotonicit
 exception's rule, and every candidate fitting the card. No launch tuple is pinned: a tuned
 constant may move, the rules it must obey may not."""
 
+import itertools
 import math
 
 import pytest
@@ -35,27 +36,27 @@ def test_the_occupancy_model_matches_what_ncu_measured():
 def test_shared_memory_model_and_every_candidate_fits_its_card():
     """The model against what Triton and ncu reported, and every candidate (head size × dtype
     × phase × paged or packed × heads × fp8) within the card's shared memory; fp32 d256
-    prefill once asked 344,320 bytes and failed to launch on the H100."""
+    prefill once asked 344,320 bytes and failed to launch on the H100, and 16-bit d256 encoder
+    prefill with T5's bias 262,144."""
     assert pa.smem_bytes(64, 64, 256, 4, 3) == 344_320  # Triton's OutOfResources message
+    assert 0 <= pa.smem_bytes(128, 64, 256, 2, 3, bias=True) - 262_144 < 4096  # likewise
     assert 0 <= pa.smem_bytes(16, 64, 128, 2, 2) - 38_912 < 4096  # ncu: GQA 8:1 d128 decode
     assert 0 <= pa.smem_bytes(16, 32, 64, 2, 2) - 11_264 < 4096  # ncu: MHA d64 decode
     for card in CARDS:
         for head_size in (64, 80, 96, 128, 256):
             wide = triton.next_power_of_2(head_size)
             for elem_bytes in (2, 4) if card is not SMALL_PART else (2,):
-                for prefill, block_m in ((True, 64), (False, 16), (False, 32), (False, 64)):
-                    for paged in (True, False):
-                        for c in pa.launch_candidates(wide, prefill, block_m, elem_bytes, card,
-                                                      paged=paged):  # fmt: skip
-                            bufs = (
-                                pa.decode_kv_buffers(c.num_stages)
-                                if paged and not prefill
-                                else None
-                            )
-                            used = pa.smem_bytes(
-                                block_m, c.tile_n, wide, elem_bytes, c.num_stages, bufs
-                            )
-                            assert used <= card.smem_per_block, (card.name, head_size, prefill, c)
+                grids = (True, 64), (True, 128), (False, 16), (False, 32), (False, 64)
+                for (prefill, block_m), paged, bias in itertools.product(
+                    grids, (True, False), (False, True)
+                ):
+                    for c in pa.launch_candidates(wide, prefill, block_m, elem_bytes, card,
+                                                  paged=paged, bias=bias):  # fmt: skip
+                        bufs = pa.decode_kv_buffers(c.num_stages) if paged and not prefill else None
+                        used = pa.smem_bytes(
+                            block_m, c.tile_n, wide, elem_bytes, c.num_stages, bufs, bias
+                        )
+                        assert used <= card.smem_per_block, (card.name, head_size, prefill, c)
         for heads, fp8 in ((2, False), (1, True), (2, True)):
             for c in pa.launch_candidates(128, False, 16, 2, card, heads, fp8):
                 bufs = pa.decode_kv_buffers(c.num_stages)
@@ -287,5 +288,51 @@ def test_the_probe_remembers_compiled_launches_on_disk(tmp_path, monkeypatch):
     assert op.plan_attention(*args, causal=True) == first
 
 
+def test_one_process_at_a_time_compiles_a_variant(tmp_path, monkeypatch):
+    """The probe's compile lock: a second holder of the same variant waits for the first (it
+    then finds the first's results on disk); another variant does not wait."""
+    import threading
+
+    from optimized.ops import paged_attention as op
+
+    monkeypatch.setattr(op, "_probe_file", lambda key: tmp_path / f"{key[0]}.json")
+    order = []
+    inside = threading.Event()
+
+    def second(variant):
+        with op._compiling(variant):
+            order.append(variant)
+
+    with op._compiling(("a",)):
+        inside.set()
+        same, other = (threading.Thread(target=second, args=(v,)) for v in (("a",), ("b",)))
+        same.start(), other.start()
+        other.join(5)
+        same.join(0.3)
+        assert order == [("b",)] and same.is_alive()  # the same variant waits
+    same.join(5)
+    assert order == [("b",), ("a",)]
+
+
 def _no_compile(*args, **kwargs):
     raise AssertionError("a candidate was compiled though the disk memo held it")
+
+
+def test_a_launch_compiled_past_the_cards_shared_memory_is_never_chosen():
+    """The probe's word over the model's: a candidate that compiled to more shared memory than a
+    program may take (Triton refuses to load it) is dropped; none left is a clear error."""
+    sched = pa.make_schedule((1,) * 8, (4096,) * 8, (4095,) * 8, 8, "cpu")
+    g = Geometry(1, 8, 128, 2, 2)
+    cands = pa.launch_candidates(128, False, 16, 2, H100)
+    assert len(cands) > 1
+    seen = []
+    pa.make_plan(
+        sched, g, H100, lambda ls: seen.extend(ls) or [Compiled(96, 12_000)] * len(ls), ("seen",)
+    )
+    assert tuple(seen) == cands
+    too_big = Compiled(0, H100.smem_per_block + 1)
+    first_out = lambda launches: [too_big if c == cands[0] else Compiled(96, 12_000)
+                                  for c in launches]  # fmt: skip
+    assert pa.make_plan(sched, g, H100, first_out, ("first-out",)).launch != cands[0]
+    with pytest.raises(ValueError, match="shared memory"):
+        pa.make_plan(sched, g, H100, lambda launches: [too_big] * len(launches), ("none",))
