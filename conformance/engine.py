@@ -48,7 +48,10 @@ BACKSTOP_FACTOR = 3.0  # a test running longer than this × the per-call timeout
 SIGNAL_EXIT = {signal.SIGINT: 130, signal.SIGTERM: 143}
 # What one worker process takes whatever it runs: the CUDA context, cuBLAS's workspace, the
 # kernels it loaded, the allocator's slack. Taken off the device's memory before any job's.
-WORKER_BASE_BYTES = 3 << 29
+WORKER_BASE_BYTES = 2 << 30
+# Device memory a worker may keep (its allocator's, after emptying its cache) between tests
+# before it is replaced: past it, the base above would not hold.
+KEEP_LIMIT_BYTES = 1 << 30
 # The device memory the engine hands out (the rest: the driver, other processes, fragments).
 USABLE_FRACTION = 0.9
 # Memory a worker may still hold after a test, past the least it held after any earlier one,
@@ -181,6 +184,13 @@ def held_bytes() -> int:
         return 0
 
 
+def kept_bytes() -> int:
+    """Device memory this process's allocator still holds (0 off CUDA)."""
+    import torch
+
+    return torch.cuda.memory_reserved() if torch.cuda.is_available() else 0
+
+
 def leak_limit() -> int:
     mb = os.environ.get("CONFORMANCE_LEAK_LIMIT_MB")
     return int(float(mb) * (1 << 20)) if mb else LEAK_LIMIT_BYTES
@@ -256,7 +266,7 @@ def _worker(conn, index: int, workers: int, log: str, timeout_s: float, tier: st
                 torch.cuda.empty_cache()  # give back what this test's peak left cached
             after = CLOCK.snapshot()
             seconds = {k: after[k] - before[k] for k in after}
-            conn.send((i, [{**r, **env} for r in rows], seconds, held_bytes()))
+            conn.send((i, [{**r, **env} for r in rows], seconds, held_bytes(), kept_bytes()))
             if poisoned(rows):
                 os._exit(3)  # the engine gives the rest of the job to a fresh worker
 
@@ -343,7 +353,7 @@ def run_matrix(plan: Plan) -> int:
     t0 = time.time()
     state, code = "complete", 0
     seconds = dict.fromkeys(PHASES, 0.0)
-    notes: dict[str, list] = {"leaks": [], "run_alone": []}
+    notes: dict = {"leaks": [], "run_alone": [], "replaced": 0}
     limit = leak_limit()
 
     def spawn(index: int) -> _Slot:
@@ -379,7 +389,7 @@ def run_matrix(plan: Plan) -> int:
         release(slot)
 
     def received(k: int, slot: _Slot, msg) -> None:
-        i, rows, spent, held = msg
+        i, rows, spent, held, kept = msg
         for name, value in spent.items():
             seconds[name] = seconds.get(name, 0.0) + value
         oom = any(r["status"] == Status.ERROR and is_oom_reason(r["reason"]) for r in rows)
@@ -398,7 +408,9 @@ def run_matrix(plan: Plan) -> int:
             release(slot)
         slot.least_held = held if slot.least_held is None else min(slot.least_held, held)
         leaked = held - slot.least_held > limit
-        if leaked or poisoned(rows):  # it kept what a test left, or it is ending: a fresh one
+        if kept > KEEP_LIMIT_BYTES:
+            notes["replaced"] += 1
+        if leaked or poisoned(rows) or kept > KEEP_LIMIT_BYTES:  # a fresh one instead
             test = plan.tests[i]
             if leaked:
                 notes["leaks"].append(
@@ -420,6 +432,14 @@ def run_matrix(plan: Plan) -> int:
         backstop = BACKSTOP_FACTOR * plan.timeout_s
         while jobs.queue or jobs.deferred or any(s.tests for s in slots):
             if not jobs.queue and jobs.deferred and not any(s.tests for s in slots):
+                if not jobs.alone:  # fresh workers first: idle ones hold no device memory
+                    for k, s in enumerate(slots):
+                        with contextlib.suppress(Exception):
+                            s.conn.send(None)
+                        s.proc.join(10)
+                        if s.proc.is_alive():
+                            s.proc.kill()
+                        slots[k] = spawn(k)
                 i = jobs.deferred.pop(0)  # every other test is done: this one runs alone
                 jobs.alone.add(i)
                 jobs.queue.append([i])

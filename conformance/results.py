@@ -141,6 +141,11 @@ def summary_lines(out: Path, counts: dict[str, int], state: str) -> list[str]:
             f"[conformance] a worker still held {leak['held_bytes'] / 2**30:.2f} GiB after "
             f"{leak['test']} (its backend keeps memory between calls?): replaced"
         )
+    if info.get("replaced"):
+        lines.append(
+            f"[conformance] {info['replaced']} time(s) a worker kept over 1 GiB of device memory "
+            "after a test: replaced by a fresh one"
+        )
     if info.get("run_alone"):
         lines.append(
             f"[conformance] {len(info['run_alone'])} test(s) ran out of memory beside others "

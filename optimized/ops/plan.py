@@ -164,9 +164,9 @@ Probe = Callable[[tuple[Launch, ...]], list[Compiled]]
 
 def smem_bytes(block_m, tile_n, head_pad, elem_bytes, num_stages, buffers=None, bias=False) -> int:
     """Shared memory Triton 3.6 gives a program: the Q tile, `buffers` (default stages - 1) K
-    and V tiles, the fp32 P tile (`bias`: and the gathered fp32 bias tile's layout change)."""
-    kv = 2 * tile_n * head_pad * elem_bytes * (buffers or max(num_stages - 1, 1))
-    return block_m * head_pad * elem_bytes + kv + block_m * tile_n * 4 * (2 if bias else 1) + 256
+    and V tiles, the fp32 P tile (`bias`: a K and V tile and a P tile more, as compiled)."""
+    kv = 2 * tile_n * head_pad * elem_bytes * (buffers or max(num_stages - 1, 1) + bias)
+    return block_m * head_pad * elem_bytes + kv + block_m * tile_n * 4 * (1 + bias) + 256
 
 
 def decode_kv_buffers(num_stages: int) -> int:
@@ -495,13 +495,25 @@ def _auto_splits(c: Launch, programs, kv_len, wide, card, num_splits) -> int:
     return max(1, min(num_splits or choose_num_splits(programs, tiles, card, wide), tiles))
 
 
+def _that_fit(cands, probe, card: Card) -> list[tuple[Launch, Compiled]]:
+    """The candidates whose compiled shared memory fits a program (the probe's word over the
+    model's); where none does, each one stage fewer, then half the tile, until one does."""
+    while True:
+        fit = [(c, x) for c, x in zip(cands, probe(cands)) if x.shared <= card.smem_per_block]
+        if fit or all(c.num_stages <= 2 and c.tile_n <= 16 for c in cands):
+            return fit
+        cands = tuple(dict.fromkeys(
+            replace(c, num_stages=c.num_stages - 1) if c.num_stages > 2
+            else replace(c, tile_n=max(16, c.tile_n // 2))
+            for c in cands
+        ))  # fmt: skip
+
+
 def _choose(cands, probe, programs, kv_len, heads, wide, block_m, g: Geometry, card, num_splits):
     """(launch, splits) with the shortest estimated time over every candidate × split count."""
     tile_bytes = 2 * wide * g.kv_elem_bytes
     options = []
-    for c, compiled in zip(cands, probe(cands)):
-        if compiled.shared > card.smem_per_block:
-            continue  # as compiled it takes more than a program may: it would not launch
+    for c, compiled in _that_fit(cands, probe, card):
         auto = _auto_splits(c, programs, kv_len, wide, card, num_splits)
         resident = card.resident(compiled, c.num_warps)
         buffers = compiled_kv_buffers(

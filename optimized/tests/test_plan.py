@@ -39,7 +39,7 @@ def test_shared_memory_model_and_every_candidate_fits_its_card():
     prefill once asked 344,320 bytes and failed to launch on the H100, and 16-bit d256 encoder
     prefill with T5's bias 262,144."""
     assert pa.smem_bytes(64, 64, 256, 4, 3) == 344_320  # Triton's OutOfResources message
-    assert 0 <= pa.smem_bytes(128, 64, 256, 2, 3, bias=True) - 262_144 < 4096  # likewise
+    assert 0 <= pa.smem_bytes(64, 64, 256, 2, 3, bias=True) - 262_144 < 4096  # likewise
     assert 0 <= pa.smem_bytes(16, 64, 128, 2, 2) - 38_912 < 4096  # ncu: GQA 8:1 d128 decode
     assert 0 <= pa.smem_bytes(16, 32, 64, 2, 2) - 11_264 < 4096  # ncu: MHA d64 decode
     for card in CARDS:
@@ -56,7 +56,8 @@ def test_shared_memory_model_and_every_candidate_fits_its_card():
                         used = pa.smem_bytes(
                             block_m, c.tile_n, wide, elem_bytes, c.num_stages, bufs, bias
                         )
-                        assert used <= card.smem_per_block, (card.name, head_size, prefill, c)
+                        least = (c.tile_n, c.num_stages) == (16, 2)  # the probe decides
+                        assert used <= card.smem_per_block or least and bias, (card.name, c)
         for heads, fp8 in ((2, False), (1, True), (2, True)):
             for c in pa.launch_candidates(128, False, 16, 2, card, heads, fp8):
                 bufs = pa.decode_kv_buffers(c.num_stages)
@@ -320,7 +321,8 @@ def _no_compile(*args, **kwargs):
 
 def test_a_launch_compiled_past_the_cards_shared_memory_is_never_chosen():
     """The probe's word over the model's: a candidate that compiled to more shared memory than a
-    program may take (Triton refuses to load it) is dropped; none left is a clear error."""
+    program may take (Triton refuses to load it) is dropped; where none fits, smaller ones are
+    probed; none at all is a clear error."""
     sched = pa.make_schedule((1,) * 8, (4096,) * 8, (4095,) * 8, 8, "cpu")
     g = Geometry(1, 8, 128, 2, 2)
     cands = pa.launch_candidates(128, False, 16, 2, H100)
@@ -334,5 +336,7 @@ def test_a_launch_compiled_past_the_cards_shared_memory_is_never_chosen():
     first_out = lambda launches: [too_big if c == cands[0] else Compiled(96, 12_000)
                                   for c in launches]  # fmt: skip
     assert pa.make_plan(sched, g, H100, first_out, ("first-out",)).launch != cands[0]
+    big = lambda launches: [too_big if c.num_stages > 2 else Compiled(96, 12_000) for c in launches]
+    assert pa.make_plan(sched, g, H100, big, ("smaller",)).launch.num_stages == 2
     with pytest.raises(ValueError, match="shared memory"):
         pa.make_plan(sched, g, H100, lambda launches: [too_big] * len(launches), ("none",))
