@@ -144,7 +144,11 @@ def environment() -> dict[str, str]:
     try:
         commit = (
             subprocess.run(
-                ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5
+                # -dirty: the tree differs from its commit (a copied tree's HEAD may be older)
+                ["git", "describe", "--always", "--dirty", "--abbrev=7"],
+                capture_output=True,
+                text=True,
+                timeout=5,
             ).stdout.strip()
             or "unknown"
         )

@@ -31,11 +31,13 @@ def test_a_correct_bias_passes_every_bias_row():
 @pytest.mark.parametrize("fault", BIAS_FAULTS)
 def test_the_smoke_tier_kills_each_planted_bias_fault(fault):
     """Reversed direction, positions relative to the step, the table read by kv head, no bias
-    at decode, buckets in bf16: each fails at least one smoke row, and never passes a row where
-    its bias differs."""
-    bad = [r for c in BIAS_CASES for r in runner.run_case(c, BiasFault(fault), rerun=False)
-           if r["status"] == "fail"]  # fmt: skip
-    assert bad, f"the smoke tier's bias rows did not catch {fault}"
+    at decode, buckets in bf16: each fails at least one smoke row."""
+    caught = any(  # the first case that catches it is enough
+        r["status"] == "fail"
+        for c in BIAS_CASES
+        for r in runner.run_case(c, BiasFault(fault), rerun=False)
+    )
+    assert caught, f"the smoke tier's bias rows did not catch {fault}"
 
 
 def test_t5_presets_run_t5s_bias_and_others_none():

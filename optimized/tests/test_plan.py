@@ -57,7 +57,7 @@ def test_shared_memory_model_and_every_candidate_fits_its_card():
                             block_m, c.tile_n, wide, elem_bytes, c.num_stages, bufs, bias
                         )
                         least = (c.tile_n, c.num_stages) == (16, 2)  # the probe decides
-                        assert used <= card.smem_per_block or least and bias, (card.name, c)
+                        assert used <= card.smem_per_block or (least and bias), (card.name, c)
         for heads, fp8 in ((2, False), (1, True), (2, True)):
             for c in pa.launch_candidates(128, False, 16, 2, card, heads, fp8):
                 bufs = pa.decode_kv_buffers(c.num_stages)
