@@ -377,16 +377,29 @@ def run_matrix(plan: Plan) -> int:
         in_use[slot.device] -= slot.need
         slot.tests, slot.need = [], 0
 
+    def requeue(slot: _Slot, tests: list[int]) -> None:
+        """`tests` (the rest of the slot's job) go back to the front of the queue."""
+        if tests:
+            jobs.queue.insert(0, tests)
+            jobs.needs[tests[0]] = slot.need
+        release(slot)
+
+    def renew(k: int) -> None:
+        """A fresh worker in slot `k`, its old one ended."""
+        with contextlib.suppress(Exception):
+            slots[k].conn.send(None)
+        slots[k].proc.join(10)
+        if slots[k].proc.is_alive():
+            slots[k].proc.kill()
+        slots[k] = spawn(k)
+
     def lost(slot: _Slot, why: str) -> None:
         """The worker of `slot` is gone mid-test: an error row for that test; the rest of its
         job goes back to the queue."""
         test = plan.tests[slot.tests[0]]
         row = result_row(test.shape, test.backend, "crash", Status.ERROR, why)
         record([{**row, "backend_module": test.module}])
-        if slot.tests[1:]:
-            jobs.queue.insert(0, slot.tests[1:])
-            jobs.needs[slot.tests[1]] = slot.need
-        release(slot)
+        requeue(slot, slot.tests[1:])
 
     def received(k: int, slot: _Slot, msg) -> None:
         i, rows, spent, held, kept = msg
@@ -417,15 +430,8 @@ def run_matrix(plan: Plan) -> int:
                     dict(test=f"{test.shape.id}::{test.backend}", held_bytes=held - slot.least_held)
                 )
             if slot.tests:
-                jobs.queue.insert(0, slot.tests)
-                jobs.needs[slot.tests[0]] = slot.need
-                release(slot)
-            with contextlib.suppress(Exception):
-                slot.conn.send(None)
-            slot.proc.join(10)
-            if slot.proc.is_alive():
-                slot.proc.kill()
-            slots[k] = spawn(k)
+                requeue(slot, slot.tests)
+            renew(k)
 
     try:
         slots = [spawn(i) for i in range(n)]
@@ -433,13 +439,8 @@ def run_matrix(plan: Plan) -> int:
         while jobs.queue or jobs.deferred or any(s.tests for s in slots):
             if not jobs.queue and jobs.deferred and not any(s.tests for s in slots):
                 if not jobs.alone:  # fresh workers first: idle ones hold no device memory
-                    for k, s in enumerate(slots):
-                        with contextlib.suppress(Exception):
-                            s.conn.send(None)
-                        s.proc.join(10)
-                        if s.proc.is_alive():
-                            s.proc.kill()
-                        slots[k] = spawn(k)
+                    for k in range(len(slots)):
+                        renew(k)
                 i = jobs.deferred.pop(0)  # every other test is done: this one runs alone
                 jobs.alone.add(i)
                 jobs.queue.append([i])
@@ -457,11 +458,8 @@ def run_matrix(plan: Plan) -> int:
                 try:
                     s.conn.send([(i, plan.tests[i]) for i in job])
                 except OSError:  # it ended before it took the job (its pipe is gone): a fresh one
-                    jobs.queue.insert(0, s.tests)
-                    jobs.needs[s.tests[0]] = s.need
-                    release(s)
-                    s.proc.join(5)
-                    slots[k] = spawn(k)
+                    requeue(s, s.tests)
+                    renew(k)
             busy = [s for s in slots if s.tests]
             ready = wait([s.conn for s in busy] + [s.proc.sentinel for s in busy], timeout=1.0)
             for k, s in enumerate(slots):

@@ -36,9 +36,14 @@ POSITION_BIASES = ("none", "t5")
 
 
 def relative_position_bucket(
-    relative_position: torch.Tensor, bidirectional: bool, num_buckets: int, max_distance: int
+    relative_position: torch.Tensor,
+    bidirectional: bool,
+    num_buckets: int,
+    max_distance: int,
+    log_dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
-    """The bucket of each `relative_position` (key position - query position), int64."""
+    """The bucket of each `relative_position` (key position - query position), int64.
+    `log_dtype`: the model's float32; another shows what a kernel computing it so would get."""
     relative_position = relative_position.long()
     buckets = torch.zeros_like(relative_position)
     if bidirectional:
@@ -49,7 +54,7 @@ def relative_position_bucket(
         distance = -torch.clamp(relative_position, max=0)
     max_exact = num_buckets // 2
     # float32, as the model computes it: log(distance / max_exact) / log(max_distance / max_exact)
-    log_ratio = torch.log(distance.float() / max_exact) / math.log(max_distance / max_exact)
+    log_ratio = torch.log(distance.to(log_dtype) / max_exact) / math.log(max_distance / max_exact)
     far = max_exact + (log_ratio * (num_buckets - max_exact)).long()
     far = torch.clamp(far, max=num_buckets - 1)
     return buckets + torch.where(distance < max_exact, distance, far)

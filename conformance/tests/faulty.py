@@ -452,8 +452,10 @@ class BiasFault(BaseBackend):
             rel = -rel
         args = (kind == AttnKind.ENCODER, md.relative_attention_num_buckets,
                 md.relative_attention_max_distance)  # fmt: skip
-        bucket = _bf16_bucket(rel, *args) if self.fault == "bf16_buckets" else (
-            relative_position_bucket(rel, *args))  # fmt: skip
+        # bf16_buckets: the log in T5's serving dtype (it moves distances 16, 32 and 90 of 32
+        # buckets up to 128)
+        log_dtype = torch.bfloat16 if self.fault == "bf16_buckets" else torch.float32
+        bucket = relative_position_bucket(rel, *args, log_dtype=log_dtype)
         table = md.relative_attention_bias.double()
         if self.fault == "kv_head_table":  # head h reads column h // group
             group = num_heads // self.num_kv_heads
@@ -480,24 +482,6 @@ class BiasFault(BaseBackend):
                                    bias)  # fmt: skip
             out[starts[i] : starts[i] + q_lens[i]] = o.to(query.dtype)
         return out
-
-
-def _bf16_bucket(relative, bidirectional, num_buckets, max_distance):
-    """The bucket with its log taken in bf16: what a kernel computing it in T5's serving dtype
-    gets (it differs from the model's at distances 16, 32 and 90 of 32 buckets up to 128)."""
-    import math
-
-    buckets = torch.zeros_like(relative)
-    if bidirectional:
-        num_buckets //= 2
-        buckets += (relative > 0).long() * num_buckets
-        distance = relative.abs()
-    else:
-        distance = -torch.clamp(relative, max=0)
-    exact = num_buckets // 2
-    log = torch.log(distance.to(torch.bfloat16) / exact) / math.log(max_distance / exact)
-    far = torch.clamp(exact + (log * (num_buckets - exact)).long(), max=num_buckets - 1)
-    return buckets + torch.where(distance < exact, distance, far)
 
 
 BIAS_FAULTS = ("reversed", "step_positions", "kv_head_table", "none_at_decode", "bf16_buckets")
