@@ -17,7 +17,9 @@ import torch
 
 from conformance import runner
 from conformance.compare import compare_output
+from conformance.memory import steps
 from conformance.schema import BENCH_SHAPE, BenchRow, Status
+from conformance.shapes import DTYPES
 from optimized.backend import BaseBackend, Capabilities
 from optimized.ops.plan import Card, card_of
 from reference.metadata import AttnKind
@@ -154,36 +156,32 @@ def bench_rows(workloads, picked, card: Card | None = None, progress=None) -> li
     return rows
 
 
-def _columns(workload: str, shape, step, backend: str, spec: str, device: str) -> dict:
-    md = step.metadata
-    q_lens, kv_lens = md.query_lens_for(step.attn_kind), md.kv_lens_for(step.attn_kind)
+def _columns(workload: str, shape, backend: str, spec: str, device: str) -> dict:
+    (st,) = steps(shape)
     return dict(
-        workload=workload, backend=backend, batch=md.num_seqs, context_len=max(kv_lens),
-        query_len=max(q_lens), num_heads=shape.num_heads, num_kv_heads=shape.num_kv_heads,
-        head_size=shape.head_size, block_size=shape.block_size if step.kv_cache else 0,
+        workload=workload, backend=backend, batch=len(st.q_lens), context_len=max(st.kv_lens),
+        query_len=max(st.q_lens), num_heads=shape.num_heads, num_kv_heads=shape.num_kv_heads,
+        head_size=shape.head_size, block_size=shape.block_size if st.cached else 0,
         dtype=shape.dtype, kv_cache_dtype=shape.kv_cache_dtype, device=device,
         backend_module=spec,
     )  # fmt: skip
 
 
-def _work(step) -> tuple[int, float, bool]:
-    """(K/V bytes the step reads, its visible FLOPs, memory-bound?)."""
-    md, kind = step.metadata, step.attn_kind
-    q_lens, kv_lens = md.query_lens_for(kind), md.kv_lens_for(kind)
-    cache = step.kv_cache[0] if step.kv_cache is not None else step.key
-    num_kv_heads, head_size = cache.shape[-2], cache.shape[-1]
-    kv_bytes = 2 * sum(kv_lens) * num_kv_heads * head_size * cache.element_size()
-    visible = sum(int(md.sequence_mask(kind, i).sum()) for i in range(md.num_seqs))
-    return kv_bytes, 4.0 * visible * step.query.shape[1] * head_size, max(q_lens) <= 16
+def _work(shape) -> tuple[int, float, bool]:
+    """(K/V bytes the step reads, its visible FLOPs, memory-bound?), from the shape's step
+    (conformance/memory.py): an fp8 cache's bytes one a value."""
+    (st,) = steps(shape)
+    elem = 1 if shape.kv_cache_dtype != "auto" and st.cached else DTYPES[shape.dtype].itemsize
+    kv_bytes = st.kv_bytes(shape.num_kv_heads * shape.head_size * elem)
+    return kv_bytes, st.flops(shape.num_heads, shape.head_size), max(st.q_lens) <= 16
 
 
 def _one(workload: str, shape, backend, spec: str, card: Card | None) -> dict:
     caps = backend.capabilities
     device = torch.device(backend.device())
     build = "cuda" if device.type == "cuda" else "cpu"  # large workloads: built on the GPU
-    inputs, (exp,) = runner.expected_for(shape, caps.fp8_prefill_reads_inputs, build)
     label = card.name if card is not None else "cpu"
-    row = BenchRow(**_columns(workload, shape, inputs, backend.name, spec, label),
+    row = BenchRow(**_columns(workload, shape, backend.name, spec, label),
                    median_ms=math.nan).__dict__  # fmt: skip
     # 1. the matrix's verdict on this step (one call)
     (status, reason), = [
@@ -197,13 +195,17 @@ def _one(workload: str, shape, backend, spec: str, card: Card | None) -> dict:
         row["timed"] = f"not timed: {reason}"[:300]
         return row
     # 2. the prepared call, on a fresh copy of the same inputs, judged like forward
-    mine = inputs.to(device, copy=True)
+    run = runner.case_run(shape, build)
+    (exp,) = run.expected_for(caps.fp8_prefill_reads_inputs)
+    mine = run.fresh(device)
     if caps.finite_unowned_slots:
         runner.poison_finite(mine)
     call, problem = runner.guarded(lambda: backend.prepare(*mine.args()), what="prepare()")
     if not problem:
         judged, problem = runner.guarded(
-            lambda: compare_output(mine, call(), exp.output, exp.baseline_err, backend=backend),
+            lambda: compare_output(
+                mine, call(), exp.output, exp.baseline_err, backend, exp.ref_scale
+            ),
             what="the prepared call",
         )
     if problem or judged.status != Status.PASS:
@@ -213,7 +215,7 @@ def _one(workload: str, shape, backend, spec: str, card: Card | None) -> dict:
         return row
     # 3. its time
     ms, gms, how = _times(call, device)
-    kv_bytes, flops, memory = _work(inputs)
+    kv_bytes, flops, memory = _work(shape)
     row.update(median_ms=ms, graph_ms=gms, timed=how, gbps=kv_bytes / ms / 1e6,
                tflops=flops / ms / 1e9, graph_gbps=kv_bytes / gms / 1e6)  # fmt: skip
     if card is not None and card.copy_gbps:
@@ -243,8 +245,7 @@ def _times(call, device: torch.device) -> tuple[float, float, str]:
 
 
 def _limit_row(base: dict, shape, card: Card) -> dict:
-    inputs, _ = runner.expected_for(shape, build_device="cuda")
-    kv_bytes, flops, memory = _work(inputs)
+    kv_bytes, flops, memory = _work(shape)
     row = {k: base[k] for k in [*BENCH_SHAPE, "device"]}
     if memory:
         return BenchRow(**row, backend="copy", median_ms=2 * kv_bytes / card.copy_gbps / 1e6,

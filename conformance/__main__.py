@@ -317,18 +317,16 @@ def _dump_backend(args, case, arrays: dict) -> list[dict]:
         [args.backend_module] if args.backend_module else None,
     )
     shape = case if isinstance(case, Shape) else lower(case)
-    reads = backend.capabilities.fp8_prefill_reads_inputs
-    inputs, expected = runner.expected_for(shape, reads)
+    run = runner.case_run(shape)
+    expected = run.expected_for(backend.capabilities.fp8_prefill_reads_inputs)
     device = torch.device(backend.device())
-    mine = inputs.to(device, copy=True)
+    mine = run.fresh(device)
     finite = backend.capabilities.finite_unowned_slots
     if finite:  # as the runner gives it: finite poison where nothing was written
         runner.poison_finite(mine)
-    pool = runner.ExpectedCaches(mine if finite else inputs)
+    pool = runner.ExpectedCaches(mine if finite else run.pristine)
     verdicts = []
-    for i, (step, pristine, exp) in enumerate(
-        zip(runner.steps_of(mine), runner.steps_of(inputs), expected)
-    ):
+    for i, (step, pristine, exp) in enumerate(zip(runner.steps_of(mine), run.steps, expected)):
         after = pool.advance(exp)
         v = runner.judge_step(backend, step, pristine, exp, after, device, args.case_timeout)
         if v.output is not None:

@@ -7,20 +7,24 @@ The command line resolves the selection once (`conformance.selection`) and start
 process of its own (`python -m conformance run` supervises it, so a dying engine still leaves
 results.csv). Here:
 
-- A job is one case with all its backends: a worker builds the case's inputs and runs the
-  reference once, then each backend in turn, and sends each test's rows as it finishes. Workers
-  are processes; this process is the only one that writes. On a machine without CUDA they are
-  forked (they inherit every loaded module); with CUDA they come from a fork server that never
-  touched the GPU (CUDA cannot be forked), and worker i takes visible GPU i mod count.
-- Memory: each job's need is estimated from its shape before it starts (`job_need`); a worker
-  takes a job only while the jobs running on its device fit its memory together (a job alone
-  always may). A test whose rows say the device ran out of memory anyway is run again alone,
-  once every other test is done, and is an `error` only if it fails alone too. Workers free
-  their cached memory after every test; one that still holds memory a test left behind (a
-  backend that keeps its tensors) is replaced, and the run says which test left it.
+- A job is one case with all its backends: a worker builds the case's inputs, moves them to
+  its device once and computes the reference there once (conformance/expected.py), then runs
+  each backend in turn and sends each test's rows as it finishes. Workers are processes; this
+  process is the only one that writes. On a machine without CUDA they are forked (they inherit
+  every loaded module); with CUDA they come from a fork server that never touched the GPU (CUDA
+  cannot be forked), and worker i takes visible GPU i mod count.
+- What runs where beside what is the scheduler's decision (conformance/scheduler.py): jobs are
+  granted memory (a test's peak measured by an earlier run on this card, kept in a
+  `MemoryRecord` beside Triton's cache, else the memory model's estimate); a worker on CUDA is
+  held to its grant, so a test that needs more runs out of memory alone and is run again with a
+  larger grant, concurrently with the others. Workers free their cached memory after every
+  test; one that still holds memory a test left behind (a backend that keeps its tensors) is
+  replaced, and the run says which test left it.
 - A worker that dies (a segfault, `os._exit`, a CUDA error that poisons its context) or hangs
   past the backstop (3x the per-call timeout: native code that SIGALRM cannot stop) is replaced;
-  its test gets an `error` row that says so and the rest of its job goes back to the queue.
+  its test gets an `error` row that says so and the rest of its job goes back to the queue. A
+  test whose case could not be built because its worker's CUDA context failed runs once more
+  in a fresh worker before its error stands.
 - SIGINT / SIGTERM stop the run: the workers are ended, every test that did not finish gets an
   `error` row ("not run"), and the set is marked interrupted (exit 130 / 143).
 - Where the time went: each test's seconds per phase (`runner.PHASES`) come back with its rows;
@@ -37,7 +41,7 @@ import os
 import signal
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from multiprocessing.connection import wait
 from pathlib import Path
 
@@ -121,23 +125,18 @@ def context() -> mp.context.BaseContext:
 
 
 # ---- memory ----------------------------------------------------------------------------------
-def job_need(shapes) -> int:
-    """Bytes a job (one case, its backends in turn) may hold on its device at once: the
-    reference's and one backend's copy of the inputs (`runner.COPIES` counts the host's
-    pristine copy too) and the dense scores a step's attention may form (float32, a few
-    temporaries: what a gather-then-SDPA backend such as `torch` allocates)."""
-    from conformance.runner import COPIES
+def needs_of(tests: tuple[Test, ...], record=None) -> list[int]:
+    """Bytes each test may hold on its device: its measured peak (`record`, a MemoryRecord of
+    this card) where an earlier run measured it, else the memory model's (conformance/memory.py:
+    one derivation from the shape's steps, an episode's encoder included)."""
+    from conformance.memory import device_bytes
+    from conformance.scheduler import MemoryRecord
 
-    need = 0
-    for s in shapes:
-        q = s.encoder_seq_lens if s.attn_kind == "encoder" else s.query_lens
-        kv = list(s.encoder_seq_lens or ()) if s.attn_kind != "decoder" else []
-        if s.attn_kind in ("decoder", "episode"):
-            ctx = s.context_lens or (0,) * len(s.query_lens)
-            kv.append(max(c + n for c, n in zip(ctx, s.query_lens)) + s.decode_steps)
-        scores = len(q) * s.num_heads * max(q, default=1) * max(kv, default=1) * 4
-        need = max(need, COPIES * s.footprint() + 3 * scores)
-    return need
+    needs = []
+    for t in tests:
+        measured = record.need(MemoryRecord.key(*t.key, t.module)) if record else None
+        needs.append(measured if measured is not None else device_bytes(t.shape))
+    return needs
 
 
 def device_memory(workers: int = 0) -> list[int]:
@@ -158,14 +157,14 @@ def device_memory(workers: int = 0) -> list[int]:
 def auto_workers(tests: tuple[Test, ...] = ()) -> int:
     """`-n auto`: on the CPU one worker per core (each single-threaded); on GPUs, per GPU as
     many as its share of the cores, and no more than its memory holds with each worker at its
-    base plus a typical job of the selection (the median need: bigger jobs wait their turn)."""
+    base plus a typical test of the selection (the median need: bigger jobs wait their turn)."""
     import torch
 
     cores = os.cpu_count() or 1
     if not torch.cuda.is_available():
         return cores
     gpus = torch.cuda.device_count()
-    needs = sorted(job_need([t.shape]) for t in tests) or [0]
+    needs = sorted(needs_of(tests)) or [0]
     per_worker = WORKER_BASE_BYTES + needs[len(needs) // 2]
     by_memory = min(device_memory()) // per_worker
     return gpus * max(1, min(cores // gpus, by_memory))
@@ -214,8 +213,11 @@ def _watch(pid: int) -> None:
 
 
 def _worker(conn, index: int, workers: int, log: str, timeout_s: float, tier: str) -> None:
-    """Receive a job ([(test index, Test), ...]), run its tests in order and send (index, rows,
-    seconds per phase, bytes held after it) for each; None ends the worker."""
+    """Receive a job ([(test index, Test), ...], bytes granted), run its tests in order and
+    send (index, rows, seconds per phase, its peak, bytes held, bytes kept) for each; None ends
+    the worker. On CUDA the process is held to what it keeps plus the grant (an allocation past
+    it fails here, not in a neighbour), and each test's peak is measured (the case's build and
+    reference counted in every test of it)."""
     die_with_parent()
     _watch(int(os.environ[ENGINE_PID_ENV]))
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the group; the engine decides
@@ -224,6 +226,8 @@ def _worker(conn, index: int, workers: int, log: str, timeout_s: float, tier: st
     os.dup2(fd, 1), os.dup2(fd, 2)
     sys.stdout = os.fdopen(1, "w", buffering=1, closefd=False)
     sys.stderr = os.fdopen(2, "w", buffering=1, closefd=False)
+    if workers > 1:  # inductor (flex) compiles in this process, not in a pool per worker
+        os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
     import torch
 
     from optimized.kernels import interpret_without_cuda
@@ -233,42 +237,65 @@ def _worker(conn, index: int, workers: int, log: str, timeout_s: float, tier: st
     # that has used its thread pool (a test process calling `main`) leaves the child hanging
     # in its first parallel region (PyTorch's DataLoader workers do the same). Workers from the
     # fork server share the cores.
-    forked = not torch.cuda.is_available()  # as `context()` chose
-    torch.set_num_threads(1 if forked else max(1, (os.cpu_count() or 1) // workers))
+    cuda = torch.cuda.is_available()  # forked where not (as `context()` chose)
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers) if cuda else 1)
     if torch.cuda.device_count() > 1:
         torch.cuda.set_device(index % torch.cuda.device_count())
-    from conformance.runner import CLOCK, error_reason, run_case
+    from conformance import runner
     from conformance.schema import environment
     from optimized.backend import get_backend, load_backend
 
     env = dict(environment(), tier=tier)
     backends: dict[tuple[str, str], object] = {}
     while True:
-        job = conn.recv()
-        if job is None:
+        msg = conn.recv()
+        if msg is None:
             return
-        for i, test in job:
-            before = CLOCK.snapshot()
+        job, grant = msg
+        base = _hold_to(grant) if cuda else 0
+        for k, (i, test) in enumerate(job):
+            before = runner.CLOCK.snapshot()
+            if cuda:
+                torch.cuda.reset_peak_memory_stats()
             try:
                 key = (test.backend, test.module)
                 if key not in backends:
                     backends[key] = (
                         load_backend(test.module) if test.module else get_backend(key[0])
                     )
-                rows = run_case(test.shape, backends[key], timeout_s=timeout_s, module=test.module)
+                rows = runner.run_case(
+                    test.shape, backends[key], timeout_s=timeout_s, module=test.module
+                )
             except KeyboardInterrupt:
                 return
             except BaseException as e:
-                why = f"harness: {error_reason(e)}"
+                why = f"harness: {runner.error_reason(e)}"
                 rows = [result_row(test.shape, test.backend, "harness", Status.ERROR, why)]
                 rows[0]["backend_module"] = test.module
-            if torch.cuda.is_available():
+            peak = None
+            if cuda:
+                peak = max(torch.cuda.max_memory_reserved(), runner.build_peak()) - base
+            if k == len(job) - 1:
+                runner.forget_cases()  # the job is done: its case goes
+            elif cuda:
                 torch.cuda.empty_cache()  # give back what this test's peak left cached
-            after = CLOCK.snapshot()
-            seconds = {k: after[k] - before[k] for k in after}
-            conn.send((i, [{**r, **env} for r in rows], seconds, held_bytes(), kept_bytes()))
+            after = runner.CLOCK.snapshot()
+            seconds = {name: after[name] - before[name] for name in after}
+            rows = [{**r, **env} for r in rows]
+            conn.send((i, rows, seconds, peak, held_bytes(), kept_bytes()))
             if poisoned(rows):
                 os._exit(3)  # the engine gives the rest of the job to a fresh worker
+
+
+def _hold_to(grant: int) -> int:
+    """Hold this process's CUDA allocator to what it keeps now plus `grant` bytes; returns what
+    it keeps (the base the job's peak is measured from)."""
+    import torch
+
+    base = torch.cuda.memory_reserved()
+    total = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
+    torch.cuda.set_per_process_memory_fraction(min(1.0, (base + grant) / total))
+    return base
 
 
 def poisoned(rows: list[dict]) -> bool:
@@ -276,46 +303,19 @@ def poisoned(rows: list[dict]) -> bool:
     return any("CUDA error" in r["reason"] or "illegal memory access" in r["reason"] for r in rows)
 
 
+def _built(rows: list[dict]) -> bool:
+    """False where the test's case could not be built (its one row says so)."""
+    return not (len(rows) == 1 and rows[0]["step"] == "build")
+
+
 @dataclass
 class _Slot:
-    """A worker process, the tests of its job still to come (empty: idle), and its memory."""
+    """A worker process and when its current test started."""
 
     proc: mp.Process
     conn: object
-    device: int = 0
-    tests: list[int] = field(default_factory=list)
-    need: int = 0
     started: float = 0.0
     least_held: int | None = None
-
-
-@dataclass
-class _Jobs:
-    """The tests to run, as jobs of one case each, in plan order; and the tests that ran out
-    of memory beside others, to run again alone at the end."""
-
-    queue: list[list[int]]
-    needs: dict[int, int]  # a job's need, by its first test
-    deferred: list[int] = field(default_factory=list)
-    alone: set[int] = field(default_factory=set)  # tests being run again alone
-
-    @classmethod
-    def of(cls, tests: tuple[Test, ...]) -> _Jobs:
-        queue: list[list[int]] = []
-        for i, t in enumerate(tests):
-            if queue and tests[queue[-1][0]].shape.id == t.shape.id:
-                queue[-1].append(i)
-            else:
-                queue.append([i])
-        needs = {job[0]: job_need([tests[job[0]].shape]) for job in queue}
-        return cls(queue, needs)
-
-    def take(self, in_use: int, budget: int) -> list[int] | None:
-        """The first queued job that fits beside `in_use` bytes (any job when nothing runs)."""
-        for k, job in enumerate(self.queue[:256]):
-            if in_use == 0 or in_use + self.needs.get(job[0], 0) <= budget:
-                return self.queue.pop(k)
-        return None
 
 
 class _Stopped(Exception):
@@ -323,11 +323,181 @@ class _Stopped(Exception):
         self.signum = signum
 
 
+class _Run:
+    """The engine's process side: worker processes, their pipes, and the result set; every
+    decision is the scheduler's (conformance/scheduler.py)."""
+
+    def __init__(self, plan: Plan, out: Path):
+        from conformance.scheduler import MemoryRecord, Scheduler
+
+        self.plan, self.out = plan, out
+        self.log = str(out / "workers.log")
+        Path(self.log).write_text("")
+        self.ctx = context()
+        self.n = max(1, min(plan.workers, len(plan.tests)))
+        self.record = MemoryRecord(_record_path())
+        needs = needs_of(plan.tests, self.record)
+        cases = [t.shape.id for t in plan.tests]
+        self.sched = Scheduler(cases, needs, device_memory(self.n), self.n)
+        self.slots: list[_Slot] = []
+        self.done = self.bad = 0
+        self.notes: dict = {"leaks": [], "out_of_memory_reruns": [], "run_alone": [],
+                            "rebuilt": [], "replaced": 0}  # fmt: skip
+        self.limit = leak_limit()
+        self.seconds: dict[str, float] = {}
+
+    def spawn(self, index: int) -> _Slot:
+        parent, child = self.ctx.Pipe()
+        args = (child, index, self.n, self.log, self.plan.timeout_s, self.plan.tier)
+        proc = self.ctx.Process(target=_worker, args=args, daemon=True)
+        proc.start()
+        child.close()
+        return _Slot(proc, parent)
+
+    def name(self, i: int) -> str:
+        return f"{self.plan.tests[i].shape.id}::{self.plan.tests[i].backend}"
+
+    def record_rows(self, rows: list[dict]) -> None:
+        with open(self.out / "results.jsonl", "a") as f:
+            for r in rows:
+                f.write(json.dumps(r) + "\n")
+        self.done += 1
+        self.bad += any(r["status"] in (Status.FAIL, Status.ERROR) for r in rows)
+
+    def renew(self, k: int) -> None:
+        """A fresh worker in slot `k`, its old one ended."""
+        with contextlib.suppress(Exception):
+            self.slots[k].conn.send(None)
+        self.slots[k].proc.join(10)
+        if self.slots[k].proc.is_alive():
+            self.slots[k].proc.kill()
+        self.slots[k] = self.spawn(k)
+
+    def hand_out(self) -> None:
+        for k, slot in enumerate(self.slots):
+            if self.sched.busy(k):
+                continue
+            job = self.sched.assign(k)
+            if job is None:
+                continue
+            if job.alone:
+                self.notes["run_alone"] += [self.name(i) for i in job.tests]
+            slot.started = time.time()
+            try:
+                slot.conn.send(([(i, self.plan.tests[i]) for i in job.tests], job.grant))
+            except OSError:  # it ended before it took the job (its pipe is gone): a fresh one
+                self.sched.replaced(k)
+                self.renew(k)
+
+    def received(self, k: int, msg) -> None:
+        from conformance.runner import is_oom_reason
+
+        i, rows, spent, peak, held, kept = msg
+        for name, value in spent.items():
+            self.seconds[name] = self.seconds.get(name, 0.0) + value
+        slot = self.slots[k]
+        slot.started = time.time()
+        oom = any(r["status"] == Status.ERROR and is_oom_reason(r["reason"]) for r in rows)
+        if poisoned(rows) and not _built(rows) and self.sched.retry(k, i):
+            self.notes["rebuilt"].append(self.name(i))  # its context failed: a fresh worker
+            self.renew(k)
+            return
+        if oom:
+            if self.sched.out_of_memory(k, i, kept):
+                self.notes["out_of_memory_reruns"].append(self.name(i))
+            else:
+                for r in rows:
+                    if r["status"] == Status.ERROR and is_oom_reason(r["reason"]):
+                        r["reason"] += " (also with its device's whole budget granted)"
+                self.record_rows(rows)
+        else:
+            self.sched.finished(k, i, peak if _built(rows) else None, kept)
+            self.record_rows(rows)
+        slot.least_held = held if slot.least_held is None else min(slot.least_held, held)
+        leaked = held - slot.least_held > self.limit
+        if leaked:
+            self.notes["leaks"].append(dict(test=self.name(i), held_bytes=held - slot.least_held))
+        if kept > KEEP_LIMIT_BYTES:
+            self.notes["replaced"] += 1
+        if leaked or poisoned(rows) or kept > KEEP_LIMIT_BYTES:  # a fresh one instead
+            self.sched.replaced(k)
+            self.renew(k)
+
+    def lost(self, k: int, why: str) -> None:
+        """The worker of slot `k` is gone mid-test: an error row for that test; the rest of its
+        job goes back to the queue; a fresh worker in its place."""
+        i = self.sched.lost(k)
+        if i is not None:
+            test = self.plan.tests[i]
+            row = result_row(test.shape, test.backend, "crash", Status.ERROR, why)
+            self.record_rows([{**row, "backend_module": test.module}])
+        self.slots[k] = self.spawn(k)
+
+    def loop(self) -> None:
+        backstop = BACKSTOP_FACTOR * self.plan.timeout_s
+        t0 = last = time.time()
+        self.slots = [self.spawn(i) for i in range(self.n)]
+        while not self.sched.done:
+            self.hand_out()
+            busy = [s for k, s in enumerate(self.slots) if self.sched.busy(k)]
+            ready = wait([s.conn for s in busy] + [s.proc.sentinel for s in busy], timeout=1.0)
+            for k, s in enumerate(self.slots):
+                if not self.sched.busy(k):
+                    continue
+                if s.conn in ready:
+                    try:
+                        msg = s.conn.recv()
+                    except (EOFError, OSError):
+                        msg = None
+                    if msg is not None:
+                        self.received(k, msg)
+                        continue
+                if s.conn in ready or s.proc.sentinel in ready:
+                    s.proc.join(5)
+                    self.lost(k, f"crash: the test process died (exit code {s.proc.exitcode})")
+                elif time.time() - s.started > backstop:
+                    s.proc.kill()
+                    s.proc.join(5)
+                    self.lost(k, f"timeout: no result after {backstop:g} s; the worker was killed")
+            if time.time() - last > PROGRESS_EVERY_S:
+                last = time.time()
+                left = (last - t0) / max(self.done, 1) * (len(self.plan.tests) - self.done)
+                print(
+                    f"[conformance] {self.done}/{len(self.plan.tests)} tests, {self.bad} failed "
+                    f"or errored, ~{left:.0f} s left",
+                    flush=True,
+                )
+
+    def stop(self, complete: bool) -> None:
+        for s in self.slots:
+            with contextlib.suppress(Exception):
+                s.conn.send(None) if complete else s.proc.kill()
+        for s in self.slots:
+            s.proc.join(10)
+            if s.proc.is_alive():
+                s.proc.kill()
+        tests = self.plan.tests
+        self.record.update({self.record.key(*tests[i].key, tests[i].module): peak
+                            for i, peak in self.sched.measured.items()})  # fmt: skip
+
+
+def _record_path():
+    """Where this card's measured peaks are kept (None off CUDA: nothing is measured)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    from conformance.scheduler import MemoryRecord
+    from conformance.schema import device_kind
+
+    return MemoryRecord.where(device_kind(torch.cuda.get_device_name(0)))
+
+
 def run_matrix(plan: Plan) -> int:
     """Run the plan (the engine process's body); returns its exit code: 0 nothing failed or
     errored, 1 something did, 130/143 interrupted."""
     from conformance.results import finalize_run, start_run, summary_lines
-    from conformance.runner import PHASES, is_oom_reason
+    from conformance.runner import PHASES
 
     die_with_parent()
 
@@ -341,169 +511,18 @@ def run_matrix(plan: Plan) -> int:
     os.environ[ENGINE_PID_ENV] = str(os.getpid())
     out = Path(plan.out)
     start_run(out, plan)
-    log = str(out / "workers.log")
-    Path(log).write_text("")
-    ctx = context()
-    jobs = _Jobs.of(plan.tests)
-    n = max(1, min(plan.workers, len(plan.tests)))
-    budgets = device_memory(n)
-    in_use = [0] * len(budgets)
-    slots: list[_Slot] = []
-    done, bad, last = 0, 0, time.time()
-    t0 = time.time()
+    run = _Run(plan, out)
+    run.seconds.update(dict.fromkeys(PHASES, 0.0))
     state, code = "complete", 0
-    seconds = dict.fromkeys(PHASES, 0.0)
-    notes: dict = {"leaks": [], "run_alone": [], "replaced": 0}
-    limit = leak_limit()
-
-    def spawn(index: int) -> _Slot:
-        parent, child = ctx.Pipe()
-        proc = ctx.Process(
-            target=_worker, args=(child, index, n, log, plan.timeout_s, plan.tier), daemon=True
-        )
-        proc.start()
-        child.close()
-        return _Slot(proc, parent, device=index % len(budgets))
-
-    def record(rows: list[dict]) -> None:
-        nonlocal done, bad
-        with open(out / "results.jsonl", "a") as f:
-            for r in rows:
-                f.write(json.dumps(r) + "\n")
-        done += 1
-        bad += any(r["status"] in (Status.FAIL, Status.ERROR) for r in rows)
-
-    def release(slot: _Slot) -> None:
-        in_use[slot.device] -= slot.need
-        slot.tests, slot.need = [], 0
-
-    def requeue(slot: _Slot, tests: list[int]) -> None:
-        """`tests` (the rest of the slot's job) go back to the front of the queue."""
-        if tests:
-            jobs.queue.insert(0, tests)
-            jobs.needs[tests[0]] = slot.need
-        release(slot)
-
-    def renew(k: int) -> None:
-        """A fresh worker in slot `k`, its old one ended."""
-        with contextlib.suppress(Exception):
-            slots[k].conn.send(None)
-        slots[k].proc.join(10)
-        if slots[k].proc.is_alive():
-            slots[k].proc.kill()
-        slots[k] = spawn(k)
-
-    def lost(slot: _Slot, why: str) -> None:
-        """The worker of `slot` is gone mid-test: an error row for that test; the rest of its
-        job goes back to the queue."""
-        test = plan.tests[slot.tests[0]]
-        row = result_row(test.shape, test.backend, "crash", Status.ERROR, why)
-        record([{**row, "backend_module": test.module}])
-        requeue(slot, slot.tests[1:])
-
-    def received(k: int, slot: _Slot, msg) -> None:
-        i, rows, spent, held, kept = msg
-        for name, value in spent.items():
-            seconds[name] = seconds.get(name, 0.0) + value
-        oom = any(r["status"] == Status.ERROR and is_oom_reason(r["reason"]) for r in rows)
-        if oom and i not in jobs.alone:
-            jobs.deferred.append(i)  # beside others: run it again alone at the end
-        else:
-            if i in jobs.alone:
-                notes["run_alone"].append(plan.tests[i].shape.id + "::" + plan.tests[i].backend)
-                for r in rows:
-                    if r["status"] == Status.ERROR and is_oom_reason(r["reason"]):
-                        r["reason"] += " (also when run alone, after every other test)"
-            record(rows)
-        slot.tests.pop(0)
-        slot.started = time.time()
-        if not slot.tests:
-            release(slot)
-        slot.least_held = held if slot.least_held is None else min(slot.least_held, held)
-        leaked = held - slot.least_held > limit
-        if kept > KEEP_LIMIT_BYTES:
-            notes["replaced"] += 1
-        if leaked or poisoned(rows) or kept > KEEP_LIMIT_BYTES:  # a fresh one instead
-            test = plan.tests[i]
-            if leaked:
-                notes["leaks"].append(
-                    dict(test=f"{test.shape.id}::{test.backend}", held_bytes=held - slot.least_held)
-                )
-            if slot.tests:
-                requeue(slot, slot.tests)
-            renew(k)
-
     try:
-        slots = [spawn(i) for i in range(n)]
-        backstop = BACKSTOP_FACTOR * plan.timeout_s
-        while jobs.queue or jobs.deferred or any(s.tests for s in slots):
-            if not jobs.queue and jobs.deferred and not any(s.tests for s in slots):
-                if not jobs.alone:  # fresh workers first: idle ones hold no device memory
-                    for k in range(len(slots)):
-                        renew(k)
-                i = jobs.deferred.pop(0)  # every other test is done: this one runs alone
-                jobs.alone.add(i)
-                jobs.queue.append([i])
-                jobs.needs[i] = max(budgets)
-            for k, s in enumerate(slots):  # hand out work
-                if s.tests or not jobs.queue:
-                    continue
-                if jobs.alone and any(x.tests for x in slots):
-                    break
-                job = jobs.take(in_use[s.device], budgets[s.device])
-                if job is None:
-                    continue
-                s.tests, s.need, s.started = list(job), jobs.needs.get(job[0], 0), time.time()
-                in_use[s.device] += s.need
-                try:
-                    s.conn.send([(i, plan.tests[i]) for i in job])
-                except OSError:  # it ended before it took the job (its pipe is gone): a fresh one
-                    requeue(s, s.tests)
-                    renew(k)
-            busy = [s for s in slots if s.tests]
-            ready = wait([s.conn for s in busy] + [s.proc.sentinel for s in busy], timeout=1.0)
-            for k, s in enumerate(slots):
-                if not s.tests:
-                    continue
-                if s.conn in ready:
-                    try:
-                        msg = s.conn.recv()
-                    except (EOFError, OSError):
-                        msg = None
-                    if msg is not None:
-                        received(k, s, msg)
-                        continue
-                if s.conn in ready or s.proc.sentinel in ready:
-                    s.proc.join(5)
-                    lost(s, f"crash: the test process died (exit code {s.proc.exitcode})")
-                elif time.time() - s.started > backstop:
-                    s.proc.kill()
-                    s.proc.join(5)
-                    lost(s, f"timeout: no result after {backstop:g} s; the worker was killed")
-                else:
-                    continue
-                slots[k] = spawn(k)
-            if time.time() - last > PROGRESS_EVERY_S:
-                last = time.time()
-                left = (last - t0) / max(done, 1) * (len(plan.tests) - done)
-                print(
-                    f"[conformance] {done}/{len(plan.tests)} tests, {bad} failed or errored, "
-                    f"~{left:.0f} s left",
-                    flush=True,
-                )
+        run.loop()
     except _Stopped as e:
         state, code = "interrupted", SIGNAL_EXIT[e.signum]
     finally:
-        for s in slots:
-            with contextlib.suppress(Exception):
-                s.conn.send(None) if state == "complete" else s.proc.kill()
-        for s in slots:
-            s.proc.join(10)
-            if s.proc.is_alive():
-                s.proc.kill()
+        run.stop(state == "complete")
     for sig in SIGNAL_EXIT:  # finishing the result set is not interrupted again
         signal.signal(sig, signal.SIG_IGN)
-    extra = dict(workers=n, seconds=seconds, **notes)
+    extra = dict(workers=run.n, seconds=run.seconds, **run.notes)
     counts = finalize_run(out, state, plan, extra)
     for line in summary_lines(out, counts, state):
         print(line, flush=True)

@@ -67,8 +67,8 @@ def start_run(out: Path, plan) -> None:
 
 def finalize_run(out: Path, state: str, plan, extra: dict | None = None) -> dict[str, int]:
     """results.csv and run.json from results.jsonl and the plan (`extra`: what the engine
-    knows of the run: workers, seconds per phase, leaks, tests run alone); returns the status
-    counts."""
+    knows of the run: workers, seconds per phase, leaks, tests run again with more memory, run
+    alone or rebuilt); returns the status counts."""
     out = Path(out)
     info = read_run(out)
     raw = read_jsonl(out / "results.jsonl") if (out / "results.jsonl").exists() else []
@@ -146,10 +146,22 @@ def summary_lines(out: Path, counts: dict[str, int], state: str) -> list[str]:
             f"[conformance] {info['replaced']} time(s) a worker kept over 1 GiB of device memory "
             "after a test: replaced by a fresh one"
         )
+    if info.get("out_of_memory_reruns"):
+        lines.append(
+            f"[conformance] {len(info['out_of_memory_reruns'])} time(s) a test ran out of the "
+            f"memory it was granted and ran again with more: "
+            f"{', '.join(info['out_of_memory_reruns'][:5])}"
+        )
     if info.get("run_alone"):
         lines.append(
-            f"[conformance] {len(info['run_alone'])} test(s) ran out of memory beside others "
-            f"and ran again alone: {', '.join(info['run_alone'][:5])}"
+            f"[conformance] {len(info['run_alone'])} test(s) needed more than half a device and "
+            f"ran alone on it: {', '.join(info['run_alone'][:5])}"
+        )
+    if info.get("rebuilt"):
+        lines.append(
+            f"[conformance] {len(info['rebuilt'])} test(s) whose worker's CUDA context failed "
+            f"while their case was built ran again in a fresh worker: "
+            f"{', '.join(info['rebuilt'][:5])}"
         )
     if "seconds" in info:
         lines.append(time_split(info))

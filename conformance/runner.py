@@ -17,19 +17,20 @@ import math
 import signal
 import threading
 import time
-from collections import OrderedDict
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 
 import torch
 
-from conformance.cases import Case, build_inputs, lower
-from conformance.compare import bitwise_equal, compare_caches, compare_output, nonfinite_count
+from conformance import memory
+from conformance.cases import Case, lower
+from conformance.compare import bitwise_equal, compare_caches, compare_output
+from conformance.expected import CaseRun, Expected, ExpectedCaches, expect_step, steps_of
 from conformance.schema import Status, result_row
-from conformance.tolerance import baseline_attention
 from conformance.workloads import Episode, Step
-from reference.attention import attention
 from reference.fp8 import FP8_MAX
+
+__all__ = ["Expected", "ExpectedCaches", "expect_step", "run_case", "steps_of"]
 
 DEFAULT_TIMEOUT_S = 300.0
 # Where a worker's time goes (seconds this process spent in each, summed over its tests): the
@@ -137,45 +138,6 @@ def guarded(fn, timeout_s: float | None = None, what: str = ""):
     return value, ""
 
 
-@dataclass(frozen=True)
-class Expected:
-    """The reference's view of one step: output, the cache rows it wrote, baseline error, time,
-    and how many of its output values are not finite (a reference that failed).
-
-    writes: (slots [n], key rows [n, num_kv_heads, head_size], value rows) the step wrote, or
-            None (no cache). Only the writes are kept, not whole caches after every step: an
-            episode of Whisper's 64 x 1500-token cross caches holds a ~2 GB pool per step."""
-
-    output: torch.Tensor
-    writes: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None
-    baseline_err: float
-    ref_ms: float
-    nonfinite: int = 0
-
-
-class ExpectedCaches:
-    """The caches the reference expects after each step of one case: a copy of the pristine
-    caches (where the inputs were built) with every step's writes applied in order."""
-
-    def __init__(self, inputs: Step | Episode):
-        cache = inputs.kv_cache
-        self.caches = None if cache is None else tuple(c.clone() for c in cache)
-
-    def advance(self, exp: Expected) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """The caches after the step `exp` describes (updated in place and returned)."""
-        if self.caches is not None and exp.writes is not None:
-            slots, k, v = exp.writes
-            for c, rows in zip(self.caches, (k, v)):
-                at = slots.to(c.device)  # (block, offset): any strides
-                c[at // c.shape[1], at % c.shape[1]] = rows.to(c.device)
-        return self.caches
-
-
-# A case is held three times over while it runs: the pristine inputs, the reference's copy and
-# each backend's own copy (one at a time).
-COPIES = 3
-
-
 def machine_memory() -> list[tuple[str, int]]:
     """(what, bytes) of every memory a case must fit: this host's RAM (cases are built there),
     and the GPU's where there is one (the reference and the backends run there)."""
@@ -188,18 +150,9 @@ def machine_memory() -> list[tuple[str, int]]:
 
 
 def memory_problem(shape) -> str:
-    """Why `shape` (a conformance Shape) cannot be held by this machine ('' when it can): its
-    footprint times COPIES against each memory of `machine_memory()`, from its fields alone,
-    before anything is allocated."""
-    need = COPIES * shape.footprint()
-    for what, have in machine_memory():
-        if need > have:
-            return (
-                f"too large for this machine: case {shape.id} needs about {need:,} bytes "
-                f"({need / 2**30:,.1f} GiB: {COPIES} copies of its inputs and caches); its "
-                f"{what} is {have:,} bytes ({have / 2**30:,.1f} GiB)"
-            )
-    return ""
+    """Why `shape` (a conformance Shape) cannot be held by this machine ('' when it can), from
+    its fields alone (conformance/memory.py), before anything is allocated."""
+    return memory.problem(shape, machine_memory())
 
 
 def check_fits(shapes, where: str) -> None:
@@ -215,16 +168,9 @@ def reference_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def steps_of(inputs: Step | Episode) -> tuple[Step, ...]:
-    return inputs.steps if isinstance(inputs, Episode) else (inputs,)
-
-
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-_EXPECTED: OrderedDict[tuple, tuple[Step | Episode, list[Expected]]] = OrderedDict()
 
 
 # Several matrix workers share one GPU: an out-of-memory error is often another worker's peak,
@@ -261,36 +207,33 @@ def retry_on_oom(fn, device: torch.device):
     raise AssertionError("unreachable")
 
 
-def expected_for(
-    case, reads_inputs: bool = False, build_device: str = "cpu"
-) -> tuple[Step | Episode, list[Expected]]:
-    """Inputs (built on `build_device`: the CPU, or a GPU for the bench's large workloads;
-    caches untouched; never handed to a backend) and the reference's results per step, computed
-    the way the backend reads an fp8 prefill (`reads_inputs`, reference/fp8.py); the last few
-    are kept, since a case's backends run one after another."""
-    key = (case.id, reads_inputs, str(build_device))
-    if key in _EXPECTED:
-        _EXPECTED.move_to_end(key)
-        return _EXPECTED[key]
-    result = retry_on_oom(
-        lambda: _compute_expected(case, reads_inputs, build_device), reference_device()
-    )
-    _EXPECTED[key] = result
-    while len(_EXPECTED) > 4:
-        _EXPECTED.popitem(last=False)
-    return result
+_CASES: dict[tuple, CaseRun] = {}
+_BUILD_PEAK = [0]  # the allocator's peak when the kept case was built (CUDA), for the engine
 
 
-def _compute_expected(case, reads_inputs: bool, build_device: str):
-    dev = reference_device()
-    with CLOCK.phase("inputs"):
-        inputs = build_inputs(case, build_device)
-        ref_inputs = inputs.to(dev, copy=True)
-    with CLOCK.phase("reference"):
-        results = [expect_step(step, reads_inputs) for step in steps_of(ref_inputs)]
-        del ref_inputs
-        _recover(dev)
-    return inputs, results
+def case_run(shape, build_device: str = "cpu") -> CaseRun:
+    """The case on the reference's device with every step's answer (conformance/expected.py),
+    built once for all its backends: the last one is kept (a case's backends run one after
+    another), `forget_cases` lets it go."""
+    key = (shape.id, str(build_device), shape.content_hash)
+    if key not in _CASES:
+        forget_cases()
+        dev = reference_device()
+        _CASES[key] = retry_on_oom(lambda: CaseRun(shape, dev, build_device, CLOCK), dev)
+        if dev.type == "cuda":
+            _BUILD_PEAK[0] = torch.cuda.max_memory_reserved(dev)
+    return _CASES[key]
+
+
+def build_peak() -> int:
+    """The CUDA allocator's peak (reserved bytes) while the kept case was built (0: none)."""
+    return _BUILD_PEAK[0] if _CASES else 0
+
+
+def forget_cases() -> None:
+    """Free the kept case (its inputs and answers on the device)."""
+    _CASES.clear()
+    _recover(reference_device())
 
 
 def permute_blocks(step: Step, seed: int) -> Step:
@@ -331,18 +274,24 @@ def error_reason(e: BaseException) -> str:
 
 def changed_inputs(step: Step, pristine: Step) -> list[str]:
     """Names of the inputs (not the caches, which a step writes) whose bits differ from the
-    pristine copy: a backend must not modify its inputs."""
-    names = []
+    pristine copy: a backend must not modify its inputs. Compared where `pristine` lives,
+    read once."""
+    names, same = [], []
     for name in ("query", "key", "value"):
         a, b = getattr(step, name), getattr(pristine, name)
-        if (a is None) != (b is None) or (
-            a is not None and (a.shape != b.shape or not bitwise_equal(a, b).all())
-        ):
+        if (a is None) != (b is None) or (a is not None and a.shape != b.shape):
             names.append(name)
+        elif a is not None:
+            same.append((name, bitwise_equal(a, b).all()))
     for name in ("block_tables", "slot_mapping", "cross_block_tables", "cross_slot_mapping"):
         a, b = getattr(step.metadata, name), getattr(pristine.metadata, name)
-        if (a is None) != (b is None) or (a is not None and not torch.equal(a.to(b.device), b)):
+        if (a is None) != (b is None) or (a is not None and a.shape != b.shape):
             names.append(name)
+        elif a is not None:
+            same.append((name, (a.to(b.device) == b).all()))
+    if same:
+        ok = torch.stack([x for _, x in same]).tolist()
+        names += [name for (name, _), good in zip(same, ok) if not good]
     return names
 
 
@@ -358,7 +307,8 @@ def run_case(
 ) -> list[dict]:
     """All rows of `case` × `backend`: one per step, plus `permuted` (block permutation must not
     change the output) and `rerun` (a second run must be bitwise identical; folded into
-    `permuted` where that one compares bits).
+    `permuted` where that one compares bits). The case is built and its reference computed
+    once for all its backends (`case_run`), and only for a backend that can run here.
     `module`: the backend's --backend-module spec ('' for a registered one), for its rows."""
     name = str(backend.name)
     case = lower(case) if isinstance(case, Case) else case  # the rows see shapes only
@@ -366,22 +316,10 @@ def run_case(
     def row(sname, status, reason="", *a, **kw):
         return result_row(case, name, sname, status, reason, *a, backend_module=module, **kw)
 
+    snames = [_step_name(i, k) for i, k in enumerate(case.step_kinds())]
     too_big = memory_problem(case)
     if too_big:  # never allocated: a skip that says why (a cases file is refused up front)
-        return [
-            row(_step_name(i, k), Status.SKIP, too_big) for i, k in enumerate(case.step_kinds())
-        ]
-    try:
-        inputs, expected = expected_for(
-            case, backend.capabilities.fp8_prefill_reads_inputs, build_device
-        )
-    except KeyboardInterrupt:
-        raise
-    except BaseException as e:
-        return [row("build", Status.ERROR, f"case could not be built: {error_reason(e)}")]
-    steps = steps_of(inputs)
-    snames = [_step_name(i, s) for i, s in enumerate(steps)]
-
+        return [row(s, Status.SKIP, too_big) for s in snames]
     why, problem = guarded(backend.unavailable_reason, what="unavailable_reason()")
     if not problem and why is not None and not isinstance(why, str):
         problem = f"unavailable_reason() returned {type(why).__name__}, expected str or None"
@@ -392,6 +330,13 @@ def run_case(
     device, problem = guarded(lambda: torch.device(backend.device()), what="device()")
     if problem:
         return [row(s, Status.ERROR, problem) for s in snames]
+    try:
+        run = case_run(case, build_device)
+    except KeyboardInterrupt:
+        raise
+    except BaseException as e:
+        return [row("build", Status.ERROR, f"case could not be built: {error_reason(e)}")]
+    expected = run.expected_for(backend.capabilities.fp8_prefill_reads_inputs)
     # A backend that reads whole tiles of the pool (weighting other slots by zero) declares
     # `finite_unowned_slots`: its copy holds POISON instead of NaN where nothing was written.
     finite = backend.capabilities.finite_unowned_slots
@@ -399,7 +344,7 @@ def run_case(
 
     def fresh():
         with CLOCK.phase("inputs"):
-            copy = inputs.to(device, copy=True)
+            copy = run.fresh(device)
             return poison_finite(copy) if finite else copy
 
     mine, problem = guarded(lambda: retry_on_oom(fresh, device))
@@ -410,8 +355,9 @@ def run_case(
         ]
 
     rows, last = [], None
-    pool = ExpectedCaches(mine if finite else inputs)
-    for sname, step, pristine, exp in zip(snames, steps_of(mine), steps, expected):
+    with CLOCK.phase("comparison"):
+        pool = ExpectedCaches(mine if finite else run.pristine)
+    for sname, step, pristine, exp in zip(snames, steps_of(mine), run.steps, expected):
         after = pool.advance(exp)
         v = judge_step(backend, step, pristine, exp, after, device, timeout_s)
         rows.append(row(sname, v.status, v.reason, v.comparison, exp.ref_ms, v.backend_ms,
@@ -419,14 +365,14 @@ def run_case(
         if v.status != Status.PASS and step.kv_cache is not None:
             _take_expected_cache(step, after)  # later steps read what this one should have written
         last = (step, v.output) if v.status == Status.PASS else None
-    del pool
-    if isinstance(inputs, Step) and last is not None:
+    del pool, mine
+    if isinstance(run.pristine, Step) and last is not None:
         # A second call must give the first call's bits (determinism: a kernel wrong from its
         # second call on, or racy), and the same step with its blocks shuffled must too. For a
         # backend bit-for-bit under permutation, the permuted call checks both at once; `rerun`
         # (the same inputs again) runs where it cannot (no cache; a backend judged under
         # permutation by the tolerance) and after a permuted failure, to name the cause.
-        permuted = metamorphic and inputs.kv_cache is not None
+        permuted = metamorphic and run.pristine.kv_cache is not None
         again = None
 
         def rerun_row():
@@ -461,7 +407,6 @@ def run_case(
                 if again["status"] != Status.PASS:
                     got["reason"] += " (the backend is not deterministic either: see its rerun row)"
             rows.append(got)
-    _recover(device)  # free this case's memory before the next one (workers share the GPU)
     return rows
 
 
@@ -507,7 +452,7 @@ def judge_step(
         return StepVerdict(Status.ERROR, problem, compile_ms=compile_ms)
     with CLOCK.phase("comparison"):
         comp, problem = guarded(
-            lambda: compare_output(step, out, exp.output, exp.baseline_err, backend=backend)
+            lambda: compare_output(step, out, exp.output, exp.baseline_err, backend, exp.ref_scale)
         )
         if problem:
             return StepVerdict(Status.ERROR, f"comparison failed: {problem}", None, backend_ms,
@@ -529,27 +474,6 @@ def judge_step(
             elif cache_problem:  # the output was wrong too: say where the cache went wrong
                 reason = f"{reason}; {cache_problem}"
     return StepVerdict(status, reason, comp, backend_ms, out, compile_ms)
-
-
-def expect_step(step: Step, reads_inputs: bool = False) -> Expected:
-    """The reference's view of `step`, run on the step as given (its caches are written);
-    `reads_inputs`: for a backend that attends over an fp8 prefill's new K/V as given."""
-    dev = step.query.device
-    _sync(dev)
-    t0 = time.perf_counter()
-    out = attention(*step.args(), prefill_reads_inputs=reads_inputs)
-    _sync(dev)
-    ref_ms = (time.perf_counter() - t0) * 1e3
-    base = baseline_attention(step, reads_inputs) - out
-    base = base.abs().max().item() if out.numel() else 0.0
-    writes = None
-    if step.kv_cache is not None:
-        slots = step.metadata.tables_for(step.attn_kind)[1]
-        slots = slots[slots >= 0].long()
-        bs = step.kv_cache[0].shape[1]
-        rows = lambda c: c[slots // bs, slots % bs].cpu().clone()
-        writes = (slots.cpu(), *(rows(c) for c in step.kv_cache))
-    return Expected(out.cpu(), writes, base, ref_ms, nonfinite_count(out))
 
 
 def _take_expected_cache(step: Step, expected_caches) -> None:
@@ -600,12 +524,12 @@ def _check_same(row, sname, backend, make_step, first_out, timeout_s, what, exp=
         return row(sname, Status.FAIL, f"metamorphic: {what} ({why})")
     with CLOCK.phase("comparison"):
         if exp is not None:
-            comp = compare_output(step, out, exp.output, exp.baseline_err, backend=backend)
+            comp = compare_output(step, out, exp.output, exp.baseline_err, backend, exp.ref_scale)
             reason = "" if comp.status == Status.PASS else f"metamorphic: {what} ({comp.reason})"
             return row(sname, comp.status, reason, comp)
-        if bitwise_equal(out, first_out).all():
+        if bool(bitwise_equal(out, first_out).all()):
             return row(sname, Status.PASS)
-        diff = (out.double().cpu() - first_out.double().cpu()).abs().max().item()
+        diff = (out.double() - first_out.double().to(out.device)).abs().max().item()
     return row(sname, Status.FAIL, f"metamorphic: {what} (max diff {diff:.3g})")
 
 

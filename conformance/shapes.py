@@ -52,7 +52,6 @@ from conformance.workloads import (
     Step,
     build_episode,
     build_step,
-    pool_blocks,
 )
 from reference.fp8 import KV_CACHE_DTYPES
 from reference.position_bias import POSITION_BIASES
@@ -222,36 +221,11 @@ class Shape:
         return (self.attn_kind,)
 
     def footprint(self) -> int:
-        """Bytes of the tensors `build` makes (inputs, caches, the per-sequence histories),
-        from the fields alone: what a machine must hold before anything is built."""
-        elem = DTYPES[self.dtype].itemsize
-        fp8 = self.kv_cache_dtype != "auto"
-        cache_elem, history_elem = (1, 8) if fp8 else (elem, elem)
-        row, kv_row = self.num_heads * self.head_size, self.num_kv_heads * self.head_size
-        blocks = lambda lens: sum(-(-n // self.block_size) for n in lens)
-        pad = self.padding_tokens
-        enc = self.encoder_seq_lens or ()
-        if self.attn_kind == "encoder":
-            tokens = sum(enc) + pad
-            return tokens * (row + 2 * kv_row) * elem + 2 * sum(enc) * kv_row * elem
-        if self.attn_kind == "episode":
-            final = [q + self.decode_steps for q in self.query_lens]
-            kv_lens, needed = [*final, *enc, *enc], blocks(final) + blocks(enc)  # + the encoder's
-            queries = 2 * sum(final) + sum(enc)  # every step's queries, the encoder's
-            new_kv = sum(final) + 2 * sum(enc)
-        else:
-            ctx = self.context_lens or (0,) * len(self.query_lens)
-            kv_lens = (
-                enc
-                if self.attn_kind == "encoder_decoder"
-                else [c + q for c, q in zip(ctx, self.query_lens)]
-            )
-            needed, queries = blocks(kv_lens), sum(self.query_lens) + pad
-            new_kv = sum(enc) if self.attn_kind == "encoder_decoder" else sum(self.query_lens)
-            new_kv += pad
-        cache = 2 * pool_blocks(needed, self.layout) * self.block_size * kv_row * cache_elem
-        histories = 2 * sum(kv_lens) * kv_row * history_elem
-        return cache + histories + queries * row * elem + 2 * new_kv * kv_row * elem
+        """Bytes of the tensors `build` makes, from the fields alone (conformance/memory.py):
+        what a machine must hold before anything is built."""
+        from conformance.memory import host_bytes
+
+        return host_bytes(self)
 
     # ---- reading and building ------------------------------------------------------------
     def to_dict(self) -> dict:

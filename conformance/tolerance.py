@@ -5,11 +5,13 @@ A backend's output is compared in float64 with the reference. It passes when
     max_abs_err(backend) <= FACTOR * max_abs_err(baseline) + FLOOR[dtype] * max(1, max|ref|)
 
 where `baseline` is the straightforward computation in the same low precision: the dense
-textbook attention with q, k, v, scores, softmax and P·V all in the step's dtype (the scheme of
-FlashAttention's tests). A backend may be at most FACTOR times worse than naive math in its own
-dtype, plus a small floor per dtype, relative to the output's magnitude, that covers outputs
-where naive math happens to land exactly and the extra rounding of an online softmax (one
-rescale per K/V tile) on top of naive math. NaN or Inf where the reference is finite always fails.
+textbook attention with q, k, v, scores, softmax and P·V all rounded to the step's dtype, op
+by op (the scheme of FlashAttention's tests; each op exact before its rounding, so the baseline
+is the step's own on any device). A backend may be at most FACTOR times worse than naive math
+in its own dtype, plus a small floor per dtype, relative to the output's magnitude, that covers
+outputs where naive math happens to land exactly and the extra rounding of an online softmax
+(one rescale per K/V tile) on top of naive math. NaN or Inf where the reference is finite
+always fails.
 
 Numbers (outputs are O(1): inputs are standard normal, outputs are convex mixes of values):
     FACTOR = 2
@@ -45,18 +47,21 @@ FLOOR = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2, torch
 
 
 def baseline_attention(step, reads_inputs: bool = False) -> torch.Tensor:
-    """Dense textbook attention computed entirely in the step's dtype, returned as float64.
+    """Naive attention in the step's dtype, returned as float64: q, k, v, the scores q·kᵀ,
+    their scaling, the bias, the softmax and P·V, each op computed exactly and its result
+    rounded to the dtype, as the most careful op-by-op computation in that dtype gets. Rounded
+    per op, never accumulated in low precision, so it depends on the step alone (not on how a
+    library orders a sum).
 
     Uses the step's contiguous K/V histories (not the cache) as attention reads them: for an
     fp8 cache the dequantized values (the reference attends over exactly those, so the baseline
     charges the kernel only for computing in its dtype, never for the quantization); with
     `reads_inputs` at an fp8 prefill step, the new K/V as given (reference/fp8.py). One sequence
-    at a time with its `sequence_mask` (memory stays per sequence, so large GPU cases fit).
-    Computed in fp32 with rounding to the dtype after every op, which is what a naive kernel in
-    that dtype does."""
+    at a time with its `sequence_mask` (conformance/expected.py computes the same for a whole
+    step at once)."""
     md, kind, dtype = step.metadata, step.attn_kind, step.query.dtype
     dev = step.query.device
-    r = lambda t: t.to(dtype).float()
+    r = lambda t: t.to(dtype).double()
     scale = md.scale_for(step.query.shape[-1])
     out = torch.zeros(step.query.shape, dtype=torch.float64, device=dev)
     q_lens = md.query_lens_for(kind)
@@ -79,7 +84,7 @@ def baseline_attention(step, reads_inputs: bool = False) -> torch.Tensor:
             scores = r(scores + r(bias.to(dev)))
         mask = md.sequence_mask(kind, i).to(dev)
         probs = r(torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1))
-        out[start : start + n] = r(torch.einsum("hqk,khd->qhd", probs, v)).double()
+        out[start : start + n] = r(torch.einsum("hqk,khd->qhd", probs, v))
         start += n
     return out
 
@@ -98,13 +103,17 @@ def rms_ratio(got: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype) -> float
     if ref.numel() == 0:
         return 0.0
     rms = lambda t: t.square().mean().sqrt().item()
-    err = rms(got - ref)
+    return rms_ratio_of(rms(got - ref), rms(ref.to(dtype).double() - ref), rms(ref), dtype)
+
+
+def rms_ratio_of(err_rms: float, rounding_rms: float, ref_rms: float, dtype) -> float:
+    """`rms_ratio` from its three RMS values (the error, the rounding's, the output's)."""
     # A floor for outputs that round exactly (e.g. all zeros): 1/20 of an ulp of the RMS output.
-    floor = 0.05 * torch.finfo(dtype).eps * rms(ref)
-    rounding = max(rms(ref.to(dtype).double() - ref), floor)
+    floor = 0.05 * torch.finfo(dtype).eps * ref_rms
+    rounding = max(rounding_rms, floor)
     if rounding == 0:
-        return 0.0 if err == 0 else float("inf")
-    return err / rounding
+        return 0.0 if err_rms == 0 else float("inf")
+    return err_rms / rounding
 
 
 def tolerance(dtype: torch.dtype, baseline_err: float, ref_scale: float = 1.0) -> float:

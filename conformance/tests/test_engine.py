@@ -1,6 +1,7 @@
-"""The engine's scheduling: jobs of one case, memory-aware worker counts and admission, a test
-that ran out of memory run again alone, a worker that keeps memory replaced, and where the
-time went (run.json, the summary line, the compile_ms column)."""
+"""The engine's processes: memory-aware worker counts, a test that ran out of memory run again
+with more, a poisoned worker's job in a fresh one, a worker that keeps memory replaced, and
+where the time went (run.json, the summary line, the compile_ms column). Its policy has its own
+tests without processes (test_scheduler.py)."""
 
 import json
 
@@ -10,7 +11,8 @@ import torch
 from conformance import engine
 from conformance.cases import Case, lower
 from conformance.engine import Test as Job
-from conformance.engine import _Jobs, auto_workers, job_need
+from conformance.engine import auto_workers, needs_of
+from conformance.memory import device_bytes
 from conformance.runner import PHASES
 from conformance.tests.cli import CASE, FAULTY, cli, csv_rows
 
@@ -18,19 +20,15 @@ SMALL = lower(Case.from_id(CASE))
 EPISODE = lower(Case.from_id("episode-episode-ragged-bs16-h8kv2-d64-fp16-interleaved-s0"))
 
 
-def test_a_case_and_its_backends_are_one_job_in_plan_order():
-    tests = tuple(Job(s, b) for s in (SMALL, EPISODE) for b in ("torch", "triton", "flex"))
-    jobs = _Jobs.of(tests)
-    assert jobs.queue == [[0, 1, 2], [3, 4, 5]]
-    assert jobs.needs[0] == job_need([SMALL]) < jobs.needs[3] == job_need([EPISODE])
+def test_a_tests_need_is_its_measured_peak_else_the_memory_model(tmp_path):
+    from conformance.scheduler import MemoryRecord
 
-
-def test_a_job_waits_while_it_would_not_fit_beside_the_running_ones():
-    jobs = _Jobs([[0], [1], [2]], {0: 60, 1: 30, 2: 10})
-    assert jobs.take(in_use=50, budget=100) == [1]  # the 60 does not fit; the 30 does
-    assert jobs.take(in_use=95, budget=100) is None  # neither fits beside 95
-    assert jobs.take(in_use=0, budget=100) == [0]  # alone, any job may run
-    assert jobs.queue == [[2]]
+    tests = (Job(SMALL, "torch"), Job(EPISODE, "triton"))
+    assert needs_of(tests) == [device_bytes(SMALL), device_bytes(EPISODE)]
+    record = MemoryRecord(tmp_path / "h100.json")
+    record.update({MemoryRecord.key(EPISODE.id, "triton"): 5 << 20})
+    small, episode = needs_of(tests, MemoryRecord(tmp_path / "h100.json"))
+    assert small == device_bytes(SMALL) and 5 << 20 < episode < device_bytes(EPISODE)
 
 
 def _gpu(monkeypatch, total_gib: float, cores: int = 16, gpus: int = 1):
@@ -44,14 +42,14 @@ def _gpu(monkeypatch, total_gib: float, cores: int = 16, gpus: int = 1):
 
 
 def test_auto_workers_fit_the_cards_memory_as_well_as_their_cores(monkeypatch):
-    """80 GB and small cases: one per core. Cases needing ~10 GB each: as many as the card
+    """80 GB and small cases: one per core. Cases needing ~30 GB each: as many as the card
     holds. Two GPUs: twice that. The CPU: one per core."""
     _gpu(monkeypatch, 80)
     small = tuple(Job(SMALL, "torch") for _ in range(9))
     assert auto_workers(small) == 16
-    big = SizedShape(10 * 2**30)
+    big = SizedShape(30 * 2**30)
     n = auto_workers(tuple(Job(big, "torch") for _ in range(9)))
-    assert n == int(0.9 * 80 * 2**30) // (engine.WORKER_BASE_BYTES + job_need([big])) == 2
+    assert n == int(0.9 * 80 * 2**30) // (engine.WORKER_BASE_BYTES + device_bytes(big)) == 2
     _gpu(monkeypatch, 80, gpus=2)
     assert auto_workers(tuple(Job(big, "torch") for _ in range(9))) == 4
     monkeypatch.undo()
@@ -102,18 +100,17 @@ def test_the_rest_of_a_poisoned_workers_job_runs_in_a_fresh_one(tmp_path):
 
 
 class SizedShape:
-    """A stand-in shape of a given footprint."""
+    """A stand-in shape the memory model sizes at about `nbytes`."""
 
-    def __init__(self, nbytes: int):
-        self.nbytes, self.id = nbytes, f"big-{nbytes}"
-        self.attn_kind, self.encoder_seq_lens, self.query_lens = "encoder", (4,), ()
-        self.num_heads, self.context_lens, self.decode_steps = 1, None, 0
+    def __new__(cls, nbytes: int):
+        from conformance.shapes import Shape
 
-    def footprint(self) -> int:
-        return self.nbytes
+        tokens = int((nbytes / 4 / 4 / 1.25) ** 0.5)  # one head of dense float32 scores
+        return Shape("encoder", num_heads=1, head_size=1, encoder_seq_lens=(tokens,),
+                     name=f"big-{nbytes}")  # fmt: skip
 
 
-def test_a_test_that_ran_out_of_memory_runs_again_alone_and_passes(tmp_path, monkeypatch):
+def test_a_test_that_ran_out_of_memory_runs_again_with_more_and_passes(tmp_path, monkeypatch):
     monkeypatch.setenv("FAULT_DIR", str(tmp_path))
     out = tmp_path / "out"
     r = cli("run", "--tier", "smoke", "--shard", "1/24", "-n", "2", "--backend", "torch",
@@ -122,11 +119,12 @@ def test_a_test_that_ran_out_of_memory_runs_again_alone_and_passes(tmp_path, mon
     rows = csv_rows(out)
     assert {row["status"] for row in rows} <= {"pass", "skip"}
     info = json.loads((out / "run.json").read_text())
-    assert len(info["run_alone"]) == 1 and "fault-oom-beside-others" in info["run_alone"][0]
-    assert "ran out of memory beside others and ran again alone" in r.stdout
+    (again,) = info["out_of_memory_reruns"]
+    assert "fault-oom-beside-others" in again and not info["run_alone"]
+    assert "ran out of the memory it was granted and ran again with more" in r.stdout
 
 
-def test_a_test_out_of_memory_alone_too_is_an_error(tmp_path, monkeypatch):
+def test_a_test_out_of_memory_with_the_whole_device_is_an_error(tmp_path, monkeypatch):
     monkeypatch.setenv("FAULT_DIR", str(tmp_path))
     out = tmp_path / "out"
     r = cli("run", "--case", CASE, "--backend-module", f"{FAULTY}:OutOfMemoryAlways",
@@ -134,7 +132,9 @@ def test_a_test_out_of_memory_alone_too_is_an_error(tmp_path, monkeypatch):
     assert r.returncode == 1
     (row,) = [row for row in csv_rows(out) if row["step"].startswith("0:")]
     assert row["status"] == "error" and row["reason"].startswith("out of memory")
-    assert row["reason"].endswith("(also when run alone, after every other test)")
+    assert row["reason"].endswith("(also with its device's whole budget granted)")
+    info = json.loads((out / "run.json").read_text())
+    assert len(info["out_of_memory_reruns"]) >= 1 and info["run_alone"]
 
 
 def test_a_worker_that_keeps_memory_is_named_and_replaced(tmp_path, monkeypatch):
@@ -166,12 +166,15 @@ def test_where_the_time_went(tmp_path):
     assert steps and all(float(row["compile_ms"]) >= 0 for row in steps)
 
 
-@pytest.mark.parametrize("kind", ["decoder", "encoder"])
-def test_job_need_counts_the_dense_scores_of_a_long_prefill(kind):
+@pytest.mark.parametrize("kind", ["decoder", "encoder", "episode"])
+def test_the_memory_model_counts_the_dense_scores_of_a_long_prefill(kind):
+    """An episode's encoder step included (its queries are the encoder's, not the decoder's)."""
     from conformance.shapes import Shape
 
-    lens = (
-        dict(encoder_seq_lens=(3000, 3000)) if kind == "encoder" else dict(query_lens=(3000,) * 2)
-    )
+    lens = {
+        "encoder": dict(encoder_seq_lens=(3000, 3000)),
+        "decoder": dict(query_lens=(3000,) * 2),
+        "episode": dict(encoder_seq_lens=(3000, 3000), query_lens=(2, 2), decode_steps=1),
+    }[kind]
     s = Shape(kind, num_heads=32, head_size=128, **lens)
-    assert job_need([s]) >= 3 * 2 * 32 * 3000 * 3000 * 4
+    assert device_bytes(s) >= 4 * 2 * 32 * 3000 * 3000 * 4

@@ -77,14 +77,17 @@ def test_a_fault_in_an_episode_step_does_not_cascade():
 def test_a_non_finite_reference_makes_every_row_an_error(monkeypatch):
     """A reference that produced NaN must never let anything pass (NaN > tol is False)."""
 
-    def broken_reference(*args, **kw):
-        out = attention(*args, **kw)
-        out.view(-1)[5] = float("nan")
-        return out
+    from conformance import expected
 
-    attention = runner.attention
-    monkeypatch.setattr(runner, "attention", broken_reference)
-    monkeypatch.setattr(runner, "_EXPECTED", type(runner._EXPECTED)())
+    def broken_reference(*args, **kw):
+        answers = batched(*args, **kw)
+        for out, _ in answers:
+            out.view(-1)[5] = float("nan")
+        return answers
+
+    batched = expected.batched_attention
+    monkeypatch.setattr(expected, "batched_attention", broken_reference)
+    runner.forget_cases()
     for backend in (get_backend("torch"), faulty.NaNOutput()):
         rows = _step_rows(runner.run_case(CASE, backend, timeout_s=30))
         assert rows and all(r["status"] == "error" for r in rows)

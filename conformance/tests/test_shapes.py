@@ -192,16 +192,23 @@ def test_a_generated_case_too_large_for_the_machine_is_a_skip_with_its_reason(mo
     """Every step of it a skip naming the bytes, and nothing built (the runner asks first)."""
     from conformance import runner
     from conformance.cases import Case, lower
+    from conformance.memory import device_bytes
     from optimized.backend import get_backend
 
     case = lower(Case.from_id("episode-episode-ragged-bs16-h8kv2-d64-fp16-interleaved-s0"))
     monkeypatch.setattr(runner, "machine_memory", lambda: [("host RAM", case.footprint())])
-    monkeypatch.setattr(runner, "expected_for", _never_built)
+    monkeypatch.setattr(runner, "case_run", _never_built)
     rows = runner.run_case(case, get_backend("torch"))
     assert [r["step"] for r in rows] == [f"{i}:{k}" for i, k in enumerate(case.step_kinds())]
     assert len(rows) == 1 + 2 * (case.decode_steps + 1)
     assert all(r["status"] == "skip" and "too large for this machine" in r["reason"] for r in rows)
-    monkeypatch.setattr(runner, "machine_memory", lambda: [("host RAM", 3 * case.footprint())])
+    enough = case.footprint() + device_bytes(case)  # built on the host, and run there
+    monkeypatch.setattr(runner, "machine_memory", lambda: [("host RAM", enough)])
+    assert runner.memory_problem(case) == ""
+    monkeypatch.setattr(runner, "machine_memory", lambda: [("host RAM", enough - 1)])
+    assert runner.memory_problem(case) != ""
+    gpu = [("host RAM", case.footprint()), ("GPU memory", device_bytes(case))]
+    monkeypatch.setattr(runner, "machine_memory", lambda: gpu)  # run on the GPU
     assert runner.memory_problem(case) == ""
 
 
