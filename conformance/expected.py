@@ -120,14 +120,18 @@ def _attend(q, k, v, visible, scale: float, bias, dtype: torch.dtype | None):
     return r(torch.einsum("sngqk,sknd->sqngd", probs, v))
 
 
-def _bias(md, kind: AttnKind, first, lq: int, lk: int, group: int, device):
-    """T5's bias of a group [s, kv, g, lq, lk] float64: the spec's buckets of key position minus
-    query position (queries at `first` + j, keys at their own), looked up in the table."""
+def _bias(md, kind: AttnKind, first, reach: int, lq: int, lk: int, group: int, device):
+    """T5's bias of a group [s, kv, g, lq, lk] float64: the spec's bucket of key position minus
+    query position (queries at `first` + j, keys at their own; `reach` bounds how far a key
+    can lie before its query), looked up in the table. The buckets are computed on the CPU, as
+    the spec computes them (its float32 log), once per distance."""
     qpos = first[:, None] + torch.arange(lq, device=device)[None, :]
+    distances = torch.arange(-reach, lk)
+    bucket_of = relative_position_bucket(distances, kind == AttnKind.ENCODER,
+                                         md.relative_attention_num_buckets,
+                                         md.relative_attention_max_distance)  # fmt: skip
     relative = torch.arange(lk, device=device)[None, None, :] - qpos[:, :, None]
-    buckets = relative_position_bucket(relative, kind == AttnKind.ENCODER,
-                                       md.relative_attention_num_buckets,
-                                       md.relative_attention_max_distance)  # fmt: skip
+    buckets = bucket_of.to(device)[relative + reach]
     table = md.relative_attention_bias.double().to(device)
     b = table[buckets]  # [s, lq, lk, heads]
     return b.permute(0, 3, 1, 2).reshape(b.shape[0], -1, group, lq, lk)
@@ -189,7 +193,8 @@ def _answer(step: Step, kind: AttnKind, from_inputs: bool):
         visible |= ~q_valid[:, :, None]  # padding rows see everything (no NaN), then dropped
         bias = None
         if md.position_bias != "none":
-            bias = _bias(md, kind, first_t[gi], lq, lk, group, dev)
+            reach = max(first[i] for i in g) + lq
+            bias = _bias(md, kind, first_t[gi], reach, lq, lk, group, dev)
         for h, r in _chunks(len(g), num_kv_heads, group, lq, lk):
             valid = q_valid[:, r]
             dest = q_rows[:, r][valid]

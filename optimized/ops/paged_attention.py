@@ -159,9 +159,9 @@ def _kernel_args(
     )  # fmt: skip
 
 
-# What each compiled variant costs an SM, by (device, dtypes, constexprs, launch): in memory,
-# and on disk beside Triton's cache (`_probe_file`), so a warm machine compiles no candidate it
-# does not launch.
+# What each compiled variant costs an SM, by (device, dtypes, constexprs, launch): in memory, in
+# a table shipped per card (`_shipped`, compiled without the card), and on disk beside Triton's
+# cache (`_probe_file`), so a machine compiles no candidate it does not launch.
 _COMPILED: dict[tuple, Compiled] = {}
 
 
@@ -184,24 +184,45 @@ def _specialization(args: tuple) -> tuple:
     )
 
 
-def _probe_file(key: tuple) -> Path:
+def _probe_name(key: tuple) -> str:
+    """A compiled variant's name: its key, Triton's version and the kernel's source, hashed."""
     import hashlib
 
     import triton
-    from triton import knobs
 
     text = repr((triton.__version__, _paged_attention_kernel.cache_key, key))
-    name = hashlib.sha256(text.encode()).hexdigest()[:32]
-    return Path(knobs.cache.dir) / "encdec-attn-probe" / f"{name}.json"
+    return hashlib.sha256(text.encode()).hexdigest()[:32]
+
+
+def _probe_file(key: tuple) -> Path:
+    from triton import knobs
+
+    return Path(knobs.cache.dir) / "encdec-attn-probe" / f"{_probe_name(key)}.json"
+
+
+@functools.cache
+def _shipped(cc: tuple[int, int]) -> dict[str, list[int]]:
+    """The facts shipped for compute capability `cc` (optimized/ops/probes/sm<cc>.json, compiled
+    without a card by tuning/probe.py), by name; {} where there are none."""
+    try:
+        path = Path(__file__).with_name("probes") / f"sm{cc[0]}{cc[1]}.json"
+        return json.loads(path.read_text())["facts"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
 
 
 def _known(variant: tuple, launches: tuple[Launch, ...], device) -> list[tuple[tuple, Launch]]:
-    """The launches whose compiled facts are neither in memory nor on disk (those on disk are
-    read into memory)."""
+    """The launches whose compiled facts are nowhere yet: not in memory, not in the table
+    shipped for the card, not on disk (those found are read into memory)."""
     todo = []
+    cc = torch.cuda.get_device_capability(device)
     for c in launches:
-        key = (*variant, torch.cuda.get_device_capability(device), c)
+        key = (*variant, cc, c)
         if key in _COMPILED:
+            continue
+        shipped = _shipped(tuple(cc)).get(_probe_name(key))
+        if shipped is not None:
+            _COMPILED[key] = Compiled(*shipped)
             continue
         try:
             _COMPILED[key] = Compiled(*json.loads(_probe_file(key).read_text()))
