@@ -57,10 +57,10 @@ def cmd_list(args) -> int:
         w = csv.DictWriter(sys.stdout, fieldnames=["case_id", *asdict(cases[0])])
         w.writeheader()
         for c in cases:
-            w.writerow({"case_id": c.id, **asdict(c)})
+            w.writerow({"case_id": c.id, **asdict(c), **_labels(c)})
     else:
         for c in cases:
-            axes = " ".join(f"{k}={v}" for k, v in asdict(c).items())
+            axes = " ".join(f"{k}={v}" for k, v in {**asdict(c), **_labels(c)}.items())
             print(f"{c.id}  {axes}")
     got, want = coverage(args.tier, every, args.model)
     print(
@@ -69,6 +69,16 @@ def cmd_list(args) -> int:
         file=sys.stdout if args.format != "csv" else sys.stderr,
     )
     return 0
+
+
+def _labels(case) -> dict:
+    """The columns where a case's rows say more than its axis values (a model preset brings its
+    own position bias): as results.csv labels it."""
+    from conformance.cases import Case
+
+    if not isinstance(case, Case):
+        return {}
+    return {"position_bias": case.columns()["position_bias"]}
 
 
 def _list_file(args, cases) -> int:
@@ -266,6 +276,8 @@ def cmd_dump(args) -> int:
         for name in ("query_lens", "context_lens", "encoder_seq_lens"):
             if getattr(md, name) is not None:
                 arrays[p + name] = np.array(getattr(md, name), dtype=np.int64)
+        if md.position_bias != "none":  # the table as the backend receives it
+            arrays[p + "relative_attention_bias"] = _np(md.relative_attention_bias)
         arrays[p + "reference_output"] = out.numpy()
         if rstep.kv_cache is not None:
             arrays[p + "key_cache_after"] = _np(rstep.kv_cache[0])
@@ -277,6 +289,7 @@ def cmd_dump(args) -> int:
     meta = {
         "case_id": case.id,
         **case.to_dict(),
+        **_labels(case),
         "steps": [
             dict(
                 attn_kind=s.attn_kind.value,
@@ -286,12 +299,16 @@ def cmd_dump(args) -> int:
                 kv_cache_dtype=s.metadata.kv_cache_dtype,
                 k_scale=None if s.metadata.k_scale is None else s.metadata.k_scale.tolist(),
                 v_scale=None if s.metadata.v_scale is None else s.metadata.v_scale.tolist(),
+                **_bias_fields(s),
                 **({"backend": verdicts[i]} if verdicts else {}),
             )
             for i, s in enumerate(steps)
         ],
         "note": "bfloat16 and fp8 tensors are stored as float32 (numpy has neither); fp8 "
-        "caches hold the stored values, unscaled",
+        "caches hold the stored values, unscaled; a step with position_bias t5 adds "
+        "stepN_relative_attention_bias[bucket(key position - query position), head] to its "
+        "scaled scores (Hugging Face's buckets, bidirectional as said; a decoder query at "
+        "context_len + its index)",
     }
     (out_dir / "case.json").write_text(json.dumps(meta, indent=2))
     print(f"wrote {out_dir / 'case.npz'} ({len(arrays)} arrays) and {out_dir / 'case.json'}")
@@ -302,6 +319,19 @@ def cmd_dump(args) -> int:
             )
         return 1 if any(v["status"] in (Status.FAIL, Status.ERROR) for v in verdicts) else 0
     return 0
+
+
+def _bias_fields(step) -> dict:
+    """A dumped step's position bias: which, its bucket configuration and direction."""
+    md = step.metadata
+    if md.position_bias == "none":
+        return dict(position_bias="none")
+    return dict(
+        position_bias=md.position_bias,
+        relative_attention_num_buckets=md.relative_attention_num_buckets,
+        relative_attention_max_distance=md.relative_attention_max_distance,
+        bidirectional=step.attn_kind.value == "encoder",
+    )
 
 
 def _dump_backend(args, case, arrays: dict) -> list[dict]:

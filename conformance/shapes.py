@@ -54,7 +54,7 @@ from conformance.workloads import (
     build_step,
 )
 from reference.fp8 import KV_CACHE_DTYPES
-from reference.position_bias import POSITION_BIASES
+from reference.position_bias import POSITION_BIASES, config_problem
 
 ATTN_KINDS = ("encoder", "decoder", "encoder_decoder", "episode")
 # Ids abbreviate the kind: encoder_decoder (the AttnKind value every row and API uses) is "cross".
@@ -327,6 +327,14 @@ class Shape:
                 if bias == "none":
                     raise ValueError(f"{f}: only with position_bias t5")
                 v[f] = _int(f, v[f], low)
+        if bias != "none":  # what Hugging Face computes, per direction the kind's steps use
+            buckets = v.get("relative_attention_num_buckets", 32)
+            distance = v.get("relative_attention_max_distance", 128)
+            for bidirectional in {"encoder": (True,), "decoder": (False,)}.get(kind, (True, False)):
+                problem = config_problem(buckets, distance, bidirectional)
+                if problem:
+                    step = "encoder" if bidirectional else "decoder"
+                    raise ValueError(f"{problem} (the {step} steps' bias)")
         if kind == "episode" and v.get("decode_steps") is None:
             v["decode_steps"] = DEFAULT_DECODE_STEPS
         name = v.get("name", "")

@@ -17,6 +17,8 @@ every boundary lands where the model's does:
   masked anyway), keys before it by distance.
 - distances below `max_exact` (half the buckets of a direction) get a bucket each; farther ones
   share log-spaced buckets up to `max_distance`; everything beyond is the last bucket.
+- any configuration Hugging Face's function computes is accepted (an odd bidirectional table
+  included: its last row is never read); `config_problem` says why one is not.
 
 Worked example, 32 buckets, max_distance 128 (checked by reference/tests/test_position_bias.py):
 
@@ -33,6 +35,26 @@ import math
 import torch
 
 POSITION_BIASES = ("none", "t5")
+
+
+def config_problem(num_buckets: int, max_distance: int, bidirectional: bool) -> str:
+    """'' when Hugging Face's bucket function computes this configuration, else why it cannot.
+    Per direction (half the buckets when bidirectional, rounded down: an odd table leaves its
+    last row unused) it needs an exact bucket (`max_exact` = that half of them, at least 1) and
+    a `max_distance` beyond it: the far buckets divide by log(max_distance / max_exact), which
+    must be positive (zero divides by zero; negative gives negative buckets)."""
+    per_direction = num_buckets // 2 if bidirectional else num_buckets
+    max_exact = per_direction // 2
+    way = "bidirectional: half of them a direction, " if bidirectional else ""
+    if max_exact < 1:
+        least = 4 if bidirectional else 2
+        return (f"relative_attention_num_buckets: {num_buckets} leaves no exact bucket ({way}half "
+                f"of those exact); expected at least {least}")  # fmt: skip
+    if max_distance <= max_exact:
+        return (f"relative_attention_max_distance: {max_distance} is not beyond the {max_exact} "
+                f"exact buckets of {num_buckets} ({way}half of those exact): log(max_distance / "
+                f"max_exact) must be positive")  # fmt: skip
+    return ""
 
 
 def relative_position_bucket(

@@ -18,8 +18,8 @@ What is accepted (and so defined by `reference.attention`):
   one scheme; with `auto` they are None.
 - `position_bias` t5 (reference/position_bias.py): on encoder and decoder steps only; its
   table `relative_attention_bias` [num_buckets, num_heads] finite, in the query's dtype and on
-  its device; num_buckets even (>= 4) for the encoder's bidirectional bias; max_distance above
-  half the buckets. With `none` the table is None.
+  its device; a bucket configuration Hugging Face's function computes (`config_problem`: an
+  exact bucket a direction and max_distance beyond them). With `none` the table is None.
 - Paging (`_check_paging`): block tables and slot mappings are int32/int64 tensors; every table
   entry a sequence reads is a block of the cache; every new token's slot is where its own table
   puts it; no slot is written twice; and no slot written overwrites data that a sequence reads
@@ -34,7 +34,7 @@ import torch
 
 from reference.fp8 import KV_CACHE_DTYPES, cache_dtype
 from reference.metadata import AttnKind, StepMetadata
-from reference.position_bias import POSITION_BIASES
+from reference.position_bias import POSITION_BIASES, config_problem
 
 # float64 is accepted (the reference computes in it); backends list what they support.
 SUPPORTED_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
@@ -388,15 +388,9 @@ def _check_position_bias(md: StepMetadata, kind: AttnKind, num_heads: int, dtype
                         ("relative_attention_max_distance", distance)):  # fmt: skip
         if not isinstance(value, int) or isinstance(value, bool) or value < 2:
             raise _err(name, f"expected an int >= 2, got {value!r}")
-    if kind == AttnKind.ENCODER and (buckets % 2 or buckets < 4):
-        raise _err("relative_attention_num_buckets",
-                   f"the encoder's bias is bidirectional (half the buckets a direction): expected "
-                   f"an even number >= 4, got {buckets}")  # fmt: skip
-    if distance <= buckets // 2:
-        raise _err(
-            "relative_attention_max_distance",
-            f"expected more than half the buckets ({buckets // 2}), got {distance}",
-        )
+    problem = config_problem(buckets, distance, kind == AttnKind.ENCODER)
+    if problem:
+        raise ValueError(problem)
     _check_tensor("relative_attention_bias", table, (buckets, num_heads), device, dtype=dtype)
     if not bool(torch.isfinite(table).all()):
         raise _err("relative_attention_bias", "holds non-finite values: expected finite numbers")

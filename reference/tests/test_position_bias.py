@@ -79,13 +79,13 @@ def _bias_step(kind="decoder", **change):
         ("decoder", dict(relative_attention_bias=torch.zeros(32, 4, dtype=torch.float64)),
          "expected dtype torch.float32"),
         ("decoder", dict(relative_attention_bias=torch.full((32, 4), math.nan)), "non-finite"),
-        ("encoder", dict(relative_attention_num_buckets=7), "even number >= 4"),
+        ("encoder", dict(relative_attention_num_buckets=3), "3 leaves no exact bucket"),
         ("decoder", dict(relative_attention_num_buckets=32, relative_attention_max_distance=16),
-         "more than half the buckets (16)"),
+         "16 is not beyond the 16 exact buckets of 32"),
         ("decoder", dict(relative_attention_num_buckets=1), "int >= 2"),
         ("decoder", dict(position_bias="none"), "is for position_bias t5 only"),
     ],
-    ids=["kind", "shape", "dtype", "nan", "odd", "distance", "buckets", "stray-table"],
+    ids=["kind", "shape", "dtype", "nan", "no-exact", "distance", "buckets", "stray-table"],
 )  # fmt: skip
 def test_bad_bias_input_is_one_error_naming_it(kind, change, message):
     step = _bias_step(kind, **change)
@@ -100,3 +100,34 @@ def test_the_bias_on_a_cross_step_is_refused():
     md = replace(step.metadata, position_bias="t5", relative_attention_bias=torch.zeros(32, 4))
     with pytest.raises(ValueError, match="position_bias: t5 applies to encoder and decoder self"):
         check_inputs(*replace(step, metadata=md).args())
+
+
+CONFIGS = [
+    (b, d)
+    for b in (2, 3, 4, 5, 6, 7, 8, 9, 16, 31, 32, 33)
+    for d in (1, 2, 3, 4, 5, 8, 15, 16, 17, 128)
+]
+
+
+@pytest.mark.parametrize("bidirectional", [True, False], ids=["encoder", "decoder"])
+def test_every_configuration_hugging_face_computes_is_accepted_and_only_those(bidirectional):
+    """A table of HF's behaviour (reference/tests/hf.py, its function written again in NumPy):
+    odd and small tables, max distances at and around the exact buckets. Where HF computes, the
+    spec accepts it and its buckets are HF's on every position; where HF cannot, one error."""
+    from reference.position_bias import config_problem, relative_position_bucket
+    from reference.tests.hf import hf_bucket, hf_computes
+
+    for buckets, distance in CONFIGS:
+        ok = hf_computes(buckets, distance, bidirectional)
+        problem = config_problem(buckets, distance, bidirectional)
+        assert (problem == "") == ok, (buckets, distance, problem)
+        if ok:
+            rel = torch.arange(-3000, 3001)
+            ours = relative_position_bucket(rel, bidirectional, buckets, distance)
+            theirs = hf_bucket(rel.numpy(), bidirectional, buckets, distance)
+            assert (ours.numpy() == theirs).all(), (buckets, distance)
+        else:
+            assert problem.startswith(("relative_attention_num_buckets: ",
+                                       "relative_attention_max_distance: "))  # fmt: skip
+    # the two the issue names: an odd encoder table, 32 buckets up to 16 in the encoder
+    assert config_problem(31, 128, True) == "" and config_problem(32, 16, True) == ""
