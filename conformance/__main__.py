@@ -131,12 +131,7 @@ def resolve_run(args):
         raise ValueError(f"--tier: expected one of {TIERS}, got {args.tier!r}")
     if args.cases and not Path(args.cases).is_file():
         raise ValueError(f"--cases: no such file {args.cases!r}")
-    try:
-        timeout = positive_seconds(str(args.case_timeout))
-    except ValueError as e:
-        raise ValueError(f"--case-timeout: {e}") from None
-    if args.workers != "auto" and not args.workers.isdigit():
-        raise ValueError(f"-n: expected 'auto' or a number of workers, got {args.workers!r}")
+    timeout, _ = _engine_options(args)
     if args.gpus is not None:
         args.gpus = parse_gpus(args.gpus, torch.cuda.device_count())
     shapes = selection.workloads(args.tier, args.model, args.cases, args.case, args.shard)
@@ -176,12 +171,7 @@ def parse_gpus(text: str, available: int) -> str:
 
 
 def cmd_run(args) -> int:
-    """Resolve the plan, then run the engine (conformance/engine.py) in a process of its own and
-    supervise it: signals are passed on, and whatever happens to it (killed, a crash of its own),
-    results.csv is written from what finished, every test that left no row an error row."""
-    from conformance import engine
-    from conformance.results import finalize_run, read_run, summary_lines
-
+    """Resolve the plan, then run it on the engine (`supervise`); the report beside it."""
     plan = resolve_run(args)
     if args.gpus is not None:
         os.environ["CUDA_VISIBLE_DEVICES"] = args.gpus
@@ -192,6 +182,18 @@ def cmd_run(args) -> int:
         f"{plan.workers} worker(s) -> {plan.out}",
         flush=True,
     )
+    code = supervise(plan)
+    _render(Path(plan.out))
+    return code
+
+
+def supervise(plan) -> int:
+    """Run the engine (conformance/engine.py) in a process of its own and supervise it: signals
+    are passed on, and whatever happens to it (killed, a crash of its own), results.csv is
+    written from what finished, every test that left no row an error row. Its exit code."""
+    from conformance import engine
+    from conformance.results import finalize_run, read_run, summary_lines
+
     child = engine.engine_context().Process(target=engine.engine_main, args=(plan,))
     received: list[int] = []
 
@@ -210,18 +212,16 @@ def cmd_run(args) -> int:
         for s, h in old.items():
             signal.signal(s, h)
     code = child.exitcode
-    info = read_run(Path(args.out))
+    info = read_run(Path(plan.out))
     final = info.get("run_id") == plan.run_id and info.get("state") in ("complete", "interrupted")
     if not final or code not in (0, 1, 130, 143):
         # The engine died (or was killed) before it finished the result set: finish it here.
         state = "interrupted" if received else "complete"
-        counts = finalize_run(Path(args.out), state, plan)
+        counts = finalize_run(Path(plan.out), state, plan)
         print(f"[conformance] the engine ended with exit code {code}", flush=True)
-        for line in summary_lines(Path(args.out), counts, state):
+        for line in summary_lines(Path(plan.out), counts, state):
             print(line, flush=True)
-        _render(Path(args.out))
         return engine.SIGNAL_EXIT[received[0]] if received else 1
-    _render(Path(args.out))
     return engine.SIGNAL_EXIT[received[0]] if received else code
 
 
@@ -426,45 +426,68 @@ def cmd_shrink(args) -> int:
 
 
 def cmd_mutate(args) -> int:
-    """The selection against the catalogue of planted faults (conformance/mutants.py): a table,
-    OUT/mutate.csv and OUT/index.html; exit 1 when a fault survives."""
+    """The selection against the catalogue of planted faults (conformance/mutants.py), on the
+    engine (workers, crash and hang isolation, each fault's search cut at its first catch
+    unless --all): a table, OUT/mutate.csv and OUT/index.html; exit 1 when a fault survives."""
     import pandas as pd
 
     from conformance import selection
-    from conformance.mutants import FAULTS, run_catalogue
+    from conformance.engine import Plan, auto_workers
+    from conformance.mutants import FAULTS, mutant_tests, verdicts
+    from conformance.schema import read_jsonl
     from reports.html import write_mutation_report
 
-    shapes = selection.workloads(args.tier, args.model, args.cases, args.case, args.shard)
     if not (args.backend or args.backend_module):
         raise ValueError("mutate: give the backend(s): --backend NAME or --backend-module SPEC")
-    picked = selection.backends(args.backend, args.backend_module)
     faults = args.fault or list(FAULTS)
     for f in faults:
         if f not in FAULTS:
             raise ValueError(f"--fault: expected one of {list(FAULTS)}, got {f!r}")
+    timeout, workers = _engine_options(args)
+    shapes = selection.workloads(args.tier, args.model, args.cases, args.case, args.shard)
+    picked = selection.backends(args.backend, args.backend_module)
     keep = selection.keyword_filter(args.k)
+    for backend, _ in picked:
+        if not any(keep(f"{s.id}::{backend.name}") for s in shapes):
+            raise ValueError(f"no cases selected for {backend.name}")
+    tests = mutant_tests(shapes, picked, faults, keep)
     out = Path(args.out or f"reports/out/mutate/{picked[0][0].name}")
     _check_out_dir(str(out))
-    rows = []
-    for backend, spec in picked:
-        mine = [s for s in shapes if keep(f"{s.id}::{backend.name}")]
-        if not mine:
-            raise ValueError(f"no cases selected for {backend.name}")
-
-        def said(v):
-            text = f"caught by {v.failing_rows} failing row(s) in {v.tests_run} test(s)"
-            print(f"{v.backend:20s} {v.fault:24s} " + (f"{text}, first {v.first}" if v.caught
-                  else f"SURVIVES all {v.tests_run} test(s) it touches"), flush=True)  # fmt: skip
-
-        for v in run_catalogue(mine, backend, spec, faults, args.all, said):
-            rows.append(dict(v.__dict__, tier=args.tier, tests_in_selection=len(mine)))
-    table = pd.DataFrame(rows)
+    if args.gpus is not None:
+        os.environ["CUDA_VISIBLE_DEVICES"] = parse_gpus(args.gpus, torch.cuda.device_count())
+    n = auto_workers(tests) if workers == "auto" else int(workers)
+    plan = Plan(tests, str(out), args.tier, n, timeout, uuid.uuid4().hex,
+                first_catch=not args.all, quiet=True)  # fmt: skip
+    print(f"[mutate] {len(faults)} faults x {len(picked)} backend(s): {len(tests)} tests that "
+          f"a fault touches, {n} worker(s) -> {out}", flush=True)  # fmt: skip
+    code = supervise(plan)
+    if code in (130, 143):
+        return code
+    rows = read_jsonl(out / "results.jsonl") if (out / "results.jsonl").exists() else []
+    table = []
+    for v in verdicts(tests, rows, faults, [b.name for b, _ in picked]):
+        text = f"caught by {v.failing_rows} failing row(s) in {v.tests_run} test(s)"
+        print(f"{v.backend:20s} {v.fault:24s} " + (f"{text}, first {v.first}" if v.caught
+              else f"SURVIVES all {v.tests_run} test(s) it touches"), flush=True)  # fmt: skip
+        table.append(dict(v.__dict__, tier=args.tier, tests_in_selection=len(shapes)))
+    table = pd.DataFrame(table)
     table.to_csv(out / "mutate.csv", index=False)
     write_mutation_report(table, out / "index.html")
     caught = int(table.caught.sum())
     print(f"[mutate] this selection catches {caught} of {len(table)} planted faults "
           f"(fault x backend) -> {out / 'mutate.csv'}")  # fmt: skip
     return 0 if caught == len(table) else 1
+
+
+def _engine_options(args) -> tuple[float, str]:
+    """--case-timeout and -n, checked (ValueError naming the option)."""
+    try:
+        timeout = positive_seconds(str(args.case_timeout))
+    except ValueError as e:
+        raise ValueError(f"--case-timeout: {e}") from None
+    if args.workers != "auto" and not args.workers.isdigit():
+        raise ValueError(f"-n: expected 'auto' or a number of workers, got {args.workers!r}")
+    return timeout, args.workers if args.workers == "auto" else str(max(1, int(args.workers)))
 
 
 def _np(t: torch.Tensor):
@@ -493,6 +516,23 @@ def main(argv=None) -> int:
     )
     sub = p.add_subparsers(dest="cmd", required=True)
     tiers = "smoke (CPU, CI), full (GPU), exhaustive (kind x phase x block x dtype x layout)"
+
+    def engine_options(parser):
+        parser.add_argument(
+            "-n",
+            dest="workers",
+            default=os.environ.get("CONFORMANCE_WORKERS", "1"),
+            help="worker processes (default 1; 'auto': one per core on the CPU; on GPUs their "
+            "share of the cores, as many as each GPU's memory holds)",
+        )
+        parser.add_argument(
+            "--case-timeout",
+            default=str(DEFAULT_TIMEOUT_S),
+            help="seconds one backend call may take (> 0)",
+        )
+        parser.add_argument(
+            "--gpus", default=None, help="GPU indices the workers use, e.g. 0,1 (default: all)"
+        )
 
     def workload_options(parser):
         parser.add_argument("--tier", default="smoke", help=f"the generated matrix: {tiers}")
@@ -540,21 +580,7 @@ def main(argv=None) -> int:
         help="results folder (results.csv, index.html, run.json); default reports/out, or "
         f"{USER_OUT}/<name> for a --backend-module run",
     )
-    pr.add_argument(
-        "-n",
-        dest="workers",
-        default=os.environ.get("CONFORMANCE_WORKERS", "1"),
-        help="worker processes (default 1; 'auto': one per core on the CPU; on GPUs their share "
-        "of the cores, as many as each GPU's memory holds)",
-    )
-    pr.add_argument(
-        "--case-timeout",
-        default=str(DEFAULT_TIMEOUT_S),
-        help="seconds one backend call may take (> 0)",
-    )
-    pr.add_argument(
-        "--gpus", default=None, help="GPU indices the workers use, e.g. 0,1 (default: all visible)"
-    )
+    engine_options(pr)
     pd = sub.add_parser(
         "dump",
         help="write one case's inputs, caches and reference output (and a backend's, beside)",
@@ -575,8 +601,10 @@ def main(argv=None) -> int:
         help="how many planted faults (conformance/mutants.py) a selection catches",
         description="Run the selection against a catalogue of the bugs paged kernels have, each "
         "planted around the backend: per fault, caught (a row fails or errors) or not, by how "
-        "many failing rows. Stops at a fault's first catch unless --all. Writes OUT/mutate.csv "
-        "and OUT/index.html. Exit 1 when a fault survives.",
+        "many failing rows. On the engine, as `run` (-n, --gpus, --case-timeout; a crash or a "
+        "hang is that test's error); a fault's search stops at its first catch unless --all. "
+        "Writes OUT/mutate.csv and OUT/index.html (and the engine's results.csv). Exit 1 when "
+        "a fault survives.",
     )
     workload_options(pm)
     pm.add_argument("--backend", action="append", metavar="NAME", help="a registered backend")
@@ -586,6 +614,7 @@ def main(argv=None) -> int:
     pm.add_argument("--fault", action="append", help="only these faults (repeatable)")
     pm.add_argument("--all", action="store_true", help="every test a fault touches, for counts")
     pm.add_argument("--out", default=None, help="default reports/out/mutate/<backend name>")
+    engine_options(pm)
     psh = sub.add_parser(
         "shrink",
         help="the smallest case that still fails as CASE_ID does with a backend",

@@ -3,7 +3,8 @@ and `build_inputs(case)`: the deterministic step(s) a case runs.
 
 An id names every axis, e.g. `cross-decode-ragged-bs16-h8kv2-d80-bf16-shuffled-s3`
 (kind-phase-batch-block-heads-headsize-dtype-layout[-wN][-sc][-large|-long][-kv8e4m3|-kv8e5m2
-[-ph]]-sSEED: `kv8...` an fp8 KV cache, `ph` its scales per kv head).
+[-ph]][-pbt5|-pbt5small][-kvinterleaved|-headmajor]-sSEED: `kv8...` an fp8 KV cache, `ph` its
+scales per kv head, `pb...` T5's position bias, `kvinterleaved`/`headmajor` strided caches).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from pathlib import Path
 import torch
 
 from conformance.models import MODELS, SMOKE_SCALE
-from conformance.shapes import SHORT_DTYPE, SHORT_KV, Shape
+from conformance.shapes import SHORT_DTYPE, SHORT_KV, STRIDES_ID, Shape
 from conformance.workloads import Episode, Layout, Step
 
 # Each axis and its values, in id order; each value is a case real serving produces.
@@ -39,6 +40,8 @@ AXES: dict[str, tuple] = {
     # T5's relative position bias (reference/position_bias.py) on the encoder and decoder self
     # steps: T5's 32 buckets up to 128, and 8 up to 16, where long contexts clamp to the last.
     "position_bias": ("none", "t5", "t5small"),
+    # How the caches sit in memory (workloads.CacheStrides), handed over as strided views.
+    "cache_strides": ("contiguous", "kv_interleaved", "head_major"),
 }
 BIAS_CONFIGS = {"t5": (32, 128), "t5small": (8, 16)}
 PAIRWISE_SIZES = ("small", "large")
@@ -48,6 +51,7 @@ _DTYPE_BY_SHORT = {v: k for k, v in SHORT_DTYPE.items()}
 CUSTOM_SCALE = 0.37
 EPISODE_DECODE_STEPS = {"small": 3, "large": 8, "long": 3}
 _KV_BY_SHORT = {v: k for k, v in SHORT_KV.items()}
+_STRIDES_BY_ID = {v: k for k, v in STRIDES_ID.items() if v}
 # Per tensor, k_scale is small enough that standard-normal keys past ~2.7 saturate (the clamp
 # works; without it e4m3 would store NaN) and v_scale is not 1. Per kv head, every head's
 # scales differ, so a scale read with the query head's index instead of its kv head's shows.
@@ -80,6 +84,7 @@ class Case:
     kv_cache_dtype: str = "auto"
     kv_scale: str = "tensor"  # fp8 only ('head': per kv head)
     position_bias: str = "none"
+    cache_strides: str = "contiguous"
 
     @property
     def id(self) -> str:
@@ -105,6 +110,8 @@ class Case:
                 parts.append("ph")
         if self.position_bias != "none":
             parts.append(f"pb{self.position_bias}")
+        if self.cache_strides != "contiguous":
+            parts.append(STRIDES_ID[self.cache_strides])
         parts.append(f"s{self.seed}")
         return (f"{self.model}~" if self.model else "") + "-".join(parts)
 
@@ -172,6 +179,8 @@ class Case:
                     obj["kv_scale"] = "head"
                 elif p.startswith("pb"):
                     obj["position_bias"] = p[2:]
+                elif p in _STRIDES_BY_ID:
+                    obj["cache_strides"] = _STRIDES_BY_ID[p]
                 else:
                     raise ValueError(p)
         except (ValueError, KeyError, IndexError):
@@ -207,6 +216,7 @@ class Case:
             kv_cache_dtype=self.kv_cache_dtype,
             kv_scale=self.kv_scale if self.kv_cache_dtype != "auto" else "",
             position_bias=self.bias.label if self.bias_applies else "none",
+            cache_strides=self.cache_strides,
         )
 
     @property
@@ -373,6 +383,8 @@ def invalid_reasons(case: Case | dict) -> list[str]:
         bad.append("kv_scale 'head' needs an fp8 kv_cache_dtype")
     if kind == "encoder" and kv != "auto":
         bad.append("the encoder has no cache: kv_cache_dtype auto only")
+    if kind == "encoder" and v.get("cache_strides", "contiguous") != "contiguous":
+        bad.append("the encoder has no cache: cache_strides contiguous only")
     if kind == "encoder":
         if phase not in (None, "prefill"):
             bad.append("the encoder has no decode or cached context: phase must be prefill")
@@ -508,6 +520,7 @@ def lower(case: Case) -> Shape:
         seed=case.seed,
         name=case.id,
         labels=tuple(case.columns().items()),
+        cache_strides=case.cache_strides,
     )
     if case.kv_cache_dtype != "auto":
         k, v = fp8_scales(case.kv_cache_dtype, case.kv_scale, case.num_kv_heads)

@@ -65,25 +65,38 @@ LEAK_LIMIT_BYTES = 2 << 30
 
 @dataclass(frozen=True)
 class Test:
-    """One test: a workload (a Shape; preset cases are lowered) run against one backend."""
+    """One test: a workload (a Shape; preset cases are lowered) run against one backend, or
+    against it with a planted fault (conformance/mutants.py)."""
 
     shape: object  # conformance.shapes.Shape
     backend: str
     module: str = ""  # module:Class of an external backend, '' for a registered one
+    fault: str = ""  # a fault of conformance.mutants.FAULTS planted around the backend
+
+    @property
+    def name(self) -> str:
+        """The backend's name in the rows (a mutant's: `backend~fault`)."""
+        return f"{self.backend}~{self.fault}" if self.fault else self.backend
 
     @property
     def key(self) -> tuple[str, str]:
-        return self.shape.id, self.backend
+        return self.shape.id, self.name
 
 
 @dataclass(frozen=True)
 class Plan:
+    """A run: its tests, where the result set goes, how many workers, each call's limit.
+    `first_catch`: once a test of a backend fails or errors, that backend's tests not yet
+    started are dropped (a fault's search, `mutate`); `quiet`: no failure lines at the end."""
+
     tests: tuple[Test, ...]
     out: str
     tier: str
     workers: int = 1
     timeout_s: float = 300.0
     run_id: str = ""
+    first_catch: bool = False
+    quiet: bool = False
 
 
 def die_with_parent() -> None:
@@ -242,11 +255,12 @@ def _worker(conn, index: int, workers: int, log: str, timeout_s: float, tier: st
     if torch.cuda.device_count() > 1:
         torch.cuda.set_device(index % torch.cuda.device_count())
     from conformance import runner
+    from conformance.mutants import Mutant
     from conformance.schema import environment
     from optimized.backend import get_backend, load_backend
 
     env = dict(environment(), tier=tier)
-    backends: dict[tuple[str, str], object] = {}
+    backends: dict[tuple[str, str, str], object] = {}
     while True:
         msg = conn.recv()
         if msg is None:
@@ -258,11 +272,10 @@ def _worker(conn, index: int, workers: int, log: str, timeout_s: float, tier: st
             if cuda:
                 torch.cuda.reset_peak_memory_stats()
             try:
-                key = (test.backend, test.module)
+                key = (test.backend, test.module, test.fault)
                 if key not in backends:
-                    backends[key] = (
-                        load_backend(test.module) if test.module else get_backend(key[0])
-                    )
+                    backend = load_backend(test.module) if test.module else get_backend(key[0])
+                    backends[key] = Mutant(backend, test.fault) if test.fault else backend
                 rows = runner.run_case(
                     test.shape, backends[key], timeout_s=timeout_s, module=test.module
                 )
@@ -270,7 +283,7 @@ def _worker(conn, index: int, workers: int, log: str, timeout_s: float, tier: st
                 return
             except BaseException as e:
                 why = f"harness: {runner.error_reason(e)}"
-                rows = [result_row(test.shape, test.backend, "harness", Status.ERROR, why)]
+                rows = [result_row(test.shape, test.name, "harness", Status.ERROR, why)]
                 rows[0]["backend_module"] = test.module
             peak = None
             if cuda:
@@ -345,6 +358,7 @@ class _Run:
                             "rebuilt": [], "replaced": 0}  # fmt: skip
         self.limit = leak_limit()
         self.seconds: dict[str, float] = {}
+        self.dropped: set[int] = set()  # tests a first catch made needless
 
     def spawn(self, index: int) -> _Slot:
         parent, child = self.ctx.Pipe()
@@ -355,7 +369,7 @@ class _Run:
         return _Slot(proc, parent)
 
     def name(self, i: int) -> str:
-        return f"{self.plan.tests[i].shape.id}::{self.plan.tests[i].backend}"
+        return "::".join(self.plan.tests[i].key)
 
     def record_rows(self, rows: list[dict]) -> None:
         with open(self.out / "results.jsonl", "a") as f:
@@ -413,6 +427,7 @@ class _Run:
         else:
             self.sched.finished(k, i, peak if _built(rows) else None, kept)
             self.record_rows(rows)
+            self.caught(i, rows)
         slot.least_held = held if slot.least_held is None else min(slot.least_held, held)
         leaked = held - slot.least_held > self.limit
         if leaked:
@@ -423,14 +438,27 @@ class _Run:
             self.sched.replaced(k)
             self.renew(k)
 
+    def caught(self, i: int, rows: list[dict]) -> None:
+        """With `first_catch`, a failing or erroring test drops its backend's tests not yet
+        started: that search is over."""
+        if not self.plan.first_catch or not any(
+            r["status"] in (Status.FAIL, Status.ERROR) for r in rows
+        ):
+            return
+        name = self.plan.tests[i].name
+        self.dropped |= self.sched.drop(
+            {j for j, t in enumerate(self.plan.tests) if t.name == name}
+        )
+
     def lost(self, k: int, why: str) -> None:
         """The worker of slot `k` is gone mid-test: an error row for that test; the rest of its
         job goes back to the queue; a fresh worker in its place."""
         i = self.sched.lost(k)
         if i is not None:
             test = self.plan.tests[i]
-            row = result_row(test.shape, test.backend, "crash", Status.ERROR, why)
+            row = result_row(test.shape, test.name, "crash", Status.ERROR, why)
             self.record_rows([{**row, "backend_module": test.module}])
+            self.caught(i, [row])
         self.slots[k] = self.spawn(k)
 
     def loop(self) -> None:
@@ -522,9 +550,10 @@ def run_matrix(plan: Plan) -> int:
         run.stop(state == "complete")
     for sig in SIGNAL_EXIT:  # finishing the result set is not interrupted again
         signal.signal(sig, signal.SIG_IGN)
-    extra = dict(workers=run.n, seconds=run.seconds, **run.notes)
-    counts = finalize_run(out, state, plan, extra)
-    for line in summary_lines(out, counts, state):
+    extra = dict(workers=run.n, seconds=run.seconds, dropped=len(run.dropped), **run.notes)
+    skip = {plan.tests[i].key for i in run.dropped}
+    counts = finalize_run(out, state, plan, extra, skip)
+    for line in summary_lines(out, counts, state, failures=not plan.quiet):
         print(line, flush=True)
     if code:
         return code

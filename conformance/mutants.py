@@ -21,10 +21,21 @@ with attention computed the spec's way with that fault (the backend still writes
     fp8_scales_twice         an fp8 value read back times its scale twice
     fp8_scale_by_query_head  per-kv-head fp8 scales indexed by the query head
     nondeterministic         every second call one ulp off
+    bias_direction_reversed  T5's bias of the query's position minus the key's
+    bias_step_positions      decoder queries biased at their index in the step, not their
+                             absolute position
+    bias_table_by_kv_head    the bias table's column read by kv head, not query head
+    bias_on_cross            cross-attention adds the decoder's bias too
+    bias_table_one_short     the table a row short: the last bucket reads the one before it
+
+`run_catalogue` searches one process serially; `python -m conformance mutate` runs the same
+search on the engine (`mutant_tests`, conformance/engine.py): in parallel, crashes and hangs
+isolated, each fault's search cut at its first catch.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 
 import torch
@@ -34,6 +45,7 @@ from reference.attention import textbook_attention
 from reference.fp8 import dequantize
 from reference.metadata import AttnKind, StepMetadata
 from reference.paged_cache import gather_sequence
+from reference.position_bias import relative_position_bucket
 
 FAULTS = (
     "causal_end_off_by_one",
@@ -49,17 +61,29 @@ FAULTS = (
     "fp8_scales_twice",
     "fp8_scale_by_query_head",
     "nondeterministic",
+    "bias_direction_reversed",
+    "bias_step_positions",
+    "bias_table_by_kv_head",
+    "bias_on_cross",
+    "bias_table_one_short",
 )
+BIAS_FAULTS = tuple(f for f in FAULTS if f.startswith("bias_"))
 
 
-def affects(fault: str, step) -> bool:
-    """Whether `fault` changes anything at this step (a case none of whose steps it touches is
-    not run for it)."""
+def affects(fault: str, step, seen_bias: bool = False) -> bool:
+    """Whether `fault` changes anything at this step (`seen_bias`: an earlier step of its case
+    had a position bias)."""
     md, kind, query, key = step.metadata, AttnKind(step.attn_kind), step.query, step.key
     decoder, cross = kind == AttnKind.DECODER, kind == AttnKind.ENCODER_DECODER
     fp8 = md.fp8 and kind != AttnKind.ENCODER
     kv_heads = (key if key is not None else step.kv_cache[0]).shape[-2]
+    bias = md.position_bias != "none"
     return {
+        "bias_direction_reversed": bias,
+        "bias_step_positions": bias and decoder and any(md.context_lens),
+        "bias_table_by_kv_head": bias and query.shape[1] > kv_heads,
+        "bias_on_cross": cross and seen_bias,
+        "bias_table_one_short": bias,
         "causal_end_off_by_one": decoder and max(md.query_lens) > 1,
         "window_off_by_one": decoder and md.sliding_window is not None,
         "dropped_last_key": True,
@@ -76,6 +100,43 @@ def affects(fault: str, step) -> bool:
         "fp8_scale_by_query_head": fp8 and md.k_scale.numel() > 1 and query.shape[1] > kv_heads,
         "nondeterministic": True,
     }[fault]
+
+
+def touches(fault: str, shape) -> bool:
+    """Whether `fault` changes anything at some step of `shape` (a Shape), from its fields
+    alone: a case none of whose steps it touches is not run for it."""
+    from conformance.memory import steps
+
+    fp8, bias = shape.kv_cache_dtype != "auto", shape.position_bias != "none"
+    gqa, per_head = shape.num_heads > shape.num_kv_heads, len(shape.k_scale or ()) > 1
+    scale = shape.scale if shape.scale is not None else shape.head_size**-0.5
+    episode = shape.attn_kind == "episode"
+    for st in steps(shape):
+        decoder, cross = st.attn_kind == "decoder", st.attn_kind == "encoder_decoder"
+        cached, new = st.attn_kind != "encoder", st.new_kv_rows > 0
+        biased = bias and not cross
+        if {
+            "causal_end_off_by_one": decoder and max(st.q_lens) > 1,
+            "window_off_by_one": decoder and st.window is not None,
+            "dropped_last_key": True,
+            "wrong_kv_head": shape.num_kv_heads != 1,
+            "self_table_for_cross": cross and episode,
+            "stale_cross_cache": cross and new,
+            "neighbour_slot_write": cached and new,
+            "padding_slots_written": cached and new and shape.padding_tokens > 0,
+            "scale_ignored": scale != 1.0,
+            "fp8_scales_ignored": fp8 and cached,
+            "fp8_scales_twice": fp8 and cached,
+            "fp8_scale_by_query_head": fp8 and cached and per_head and gqa,
+            "nondeterministic": True,
+            "bias_direction_reversed": biased,
+            "bias_step_positions": biased and decoder and any(st.first),
+            "bias_table_by_kv_head": biased and gqa,
+            "bias_on_cross": cross and bias and episode,
+            "bias_table_one_short": biased,
+        }[fault]:
+            return True
+    return False
 
 
 @dataclass(frozen=True)
@@ -110,7 +171,11 @@ class Mutant(BaseBackend):
         kind = AttnKind(kind)
         self.calls += 1
         step = _Step(kind, md, query, key, kv_cache)
-        if not affects(self.fault, step):
+        if md.position_bias != "none" and kind == AttnKind.DECODER:
+            self.decoder_bias = md  # what a kernel that biases cross-attention too would add
+        elif kind == AttnKind.ENCODER:
+            self.decoder_bias = None  # a new case
+        if not affects(self.fault, step, getattr(self, "decoder_bias", None) is not None):
             return self.inner.forward(query, key, value, kv_cache, md, kind)
         f = self.fault
         if f in ("window_off_by_one", "scale_ignored", "fp8_scales_ignored"):
@@ -134,11 +199,12 @@ class Mutant(BaseBackend):
         before = None if kv_cache is None else tuple(c.clone() for c in kv_cache)
         out = self.inner.forward(query, key, value, kv_cache, md, kind)
         if f == "nondeterministic":
-            return out if self.calls % 2 else torch.nextafter(out, torch.full_like(out, 1e9))
+            return out if self.calls % 2 else torch.nextafter(out, torch.full_like(out, math.inf))
         if f in ("stale_cross_cache", "neighbour_slot_write", "padding_slots_written"):
             _touch_caches(f, md, kind, key, value, kv_cache, before)
             return out
-        return _spec_with_fault(f, query, key, value, kv_cache, md, kind, out)
+        return _spec_with_fault(f, query, key, value, kv_cache, md, kind, out,
+                                getattr(self, "decoder_bias", None))  # fmt: skip
 
 
 def _touch_caches(fault, md, kind, key, value, kv_cache, before) -> None:
@@ -162,9 +228,10 @@ def _touch_caches(fault, md, kind, key, value, kv_cache, before) -> None:
             c[0] = t[n].to(c.dtype)
 
 
-def _spec_with_fault(fault, query, key, value, kv_cache, md, kind, out) -> torch.Tensor:
+def _spec_with_fault(fault, query, key, value, kv_cache, md, kind, out, decoder_bias=None):
     """The step's output the spec's way (float64, on the backend's written caches) with one of
-    the in-kernel faults; padding rows as the backend left them."""
+    the in-kernel faults; padding rows as the backend left them. `decoder_bias`: the metadata
+    of the case's last decoder step with a bias (for a bias on cross-attention)."""
     result = out.clone()
     q_lens, kv_lens = md.query_lens_for(kind), md.kv_lens_for(kind)
     starts = md.encoder_start_loc if kind == AttnKind.ENCODER else md.query_start_loc
@@ -187,9 +254,33 @@ def _spec_with_fault(fault, query, key, value, kv_cache, md, kind, out) -> torch
         if fault == "dropped_last_key":  # where the row has another key to see
             mask[:, -1] &= ~mask[:, :-1].any(1)
         bias = md.position_bias_for(kind, i)
+        if fault in BIAS_FAULTS:
+            bias = _bias_with_fault(fault, md, kind, i, q.shape[1], k.shape[1], decoder_bias)
         o = textbook_attention(q, k, v, mask, md.scale_for(q.shape[-1]), bias)
         result[starts[i] : starts[i] + q_lens[i]] = o.to(out.dtype)
     return result
+
+
+def _bias_with_fault(fault, md, kind, seq, num_heads, num_kv_heads, decoder_bias):
+    """[num_heads, q_len, kv_len] float64: T5's bias of sequence `seq` with the fault."""
+    source = decoder_bias if fault == "bias_on_cross" else md
+    bidirectional = kind == AttnKind.ENCODER
+    q_len, kv_len = md.query_lens_for(kind)[seq], md.kv_lens_for(kind)[seq]
+    first = md.context_lens[seq] if kind != AttnKind.ENCODER else 0
+    if fault == "bias_step_positions":
+        first = 0
+    relative = torch.arange(kv_len)[None, :] - (first + torch.arange(q_len))[:, None]
+    if fault == "bias_direction_reversed":
+        relative = -relative
+    buckets = source.relative_attention_num_buckets
+    bucket = relative_position_bucket(relative, bidirectional, buckets,
+                                      source.relative_attention_max_distance)  # fmt: skip
+    if fault == "bias_table_one_short":
+        bucket = bucket.clamp(max=buckets - 2)
+    table = source.relative_attention_bias.double()
+    if fault == "bias_table_by_kv_head":  # head h reads column h // group
+        table = table[:, torch.arange(num_heads) // (num_heads // num_kv_heads)]
+    return table.cpu()[bucket].permute(2, 0, 1)
 
 
 def _read(cache, table, n, scale, fault, num_heads, md):
@@ -230,20 +321,15 @@ def run_catalogue(shapes, backend, module: str = "", faults=FAULTS, every: bool 
     does not touch left out; a fault is caught when a row fails or errors. Unless `every`, the
     search for a fault stops at its first catch."""
     from conformance import runner
-    from conformance.workloads import Episode
 
     order = sorted(shapes, key=lambda s: (s.footprint(), s.id))
-    built = {}
     verdicts = []
     for fault in faults:
         mutant = Mutant(backend, fault)
         failing = run = 0
         first = ""
         for shape in order:
-            if shape.id not in built:
-                b = shape.build("cpu")
-                built[shape.id] = b.steps if isinstance(b, Episode) else (b,)
-            if not any(affects(fault, step) for step in built[shape.id]):
+            if not touches(fault, shape):
                 continue
             rows = runner.run_case(shape, mutant, module=module)
             run += 1
@@ -257,3 +343,40 @@ def run_catalogue(shapes, backend, module: str = "", faults=FAULTS, every: bool 
         if progress is not None:
             progress(verdicts[-1])
     return verdicts
+
+
+def mutant_tests(shapes, picked, faults=FAULTS, keep=lambda test_id: True) -> tuple:
+    """The engine's tests of a catalogue search (`python -m conformance mutate`): per backend
+    (`picked`: (backend, module spec)), the shapes cheapest first, each with every fault that
+    touches it (one job: the case's reference computed once for all its faults)."""
+    from conformance.engine import Test
+
+    order = sorted(shapes, key=lambda s: (s.footprint(), s.id))
+    return tuple(
+        Test(shape, backend.name, spec, fault)
+        for backend, spec in picked
+        for shape in order
+        if keep(f"{shape.id}::{backend.name}")
+        for fault in faults
+        if touches(fault, shape)
+    )
+
+
+def verdicts(tests, rows: list[dict], faults, backends) -> list[Verdict]:
+    """Per backend × fault, from an engine run of `mutant_tests`' rows: caught (a row failed or
+    errored), by how many failing rows in how many tests, the first test (in plan order) that
+    caught it."""
+    by_test: dict[tuple, list[dict]] = {}
+    for r in rows:
+        by_test.setdefault((r["case_id"], r["backend"]), []).append(r)
+    out = []
+    for backend in backends:
+        for fault in faults:
+            mine = [t for t in tests if t.backend == backend and t.fault == fault]
+            ran = [t for t in mine if t.key in by_test]
+            bad = {t.key: sum(r["status"] in ("fail", "error") for r in by_test[t.key])
+                   for t in ran}  # fmt: skip
+            first = next((t.shape.id for t in ran if bad[t.key]), "")
+            failing = sum(bad.values())
+            out.append(Verdict(fault, backend, failing > 0, failing, len(ran), first))
+    return out

@@ -65,7 +65,9 @@ def start_run(out: Path, plan) -> None:
     write_atomic(out / "run.json", json.dumps(info))
 
 
-def finalize_run(out: Path, state: str, plan, extra: dict | None = None) -> dict[str, int]:
+def finalize_run(
+    out: Path, state: str, plan, extra: dict | None = None, dropped: set = frozenset()
+) -> dict[str, int]:
     """results.csv and run.json from results.jsonl and the plan (`extra`: what the engine
     knows of the run: workers, seconds per phase, leaks, tests run again with more memory, run
     alone or rebuilt); returns the status counts."""
@@ -75,7 +77,7 @@ def finalize_run(out: Path, state: str, plan, extra: dict | None = None) -> dict
     have = {(r.get("case_id"), r.get("backend")) for r in raw}
     env = None
     for test in plan.tests:
-        if test.key in have:
+        if test.key in have or test.key in dropped:  # dropped: the plan's first catch
             continue
         reason = (
             "not run: the run was interrupted before this test finished"
@@ -83,7 +85,7 @@ def finalize_run(out: Path, state: str, plan, extra: dict | None = None) -> dict
             else "missing: the test recorded no row (its process died?)"
         )
         env = env or dict(environment(), tier=plan.tier)
-        row = result_row(test.shape, test.backend, "missing", Status.ERROR, reason)
+        row = result_row(test.shape, test.name, "missing", Status.ERROR, reason)
         raw.append({**row, **env, "backend_module": test.module})
     rows = [to_result_row(r, state) for r in raw]
     rows.sort(key=lambda r: (r["case_id"], r["backend"], r["step"]))
@@ -117,13 +119,15 @@ def time_split(info: dict) -> str:
     )
 
 
-def summary_lines(out: Path, counts: dict[str, int], state: str) -> list[str]:
-    """What a run prints at its end: its first failures and errors, each with the command that
-    re-runs it alone, then one summary line."""
+def summary_lines(
+    out: Path, counts: dict[str, int], state: str, failures: bool = True
+) -> list[str]:
+    """What a run prints at its end: its first failures and errors (unless not `failures`),
+    each with the command that re-runs it alone, then one summary line."""
     out = Path(out)
     lines = []
     try:
-        rows = read_jsonl(out / "results.jsonl")
+        rows = read_jsonl(out / "results.jsonl") if failures else []
     except OSError:
         rows = []
     bad = [r for r in rows if r.get("status") in (Status.FAIL, Status.ERROR)]

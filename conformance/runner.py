@@ -27,7 +27,7 @@ from conformance.cases import Case, lower
 from conformance.compare import bitwise_equal, compare_caches, compare_output
 from conformance.expected import CaseRun, Expected, ExpectedCaches, expect_step, steps_of
 from conformance.schema import Status, result_row
-from conformance.workloads import Episode, Step
+from conformance.workloads import Episode, Step, copy_caches
 from reference.fp8 import FP8_MAX
 
 __all__ = ["Expected", "ExpectedCaches", "expect_step", "run_case", "steps_of"]
@@ -241,7 +241,7 @@ def permute_blocks(step: Step, seed: int) -> Step:
     key_cache, value_cache = step.kv_cache
     num_blocks, bs = key_cache.shape[:2]
     perm = torch.randperm(num_blocks, generator=torch.Generator().manual_seed(seed + 1))
-    new_k, new_v = torch.empty_like(key_cache), torch.empty_like(value_cache)
+    new_k, new_v = copy_caches(step.kv_cache)  # the same layout (every block rewritten below)
     new_k[perm.to(key_cache.device)] = key_cache
     new_v[perm.to(value_cache.device)] = value_cache
     md = step.metadata

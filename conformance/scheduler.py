@@ -176,6 +176,21 @@ class Scheduler:
         w = self._workers[worker]
         self._requeue(w, list(w.job.tests) if w.job else [])
 
+    def drop(self, tests: set[int]) -> set[int]:
+        """Those of `tests` not started yet leave the run (queued or deferred); returns them."""
+        gone = set()
+        for jobs in (self.queue, self.later):
+            for job in jobs:
+                gone |= {t for t in job.tests if t in tests}
+                job.tests = [t for t in job.tests if t not in tests]
+            jobs[:] = [job for job in jobs if job.tests]
+        for case in list(self.deferred):
+            gone |= {t for t in self.deferred[case] if t in tests}
+            self.deferred[case] = [t for t in self.deferred[case] if t not in tests]
+            if not self.deferred[case]:
+                del self.deferred[case]
+        return gone
+
     # ---- inside -----------------------------------------------------------------------------
     def _on(self, device: int) -> list[_Worker]:
         return [w for w in self._workers if w.device == device]

@@ -82,6 +82,7 @@ class ResultRow:
     kv_scale: str  # fp8's scale scheme: tensor (one scale) or head (per kv head); '' for auto
     compile_ms: float  # of backend_ms, the time Triton spent compiling kernels (a cold cache)
     position_bias: str  # none, t5 (T5's 32 buckets up to 128) or t5-B-D: its config
+    cache_strides: str  # contiguous, kv_interleaved or head_major: how the caches sat in memory
 
 
 COLUMNS = [f.name for f in fields(ResultRow)]
@@ -279,6 +280,7 @@ LATER_COLUMNS = {
     "kv_scale": "",
     "compile_ms": float("nan"),
     "position_bias": "none",
+    "cache_strides": "contiguous",
 }
 
 

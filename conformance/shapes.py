@@ -26,7 +26,12 @@ Fields (only `attn_kind`, `num_heads`, `head_size` and the lengths its kind need
                       kv head (per head); finite and > 0
     position_bias     none (default) | t5: T5's relative position bias on the encoder and decoder
                       steps (reference/position_bias.py), its table drawn from the seed, with
-    relative_attention_num_buckets (32), relative_attention_max_distance (128)
+    relative_attention_num_buckets (32), relative_attention_max_distance (128): any
+                      configuration Hugging Face's bucket function computes
+    cache_strides     contiguous (default) | kv_interleaved (K and V views of one
+                      [num_blocks, 2, block_size, num_kv_heads, head_size] pool) | head_major
+                      (each stored [num_blocks, num_kv_heads, block_size, head_size]): the
+                      caches are handed over as strided views in the usual index order
     name              the shape's id (letters, digits, . _ + -); default: a readable id with a
                       short hash of the content, `shape~cross-b2-h16kv16-d64-bs16-fp16-1a2b3c4d`
 
@@ -64,6 +69,8 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 SHORT_DTYPE = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
 _DTYPE_ALIASES = {v: k for k, v in SHORT_DTYPE.items()}
 SHORT_KV = {"fp8_e4m3": "kv8e4m3", "fp8_e5m2": "kv8e5m2"}  # how ids name an fp8 cache
+# How ids name a cache layout (workloads.CacheStrides); contiguous is not named.
+STRIDES_ID = {"contiguous": "", "kv_interleaved": "kvinterleaved", "head_major": "headmajor"}
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]*")
 DEFAULT_DECODE_STEPS = 2
 # What each kind needs (N) and must not have (X); everything else is optional.
@@ -106,6 +113,7 @@ class Shape:
     position_bias: str = "none"
     relative_attention_num_buckets: int = 32
     relative_attention_max_distance: int = 128
+    cache_strides: str = "contiguous"
     name: str = ""
     source: str = field(default="", compare=False)  # the cases file it was read from
     # A preset case lowered to this shape (`Case.shape()`) keeps its axis values here (the
@@ -118,7 +126,8 @@ class Shape:
         the fp8 fields only where they are set (ids of earlier shapes stay what they were)."""
         later = {"kv_cache_dtype": "auto", "k_scale": None, "v_scale": None,
                  "position_bias": "none", "relative_attention_num_buckets": 32,
-                 "relative_attention_max_distance": 128}  # fmt: skip
+                 "relative_attention_max_distance": 128,
+                 "cache_strides": "contiguous"}  # fmt: skip
         return {
             k: v
             for k, v in asdict(self).items()
@@ -145,6 +154,7 @@ class Shape:
             self.layout,
             *([SHORT_KV[self.kv_cache_dtype]] if self.kv_cache_dtype != "auto" else []),
             *(["pbt5"] if self.position_bias == "t5" else []),
+            *([STRIDES_ID[self.cache_strides]] if self.cache_strides != "contiguous" else []),
             self.content_hash,
         ]
         return "shape~" + "-".join(parts)
@@ -193,6 +203,7 @@ class Shape:
             kv_cache_dtype=self.kv_cache_dtype,
             kv_scale=self.kv_scale,
             position_bias=self.bias.label,
+            cache_strides=self.cache_strides,
         )
 
     @property
@@ -335,6 +346,11 @@ class Shape:
                 if problem:
                     step = "encoder" if bidirectional else "decoder"
                     raise ValueError(f"{problem} (the {step} steps' bias)")
+        strides = v.get("cache_strides", "contiguous")
+        if strides not in STRIDES_ID:
+            raise ValueError(f"cache_strides: expected one of {list(STRIDES_ID)}, got {strides!r}")
+        if kind == "encoder" and strides != "contiguous":
+            raise ValueError("cache_strides: the encoder has no cache (contiguous only)")
         if kind == "episode" and v.get("decode_steps") is None:
             v["decode_steps"] = DEFAULT_DECODE_STEPS
         name = v.get("name", "")
@@ -360,6 +376,7 @@ class Shape:
             device=device,
             kv_format=self.kv_format,
             position_bias=self.bias,
+            cache_strides=self.cache_strides,
         )
         if self.attn_kind == "episode":
             return build_episode(

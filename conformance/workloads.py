@@ -35,6 +35,45 @@ class Layout(StrEnum):
     FRAGMENTED = "fragmented"  # a pool three times larger than needed, blocks scattered
 
 
+class CacheStrides(StrEnum):
+    """How a step's two caches sit in memory; every one is handed to backends as
+    `[num_blocks, block_size, num_kv_heads, head_size]` views (strided where not contiguous)."""
+
+    CONTIGUOUS = "contiguous"  # two dense tensors
+    KV_INTERLEAVED = "kv_interleaved"  # K and V views of one [blocks, 2, block, heads, d] pool
+    HEAD_MAJOR = "head_major"  # each stored [blocks, heads, block, d], viewed in our order
+
+
+def with_strides(caches: tuple[torch.Tensor, torch.Tensor], strides: CacheStrides | str):
+    """The same caches (values bit for bit) laid out as `strides` says."""
+    k, v = caches
+    strides = CacheStrides(strides)
+    if strides == CacheStrides.KV_INTERLEAVED:
+        pool = torch.stack([k, v], dim=1)  # [blocks, 2, block_size, heads, d]
+        return pool[:, 0], pool[:, 1]
+    if strides == CacheStrides.HEAD_MAJOR:
+        return tuple(c.transpose(1, 2).contiguous().transpose(1, 2) for c in caches)
+    return k, v
+
+
+def _on(t: torch.Tensor, device) -> bool:
+    d = torch.device(device)
+    return t.device.type == d.type and d.index in (None, t.device.index)
+
+
+def copy_caches(caches, device=None) -> tuple[torch.Tensor, ...]:
+    """A copy of `caches` on `device` (theirs by default) in the same layout: views of one pool
+    stay views of one (copied) pool, strides stay what they were."""
+    bases: dict[int, torch.Tensor] = {}
+    out = []
+    for c in caches:
+        base = c if c._base is None else c._base
+        if id(base) not in bases:
+            bases[id(base)] = base.to(device or base.device, copy=True)
+        out.append(bases[id(base)].as_strided(c.shape, c.stride(), c.storage_offset()))
+    return tuple(out)
+
+
 @dataclass(frozen=True)
 class KVFormat:
     """How a workload's caches store K/V (reference/fp8.py): `kv_cache_dtype`, and for fp8 the
@@ -147,7 +186,7 @@ class Step:
         """The same step with its own copy of the caches (each backend writes its own)."""
         if self.kv_cache is None:
             return self
-        return replace(self, kv_cache=tuple(c.clone() for c in self.kv_cache))
+        return replace(self, kv_cache=copy_caches(self.kv_cache))
 
     def to(self, device: torch.device | str, copy: bool = False) -> Step:
         """On `device`; `copy=True` copies every tensor even where it is already there (a
@@ -164,7 +203,9 @@ class Step:
             relative_attention_bias=mv(md.relative_attention_bias),
             v_scale=mv(md.v_scale),
         )
-        cache = None if self.kv_cache is None else tuple(mv(c) for c in self.kv_cache)
+        cache = self.kv_cache
+        if cache is not None and (copy or not all(_on(c, device) for c in cache)):
+            cache = copy_caches(cache, device)
         return replace(
             self,
             metadata=md,
@@ -244,6 +285,7 @@ def build_step(
     device: torch.device | str = "cpu",
     kv_format: KVFormat = AUTO,
     position_bias: PositionBias = NO_BIAS,
+    cache_strides: CacheStrides | str = CacheStrides.CONTIGUOUS,
 ) -> Step:
     """A valid, deterministic step of `attn_kind` for the given lengths.
 
@@ -255,6 +297,7 @@ def build_step(
     kv_format: how the caches store K/V (fp8: quantized with its scales; the cached context is
         stored quantized, as an engine's earlier steps would have written it)
     position_bias: T5's relative position bias (encoder and decoder steps), its table drawn last
+    cache_strides: how the two caches sit in memory (the same values, `with_strides`)
     """
     kind = AttnKind(attn_kind)
     layout = Layout(layout)
@@ -353,7 +396,7 @@ def build_step(
         query,
         key,
         value,
-        (key_cache, value_cache),
+        with_strides((key_cache, value_cache), cache_strides),
         tuple(key_history),
         tuple(value_history),
     )
@@ -377,13 +420,14 @@ class Episode:
     kv_cache: tuple[torch.Tensor, torch.Tensor]
 
     def with_fresh_cache(self) -> Episode:
-        pool = tuple(c.clone() for c in self.kv_cache)
+        pool = copy_caches(self.kv_cache)
         steps = tuple(s if s.kv_cache is None else replace(s, kv_cache=pool) for s in self.steps)
         return Episode(steps, pool)
 
     def to(self, device, copy: bool = False) -> Episode:
         """On `device`, the steps still sharing one pool; `copy=True` copies every tensor."""
-        pool = tuple(c.to(device, copy=copy) for c in self.kv_cache)
+        moved = copy or not all(_on(c, device) for c in self.kv_cache)
+        pool = copy_caches(self.kv_cache, device) if moved else self.kv_cache
         steps = tuple(
             replace(
                 replace(s, kv_cache=None).to(device, copy),
@@ -411,6 +455,7 @@ def build_episode(
     device: torch.device | str = "cpu",
     kv_format: KVFormat = AUTO,
     position_bias: PositionBias = NO_BIAS,
+    cache_strides: CacheStrides | str = CacheStrides.CONTIGUOUS,
 ) -> Episode:
     """A deterministic encoder/decoder episode: the ENCODER step over `encoder_seq_lens`, then
     for the decoder prefill (prompts of `prompt_lens`) and each of `num_decode_steps` decode
@@ -439,8 +484,8 @@ def build_episode(
     self_tables = _table_tensor(tables[:num_seqs], max(self_blocks) + 1)
     cross_tables = _table_tensor(tables[num_seqs:], max(cross_blocks) + 1)
     shape = (num_blocks, block_size, num_kv_heads, head_size)
-    pool = (kv_format.empty_cache(shape, dtype, gen.device),
-            kv_format.empty_cache(shape, dtype, gen.device))  # fmt: skip
+    empty = lambda: kv_format.empty_cache(shape, dtype, gen.device)
+    pool = with_strides((empty(), empty()), cache_strides)
     read_k = lambda hist: [kv_format.read(h, kv_format.k_scale) for h in hist]
     read_v = lambda hist: [kv_format.read(h, kv_format.v_scale) for h in hist]
     self_read_k, self_read_v = read_k(self_k), read_v(self_v)

@@ -484,7 +484,8 @@ class BiasFault(BaseBackend):
         return out
 
 
-BIAS_FAULTS = ("reversed", "step_positions", "kv_head_table", "none_at_decode", "bf16_buckets")
+# reversed, step_positions and kv_head_table are the catalogue's too (conformance/mutants.py)
+BIAS_FAULTS = ("none_at_decode", "bf16_buckets")
 
 
 class WrongPastABlockBoundary(TorchBackend):
@@ -529,3 +530,17 @@ class WrongOnTheSecondDecodeStep(TorchBackend):
             if self.decodes == 2:
                 out = out * 1.01
         return out
+
+
+class AssumesDenseCaches(TorchBackend):
+    """Reads (and writes) its caches as if they were dense [num_blocks, block_size, num_kv_heads,
+    head_size] tensors starting where the view starts: right on contiguous caches, wrong on the
+    strided pools engines keep (K and V interleaved in one pool, head-major blocks)."""
+
+    name = "fault-assumes-dense-caches"
+
+    def attend(self, query, key, value, kv_cache, md, kind):
+        if kv_cache is not None:
+            dense = lambda c: c.as_strided(c.shape, torch.empty(c.shape, device="meta").stride())
+            kv_cache = tuple(dense(c) for c in kv_cache)
+        return super().attend(query, key, value, kv_cache, md, kind)

@@ -80,6 +80,7 @@ def test_csv_has_the_contract_columns_in_order(results_csv):
         "kv_scale",
         "compile_ms",
         "position_bias",
+        "cache_strides",
     ]
     df = read_csv(results_csv)
     assert set(df.status) == {"pass", "skip", "fail"}
