@@ -33,7 +33,7 @@ setup: $(SETUP_DEP)
 # Unit tests of every folder, then the conformance matrix of $(TIER) (smoke on the CPU), which
 # also writes $(OUT)/results.csv and $(OUT)/index.html.
 test: $(SETUP_DEP)
-	$(PY) -m pytest -q -n $(WORKERS) reference optimized conformance/tests reports bench examples $(PYTEST_ARGS)
+	$(PY) -m pytest -q -n $(WORKERS) reference optimized conformance/tests reports bench examples tuning $(PYTEST_ARGS)
 	$(PY) -m conformance run --tier $(TIER) --out $(OUT) -n $(WORKERS)
 
 # The report of $(TIER): the result set `make test` left is rendered again (with bench.csv where

@@ -8,13 +8,13 @@ import re
 import numpy as np
 import pandas as pd
 
-from conformance.schema import BENCH_COLUMNS, BENCH_LATER, BENCH_SHAPE
+from conformance.schema import BENCH_COLUMNS, BENCH_LATER, BENCH_SHAPE, Status
 
 OURS = "triton"
 LIMITS = ("copy", "matmul")  # the measured limits' own rows
 CONTIGUOUS = "sdpa-contiguous"  # SDPA on contiguous K/V: what a paged kernel can hope to match
 # Rows with a time: a pass, a measured limit, '' (a file from before rows had a status)
-TIMED = ("pass", "measured", "")
+TIMED = (Status.PASS, "measured", "")
 
 
 def with_columns(bench: pd.DataFrame) -> pd.DataFrame:
@@ -127,11 +127,12 @@ def backend_tables(bench: pd.DataFrame) -> dict[str, pd.DataFrame]:
     for fam, g in rows.groupby(rows.workload.str.split(":").str[0], sort=False):
         table = []
         for _, gg in g.groupby(shape, sort=False):
-            ok = gg[gg.status == "pass"]
+            ok = gg[gg.status == Status.PASS]
             memory = gg.query_len.iloc[0] <= 16
             lim = limits.merge(gg[shape].head(1), on=shape)
             limit = (lim.gbps if memory else lim.tflops).max() if len(lim) else np.nan
             for _, r in gg.iterrows():
+                timed = r.status == Status.PASS
                 speed = (
                     (r.gbps if memory else r.tflops) * r.median_ms / r.ms if r.ms > 0 else np.nan
                 )
@@ -146,13 +147,11 @@ def backend_tables(bench: pd.DataFrame) -> dict[str, pd.DataFrame]:
                         "backend": r.backend,
                         "yours": "◀ yours" if str(r.backend_module) else "",
                         "status": r.status,
-                        "ms": r.ms if r.status == "pass" else np.nan,
-                        "GB/s" if memory else "TFLOP/s": speed if r.status == "pass" else np.nan,
+                        "ms": r.ms if timed else np.nan,
+                        "GB/s" if memory else "TFLOP/s": speed if timed else np.nan,
                         "best other": best.backend if best is not None else "",
-                        "÷ best other": best.ms / r.ms
-                        if best is not None and r.status == "pass"
-                        else np.nan,
-                        "÷ limit": speed / limit if r.status == "pass" else np.nan,
+                        "÷ best other": best.ms / r.ms if best is not None and timed else np.nan,
+                        "÷ limit": speed / limit if timed else np.nan,
                         "timed": r.timed,
                     }
                 )

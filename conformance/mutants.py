@@ -40,6 +40,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from conformance.schema import Status
 from optimized.backend import BaseBackend
 from reference.attention import textbook_attention
 from reference.fp8 import dequantize
@@ -333,7 +334,7 @@ def run_catalogue(shapes, backend, module: str = "", faults=FAULTS, every: bool 
                 continue
             rows = runner.run_case(shape, mutant, module=module)
             run += 1
-            bad = sum(r["status"] in ("fail", "error") for r in rows)
+            bad = sum(r["status"] in (Status.FAIL, Status.ERROR) for r in rows)
             failing += bad
             if bad and not first:
                 first = shape.id
@@ -374,7 +375,7 @@ def verdicts(tests, rows: list[dict], faults, backends) -> list[Verdict]:
         for fault in faults:
             mine = [t for t in tests if t.backend == backend and t.fault == fault]
             ran = [t for t in mine if t.key in by_test]
-            bad = {t.key: sum(r["status"] in ("fail", "error") for r in by_test[t.key])
+            bad = {t.key: sum(r["status"] in (Status.FAIL, Status.ERROR) for r in by_test[t.key])
                    for t in ran}  # fmt: skip
             first = next((t.shape.id for t in ran if bad[t.key]), "")
             failing = sum(bad.values())

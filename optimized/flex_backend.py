@@ -191,100 +191,109 @@ def flex_plan(
     options, and where the rows go back."""
     device = query.device
     q_lens = md.query_lens_for(kind)
-    kv_lens_t = torch.tensor(md.kv_lens_for(kind), device=device)
     q_index, q_valid = _token_index(q_lens, device)
     q_lens_t = torch.tensor(q_lens, device=device)
+    kv_lens_t = torch.tensor(md.kv_lens_for(kind), device=device)
     q = query[q_index].permute(0, 2, 1, 3)  # [num_seqs, num_heads, max_q, head_size]
-
     if kind == AttnKind.ENCODER:
-        # The packed K/V is the "pool": sequence b owns rows start_b .. start_b + len_b.
-        kv_index, kv_valid = _token_index(md.encoder_seq_lens, device)
-        starts = kv_index[:, 0]
         # Only the real rows: FlexAttention weights masked keys of a visited tile by zero, and a
         # padding row may hold NaN (0 * NaN poisons the row).
         n_real = sum(md.encoder_seq_lens)
-        pool_k, pool_v = key[:n_real], value[:n_real]
-
-        def mask_mod(b, h, j, slot):
-            pos = slot - starts[b]
-            return (j < q_lens_t[b]) & (pos >= 0) & (pos < kv_lens_t[b])
-
-        key_position = lambda b, slot: slot - starts[b]
-        query_position = lambda b, j: j
-
-        kv_slots, kv_always = kv_index, kv_valid
-    else:
-        key_cache, value_cache = kv_cache
-        tables = md.tables_for(kind)[0]
-        num_blocks, bs = key_cache.shape[:2]
-        n_seqs = md.num_seqs
-        used = -(-kv_lens_t // bs)  # blocks each sequence reads
-        width = tables.shape[1]
-        col = torch.arange(width, device=device)
-        own = col[None, :] < used[:, None]
-        logical_block = torch.full((n_seqs, num_blocks), -1, dtype=torch.int32, device=device)
-        rows = torch.arange(n_seqs, device=device)[:, None].expand(n_seqs, width)
-        t = tables.long().to(device)
-        logical_block[rows[own], t[own]] = col.expand(n_seqs, width)[own].to(torch.int32)
-        causal = kind == AttnKind.DECODER
-        ctx = torch.tensor(md.context_lens, device=device)
-        window = md.sliding_window if causal else None
-
-        key_position = lambda b, slot: logical_block[b, slot // bs] * bs + slot % bs
-        query_position = lambda b, j: ctx[b] + j
-
-        def mask_mod(b, h, j, slot):
-            lb = logical_block[b, slot // bs]
-            pos = lb * bs + slot % bs
-            ok = (j < q_lens_t[b]) & (lb >= 0) & (pos < kv_lens_t[b])
-            if causal:
-                ok = ok & (pos <= ctx[b] + j)
-                if window is not None:
-                    ok = ok & (pos > ctx[b] + j - window)
-            return ok
-
-        p = torch.arange(int(kv_lens_t.max()), device=device)
-        kv_valid = p[None, :] < kv_lens_t[:, None]
-        blk = torch.gather(t, 1, (p[None, :] // bs).clamp(max=width - 1).expand(n_seqs, -1))
-        kv_slots = blk * bs + p[None, :] % bs
-        # Seen by every query row of its sequence: all of it across, up to the context
-        # (row 0's last position) when causal, nothing guaranteed under a window.
-        kv_always = kv_valid if not causal else (p[None, :] <= ctx[:, None]) & kv_valid
-        if window is not None:
-            kv_always = torch.zeros_like(kv_valid)
-
-    if kind == AttnKind.ENCODER:
-        k = pool_k.permute(1, 0, 2).unsqueeze(0)  # [1, num_kv_heads, pool, head_size], a view
-        v = pool_v.permute(1, 0, 2).unsqueeze(0)
+        k = key[:n_real].permute(1, 0, 2).unsqueeze(0)  # [1, num_kv_heads, pool, d], a view
+        v = value[:n_real].permute(1, 0, 2).unsqueeze(0)
+        rules = _packed_rules(md, q_lens_t, kv_lens_t, device)
     else:  # as stored: the step's call takes them again after its write (`flex_step`)
-        k, v = pool_view(key_cache), pool_view(value_cache)
+        k, v = pool_view(kv_cache[0]), pool_view(kv_cache[1])
+        rules = _paged_rules(md, kind, kv_cache[0].shape[:2], q_lens_t, kv_lens_t, device)
+    mask_mod, key_position, query_position, kv_slots, kv_valid, kv_always = rules
     mask = _block_mask(mask_mod, kv_slots, kv_valid, kv_always, q.shape[2], k.shape[2], kv_tile)
     options = kernel_options(
         q.shape[2], q.shape[1], k.shape[1], q.shape[0], q.dtype == torch.float32
     )
-    score_mod = None
-    if md.position_bias != "none":  # T5's: the spec's lookup table, by key minus query position
-        from reference.position_bias import lookup_table
-
-        lut, reach = lookup_table(md.relative_attention_bias, kind == AttnKind.ENCODER,
-                                  md.relative_attention_num_buckets,
-                                  md.relative_attention_max_distance)  # fmt: skip
-
-        def score_mod(score, b, h, j, slot):
-            rel = key_position(b, slot) - query_position(b, j)
-            return score + lut[h, rel.clamp(-reach, reach) + reach]
-
     return dict(
         q=q,
         k=k,
         v=v,
         mask_mod=mask_mod,
-        score_mod=score_mod,
+        score_mod=_bias_mod(md, kind, key_position, query_position),
         block_mask=mask,
         kernel_options=options,
         q_index=q_index,
         q_valid=q_valid,
     )
+
+
+def _packed_rules(md: StepMetadata, q_lens_t, kv_lens_t, device):
+    """The encoder's packed K/V as the "pool": sequence b owns rows start_b .. start_b + len_b.
+    (mask_mod, key position, query position, slots, valid, always seen) as `flex_plan` uses."""
+    kv_index, kv_valid = _token_index(md.encoder_seq_lens, device)
+    starts = kv_index[:, 0]
+
+    def mask_mod(b, h, j, slot):
+        pos = slot - starts[b]
+        return (j < q_lens_t[b]) & (pos >= 0) & (pos < kv_lens_t[b])
+
+    key_position = lambda b, slot: slot - starts[b]
+    return mask_mod, key_position, lambda b, j: j, kv_index, kv_valid, kv_valid
+
+
+def _paged_rules(md: StepMetadata, kind: AttnKind, pool_shape, q_lens_t, kv_lens_t, device):
+    """The paged pool through the inverse block table: (mask_mod, key position, query position,
+    slots, valid, always seen) as `flex_plan` uses."""
+    num_blocks, bs = pool_shape
+    tables = md.tables_for(kind)[0]
+    n_seqs = md.num_seqs
+    used = -(-kv_lens_t // bs)  # blocks each sequence reads
+    width = tables.shape[1]
+    col = torch.arange(width, device=device)
+    own = col[None, :] < used[:, None]
+    logical_block = torch.full((n_seqs, num_blocks), -1, dtype=torch.int32, device=device)
+    rows = torch.arange(n_seqs, device=device)[:, None].expand(n_seqs, width)
+    t = tables.long().to(device)
+    logical_block[rows[own], t[own]] = col.expand(n_seqs, width)[own].to(torch.int32)
+    causal = kind == AttnKind.DECODER
+    ctx = torch.tensor(md.context_lens, device=device)
+    window = md.sliding_window if causal else None
+
+    def mask_mod(b, h, j, slot):
+        lb = logical_block[b, slot // bs]
+        pos = lb * bs + slot % bs
+        ok = (j < q_lens_t[b]) & (lb >= 0) & (pos < kv_lens_t[b])
+        if causal:
+            ok = ok & (pos <= ctx[b] + j)
+            if window is not None:
+                ok = ok & (pos > ctx[b] + j - window)
+        return ok
+
+    key_position = lambda b, slot: logical_block[b, slot // bs] * bs + slot % bs
+    p = torch.arange(int(kv_lens_t.max()), device=device)
+    kv_valid = p[None, :] < kv_lens_t[:, None]
+    blk = torch.gather(t, 1, (p[None, :] // bs).clamp(max=width - 1).expand(n_seqs, -1))
+    # Seen by every query row of its sequence: all of it across, up to the context (row 0's
+    # last position) when causal, nothing guaranteed under a window.
+    always = kv_valid if not causal else (p[None, :] <= ctx[:, None]) & kv_valid
+    if window is not None:
+        always = torch.zeros_like(kv_valid)
+    slots = blk * bs + p[None, :] % bs
+    return mask_mod, key_position, lambda b, j: ctx[b] + j, slots, kv_valid, always
+
+
+def _bias_mod(md: StepMetadata, kind: AttnKind, key_position, query_position):
+    """T5's bias as a score_mod (the spec's lookup table, by key minus query position), or
+    None without one."""
+    if md.position_bias == "none":
+        return None
+    from reference.position_bias import lookup_table
+
+    lut, reach = lookup_table(md.relative_attention_bias, kind == AttnKind.ENCODER,
+                              md.relative_attention_num_buckets,
+                              md.relative_attention_max_distance)  # fmt: skip
+
+    def score_mod(score, b, h, j, slot):
+        rel = key_position(b, slot) - query_position(b, j)
+        return score + lut[h, rel.clamp(-reach, reach) + reach]
+
+    return score_mod
 
 
 def flex_attend(p: dict, scale: float) -> torch.Tensor:

@@ -307,7 +307,7 @@ def performance_section(
             .to_html()
         )
     bench = with_columns(bench)
-    wrong = bench[bench.status.astype(str).isin(["fail", "error"])]
+    wrong = bench[bench.status.astype(str).isin([Status.FAIL, Status.ERROR])]
     if len(wrong):
         parts.append(
             f"<h3>Not timed: {len(wrong)} row(s) that did not pass the matrix's check</h3>"
@@ -392,13 +392,14 @@ def _banner(df: pd.DataFrame, run_info: dict) -> str:
     bad = counts.get(Status.FAIL, 0) + counts.get(Status.ERROR, 0)
     if bad:
         return (
-            f'<p class="banner bad">FAIL: {counts.get("fail", 0)} failed and '
+            f'<p class="banner bad">FAIL: {counts.get(Status.FAIL, 0)} failed and '
             f'{counts.get(Status.ERROR, 0)} errored rows (<a href="#failures">below</a>), '
-            f"{counts.get('pass', 0)} passed, {counts.get('skip', 0)} skipped.</p>"
+            f"{counts.get(Status.PASS, 0)} passed, {counts.get(Status.SKIP, 0)} skipped.</p>"
         )
     return (
-        f'<p class="banner ok">PASS: all {counts.get("pass", 0)} compared rows agree with the '
-        f'spec; {counts.get("skip", 0)} skipped with a reason (<a href="#skips">below</a>).</p>'
+        f'<p class="banner ok">PASS: all {counts.get(Status.PASS, 0)} compared rows agree with '
+        f'the spec; {counts.get(Status.SKIP, 0)} skipped with a reason (<a href="#skips">below'
+        f"</a>).</p>"
     )
 
 
@@ -574,9 +575,13 @@ def write_report(
 
     df = pd.concat([read_csv(p) for p in results], ignore_index=True)
     bench_df = load_bench(str(bench), "--bench") if bench else None
-    # `python -m bench limits` writes limits.csv beside the bench file it read.
-    limits_path = Path(bench).parent / "limits.csv" if bench_df is not None else None
-    limits_df = pd.read_csv(limits_path) if limits_path and limits_path.exists() else None
+    # `python -m bench limits` writes limits.csv beside the bench file it read (committed ones
+    # are compressed).
+    limits_path = None
+    if bench_df is not None:
+        found = [Path(bench).parent / n for n in ("limits.csv", "limits.csv.gz")]
+        limits_path = next((p for p in found if p.exists()), None)
+    limits_df = pd.read_csv(limits_path) if limits_path else None
     if limits_df is not None:
         need = [c for c in BENCH_SHAPE if c != "kv_cache_dtype"]
         lacking = [c for c in [*need, "missed", "limit"] if c not in limits_df]

@@ -1,12 +1,10 @@
 """The plan of a paged-attention call for a `Card`: query tiles (`Schedule`), launch (K/V tile,
-warps, stages), split-K splits, kv heads a program; the launcher only launches it.
-
-The model: each candidate, as compiled (`Compiled`), holds so many programs an SM; with a split
-count it makes a grid rated by how it fills its last wave and the K/V bytes an SM keeps in
-flight against what saturates the card's memory (`launch_score`); the shortest estimated time
-wins (`pick_launch`). Named exceptions, each tested (optimized/tests/test_plan.py):
-`DOUBLE_BUFFERS`, `heads_per_program`, `FUSED_REDUCE_MAX_SPLITS`. What measured the constants:
-tuning/README.md.
+warps, stages), split-K splits, kv heads a program; the launcher only launches it. The model:
+each candidate as compiled (`Compiled`) holds so many programs an SM; with a split count it
+makes a grid rated by how it fills its last wave and the K/V bytes an SM keeps in flight
+against what saturates the card's memory (`launch_score`); the shortest estimated time wins
+(`pick_launch`). Named exceptions, each tested (optimized/tests/test_plan.py): `DOUBLE_BUFFERS`,
+`heads_per_program`, `FUSED_REDUCE_MAX_SPLITS`. What measured the constants: tuning/README.md.
 """
 
 from __future__ import annotations
@@ -158,7 +156,7 @@ class Compiled(NamedTuple):
     shared: int
 
 
-# A probe: the launches' compiled facts, all at once (the launcher compiles them together).
+# A probe: the launches' compiled facts, all at once.
 Probe = Callable[[tuple[Launch, ...]], list[Compiled]]
 
 
@@ -435,28 +433,17 @@ def make_plan(
     reduce_rows=None,
     maxnreg=None,
 ) -> Plan:
-    """The plan of one call: launch and splits by the model (`_choose`; the interpreter: its
-    launch and the split rule), memoized per (variant, card, candidates, grid, K/V bucket);
-    the keyword arguments override (tuning, tests)."""
+    """One call's launch and splits by the model (`_choose`; the interpreter: its launch, the
+    split rule), memoized per (variant, card, candidates, grid, K/V bucket); keywords override."""
     heads, block_m, wide = program_shape(
         schedule, g.num_kv_heads, g.group, g.head_size, card, heads
     )
     prefill = schedule.max_query_len > 1 and block_m >= 64
-    cands = (
-        (launch,)
-        if launch
-        else launch_candidates(
-            wide,
-            prefill,
-            block_m,
-            g.elem_bytes,
-            card,
-            heads,
-            g.kv_elem_bytes == 1,
-            g.paged,
-            g.bias,
-        )
-    )
+    fp8 = g.kv_elem_bytes == 1
+    cands = (launch,)
+    if not launch:
+        args = (wide, prefill, block_m, g.elem_bytes, card, heads, fp8, g.paged, g.bias)
+        cands = launch_candidates(*args)
     programs = schedule.tile_seq.shape[0] * (g.num_kv_heads // heads)
     kv_len = max(schedule.max_kv_len, 1)
     if card.interpreter:
@@ -502,11 +489,12 @@ def _that_fit(cands, probe, card: Card) -> list[tuple[Launch, Compiled]]:
         fit = [(c, x) for c, x in zip(cands, probe(cands)) if x.shared <= card.smem_per_block]
         if fit or all(c.num_stages <= 2 and c.tile_n <= 16 for c in cands):
             return fit
-        cands = tuple(dict.fromkeys(
-            replace(c, num_stages=c.num_stages - 1) if c.num_stages > 2
+        smaller = lambda c: (
+            replace(c, num_stages=c.num_stages - 1)
+            if c.num_stages > 2
             else replace(c, tile_n=max(16, c.tile_n // 2))
-            for c in cands
-        ))  # fmt: skip
+        )
+        cands = tuple(dict.fromkeys(smaller(c) for c in cands))
 
 
 def _choose(cands, probe, programs, kv_len, heads, wide, block_m, g: Geometry, card, num_splits):

@@ -382,3 +382,23 @@ def test_a_limits_file_that_is_not_one_is_the_users_mistake(results_csv, tmp_pat
     args = ["render", str(results_csv), "--bench", str(tmp_path / "bench.csv"), "--out", str(out)]
     assert main(args) == 2
     assert "not a `bench limits` file" in capsys.readouterr().err and not out.exists()
+
+
+def test_a_committed_benchs_compressed_limits_are_shown_with_it(results_csv, tmp_path):
+    """reports/results/<card>/ keeps bench.csv.gz and limits.csv.gz: the page shows both."""
+    from reports.__main__ import main
+
+    _bench_rows().to_csv(tmp_path / "bench.csv.gz", index=False)
+    limits = _bench_rows().assign(missed="ours/sdpa 0.9 < 1", limit="near the memory roof")
+    limits.to_csv(tmp_path / "limits.csv.gz", index=False)
+    out = tmp_path / "r.html"
+    args = [
+        "render",
+        str(results_csv),
+        "--bench",
+        str(tmp_path / "bench.csv.gz"),
+        "--out",
+        str(out),
+    ]
+    assert main(args) == 0
+    assert "rows miss a target" in out.read_text()
