@@ -26,9 +26,11 @@ def test_the_smoke_tier_has_bias_rows_for_every_kind_and_phase_it_applies_to():
 
 
 def test_a_correct_bias_passes_every_bias_row():
+    """The planted faults' own harness is right where nothing is planted (each step compared;
+    the metamorphic checks are the matrix's)."""
     right = BiasFault("none")
     for case in BIAS_CASES:
-        rows = runner.run_case(case, right)
+        rows = runner.run_case(case, right, metamorphic=False, rerun=False)
         assert all(r["status"] == "pass" for r in rows), [r["reason"] for r in rows]
 
 
