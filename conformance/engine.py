@@ -350,8 +350,10 @@ class _Run:
         self.n = max(1, min(plan.workers, len(plan.tests)))
         self.record = MemoryRecord(_record_path())
         needs = needs_of(plan.tests, self.record)
-        cases = [t.shape.id for t in plan.tests]
-        self.sched = Scheduler(cases, needs, device_memory(self.n), self.n)
+        # A job is a case's tests (one reference for them all); in a search (`first_catch`)
+        # each test is its own, so a catch drops every test not yet started.
+        jobs = [t.key if plan.first_catch else t.shape.id for t in plan.tests]
+        self.sched = Scheduler(jobs, needs, device_memory(self.n), self.n)
         self.slots: list[_Slot] = []
         self.done = self.bad = 0
         self.notes: dict = {"leaks": [], "out_of_memory_reruns": [], "run_alone": [],

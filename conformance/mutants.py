@@ -323,7 +323,7 @@ def run_catalogue(shapes, backend, module: str = "", faults=FAULTS, every: bool 
     search for a fault stops at its first catch."""
     from conformance import runner
 
-    order = sorted(shapes, key=lambda s: (s.footprint(), s.id))
+    order = search_order(shapes)
     verdicts = []
     for fault in faults:
         mutant = Mutant(backend, fault)
@@ -346,17 +346,30 @@ def run_catalogue(shapes, backend, module: str = "", faults=FAULTS, every: bool 
     return verdicts
 
 
+def search_order(shapes) -> list:
+    """The shapes cheapest to run first (a fault's search mostly ends at its first catch): by
+    the tiles a step's kernel walks (16 queries × 64 keys a sequence, per kv head) and a cost
+    per step, then by id."""
+    from conformance.memory import steps
+
+    def cost(s):
+        tiles = lambda st: sum(-(-q // 16) * -(-k // 64) for q, k in zip(st.q_lens, st.kv_lens))
+        return sum(20 + tiles(st) * s.num_kv_heads for st in steps(s))
+
+    return sorted(shapes, key=lambda s: (cost(s), s.id))
+
+
 def mutant_tests(shapes, picked, faults=FAULTS, keep=lambda test_id: True) -> tuple:
-    """The engine's tests of a catalogue search (`python -m conformance mutate`): per backend
-    (`picked`: (backend, module spec)), the shapes cheapest first, each with every fault that
-    touches it (one job: the case's reference computed once for all its faults)."""
+    """The engine's tests of a catalogue search (`python -m conformance mutate`): the shapes
+    cheapest first, each with every backend (`picked`: (backend, module spec)) and every fault
+    that touches it (a job: a case's faults of one backend, its reference computed once)."""
     from conformance.engine import Test
 
-    order = sorted(shapes, key=lambda s: (s.footprint(), s.id))
+    order = search_order(shapes)
     return tuple(
         Test(shape, backend.name, spec, fault)
-        for backend, spec in picked
         for shape in order
+        for backend, spec in picked
         if keep(f"{shape.id}::{backend.name}")
         for fault in faults
         if touches(fault, shape)

@@ -59,18 +59,18 @@ class _Worker:
 
 @dataclass
 class Scheduler:
-    """`cases[i]`: the case id of test i (consecutive tests of one case make a job);
-    `needs[i]`: its bytes; `budgets[d]`: what device d hands out; `workers`: how many (worker
-    w runs on device w mod the devices)."""
+    """`cases[i]`: the case of test i (its id, or any key: consecutive tests of one case make
+    a job); `needs[i]`: its bytes; `budgets[d]`: what device d hands out; `workers`: how many
+    (worker w runs on device w mod the devices)."""
 
-    cases: Sequence[str]
+    cases: Sequence
     needs: list[int]
     budgets: Sequence[int]
     workers: int
     lookahead: int = 256
     queue: list[_Job] = field(default_factory=list)
     later: list[_Job] = field(default_factory=list)  # jobs that run alone, after the others
-    deferred: dict[str, list[int]] = field(default_factory=dict)  # case -> tests out of memory
+    deferred: dict = field(default_factory=dict)  # case -> its tests out of memory
     measured: dict[int, int] = field(default_factory=dict)  # test -> its peak, as reported
     retried: set[int] = field(default_factory=set)
     finals: set[int] = field(default_factory=set)  # tests whose grant was the whole budget
