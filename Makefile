@@ -31,9 +31,11 @@ setup: $(SETUP_DEP)
 	touch $@
 
 # Unit tests of every folder, then the conformance matrix of $(TIER) (smoke on the CPU), which
-# also writes $(OUT)/results.csv and $(OUT)/index.html.
+# also writes $(OUT)/results.csv and $(OUT)/index.html. A test worker computes on one thread:
+# $(WORKERS) workers of several threads each on as many cores spent a fifth of their time
+# waiting for each other.
 test: $(SETUP_DEP)
-	$(PY) -m pytest -q -n $(WORKERS) reference optimized conformance/tests reports bench examples tuning $(PYTEST_ARGS)
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n $(WORKERS) reference optimized conformance/tests reports bench examples tuning $(PYTEST_ARGS)
 	$(PY) -m conformance run --tier $(TIER) --out $(OUT) -n $(WORKERS)
 
 # The report of $(TIER): the result set `make test` left is rendered again (with bench.csv where

@@ -34,6 +34,7 @@ if os.environ.get("TRITON_INTERPRET") == "1":
 import torch
 
 from optimized.ops import paged_attention as pa
+from optimized.ops import plan
 from optimized.ops.plan import H100, Compiled
 
 PROBES = Path(pa.__file__).with_name("probes")
@@ -74,21 +75,39 @@ def _job(item):
 
 
 class Walk:
-    """Every step of the selection through the triton backend with the probe's compiles done
-    here (in a pool of `jobs` processes) and nothing launched; `facts` by probe name."""
+    """Every step of the selection through the triton backend with nothing launched, the probe's
+    compiles done here: first collected (each candidate assumed to fit) and compiled together in
+    a pool of `jobs` processes, then the walk again with those facts, compiling what it still
+    asks for (smaller launches where one did not fit), until it asks for nothing new. `facts`
+    by probe name."""
 
     def __init__(self, arch: int, jobs: int, known: dict):
         self.arch, self.facts = arch, dict(known)
         self.pool = ProcessPoolExecutor(jobs) if jobs > 1 else None
+        self.asked: dict[str, tuple] = {}  # name -> what compiles it, while collecting
+        self.collecting = False
 
     def compile(self, todo, args, meta) -> None:
-        cpu_args = tuple(a.cpu() if isinstance(a, torch.Tensor) else a for a in args)
-        items = [(pa._probe_name(key), cpu_args, meta, c, self.arch) for key, c in todo]
-        fresh = [it for it in items if it[0] not in self.facts]
-        found = self.pool.map(_job, fresh) if self.pool else map(_job, fresh)
+        # Each tensor stands in as one element of its dtype: the binding reads only the dtype
+        # and the 16-byte alignment (every tensor here is a fresh allocation, as on the GPU).
+        light = tuple(torch.empty(1, dtype=a.dtype) if isinstance(a, torch.Tensor) else a
+                      for a in args)  # fmt: skip
+        for key, c in todo:
+            name = pa._probe_name(key)
+            if name not in self.facts:
+                self.asked.setdefault(name, (name, light, meta, c, self.arch))
+            if self.collecting:
+                pa._COMPILED[key] = Compiled(*self.facts.get(name, (1, 1)))
+        if not self.collecting:
+            self._compile_asked()
+            for key, _ in todo:
+                pa._COMPILED[key] = Compiled(*self.facts[pa._probe_name(key)])
+
+    def _compile_asked(self) -> None:
+        items = list(self.asked.values())
+        found = self.pool.map(_job, items) if self.pool else map(_job, items)
         self.facts.update(found)
-        for (key, _), (name, *_) in zip(todo, items):
-            pa._COMPILED[key] = Compiled(*self.facts[name])
+        self.asked.clear()
 
     def steps(self, shapes) -> int:
         from conformance.expected import steps_of
@@ -100,6 +119,15 @@ class Walk:
                 backend.forward(*step.args())
                 n += 1
         return n
+
+    def run(self, shapes) -> int:
+        self.collecting = True
+        self.steps(shapes)
+        self._compile_asked()
+        self.collecting = False
+        pa._COMPILED.clear()
+        plan._CHOSEN.items.clear()  # choices made on assumed facts
+        return self.steps(shapes)
 
 
 def main(argv: list[str]) -> int:
@@ -128,7 +156,7 @@ def main(argv: list[str]) -> int:
 
     rc.reshape_and_cache = lambda *a, **k: None
     t0 = time.time()
-    n = walk.steps(shapes)
+    n = walk.run(shapes)
     out.parent.mkdir(parents=True, exist_ok=True)
     table = dict(arch=args.arch, note="tuning/probe.py: name -> [registers, shared bytes]",
                  facts=dict(sorted(walk.facts.items())))  # fmt: skip

@@ -57,11 +57,14 @@ def test_the_launch_rule_stays_within_the_tolerance_it_had_on_the_h200s_sweeps()
     assert geo and float(geo.group(1)) <= 1.02, r.stdout.splitlines()[-1]
 
 
-def test_replay_refuses_what_it_cannot_read(tmp_path):
-    r = _replay(str(tmp_path / "missing.csv"))
-    assert r.returncode == 2 and "no such sweep" in r.stderr
+def test_replay_refuses_what_it_cannot_read(tmp_path, capsys):
+    """Before it plans anything (in this process: nothing is compiled)."""
+    from tuning.replay import main
+
+    assert main([str(tmp_path / "missing.csv")]) == 2
+    assert "no such sweep" in capsys.readouterr().err
     odd = tmp_path / "odd.csv"
     odd.write_text("card,shape,heads,tile_n,warps,stages,splits,programs,resident,regs,shared,ms,"
                    "gbps\nsweep,not-a-shape,1,64,4,2,1,64,4,110,38912,0.02,1\n")  # fmt: skip
-    r = _replay(str(odd))
-    assert r.returncode == 2 and "not-a-shape" in r.stderr
+    assert main([str(odd)]) == 2
+    assert "not-a-shape" in capsys.readouterr().err

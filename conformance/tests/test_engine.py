@@ -200,6 +200,9 @@ def test_a_case_whose_build_met_a_failed_cuda_context_runs_again_in_a_fresh_work
 
     FAILURES = [1]
     monkeypatch.setattr(expected.CaseRun, "__init__", flaky)
+    from conformance import runner
+
+    runner.forget_cases()  # forked workers would inherit a case this process keeps
     out = tmp_path / "out"
     r = cli("run", "--case", CASE, "--backend", "torch", "--out", out)
     assert r.returncode == 0, r.stdout[-2000:]
@@ -208,6 +211,7 @@ def test_a_case_whose_build_met_a_failed_cuda_context_runs_again_in_a_fresh_work
     assert {row["status"] for row in csv_rows(out)} == {"pass"}
     counter.unlink()
     FAILURES[0] = 2
+    runner.forget_cases()
     r = cli("run", "--case", CASE, "--backend", "torch", "--out", out)
     assert r.returncode == 1
     (row,) = csv_rows(out)

@@ -70,13 +70,13 @@ def steps(draw):
     )  # fmt: skip
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(steps(), st.booleans())
 def test_the_batched_reference_is_the_readable_one_on_random_steps(step, reads_inputs):
     _agree(step, reads_inputs)
 
 
-@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(steps(), st.sampled_from([1, 2000, 40_000]))
 def test_chunks_of_any_size_give_the_same_answer(step, chunk):
     """Groups, kv heads and query rows split to fit CHUNK_BYTES: down to one row of one head."""

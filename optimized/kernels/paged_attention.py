@@ -13,7 +13,7 @@ Shapes:
     key_cache, value_cache:  [num_blocks, block_size, num_kv_heads, head_size]   (PAGED)
                              or packed [num_kv_tokens, num_kv_heads, head_size]  (not PAGED)
     block_tables:            [num_seqs, max_blocks_per_seq]
-    out:                     [num_tokens, num_heads, head_size]
+    out:                     [num_tokens, num_heads, head_size], the query's strides
 
 A program handles BLOCK_Q query tokens × all `group` query heads of HEADS adjacent kv heads
 (HEADS > 1 only at decode) of one sequence: BLOCK_M = HEADS * BLOCK_Q * GROUP_PAD rows,
@@ -102,8 +102,6 @@ def _paged_attention_kernel(
     kv_tiles_per_split,
     stride_q_tok,
     stride_q_head,
-    stride_o_tok,
-    stride_o_head,
     stride_kc_block,
     stride_kc_tok,
     stride_kc_head,
@@ -258,10 +256,7 @@ def _paged_attention_kernel(
 
     if num_splits == 1:
         out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
-        o_offs = (
-            (q_start + q_idx)[:, None] * stride_o_tok + head[:, None] * stride_o_head + d[None, :]
-        )
-        tl.store(out_ptr + o_offs, out.to(out_ptr.dtype.element_ty), mask=own_d)
+        tl.store(out_ptr + q_offs, out.to(out_ptr.dtype.element_ty), mask=own_d)
     else:
         cols = tl.arange(0, WIDE)
         first = ((tile * tl.num_programs(1) + head_block) * num_splits).to(tl.int64) * BLOCK_M
@@ -297,12 +292,7 @@ def _paged_attention_kernel(
                     acc_o = acc_o * a_o[:, None] + acc_s * a_s[:, None]
                     m_o = m_new
                 out = acc_o / tl.where(l_o == 0.0, 1.0, l_o)[:, None]
-                o_offs = (
-                    (q_start + q_idx)[:, None] * stride_o_tok
-                    + head[:, None] * stride_o_head
-                    + d[None, :]
-                )
-                tl.store(out_ptr + o_offs, out.to(out_ptr.dtype.element_ty), mask=own_d)
+                tl.store(out_ptr + q_offs, out.to(out_ptr.dtype.element_ty), mask=own_d)
 
 
 @triton.jit(do_not_specialize=["num_splits", "group", "group_pad", "part_rows", "head_size"])

@@ -151,7 +151,7 @@ def _kernel_args(
         schedule.query_lens, schedule.kv_lens, schedule.context_lens, schedule.kv_start_loc,
         part_m, part_l, part_acc, arrivals, k_scale, v_scale, lut,
         scale * LOG2E, window, block_size, block_size.bit_length() - 1, splits, tiles_per_split,
-        query.stride(0), query.stride(1), out.stride(0), out.stride(1),
+        query.stride(0), query.stride(1),
         key_cache.stride(0) if paged else 0, key_cache.stride(-3), key_cache.stride(-2),
         value_cache.stride(0) if paged else 0, value_cache.stride(-3), value_cache.stride(-2),
         bt.stride(0), query.shape[1] // key_cache.shape[-2], query.shape[-1], int(fuse),
@@ -361,7 +361,13 @@ def launch(
     v_scale: torch.Tensor | None = None,
     bias: tuple[torch.Tensor, int] | None = None,
 ) -> torch.Tensor:
-    """Run `plan` (its kernels only: no decisions here). Returns `out`."""
+    """Run `plan` (its kernels only: no decisions here). Returns `out`, which has the query's
+    shape, dtype and strides (the kernel writes each row where the query's is)."""
+    if out.shape != query.shape or out.stride() != query.stride() or out.dtype != query.dtype:
+        raise ValueError(
+            f"out: expected the query's layout ({query.dtype} {list(query.shape)}, strides "
+            f"{query.stride()}), got {out.dtype} {list(out.shape)}, strides {out.stride()}"
+        )
     num_tiles = schedule.tile_seq.shape[0]
     if num_tiles == 0:
         return out
@@ -428,7 +434,9 @@ def paged_attention(
     num_splits, launch, heads, fused_reduce, reduce_rows, maxnreg).
     """
     _check(query, key_cache, value_cache, block_tables, paged, k_scale, v_scale)
-    out = torch.zeros_like(query) if out is None else out
+    if out is None:  # in the query's layout, as the kernel writes it
+        out = torch.empty_strided(query.shape, query.stride(), dtype=query.dtype,
+                                  device=query.device).zero_()  # fmt: skip
     if schedule.tile_seq.shape[0] == 0:
         return out
     common = dict(causal=causal, sliding_window=sliding_window, paged=paged, k_scale=k_scale,

@@ -237,6 +237,25 @@ def test_heads_per_program_is_checked():
         paged_attention(*args, schedule, causal=True, scale=0.2, heads=2)
 
 
+def test_the_output_takes_the_querys_layout():
+    """The kernel writes each output row where the query's is: an `out` of another layout is
+    refused naming it; without one, a strided query's output comes back in its strides."""
+    step = build_step("decoder", (3, 1), (0, 5), block_size=8, num_heads=4, head_size=32, seed=2)
+    md = step.metadata
+    key_cache, value_cache = (c.to(DEVICE) for c in step.kv_cache)
+    schedule = make_schedule(md.query_lens, md.kv_lens_for("decoder"), md.context_lens, 1, DEVICE)
+    wide = torch.zeros(step.query.shape[0], 8, 32, dtype=step.query.dtype, device=DEVICE)
+    query = wide[:, ::2]  # every other head of a wider tensor: strided
+    query.copy_(step.query.to(DEVICE))
+    args = (query, key_cache, value_cache, md.block_tables.to(DEVICE), schedule)
+    with pytest.raises(ValueError, match="out: expected the query's layout"):
+        paged_attention(*args, causal=True, scale=0.2, out=torch.zeros(query.shape))
+    strided = paged_attention(*args, causal=True, scale=0.2)
+    dense = paged_attention(query.contiguous(), *args[1:], causal=True, scale=0.2)
+    assert strided.stride() == query.stride()
+    torch.testing.assert_close(strided, dense, rtol=0, atol=0, equal_nan=True)
+
+
 def test_host_integer_helpers_agree_with_triton():
     """The launchers' plain-Python cdiv / next_power_of_2 (Triton's are slow JIT wrappers on the
     host) give Triton's answers on every value they see."""
