@@ -227,10 +227,11 @@ def _watch(pid: int) -> None:
 
 def _worker(conn, index: int, workers: int, log: str, timeout_s: float, tier: str) -> None:
     """Receive a job ([(test index, Test), ...], bytes granted), run its tests in order and
-    send (index, rows, seconds per phase, its peak, bytes held, bytes kept) for each; None ends
-    the worker. On CUDA the process is held to what it keeps plus the grant (an allocation past
-    it fails here, not in a neighbour), and each test's peak is measured (the case's build and
-    reference counted in every test of it)."""
+    send (index, rows, seconds per phase, its peak, bytes held, bytes kept) for each (held and
+    kept after the job's last test, its case let go; None before); None ends the worker. On
+    CUDA the process is held to what it keeps plus the grant (an allocation past it fails here,
+    not in a neighbour), and each test's peak is measured (the case's build and reference
+    counted in every test of it)."""
     die_with_parent()
     _watch(int(os.environ[ENGINE_PID_ENV]))
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the group; the engine decides
@@ -288,14 +289,16 @@ def _worker(conn, index: int, workers: int, log: str, timeout_s: float, tier: st
             peak = None
             if cuda:
                 peak = max(torch.cuda.max_memory_reserved(), runner.build_peak()) - base
+            held = kept = None  # mid-job the case is held on purpose: measured between jobs
             if k == len(job) - 1:
                 runner.forget_cases()  # the job is done: its case goes
+                held, kept = held_bytes(), kept_bytes()
             elif cuda:
                 torch.cuda.empty_cache()  # give back what this test's peak left cached
             after = runner.CLOCK.snapshot()
             seconds = {name: after[name] - before[name] for name in after}
             rows = [{**r, **env} for r in rows]
-            conn.send((i, rows, seconds, peak, held_bytes(), kept_bytes()))
+            conn.send((i, rows, seconds, peak, held, kept))
             if poisoned(rows):
                 os._exit(3)  # the engine gives the rest of the job to a fresh worker
 
@@ -419,7 +422,7 @@ class _Run:
             self.renew(k)
             return
         if oom:
-            if self.sched.out_of_memory(k, i, kept):
+            if self.sched.out_of_memory(k, i, kept or 0):
                 self.notes["out_of_memory_reruns"].append(self.name(i))
             else:
                 for r in rows:
@@ -427,16 +430,19 @@ class _Run:
                         r["reason"] += " (also with its device's whole budget granted)"
                 self.record_rows(rows)
         else:
-            self.sched.finished(k, i, peak if _built(rows) else None, kept)
+            self.sched.finished(k, i, peak if _built(rows) else None, kept or 0)
             self.record_rows(rows)
             self.caught(i, rows)
-        slot.least_held = held if slot.least_held is None else min(slot.least_held, held)
-        leaked = held - slot.least_held > self.limit
+        leaked = kept_too_much = False
+        if held is not None:  # between jobs: what the worker holds now, it keeps
+            slot.least_held = held if slot.least_held is None else min(slot.least_held, held)
+            leaked = held - slot.least_held > self.limit
+            kept_too_much = kept > KEEP_LIMIT_BYTES
         if leaked:
             self.notes["leaks"].append(dict(test=self.name(i), held_bytes=held - slot.least_held))
-        if kept > KEEP_LIMIT_BYTES:
+        if kept_too_much:
             self.notes["replaced"] += 1
-        if leaked or poisoned(rows) or kept > KEEP_LIMIT_BYTES:  # a fresh one instead
+        if leaked or poisoned(rows) or kept_too_much:  # a fresh one instead
             self.sched.replaced(k)
             self.renew(k)
 
