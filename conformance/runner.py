@@ -6,9 +6,11 @@ Fail closed. Every call into backend code (`unavailable_reason`, `device`,
 included, becomes an `error` row naming the exception's type; only KeyboardInterrupt (the
 user's Ctrl-C, or SIGTERM turned into one by the command line) stops the run. The per-call
 timeout is a BaseException, so a backend's `except Exception` cannot swallow it, and a call that
-returns after its limit anyway is an error all the same. Each backend gets its own copy of the
-inputs; after `forward` they must be bit-for-bit unchanged. A reference that is not finite makes
-every row of its step an error. Nothing here turns an unknown into a pass or a skip.
+returns after its limit anyway is an error all the same. A case is built and its reference
+computed once for all its backends (`case_run`, conformance/expected.py: on the device, kept
+until the next case); each backend gets its own copy of the inputs, cloned there; after
+`forward` they must be bit-for-bit unchanged. A reference that is not finite makes every row of
+its step an error. Nothing here turns an unknown into a pass or a skip.
 """
 
 from __future__ import annotations
@@ -173,9 +175,8 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-# Several matrix workers share one GPU: an out-of-memory error is often another worker's peak,
-# not this case's. One retry after freeing this process's cached blocks; a lasting one becomes
-# an `error` row, which the engine runs again alone once the other tests are done.
+# One retry after freeing this process's cached blocks; a lasting one becomes an `error` row,
+# which the engine runs again with a larger grant (conformance/scheduler.py).
 OOM_RETRY_WAITS_S = (0.0,)
 
 
