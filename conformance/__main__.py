@@ -207,7 +207,7 @@ def supervise(plan) -> int:
     try:
         child.start()
         while child.exitcode is None:
-            child.join(0.5)
+            child.join(0.05)
     finally:
         for s, h in old.items():
             signal.signal(s, h)

@@ -17,6 +17,7 @@ conformance/scheduler.py); the bench counts the bytes and products a step reads 
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 # float32 scores and the temporaries beside them (mask or bias, the softmax, its output) that a
@@ -71,8 +72,10 @@ class StepSize:
         return len(self.q_lens) * num_heads * max(self.q_lens, default=1) * max(self.kv_lens)
 
 
+@functools.lru_cache(maxsize=8192)
 def steps(shape) -> tuple[StepSize, ...]:
-    """The steps `shape.build()` makes, in order, as lengths."""
+    """The steps `shape.build()` makes, in order, as lengths (a shape is a frozen value: its
+    steps are computed once)."""
     s, pad = shape, shape.padding_tokens
     enc = tuple(s.encoder_seq_lens or ())
     zeros = (0,) * len(enc or s.query_lens)
