@@ -23,8 +23,6 @@ from dataclasses import dataclass
 # float32 scores and the temporaries beside them (mask or bias, the softmax, its output) that a
 # dense backend holds at once; the reference's padded float64 chunks stay under its bound.
 DENSE_TEMPORARIES = 4
-REFERENCE_CHUNK_BYTES = 256 << 20  # conformance/expected.py: the float64 scores a chunk forms
-REFERENCE_TEMPORARIES = 4
 # The allocator's rounding and fragments: a share of the total, and a floor.
 SLACK = 1.25
 SLACK_BYTES = 64 << 20
@@ -151,8 +149,11 @@ def host_bytes(shape) -> int:
 def working_bytes(shape) -> int:
     """The largest transient a step's attention forms: dense float32 scores with their
     temporaries (a gather-then-SDPA backend), or the reference's bounded chunks."""
+    from conformance.expected import CHUNK_BYTES, TEMPORARIES
+
     most = max(st.dense_scores(shape.num_heads) for st in steps(shape))
-    reference = min(8 * most, REFERENCE_CHUNK_BYTES) * REFERENCE_TEMPORARIES
+    # a chunk's float64 scores with their temporaries, and as much again for its padded K/V
+    reference = 2 * min(8 * TEMPORARIES * most, CHUNK_BYTES)
     return max(4 * most * DENSE_TEMPORARIES, reference)
 
 
