@@ -429,6 +429,7 @@ class _Run:
                     if r["status"] == Status.ERROR and is_oom_reason(r["reason"]):
                         r["reason"] += " (also with its device's whole budget granted)"
                 self.record_rows(rows)
+                self.caught(i, rows)
         else:
             self.sched.finished(k, i, peak if _built(rows) else None, kept or 0)
             self.record_rows(rows)

@@ -64,7 +64,7 @@ def steps_of(inputs: Step | Episode) -> tuple[Step, ...]:
     return inputs.steps if isinstance(inputs, Episode) else (inputs,)
 
 
-def _sync(device: torch.device) -> None:
+def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -234,7 +234,7 @@ def expect_step(step: Step, reads_inputs: bool = False) -> Expected:
 def _expect(step: Step, reads: tuple[bool, ...]) -> list[Expected]:
     """The step's answer per entry of `reads` (`batched_attention`), its scalars read once."""
     dev = step.query.device
-    _sync(dev)
+    synchronize(dev)
     t0 = time.perf_counter()
     outputs = batched_attention(step, reads)
     writes = None

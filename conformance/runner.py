@@ -27,7 +27,14 @@ import torch
 from conformance import memory
 from conformance.cases import Case, lower
 from conformance.compare import bitwise_equal, compare_caches, compare_output
-from conformance.expected import CaseRun, Expected, ExpectedCaches, expect_step, steps_of
+from conformance.expected import (
+    CaseRun,
+    Expected,
+    ExpectedCaches,
+    expect_step,
+    steps_of,
+    synchronize,
+)
 from conformance.schema import Status, result_row
 from conformance.workloads import Episode, Step, copy_caches
 from reference.fp8 import FP8_MAX
@@ -168,11 +175,6 @@ def check_fits(shapes, where: str) -> None:
 
 def reference_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 # One retry after freeing this process's cached blocks; a lasting one becomes an `error` row,
@@ -491,10 +493,10 @@ def _forward(backend, step: Step, device: torch.device, timeout_s: float | None)
     watch_compiles()
 
     def once():
-        _sync(device)
+        synchronize(device)
         t0 = time.perf_counter()
         out = backend.forward(*step.args())
-        _sync(device)
+        synchronize(device)
         return out, (time.perf_counter() - t0) * 1e3
 
     compiled = CLOCK.snapshot()["compile"]
